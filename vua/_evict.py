@@ -1,0 +1,40 @@
+"""Capacity: evict least recently used groups until the store fits ``max_bytes``.
+
+Order is (last used, then deepest group first). Puts and hits refresh a whole prefix at
+once, so a prefix is never older than any of its suffixes and is evicted after them.
+
+A group leaves the index first and its files are unlinked afterwards (never truncated):
+a reader that already mapped the fragment keeps its pages until it closes it, and a
+reader that had not yet looked it up simply gets a shorter prefix.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+
+from vua import _layout
+from vua._index import Index
+
+logger = logging.getLogger(__name__)
+
+
+def enforce_capacity(index: Index, root: str, max_bytes: int) -> int:
+    """Evicts groups until the indexed bytes are at most ``max_bytes``; returns bytes freed."""
+    total = index.total_bytes()
+    if total <= max_bytes:
+        return 0
+    candidates = sorted(
+        ((record.last_used, -record.group_index, key, record.nbytes) for key, record in index.items() if record),
+    )
+    victims, freed = [], 0
+    for _, _, key, nbytes in candidates:
+        if total - freed <= max_bytes:
+            break
+        victims.append(key)
+        freed += nbytes
+    index.remove(victims)
+    for key in victims:
+        shutil.rmtree(_layout.group_dir(root, key.hex()), ignore_errors=True)
+    logger.debug("evicted %d groups (%d bytes) to stay under %d bytes", len(victims), freed, max_bytes)
+    return freed

@@ -1,0 +1,387 @@
+"""Fragment files: one group's tokens and K/V slices, in the safetensors format.
+
+A fragment is an ordinary safetensors file, so ``safetensors.safe_open`` reads it:
+
+    tokens              int64 [split_factor]
+    layers.{i}.key      dtype [kv_heads, split_factor, head_dim]
+    layers.{i}.value    dtype [kv_heads, split_factor, head_dim]
+    __metadata__        format, version, namespace, key, parent, group_index,
+                        split_factor, layout (JSON) and per-tensor xxh3-64 checksums
+
+The header is padded with spaces (which the format allows) so tensor data starts on a
+4 KiB boundary, as direct and GPUDirect reads want.
+
+Writing goes through one ``writev`` of the header and the caller's tensor buffers (no
+intermediate bytes object), into a temporary directory that is fsynced and renamed into
+place: a reader sees a whole fragment or none. Reading memory-maps the file and validates
+the header completely before any tensor is looked at.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import mmap
+import os
+import secrets
+import shutil
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+import xxhash
+
+from vua import _layout
+from vua.errors import FragmentError
+
+FORMAT = "vua.fragment"
+FORMAT_VERSION = "1"
+HEADER_ALIGN = 4096
+MAX_HEADER_BYTES = 16 << 20  # a 1000-layer model's header is far below this
+_IOV_MAX = 1024  # Linux's limit on buffers per writev call
+
+DTYPE_NAMES: dict[torch.dtype, str] = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.uint16: "U16",
+    torch.uint32: "U32",
+    torch.uint64: "U64",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+}
+if hasattr(torch, "float8_e8m0fnu"):
+    DTYPE_NAMES[torch.float8_e8m0fnu] = "F8_E8M0"
+DTYPES_BY_NAME = {name: dtype for dtype, name in DTYPE_NAMES.items()}
+
+TOKENS = "tokens"
+
+
+def key_name(layer: int) -> str:
+    return f"layers.{layer}.key"
+
+
+def value_name(layer: int) -> str:
+    return f"layers.{layer}.value"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The shape of one group's KV: a dtype and each layer's (heads, head_dim) for K and V.
+
+    Every group of a stored prefix must share one layout; its JSON form is written in each
+    fragment and its 64-bit id in each index record, so a lookup can tell without reading
+    files whether groups fit together.
+    """
+
+    dtype: torch.dtype
+    layers: tuple[tuple[tuple[int, int], tuple[int, int]], ...]
+
+    @cached_property
+    def json(self) -> str:
+        body = {"dtype": DTYPE_NAMES[self.dtype], "layers": [list(map(list, kv)) for kv in self.layers]}
+        return json.dumps(body, separators=(",", ":"))
+
+    @cached_property
+    def id(self) -> int:
+        return xxhash.xxh3_64_intdigest(self.json.encode())
+
+    @classmethod
+    def from_json(cls, text: str) -> Layout:
+        """Parses a layout written by :attr:`json`; raises FragmentError when malformed."""
+        try:
+            body = json.loads(text)
+            dtype = DTYPES_BY_NAME[body["dtype"]]
+            layers = tuple(
+                (
+                    (int(k[0]), int(k[1])),
+                    (int(v[0]), int(v[1])),
+                )
+                for k, v in body["layers"]
+            )
+        except (ValueError, KeyError, TypeError, IndexError) as exc:
+            raise FragmentError(f"malformed layout {text[:80]!r}: {exc}") from None
+        if not layers or any(n <= 0 for kv in layers for shape in kv for n in shape):
+            raise FragmentError(f"layout {text[:80]!r} has no layers or an empty dimension")
+        return cls(dtype, layers)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def tensor_specs(self, split_factor: int) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+        """(name, dtype, shape) of every tensor of a fragment, in file order."""
+        specs = [(TOKENS, torch.int64, (split_factor,))]
+        for i, ((kh, kd), (vh, vd)) in enumerate(self.layers):
+            specs.append((key_name(i), self.dtype, (kh, split_factor, kd)))
+            specs.append((value_name(i), self.dtype, (vh, split_factor, vd)))
+        return specs
+
+    def kv_bytes(self, split_factor: int) -> int:
+        """Bytes of K and V data in one group (tokens excluded)."""
+        elems = sum(kh * kd + vh * vd for (kh, kd), (vh, vd) in self.layers)
+        return elems * split_factor * self.dtype.itemsize
+
+
+def encode_header(
+    metadata: dict[str, str],
+    specs: Sequence[tuple[str, torch.dtype, tuple[int, ...]]],
+) -> bytes:
+    """Returns the 8-byte length prefix plus the JSON header, padded to HEADER_ALIGN."""
+    body: dict[str, object] = {"__metadata__": metadata}
+    offset = 0
+    for name, dtype, shape in specs:
+        nbytes = dtype.itemsize
+        for n in shape:
+            nbytes *= n
+        body[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = json.dumps(body, separators=(",", ":")).encode()
+    padded = -(-(8 + len(text)) // HEADER_ALIGN) * HEADER_ALIGN - 8
+    return struct.pack("<Q", padded) + text + b" " * (padded - len(text))
+
+
+def _writev_all(fd: int, buffers: Sequence[memoryview]) -> None:
+    """Writes every buffer, in order, retrying short writes."""
+    pending = [b for b in buffers if len(b)]
+    while pending:
+        batch = pending[:_IOV_MAX]
+        written = os.writev(fd, batch)
+        consumed = 0
+        for buf in batch:
+            if written >= len(buf):
+                written -= len(buf)
+                consumed += 1
+            else:
+                pending[consumed] = buf[written:]
+                break
+        del pending[:consumed]
+
+
+def fsync_dir(path: str) -> None:
+    """Makes a directory's entries (a rename into it) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish_fragment(
+    root: str,
+    key_hex: str,
+    header: bytes,
+    buffers: Sequence[memoryview],
+    *,
+    file_mode: int | None = None,
+) -> bool:
+    """Writes a fragment durably and atomically under ``root``.
+
+    The file is written into a temporary directory beside its final place, fsynced and
+    renamed; the fan-out directory is fsynced afterwards. A group that already exists is
+    never rewritten: if another writer published it first, this one removes its temporary
+    copy and counts as having succeeded.
+
+    Returns:
+        True if this call published the group, False if it already existed.
+
+    Raises:
+        OSError: the file system refused (ENOSPC, EACCES, ...); nothing partial is left.
+    """
+    final = _layout.group_dir(root, key_hex)
+    if os.path.isdir(final):
+        return False
+    parent = os.path.dirname(final)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f"{_layout.TMP_PREFIX}{key_hex}-{os.getpid()}-{secrets.token_hex(4)}")
+    os.mkdir(tmp)
+    try:
+        # 0o666 lets the umask decide, as for any file a program creates; file_mode overrides.
+        fd = os.open(os.path.join(tmp, _layout.FRAGMENT_FILE), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            if file_mode is not None:
+                os.fchmod(fd, file_mode)
+            _writev_all(fd, [memoryview(header), *buffers])
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        fsync_dir(tmp)
+        try:
+            os.rename(tmp, final)
+        except OSError as exc:
+            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                shutil.rmtree(tmp, ignore_errors=True)  # first writer won; same bytes by construction
+                return False
+            raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_dir(parent)
+    return True
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor lies in a fragment file (absolute byte offsets)."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+class Fragment:
+    """An open fragment: memory-mapped, its header fully validated, tensors as zero-copy views.
+
+    Use as a context manager. Views handed out by :meth:`tensor` must be dropped before
+    the fragment closes.
+
+    Raises:
+        FragmentError: the file is missing, truncated, or its header is malformed.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as exc:
+            raise FragmentError(f"cannot open fragment {path}: {exc.strerror}") from None
+        try:
+            self.file_size = os.fstat(fd).st_size
+            if self.file_size < 8:
+                raise FragmentError(f"fragment {path} is truncated ({self.file_size} bytes)")
+            # A private mapping is writable in our address space, so torch.frombuffer accepts
+            # it without a copy or a warning; nothing is ever written through it.
+            self._map = mmap.mmap(fd, 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        try:
+            self.metadata, self.tensors, self.data_start = _parse_header(self._map, self.file_size, path)
+        except BaseException:
+            self._map.close()
+            raise
+
+    def __enter__(self) -> Fragment:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        try:
+            self._map.close()
+        except BufferError:
+            pass  # a view is still alive; the mapping goes when the last one does
+
+    def advise_willneed(self) -> None:
+        """Starts reading the whole file from disk in the background (cold reads)."""
+        self._map.madvise(mmap.MADV_WILLNEED)
+
+    def raw(self, name: str) -> memoryview:
+        entry = self.tensors[name]
+        return memoryview(self._map)[entry.begin : entry.end]
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """A zero-copy view of one stored tensor."""
+        entry = self.tensors[name]
+        flat = torch.frombuffer(self._map, dtype=torch.uint8, count=entry.end - entry.begin, offset=entry.begin)
+        return flat.view(entry.dtype).view(entry.shape)
+
+    def data_region(self) -> torch.Tensor:
+        """A zero-copy uint8 view of all tensor data (everything after the header)."""
+        return torch.frombuffer(self._map, dtype=torch.uint8, count=self.file_size - self.data_start, offset=self.data_start)
+
+    @cached_property
+    def checksums(self) -> dict[str, int]:
+        try:
+            return {name: int(h, 16) for name, h in json.loads(self.metadata["checksums"]).items()}
+        except (KeyError, ValueError, TypeError, AttributeError) as exc:
+            raise FragmentError(f"fragment {self.path} has no valid checksums: {exc}") from None
+
+    def verify_checksum(self, name: str, data: memoryview | None = None) -> None:
+        """Checks one tensor's bytes (``data``, else the file's) against the stored checksum."""
+        actual = xxhash.xxh3_64_intdigest(self.raw(name) if data is None else data)
+        if actual != self.checksums.get(name):
+            raise FragmentError(f"fragment {self.path}: checksum mismatch in {name} (damaged data)")
+
+    def validate(self, *, key_hex: str, namespace: str, split_factor: int, layout: Layout | None) -> Layout:
+        """Checks that this fragment is group ``key_hex`` of ``namespace`` with the given layout.
+
+        Returns the fragment's layout (``layout`` itself when one was given).
+
+        Raises:
+            FragmentError: any field disagrees.
+        """
+        meta = self.metadata
+        expected = {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "namespace": namespace,
+            "key": key_hex,
+            "split_factor": str(split_factor),
+        }
+        for field, value in expected.items():
+            if meta.get(field) != value:
+                raise FragmentError(
+                    f"fragment {self.path}: metadata {field}={meta.get(field)!r}, expected {value!r}"
+                )
+        if layout is None:
+            layout = Layout.from_json(meta.get("layout", ""))
+        elif meta.get("layout") != layout.json:
+            raise FragmentError(f"fragment {self.path}: layout differs from the rest of the prefix")
+        specs = layout.tensor_specs(split_factor)
+        if len(specs) != len(self.tensors):
+            raise FragmentError(f"fragment {self.path}: {len(self.tensors)} tensors, expected {len(specs)}")
+        for name, dtype, shape in specs:
+            entry = self.tensors.get(name)
+            if entry is None or entry.dtype != dtype or entry.shape != shape:
+                raise FragmentError(f"fragment {self.path}: tensor {name} missing or misshapen")
+        return layout
+
+
+def _parse_header(buf: mmap.mmap, file_size: int, path: str) -> tuple[dict[str, str], dict[str, TensorEntry], int]:
+    """Validates a safetensors header completely: sizes, offsets inside the file, dtypes, shapes."""
+    (header_len,) = struct.unpack_from("<Q", buf, 0)
+    if header_len > MAX_HEADER_BYTES or 8 + header_len > file_size:
+        raise FragmentError(f"fragment {path}: header length {header_len} does not fit a {file_size}-byte file")
+    try:
+        body = json.loads(buf[8 : 8 + header_len])
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise FragmentError(f"fragment {path}: header is not valid JSON ({exc})") from None
+    if not isinstance(body, dict):
+        raise FragmentError(f"fragment {path}: header is not a JSON object")
+    metadata = body.pop("__metadata__", None)
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise FragmentError(f"fragment {path}: missing or malformed __metadata__")
+    data_start = 8 + header_len
+    data_len = file_size - data_start
+    tensors: dict[str, TensorEntry] = {}
+    covered = 0
+    for name, spec in body.items():
+        try:
+            dtype = DTYPES_BY_NAME[spec["dtype"]]
+            shape = tuple(spec["shape"])
+            begin, end = spec["data_offsets"]
+            if not all(isinstance(n, int) and n >= 0 for n in (*shape, begin, end)):
+                raise ValueError("negative or non-integer size")
+        except (KeyError, TypeError, ValueError) as exc:
+            raise FragmentError(f"fragment {path}: malformed entry for tensor {name!r} ({exc})") from None
+        nbytes = dtype.itemsize
+        for n in shape:
+            nbytes *= n
+        if not begin <= end <= data_len or end - begin != nbytes:
+            raise FragmentError(f"fragment {path}: tensor {name!r} lies outside the file or has the wrong size")
+        covered += nbytes
+        tensors[name] = TensorEntry(dtype, shape, data_start + begin, data_start + end)
+    if covered != data_len:
+        raise FragmentError(f"fragment {path}: tensors cover {covered} of {data_len} data bytes")
+    return metadata, tensors, data_start

@@ -1,0 +1,406 @@
+"""The LMDB index: which groups are stored, answered in one read transaction.
+
+The fragment tree is the truth and this index a cache of it. It lives in its own
+directory (by default ROOT/index.lmdb, configurable so it can stay on local disk while
+the fragments sit on a network file system):
+
+    INDEX/
+      CURRENT            names the live generation, replaced atomically by a rebuild
+      gen-<id>/          an LMDB environment (data.mdb, lock.mdb)
+      rebuild.lock       taken by whoever rebuilds, so two processes never both do
+
+A rebuild writes a new generation beside the live one and swaps CURRENT; every process
+notices the swap at its next operation (one stat) and reopens. The environment is also
+reopened after a fork, since an LMDB handle must not cross one.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import shutil
+import struct
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import NamedTuple
+
+import lmdb
+
+from vua import _layout
+from vua._fragment import Fragment, Layout, fsync_dir
+from vua.errors import FragmentError, StorageError
+
+logger = logging.getLogger(__name__)
+
+CURRENT_FILE = "CURRENT"
+LOCK_FILE = "rebuild.lock"
+_GEN_PREFIX = "gen-"
+_INITIAL_MAP_SIZE = 256 << 20  # grown by doubling on MapFullError
+_MAX_READERS = 1024
+
+_RECORD = struct.Struct("<QQQIQ")
+_TOTAL_BYTES = b"total_bytes"
+
+
+class GroupRecord(NamedTuple):
+    """What a lookup needs about one stored group, without opening its fragment."""
+
+    namespace_id: int
+    layout_id: int
+    nbytes: int  # size of the fragment file
+    group_index: int
+    last_used: int  # time.time_ns() of the last put or hit, for LRU eviction
+
+    def pack(self) -> bytes:
+        return _RECORD.pack(*self)
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> GroupRecord | None:
+        """Decodes a record; None when the bytes are not one (garbage in the index)."""
+        if len(raw) != _RECORD.size:
+            return None
+        return cls(*_RECORD.unpack(raw))
+
+
+def namespace_id(namespace: str) -> int:
+    import xxhash
+
+    return xxhash.xxh3_64_intdigest(namespace.encode("utf-8"))
+
+
+class Index:
+    """A process-safe handle on a VUA index directory.
+
+    Args:
+        path: the index directory; created, and filled from ``root``'s fragment tree,
+            when it does not exist yet.
+        root: the fragment root the index describes.
+    """
+
+    def __init__(self, path: str, root: str):
+        self.path = path
+        self.root = root
+        self._env: lmdb.Environment | None = None
+        self._pid = -1
+        self._current_ino = -1
+
+    # -- opening ----------------------------------------------------------------------
+
+    def _current_path(self) -> str:
+        return os.path.join(self.path, CURRENT_FILE)
+
+    def env(self) -> tuple[lmdb.Environment, lmdb._Database, lmdb._Database]:
+        """Returns the live environment and its databases, (re)opening it when needed."""
+        try:
+            ino = os.stat(self._current_path()).st_ino
+        except FileNotFoundError:
+            rebuild(self.root, self.path, only_if_missing=True)
+            ino = os.stat(self._current_path()).st_ino
+        if self._env is None or self._pid != os.getpid() or ino != self._current_ino:
+            self._open(ino)
+        return self._env, self._groups, self._meta
+
+    def _open(self, ino: int) -> None:
+        if self._env is not None and self._pid == os.getpid():
+            self._env.close()
+        with open(self._current_path()) as f:
+            generation = f.read().strip()
+        self._env = open_environment(os.path.join(self.path, generation))
+        self._groups = self._env.open_db(b"groups")
+        self._meta = self._env.open_db(b"meta")
+        self._pid = os.getpid()
+        self._current_ino = ino
+        # Slots of readers that died without closing would otherwise pin old pages forever.
+        self._env.reader_check()
+
+    def close(self) -> None:
+        if self._env is not None and self._pid == os.getpid():
+            self._env.close()
+        self._env = None
+
+    # -- reads --------------------------------------------------------------------------
+
+    def lookup_prefix(self, keys: Iterable[bytes]) -> list[GroupRecord]:
+        """Records of the leading run of ``keys`` that are indexed, in one read transaction."""
+        env, groups, _ = self.env()
+        found: list[GroupRecord] = []
+        with env.begin(db=groups) as txn:
+            for key in keys:
+                raw = txn.get(key)
+                record = None if raw is None else GroupRecord.unpack(raw)
+                if record is None:
+                    if raw is not None:
+                        logger.warning("index entry %s is not a record; ignoring it", key.hex())
+                    break
+                found.append(record)
+        return found
+
+    def contains(self, keys: Iterable[bytes]) -> list[bool]:
+        env, groups, _ = self.env()
+        with env.begin(db=groups) as txn:
+            return [txn.get(key) is not None for key in keys]
+
+    def layout(self, layout_id: int) -> Layout | None:
+        env, _, meta = self.env()
+        with env.begin(db=meta) as txn:
+            raw = txn.get(b"layout:" + struct.pack("<Q", layout_id))
+        if raw is None:
+            return None
+        try:
+            return Layout.from_json(raw.decode())
+        except (FragmentError, UnicodeDecodeError):
+            return None
+
+    def total_bytes(self) -> int:
+        env, _, meta = self.env()
+        with env.begin(db=meta) as txn:
+            raw = txn.get(_TOTAL_BYTES)
+        return 0 if raw is None else struct.unpack("<Q", raw)[0]
+
+    def items(self) -> Iterator[tuple[bytes, GroupRecord | None]]:
+        """Every (key, record) pair; record is None for garbage entries."""
+        env, groups, _ = self.env()
+        with env.begin(db=groups) as txn:
+            for key, raw in txn.cursor():
+                yield bytes(key), GroupRecord.unpack(raw)
+
+    # -- writes -------------------------------------------------------------------------
+
+    def add(self, entries: Iterable[tuple[bytes, GroupRecord]], layouts: Iterable[Layout] = (),
+            namespaces: Iterable[str] = (), touch: Iterable[bytes] = ()) -> None:
+        """Records groups, and marks the ``touch`` groups used now, in one write transaction."""
+        entries = list(entries)
+        layouts = list(layouts)
+        namespaces = list(namespaces)
+        touch = list(touch)
+        now = time.time_ns()
+
+        def apply(txn: lmdb.Transaction, groups: lmdb._Database, meta: lmdb._Database) -> None:
+            added = 0
+            for key, record in entries:
+                old = txn.get(key, db=groups)
+                if old is None or GroupRecord.unpack(old) is None:
+                    added += record.nbytes
+                txn.put(key, record.pack(), db=groups)
+            _touch_in(txn, groups, touch, now)
+            for layout in layouts:
+                txn.put(b"layout:" + struct.pack("<Q", layout.id), layout.json.encode(), db=meta)
+            for ns in namespaces:
+                txn.put(b"ns:" + struct.pack("<Q", namespace_id(ns)), ns.encode(), db=meta)
+            _adjust_total(txn, meta, added)
+
+        self._write(apply)
+
+    def remove(self, keys: Iterable[bytes]) -> int:
+        """Forgets groups; returns how many were present."""
+        keys = list(keys)
+        removed = [0]
+
+        def apply(txn: lmdb.Transaction, groups: lmdb._Database, meta: lmdb._Database) -> None:
+            freed = 0
+            removed[0] = 0
+            for key in keys:
+                raw = txn.pop(key, db=groups)
+                if raw is not None:
+                    removed[0] += 1
+                    record = GroupRecord.unpack(raw)
+                    freed += record.nbytes if record else 0
+            _adjust_total(txn, meta, -freed)
+
+        self._write(apply)
+        return removed[0]
+
+    def touch(self, keys: Iterable[bytes], now_ns: int) -> None:
+        """Marks groups as used now (a hit), for LRU eviction."""
+        keys = list(keys)
+
+        self._write(lambda txn, groups, meta: _touch_in(txn, groups, keys, now_ns))
+
+    def _write(self, apply: Callable[[lmdb.Transaction, lmdb._Database, lmdb._Database], None]) -> None:
+        """Runs ``apply`` in a write transaction, growing the map when it is full."""
+        while True:
+            env, groups, meta = self.env()
+            try:
+                with env.begin(write=True) as txn:
+                    apply(txn, groups, meta)
+                return
+            except lmdb.MapFullError:
+                new_size = env.info()["map_size"] * 2
+                logger.info("index %s is full; growing its map to %d bytes", self.path, new_size)
+                env.set_mapsize(new_size)
+            except lmdb.Error as exc:
+                raise StorageError(f"index {self.path} refused a write: {exc}") from exc
+
+
+def _touch_in(txn: lmdb.Transaction, groups: lmdb._Database, keys: Iterable[bytes], now_ns: int) -> None:
+    for key in keys:
+        raw = txn.get(key, db=groups)
+        record = None if raw is None else GroupRecord.unpack(raw)
+        if record is not None and record.last_used < now_ns:
+            txn.put(key, record._replace(last_used=now_ns).pack(), db=groups)
+
+
+def _adjust_total(txn: lmdb.Transaction, meta: lmdb._Database, delta: int) -> None:
+    raw = txn.get(_TOTAL_BYTES, db=meta)
+    total = 0 if raw is None else struct.unpack("<Q", raw)[0]
+    txn.put(_TOTAL_BYTES, struct.pack("<Q", max(0, total + delta)), db=meta)
+
+
+def open_environment(path: str) -> lmdb.Environment:
+    """Opens (creating) one LMDB generation with VUA's settings."""
+    try:
+        return lmdb.open(
+            path,
+            map_size=_INITIAL_MAP_SIZE,
+            max_dbs=4,
+            max_readers=_MAX_READERS,
+            # The index is rebuildable from the fragments, so a commit need not wait for the
+            # meta page; data pages are still synced, which keeps the file consistent.
+            metasync=False,
+            readahead=False,
+        )
+    except lmdb.Error as exc:
+        raise StorageError(
+            f"cannot open the index at {path}: {exc}. Check that the directory is writable and on "
+            "a local file system (LMDB does not work on NFS); set VUAConfig(index_path=...) to move it."
+        ) from exc
+
+
+# -- rebuilding from the fragment tree ----------------------------------------------------
+
+
+@contextmanager
+def _rebuild_lock(index_path: str) -> Iterator[None]:
+    os.makedirs(index_path, exist_ok=True)
+    fd = os.open(os.path.join(index_path, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def read_group_record(root: str, key_hex: str) -> tuple[GroupRecord, Layout, str] | None:
+    """Reads and validates one fragment's header; None (with a warning) when it is damaged."""
+    path = _layout.fragment_path(root, key_hex)
+    try:
+        with Fragment(path) as fragment:
+            meta = fragment.metadata
+            namespace = meta.get("namespace", "")
+            split_factor = int(meta.get("split_factor", "0"))
+            layout = fragment.validate(
+                key_hex=key_hex, namespace=namespace, split_factor=split_factor, layout=None
+            )
+            record = GroupRecord(
+                namespace_id(namespace),
+                layout.id,
+                fragment.file_size,
+                int(meta.get("group_index", "0")),
+                time.time_ns(),
+            )
+            return record, layout, namespace
+    except (FragmentError, ValueError) as exc:
+        logger.warning("skipping damaged fragment %s: %s", key_hex, exc)
+        return None
+
+
+def scan_tree(
+    root: str, *, workers: int = 8, progress: Callable[[int], None] | None = None
+) -> Iterator[tuple[bytes, GroupRecord, Layout, str]]:
+    """Yields (key, record, layout, namespace) for every valid fragment under ``root``.
+
+    Fan-out directories are read in parallel; damaged fragments are logged and skipped.
+    """
+
+    def scan(fanout: str) -> list[tuple[bytes, GroupRecord, Layout, str]]:
+        found = []
+        for key_hex, _ in _layout.iter_groups(fanout):
+            result = read_group_record(root, key_hex)
+            if result is not None:
+                found.append((bytes.fromhex(key_hex), *result))
+        return found
+
+    fanouts = list(_layout.iter_fanout_dirs(root)) if os.path.isdir(root) else []
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for batch in pool.map(scan, fanouts):
+            if progress is not None:
+                progress(len(batch))
+            yield from batch
+
+
+def rebuild(
+    root: str,
+    index_path: str,
+    *,
+    only_if_missing: bool = False,
+    workers: int = 8,
+    progress: Callable[[int], None] | None = None,
+) -> int:
+    """Builds a fresh index generation from the fragment tree and swaps it in atomically.
+
+    Safe while other processes read and write: they switch to the new generation at their
+    next operation, and a final pass over the tree picks up groups published meanwhile.
+    Groups that still slip past are found by the lookup's tree probe, so none is lost.
+
+    Returns:
+        The number of groups in the new index.
+    """
+    with _rebuild_lock(index_path):
+        current = os.path.join(index_path, CURRENT_FILE)
+        if only_if_missing and os.path.exists(current):
+            return -1
+        generation = f"{_GEN_PREFIX}{time.time_ns()}-{os.getpid()}"
+        seen = _fill(index_path, generation, scan_tree(root, workers=workers, progress=progress))
+        tmp = current + f".tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.write(generation + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, current)
+        fsync_dir(index_path)
+        # Groups published while the tree was being walked; cheap, since most are known.
+        late = [entry for entry in scan_tree(root, workers=workers) if entry[0] not in seen]
+        seen |= _fill(index_path, generation, late)
+        for name in os.listdir(index_path):
+            if name.startswith(_GEN_PREFIX) and name != generation:
+                # Other processes holding it open keep their mapping until they reopen.
+                shutil.rmtree(os.path.join(index_path, name), ignore_errors=True)
+        logger.info("rebuilt index %s from %s: %d groups", index_path, root, len(seen))
+        return len(seen)
+
+
+def _fill(index_path: str, generation: str, entries: Iterable[tuple[bytes, GroupRecord, Layout, str]]) -> set[bytes]:
+    """Writes entries straight into ``generation`` (not yet necessarily live), in batches."""
+    env = open_environment(os.path.join(index_path, generation))
+    groups = env.open_db(b"groups")
+    meta = env.open_db(b"meta")
+    seen: set[bytes] = set()
+    batch: list[tuple[bytes, GroupRecord, Layout, str]] = []
+
+    def flush() -> None:
+        while True:
+            try:
+                with env.begin(write=True) as txn:
+                    added = 0
+                    for key, record, layout, namespace in batch:
+                        if txn.put(key, record.pack(), db=groups, overwrite=False):
+                            added += record.nbytes
+                        txn.put(b"layout:" + struct.pack("<Q", layout.id), layout.json.encode(), db=meta)
+                        txn.put(b"ns:" + struct.pack("<Q", record.namespace_id), namespace.encode(), db=meta)
+                    _adjust_total(txn, meta, added)
+                break
+            except lmdb.MapFullError:
+                env.set_mapsize(env.info()["map_size"] * 2)
+        batch.clear()
+
+    for entry in entries:
+        seen.add(entry[0])
+        batch.append(entry)
+        if len(batch) >= 10_000:
+            flush()
+    flush()
+    env.close()
+    return seen

@@ -1,0 +1,57 @@
+"""Group keys: the chained xxh3-128 hash that names every stored group of tokens.
+
+Group ``i`` of a prompt is named ``h_i = xxh3_128(h_(i-1) + bytes(group_i))`` where the
+token ids are taken as little-endian int64 whatever their tensor dtype, and ``h_(-1)``
+is derived from the namespace. Equal prefixes under one namespace therefore get equal
+keys, and a key names its whole prefix, not just its own tokens.
+
+This module is the bottom of the design: it knows tokens and bytes, nothing of files.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import xxhash
+
+KEY_BYTES = 16  # xxh3-128 digest length
+TOKEN_DTYPE = np.dtype("<i8")  # the canonical on-disk and hashing form of token ids
+
+_ROOT_DOMAIN = b"vua/group-key/v1\x00"
+
+
+def namespace_seed(namespace: str) -> bytes:
+    """Returns h_(-1), the digest every key chain of ``namespace`` starts from."""
+    return xxhash.xxh3_128_digest(_ROOT_DOMAIN + namespace.encode("utf-8"))
+
+
+def tokens_as_int64(tokens: torch.Tensor) -> np.ndarray:
+    """Returns the token ids of a 1-D tensor as a contiguous little-endian int64 array.
+
+    Raises:
+        TypeError: if ``tokens`` is not an integer tensor.
+    """
+    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+        raise TypeError(f"token ids must be an integer tensor, got dtype {tokens.dtype}")
+    if tokens.device.type != "cpu":
+        tokens = tokens.cpu()
+    if tokens.dtype in (torch.uint16, torch.uint32, torch.uint64):
+        # numpy conversion of these dtypes is recent in torch; widening first is portable.
+        tokens = tokens.to(torch.int64)
+    return np.ascontiguousarray(tokens.numpy(), dtype=TOKEN_DTYPE)
+
+
+def group_keys(ids: np.ndarray, split_factor: int, seed: bytes) -> list[bytes]:
+    """Returns the key of every whole group of ``ids`` (an int64 array), in order.
+
+    Linear in the number of tokens: each group is hashed once, chained through the
+    16-byte digest of the group before it.
+    """
+    group_bytes = split_factor * TOKEN_DTYPE.itemsize
+    raw = memoryview(ids).cast("B")
+    keys = []
+    digest = seed
+    for start in range(0, (len(ids) // split_factor) * group_bytes, group_bytes):
+        digest = xxhash.xxh3_128_digest(digest + raw[start : start + group_bytes])
+        keys.append(digest)
+    return keys

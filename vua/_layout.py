@@ -1,0 +1,71 @@
+"""Where things live under a VUA root: fan-out directories, group directories, the index.
+
+    ROOT/
+      index.lmdb/            default LMDB index (configurable: keep it off network file systems)
+      3f/                    fan-out level: the first two hex digits of the key
+        3fa0...e1/           one directory per group, named by its 32-digit hex key
+          kv.safetensors     the fragment: tokens and every layer's K and V slice
+        .tmp-3fa0...e1-...   a writer's unpublished directory (renamed into place when complete)
+
+Paths are built only from hex keys, so nothing a caller passes can escape the root.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+
+FRAGMENT_FILE = "kv.safetensors"
+TMP_PREFIX = ".tmp-"
+DEFAULT_INDEX_DIR = "index.lmdb"
+FANOUT_DIGITS = 2
+
+_KEY_HEX = re.compile(r"[0-9a-f]{32}\Z")
+_FANOUT_HEX = re.compile(r"[0-9a-f]{2}\Z")
+
+
+def is_key_hex(name: str) -> bool:
+    """True when ``name`` is a 32-digit lowercase hex group key."""
+    return _KEY_HEX.match(name) is not None
+
+
+def fanout_dir(root: str, key_hex: str) -> str:
+    """Returns the fan-out directory that holds the group ``key_hex``."""
+    return os.path.join(root, key_hex[:FANOUT_DIGITS])
+
+
+def group_dir(root: str, key_hex: str) -> str:
+    """Returns the directory of the group ``key_hex``."""
+    return os.path.join(root, key_hex[:FANOUT_DIGITS], key_hex)
+
+
+def fragment_path(root: str, key_hex: str) -> str:
+    """Returns the path of the fragment file of the group ``key_hex``."""
+    return os.path.join(root, key_hex[:FANOUT_DIGITS], key_hex, FRAGMENT_FILE)
+
+
+def iter_fanout_dirs(root: str) -> Iterator[str]:
+    """Yields the path of every fan-out directory under ``root``."""
+    with os.scandir(root) as entries:
+        for entry in entries:
+            if _FANOUT_HEX.match(entry.name) and entry.is_dir(follow_symlinks=False):
+                yield entry.path
+
+
+def iter_groups(fanout: str) -> Iterator[tuple[str, str]]:
+    """Yields ``(key_hex, group_dir)`` for every published group in one fan-out directory."""
+    prefix = os.path.basename(fanout)
+    with os.scandir(fanout) as entries:
+        for entry in entries:
+            name = entry.name
+            if is_key_hex(name) and name.startswith(prefix):
+                yield name, entry.path
+
+
+def iter_temporaries(fanout: str) -> Iterator[str]:
+    """Yields the path of every unpublished writer directory in one fan-out directory."""
+    with os.scandir(fanout) as entries:
+        for entry in entries:
+            if entry.name.startswith(TMP_PREFIX):
+                yield entry.path

@@ -1,0 +1,234 @@
+"""The read path: copy verified fragments into output tensors, layer by layer.
+
+A :class:`KVLoad` owns the open fragments of one prefix. It walks the layers in order
+and, within a layer, the groups in parallel; each (layer, group) tensor is checksummed in
+the memory map and then copied once into its final place:
+
+- ``device="cpu"``: straight into the output tensor, allocated once at its final size;
+- a CUDA device: into a pinned staging buffer shaped like the output slice, then a
+  non-blocking host-to-device copy on a side stream, while the host fills the other
+  staging buffer. The caller's stream waits on CUDA events, never the host.
+
+Any failed check ends the prefix before the damaged group (with a warning); the groups
+before it are complete and correct in every layer, so the result is only ever shorter.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+
+import torch
+
+from vua._fragment import Fragment, Layout, key_name, value_name
+from vua._staging import PinnedStaging, empty_host
+from vua.errors import FragmentError
+
+logger = logging.getLogger(__name__)
+
+_INLINE_BYTES = 4 << 20  # below this a layer is copied on the calling thread: fan-out costs more
+
+
+class KVLoad:
+    """An in-progress load of a stored prefix; ``VUA.get_closest`` and ``VUA.load`` return one's result.
+
+    Args:
+        fragments: the open, header-validated fragments of groups 0..n-1, in order.
+        layout: their common layout.
+        split_factor: tokens per group.
+        device: where the output tensors live.
+        executor: threads for parallel copies.
+        staging: pinned buffers and side stream (CUDA devices only).
+        verify_checksums: check every tensor against the checksum stored at put time.
+        background: run on a thread of its own, so the caller can consume layers as they land.
+        on_done: called with the number of valid groups when the load has finished.
+    """
+
+    def __init__(
+        self,
+        fragments: Sequence[Fragment],
+        layout: Layout,
+        split_factor: int,
+        device: torch.device,
+        executor: Executor,
+        *,
+        staging: PinnedStaging | None,
+        verify_checksums: bool,
+        background: bool,
+        on_done: Callable[[int], None] | None = None,
+    ):
+        self._fragments = list(fragments)
+        self._layout = layout
+        self._split = split_factor
+        self._device = device
+        self._executor = executor
+        self._staging = staging
+        self._verify = verify_checksums
+        self._on_done = on_done
+        self._valid_groups = len(fragments)
+        self._lock = threading.Lock()
+        self._error: BaseException | None = None
+        self._layer_ready = [threading.Event() for _ in layout.layers]
+        self._layer_events: list[torch.cuda.Event | None] = [None] * layout.num_layers
+        self._finished = threading.Event()
+
+        tokens = len(fragments) * split_factor
+        alloc = empty_host if device.type == "cpu" else lambda shape, dtype: torch.empty(shape, dtype=dtype, device=device)
+        # (layers) x ((1, kv_heads, tokens, head_dim) for K, the same for V)
+        self.outputs = [
+            (alloc((1, kh, tokens, kd), layout.dtype), alloc((1, vh, tokens, vd), layout.dtype))
+            for (kh, kd), (vh, vd) in layout.layers
+        ]
+        if staging is not None:
+            # The outputs' memory may have been freed by work still queued on the caller's
+            # stream; the side stream must not write it before that work is done.
+            staging.stream.wait_stream(torch.cuda.current_stream(device))
+        if background:
+            threading.Thread(target=self._run, name="vua-load", daemon=True).start()
+        else:
+            self._run()
+
+    # -- consumer side ------------------------------------------------------------------
+
+    @property
+    def num_groups(self) -> int:
+        """Groups verified so far; final once :meth:`wait` has returned."""
+        return self._valid_groups
+
+    def wait_layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Waits for one layer and returns its (K, V), each ``(1, heads, tokens, head_dim)``.
+
+        On CUDA this waits only on the caller's current stream (no host synchronisation):
+        kernels queued after it see the data. The tokens dimension covers the groups
+        verified so far; later layers can only shorten the prefix, which :meth:`wait` reports.
+        """
+        self._layer_ready[layer].wait()
+        if self._error is not None:
+            raise self._error
+        event = self._layer_events[layer]
+        if event is not None:
+            torch.cuda.current_stream(self._device).wait_event(event)
+        tokens = self._valid_groups * self._split
+        k, v = self.outputs[layer]
+        return k[:, :, :tokens], v[:, :, :tokens]
+
+    def wait(self) -> int:
+        """Waits for every layer and returns the number of valid groups (0: nothing usable)."""
+        self._finished.wait()
+        if self._error is not None:
+            raise self._error
+        last = self._layer_events[-1]
+        if last is not None:
+            torch.cuda.current_stream(self._device).wait_event(last)
+        return self._valid_groups
+
+    def data(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The finished outputs, cut to the valid prefix (a contiguous copy only when cut)."""
+        groups = self.wait()
+        tokens = groups * self._split
+        if groups == len(self._fragments):
+            return self.outputs
+        return [(k[:, :, :tokens].clone(), v[:, :, :tokens].clone()) for k, v in self.outputs]
+
+    # -- producer side ------------------------------------------------------------------
+
+    def _fail(self, group: int, exc: FragmentError) -> None:
+        with self._lock:
+            if group < self._valid_groups:
+                self._valid_groups = group
+                logger.warning("stored prefix ends before group %d: %s", group, exc)
+
+    def _copy_group_layer(self, group: int, layer: int, dest_k: torch.Tensor, dest_v: torch.Tensor) -> None:
+        fragment = self._fragments[group]
+        try:
+            for name, dest in ((key_name(layer), dest_k), (value_name(layer), dest_v)):
+                if self._verify:
+                    # Hash first: it pulls the bytes into cache, so the copy reads them from there.
+                    fragment.verify_checksum(name)
+                dest.copy_(fragment.tensor(name))
+        except FragmentError as exc:
+            self._fail(group, exc)
+
+    def _copy_layer(self, layer: int, first: int, last: int, dest: Callable[[int], tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Copies groups [first, last) of one layer, in parallel when large enough."""
+        (kh, kd), (vh, vd) = self._layout.layers[layer]
+        nbytes = (kh * kd + vh * vd) * self._split * self._layout.dtype.itemsize * (last - first)
+
+        def run(lo: int, hi: int) -> None:
+            for g in range(lo, min(hi, self._valid_groups)):
+                self._copy_group_layer(g, layer, *dest(g))
+
+        workers = getattr(self._executor, "_max_workers", 1)
+        if nbytes < _INLINE_BYTES or workers <= 1 or last - first < 2:
+            run(first, last)
+            return
+        step = -(-(last - first) // workers)
+        futures = [self._executor.submit(run, lo, lo + step) for lo in range(first, last, step)]
+        for future in futures:
+            future.result()
+
+    def _run(self) -> None:
+        try:
+            if self._staging is None:
+                self._run_cpu()
+            else:
+                with self._staging.lock:
+                    self._run_cuda(self._staging)
+        except BaseException as exc:  # surfaced to the consumer by wait()/wait_layer()
+            self._error = exc
+            for ready in self._layer_ready:
+                ready.set()
+        finally:
+            for fragment in self._fragments:
+                fragment.close()
+            self._fragments = []
+            self._finished.set()
+            if self._on_done is not None and self._error is None:
+                self._on_done(self._valid_groups)
+
+    def _run_cpu(self) -> None:
+        s = self._split
+        for layer, (out_k, out_v) in enumerate(self.outputs):
+            def dest(g: int, out_k: torch.Tensor = out_k, out_v: torch.Tensor = out_v) -> tuple[torch.Tensor, torch.Tensor]:
+                return out_k[0, :, g * s : (g + 1) * s], out_v[0, :, g * s : (g + 1) * s]
+
+            self._copy_layer(layer, 0, self._valid_groups, dest)
+            self._layer_ready[layer].set()
+
+    def _run_cuda(self, staging: PinnedStaging) -> None:
+        s = self._split
+        dtype = self._layout.dtype
+        stream = staging.stream
+        for layer, (out_k, out_v) in enumerate(self.outputs):
+            (kh, kd), (vh, vd) = self._layout.layers[layer]
+            group_bytes = (kh * kd + vh * vd) * s * dtype.itemsize
+            per_slot = max(1, staging.slot_bytes // group_bytes)
+            first = 0
+            while first < self._valid_groups:
+                last = min(self._valid_groups, first + per_slot)
+                n = (last - first) * s
+                slot_id, slot = staging.acquire((last - first) * group_bytes)
+                # (kv_heads, n, head_dim) for K then V, packed at the start of the slot
+                k_elems, v_elems = kh * n * kd, vh * n * vd
+                typed = slot[: (k_elems + v_elems) * dtype.itemsize].view(dtype)
+                stage_k = typed[:k_elems].view(kh, n, kd)
+                stage_v = typed[k_elems:].view(vh, n, vd)
+
+                def dest(g: int, first: int = first, stage_k: torch.Tensor = stage_k, stage_v: torch.Tensor = stage_v) -> tuple[torch.Tensor, torch.Tensor]:
+                    lo = (g - first) * s
+                    return stage_k[:, lo : lo + s], stage_v[:, lo : lo + s]
+
+                self._copy_layer(layer, first, last, dest)
+                last = min(last, self._valid_groups)  # a failed check may have cut this chunk
+                n = (last - first) * s
+                with torch.cuda.stream(stream):
+                    if n > 0:
+                        # Pinned source + non_blocking: a DMA the host does not wait for.
+                        out_k[0, :, first * s : last * s].copy_(stage_k[:, :n], non_blocking=True)
+                        out_v[0, :, first * s : last * s].copy_(stage_v[:, :n], non_blocking=True)
+                    staging.release(slot_id, stream.record_event())
+                first = last if n > 0 else self._valid_groups
+            self._layer_events[layer] = stream.record_event()
+            self._layer_ready[layer].set()

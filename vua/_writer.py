@@ -1,0 +1,97 @@
+"""The write path: slice a batch's KV into per-group buffers without copying, and publish them.
+
+A fragment's bytes are gathered straight from the caller's tensors: for every layer and
+head, one group's tokens are a contiguous run of ``split_factor * head_dim`` elements (the
+innermost two dimensions of ``(batch, heads, seq, head_dim)`` are contiguous), so a
+fragment is one ``writev`` of the header plus ``layers * 2 * heads`` views into the
+caller's memory.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import xxhash
+
+from vua import _fragment
+from vua._fragment import Layout
+from vua._index import GroupRecord, namespace_id
+
+
+def host_kv(t: torch.Tensor, n: int) -> torch.Tensor:
+    """Returns ``t[:, :, :n]`` on the CPU with its two innermost dimensions contiguous.
+
+    A CPU tensor that already has that property is returned as a view (no copy).
+    """
+    t = t[:, :, :n]
+    if t.device.type != "cpu":
+        return t.to("cpu")
+    if t.stride(-1) != 1 or t.stride(-2) != t.shape[-1]:
+        return t.contiguous()
+    return t
+
+
+def _raw_bytes(t: torch.Tensor) -> memoryview:
+    """A zero-copy byte view of all memory ``t`` spans (the caller keeps ``t`` alive)."""
+    extent = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()) if size > 0)
+    nbytes = extent * t.element_size() if t.numel() else 0
+    return memoryview((ctypes.c_char * nbytes).from_address(t.data_ptr())).cast("B")
+
+
+class GroupSource:
+    """Builds the fragment of any (row, group) of one ``put`` call from the caller's tensors."""
+
+    def __init__(self, layers: Sequence[tuple[torch.Tensor, torch.Tensor]], layout: Layout, split_factor: int, namespace: str):
+        self._tensors = [t for kv in layers for t in kv]  # keep alive while views exist
+        self._raw = [_raw_bytes(t) for t in self._tensors]
+        self._layout = layout
+        self._split = split_factor
+        self._namespace = namespace
+        self._specs = layout.tensor_specs(split_factor)
+
+    def _tensor_chunks(self, i: int, row: int, group: int) -> list[memoryview]:
+        t, raw = self._tensors[i], self._raw[i]
+        item = t.element_size()
+        run = self._split * t.shape[-1] * item
+        base = row * t.stride(0) + group * self._split * t.stride(2)
+        return [
+            raw[(base + h * t.stride(1)) * item : (base + h * t.stride(1)) * item + run] for h in range(t.shape[1])
+        ]
+
+    def fragment(self, ids: np.ndarray, row: int, group: int, key_hex: str, parent_hex: str) -> tuple[bytes, list[memoryview]]:
+        """Returns the header and data buffers of group ``group`` of batch row ``row``.
+
+        Args:
+            ids: the row's token ids (int64).
+        """
+        s = self._split
+        token_bytes = memoryview(ids[group * s : (group + 1) * s]).cast("B")
+        buffers = [token_bytes]
+        checksums = {_fragment.TOKENS: format(xxhash.xxh3_64_intdigest(token_bytes), "016x")}
+        for i in range(len(self._tensors)):
+            chunks = self._tensor_chunks(i, row, group)
+            hasher = xxhash.xxh3_64()
+            for chunk in chunks:
+                hasher.update(chunk)
+            checksums[self._specs[i + 1][0]] = hasher.hexdigest()
+            buffers.extend(chunks)
+        metadata = {
+            "format": _fragment.FORMAT,
+            "version": _fragment.FORMAT_VERSION,
+            "namespace": self._namespace,
+            "key": key_hex,
+            "parent": parent_hex,
+            "group_index": str(group),
+            "split_factor": str(s),
+            "layout": self._layout.json,
+            "checksums": _fragment.json.dumps(checksums, separators=(",", ":")),
+        }
+        return _fragment.encode_header(metadata, self._specs), buffers
+
+    def record(self, header: bytes, buffers: Sequence[memoryview], group: int) -> GroupRecord:
+        nbytes = len(header) + sum(len(b) for b in buffers)
+        return GroupRecord(namespace_id(self._namespace), self._layout.id, nbytes, group, time.time_ns())

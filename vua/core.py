@@ -1,0 +1,474 @@
+"""VUA's store: ``put`` the KV cache of token prefixes, ``get_closest`` the longest stored one.
+
+    from vua.core import VUA, VUAConfig
+
+    vua = VUA(VUAConfig(split_factor=256, namespace="llama-3.1-8b/bf16"), "/mnt/kv")
+    vua.put(tokens, past_key_values)               # tokens [n] / [1, n] / [B, n]
+    hit = vua.get_closest(prompt, device="cuda")   # ClosestKV(tokens, data) or None
+
+Layers of the design, bottom up: ``_keys`` (token groups to chained hashes), ``_layout``
+(where groups live under the root), ``_fragment`` (one group's safetensors file),
+``_index`` (LMDB: which groups exist), ``_writer`` and ``_reader`` (the data paths), and
+this module, which validates input and ties them together.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import types
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+from vua import _evict, _layout
+from vua._fragment import DTYPE_NAMES, TOKENS, Fragment, Layout, publish_fragment
+from vua._index import GroupRecord, Index, namespace_id, read_group_record
+from vua._keys import group_keys, namespace_seed, tokens_as_int64
+from vua._reader import KVLoad
+from vua._staging import PinnedStaging
+from vua._writer import GroupSource, host_kv
+from vua.errors import FragmentError, InvalidInputError, SplitFactorError, StorageError, VUAError
+
+__all__ = ["VUA", "VUAConfig", "ClosestKV", "KVLoad", "SplitFactorError", "VUAError"]
+
+logger = logging.getLogger(__name__)
+
+KVData = Sequence[tuple[torch.Tensor, torch.Tensor]]
+_TOUCH_FLUSH_SECONDS = 5.0
+
+
+class _config_method:
+    """Makes a VUAConfig method callable on the class itself (using the defaults) or an instance."""
+
+    def __init__(self, func: Callable[..., Any]):
+        self.func = func
+        self.__doc__ = func.__doc__
+
+    def __get__(self, obj: object, cls: type) -> Callable[..., Any]:
+        return types.MethodType(self.func, obj if obj is not None else cls)
+
+
+@dataclass(frozen=True)
+class VUAConfig:
+    """How a store cuts, names and keeps KV caches.
+
+    ``VUAConfig`` itself (the class) stands for the defaults, so ``VUA(VUAConfig, root)``
+    and ``VUAConfig.trim_to_split_factor(tokens)`` work as well as an instance.
+
+    Attributes:
+        split_factor: tokens per group; prefixes are stored and found in whole groups.
+        namespace: what the KV belongs to (model, dtype, parallel rank, layout). Entries
+            put under one namespace are never returned under another.
+        index_path: the LMDB index directory; default ``ROOT/index.lmdb``. Keep it on a
+            local disk when the root is on a network file system.
+        max_bytes: capacity of the store; ``put`` evicts least recently used groups to stay
+            below it. None: unbounded.
+        file_mode: permission bits of new fragment files; None follows the umask.
+        io_threads: threads for parallel fragment reads and writes.
+        verify_checksums: check every tensor read against its checksum from put time.
+        staging_bytes: size of each of the two pinned buffers used for CUDA reads.
+    """
+
+    split_factor: int = 256
+    namespace: str = ""
+    index_path: str | None = None
+    max_bytes: int | None = None
+    file_mode: int | None = None
+    io_threads: int = min(8, os.cpu_count() or 1)
+    verify_checksums: bool = True
+    staging_bytes: int = 64 << 20
+
+    @_config_method
+    def tokens_to_paths(self, tokens: torch.Tensor) -> list[str]:
+        """Returns the hex key of every whole group of ``tokens`` (``[n]`` or ``[1, n]``)."""
+        ids = tokens_as_int64(_single_row(tokens))
+        return [key.hex() for key in group_keys(ids, self.split_factor, namespace_seed(self.namespace))]
+
+    @_config_method
+    def trim_to_split_factor(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Cuts the last dimension of ``tokens`` down to a multiple of ``split_factor``.
+
+        Keeps the rank: ``[n]`` stays 1-D and ``[1, n]`` stays 2-D. Returns a view.
+        """
+        n = tokens.shape[-1]
+        return tokens[..., : n - n % self.split_factor]
+
+
+class ClosestKV(NamedTuple):
+    """The longest stored prefix of a query.
+
+    Attributes:
+        tokens: the query's tokens cut to the prefix, with the query's rank.
+        data: per layer, ``(key, value)`` shaped ``(1, kv_heads, len(prefix), head_dim)``,
+            on the device asked for.
+    """
+
+    tokens: torch.Tensor
+    data: list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def _single_row(tokens: torch.Tensor) -> torch.Tensor:
+    if not isinstance(tokens, torch.Tensor):
+        raise InvalidInputError(f"tokens must be a torch.Tensor of token ids, got {type(tokens).__name__}")
+    if tokens.dim() == 2 and tokens.shape[0] == 1:
+        return tokens[0]
+    if tokens.dim() != 1:
+        raise InvalidInputError(
+            f"tokens must be shaped [n] or [1, n], got {list(tokens.shape)}; pass a batch to "
+            "get_closest as a list of 1-D tensors"
+        )
+    return tokens
+
+
+def _int64_ids(row: torch.Tensor) -> np.ndarray:
+    try:
+        return tokens_as_int64(row)
+    except TypeError as exc:
+        raise InvalidInputError(f"{exc}; convert with tokens.long()") from None
+
+
+class VUA:
+    """A KV-cache store rooted at a directory.
+
+    Args:
+        config: a :class:`VUAConfig` instance, or the class itself for the defaults.
+        root_path: the fragment root; created if missing. It may be on a network file
+            system shared by many nodes, each with its own local ``index_path``.
+
+    Raises:
+        StorageError: the root or the index cannot be created or written.
+    """
+
+    def __init__(self, config: VUAConfig | type[VUAConfig], root_path: str | os.PathLike[str]):
+        if isinstance(config, type) and issubclass(config, VUAConfig):
+            config = config()
+        if not isinstance(config, VUAConfig):
+            raise InvalidInputError(f"config must be a VUAConfig, got {type(config).__name__}")
+        if not isinstance(config.split_factor, int) or config.split_factor <= 0:
+            raise InvalidInputError(f"split_factor must be a positive integer, got {config.split_factor!r}")
+        self.config = config
+        self.root = os.fspath(root_path)
+        try:
+            os.makedirs(self.root, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"cannot use {self.root!r} as a VUA root: {exc.strerror}; pass a writable directory") from exc
+        if not os.access(self.root, os.W_OK | os.X_OK):
+            raise StorageError(f"VUA root {self.root!r} is not writable; fix its permissions or pick another directory")
+        self.index_path = config.index_path or os.path.join(self.root, _layout.DEFAULT_INDEX_DIR)
+        self._index = Index(self.index_path, self.root)
+        self._index.env()  # fail now, not on the first put, when the index is unusable
+        self._seed = namespace_seed(config.namespace)
+        self._ns_id = namespace_id(config.namespace)
+        self._pid = os.getpid()
+        self._executor = ThreadPoolExecutor(max_workers=max(1, config.io_threads), thread_name_prefix="vua-io")
+        self._staging: dict[torch.device, PinnedStaging] = {}
+        self._touch_lock = threading.Lock()
+        self._pending_touches: set[bytes] = set()
+        self._last_touch_flush = time.monotonic()
+
+    def __enter__(self) -> VUA:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Records pending LRU refreshes and releases the index and threads."""
+        self._flush_touches()
+        self._index.close()
+        self._executor.shutdown(wait=True)
+
+    def _pool(self) -> ThreadPoolExecutor:
+        if self._pid != os.getpid():  # threads do not survive a fork
+            self._executor = ThreadPoolExecutor(max_workers=max(1, self.config.io_threads), thread_name_prefix="vua-io")
+            self._staging = {}
+            self._pid = os.getpid()
+        return self._executor
+
+    # -- put ----------------------------------------------------------------------------
+
+    def put(self, tokens: torch.Tensor, data: KVData) -> int:
+        """Stores the KV cache of ``tokens``, group by group.
+
+        Groups already stored are skipped; the rest are written in parallel, each durable
+        (fsynced and atomically published) when this returns, and recorded in the index in
+        one transaction.
+
+        Args:
+            tokens: ``[n]``, ``[1, n]`` or a batch ``[B, n]`` of token ids; n must be a
+                multiple of ``split_factor``.
+            data: per layer, ``(key, value)`` shaped ``[B, kv_heads, seq, head_dim]`` with
+                ``seq >= n`` (positions past n are ignored), one dtype for all, on any device.
+
+        Returns:
+            The number of groups this call wrote.
+
+        Raises:
+            SplitFactorError: n is not a multiple of split_factor (nothing written).
+            InvalidInputError: tokens or data are malformed (nothing written).
+            StorageError: the file system refused a write; groups already published stay
+                valid, nothing partial is left.
+        """
+        rows, layout, layers = self._check_put(tokens, data)
+        if not rows or rows[0].numel() == 0:
+            return 0
+        s = self.config.split_factor
+        n = rows[0].numel()
+        host_layers = [(host_kv(k, n), host_kv(v, n)) for k, v in layers]
+        source = GroupSource(host_layers, layout, s, self.config.namespace)
+
+        work = []  # (row, group, key, parent, ids)
+        every_key: list[bytes] = []
+        for r, row in enumerate(rows):
+            ids = _int64_ids(row)
+            keys = group_keys(ids, s, self._seed)
+            every_key.extend(keys)
+            present = self._index.contains(keys)
+            parents = [self._seed, *keys[:-1]]
+            work.extend((r, g, keys[g], parents[g], ids) for g in range(len(keys)) if not present[g])
+        unique = {w[2]: w for w in work}  # a batch may repeat a prefix: write it once
+
+        def write(item: tuple[int, int, bytes, bytes, np.ndarray]) -> tuple[bytes, GroupRecord, bool]:
+            r, g, key, parent, ids = item
+            header, buffers = source.fragment(ids, r, g, key.hex(), parent.hex())
+            published = publish_fragment(self.root, key.hex(), header, buffers, file_mode=self.config.file_mode)
+            return key, source.record(header, buffers, g), published
+
+        started = time.perf_counter()
+        results, failure = [], None
+        for future in [self._pool().submit(write, item) for item in unique.values()]:
+            try:
+                results.append(future.result())
+            except OSError as exc:
+                failure = failure or exc
+        # Record what did get published even when another group failed: those are whole.
+        # Groups already stored are refreshed too: a prefix is never older than its suffix,
+        # so LRU eviction takes suffixes first.
+        self._index.add(((k, rec) for k, rec, _ in results), layouts=[layout], namespaces=[self.config.namespace],
+                        touch=every_key)
+        written = sum(1 for *_, published in results if published)
+        logger.debug("put: %d rows, %d new groups, %d written in %.1f ms", len(rows), len(unique), written,
+                     1e3 * (time.perf_counter() - started))
+        if failure is not None:
+            raise StorageError(
+                f"writing a fragment under {self.root!r} failed: {failure.strerror or failure}; "
+                "free space or fix permissions, then put again (stored groups stay valid)"
+            ) from failure
+        if self.config.max_bytes is not None:
+            self._flush_touches()
+            _evict.enforce_capacity(self._index, self.root, self.config.max_bytes)
+        return written
+
+    def _check_put(self, tokens: torch.Tensor, data: KVData) -> tuple[list[torch.Tensor], Layout, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Validates put's arguments; raises before anything touches the disk."""
+        if not isinstance(tokens, torch.Tensor):
+            raise InvalidInputError(f"tokens must be a torch.Tensor of token ids, got {type(tokens).__name__}")
+        if tokens.dim() == 1:
+            rows = [tokens]
+        elif tokens.dim() == 2:
+            rows = list(tokens)
+        else:
+            raise InvalidInputError(f"tokens must be shaped [n], [1, n] or [B, n], got {list(tokens.shape)}")
+        if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+            raise InvalidInputError(f"tokens must hold integer ids, got dtype {tokens.dtype}; convert with tokens.long()")
+        n, s = tokens.shape[-1], self.config.split_factor
+        if n % s:
+            raise SplitFactorError(
+                f"put got {n} tokens, not a multiple of split_factor={s}; cut them with "
+                f"VUAConfig.trim_to_split_factor(tokens) (here to {n - n % s}) and the KV to match"
+            )
+        batch = len(rows)
+        if not isinstance(data, (list, tuple)) or not data:
+            raise InvalidInputError("data must be a non-empty list over layers of (key, value) tensor pairs")
+        layers, shapes, dtypes = [], [], set()
+        for i, pair in enumerate(data):
+            if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+                raise InvalidInputError(f"data[{i}] must be a (key, value) pair, got {type(pair).__name__}")
+            for name, t in zip(("key", "value"), pair):
+                if not isinstance(t, torch.Tensor) or t.dim() != 4:
+                    got = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                    raise InvalidInputError(f"data[{i}] {name} must be a 4-D tensor [batch, kv_heads, seq, head_dim], got {got}")
+                if t.shape[0] != batch:
+                    raise InvalidInputError(f"data[{i}] {name} has batch {t.shape[0]} but tokens has {batch} rows; they must agree")
+                if t.shape[2] < n:
+                    raise InvalidInputError(f"data[{i}] {name} covers {t.shape[2]} positions, fewer than the {n} tokens; pass the KV of every token")
+                if t.shape[1] == 0 or t.shape[3] == 0:
+                    raise InvalidInputError(f"data[{i}] {name} has an empty head or head_dim dimension")
+                dtypes.add(t.dtype)
+            k, v = pair
+            layers.append((k, v))
+            shapes.append(((k.shape[1], k.shape[3]), (v.shape[1], v.shape[3])))
+        if len(dtypes) != 1:
+            raise InvalidInputError(f"all layers must share one dtype, got {sorted(map(str, dtypes))}; cast them with .to(dtype)")
+        dtype = dtypes.pop()
+        if dtype not in DTYPE_NAMES:
+            raise InvalidInputError(f"dtype {dtype} cannot be stored in safetensors; cast the KV to a supported dtype")
+        return rows, Layout(dtype, tuple(shapes)), layers
+
+    # -- get ----------------------------------------------------------------------------
+
+    def get_closest(self, tokens: torch.Tensor | Sequence[torch.Tensor], device: str | torch.device = "cpu") -> ClosestKV | None | list[ClosestKV | None]:
+        """Returns the longest stored prefix of ``tokens``, in whole groups, with its KV.
+
+        Every group returned was checked: header, namespace, its stored tokens against the
+        query's and (by default) every tensor's checksum. A group that fails ends the
+        prefix there, with a logged warning; wrong data is never returned.
+
+        On a CUDA device the copies are asynchronous: this returns once they are queued,
+        and the caller's current stream waits for them, so the data is safe to use on that
+        stream without synchronising the host.
+
+        Args:
+            tokens: ``[n]`` or ``[1, n]``; or a list of 1-D tensors for a batch.
+            device: where the returned tensors live.
+
+        Returns:
+            A :class:`ClosestKV`, None when no group is stored, or a list of those for a list.
+        """
+        if isinstance(tokens, (list, tuple)):
+            return [self.get_closest(t, device) for t in tokens]
+        load = self.load(tokens, device)
+        if load is None:
+            return None
+        groups = load.wait()
+        if groups == 0:
+            return None
+        return ClosestKV(_cut(tokens, groups * self.config.split_factor), load.data())
+
+    def load(self, tokens: torch.Tensor, device: str | torch.device = "cpu", *, layerwise: bool = False) -> KVLoad | None:
+        """Starts loading the longest stored prefix of ``tokens``; for engines that overlap I/O with compute.
+
+        With ``layerwise=True`` the copies run on a background thread and the caller can
+        take layer i as soon as it has landed with :meth:`KVLoad.wait_layer`. The final
+        prefix length is :meth:`KVLoad.wait`'s answer (a damaged group can shorten it).
+
+        Returns:
+            A running :class:`KVLoad`, or None when no group of ``tokens`` is stored.
+        """
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        row = _single_row(tokens)
+        ids = _int64_ids(row)
+        keys = group_keys(ids, self.config.split_factor, self._seed)
+        started = time.perf_counter()
+        fragments, layout = self._open_prefix(keys, ids)
+        logger.debug("lookup: %d of %d groups usable in %.2f ms", len(fragments), len(keys), 1e3 * (time.perf_counter() - started))
+        if not fragments:
+            return None
+        staging = None
+        if device.type == "cuda":
+            staging = self._staging.get(device)
+            if staging is None:
+                staging = self._staging[device] = PinnedStaging(device, self.config.staging_bytes)
+
+        def on_done(groups: int) -> None:
+            self._touch(keys[:groups])
+
+        return KVLoad(fragments, layout, self.config.split_factor, device, self._pool(), staging=staging,
+                      verify_checksums=self.config.verify_checksums, background=layerwise, on_done=on_done)
+
+    def _indexed_prefix(self, keys: list[bytes]) -> list[GroupRecord]:
+        """Index records of the leading stored groups, probing the tree past the index.
+
+        Another node sharing the root may have written groups this node's index has not
+        seen; one probe per missing group finds them, and they are recorded for next time.
+        """
+        records = self._index.lookup_prefix(keys)
+        discovered = []
+        for j in range(len(records), len(keys)):
+            key_hex = keys[j].hex()
+            if not os.path.isdir(_layout.group_dir(self.root, key_hex)):
+                break
+            found = read_group_record(self.root, key_hex)
+            if found is None or found[0].namespace_id != self._ns_id:
+                break
+            record, layout, namespace = found
+            discovered.append((keys[j], record, layout, namespace))
+            records.append(record)
+        if discovered:
+            logger.debug("found %d groups in the tree that the index lacked", len(discovered))
+            self._index.add([(k, r) for k, r, _, _ in discovered], layouts={d[2] for d in discovered},
+                            namespaces={d[3] for d in discovered})
+        usable = []
+        for j, record in enumerate(records):
+            if record.namespace_id != self._ns_id or record.group_index != j or record.layout_id != records[0].layout_id:
+                break
+            usable.append(record)
+        return usable
+
+    def _open_prefix(self, keys: list[bytes], ids: np.ndarray) -> tuple[list[Fragment], Layout | None]:
+        """Opens and validates the fragments of the stored prefix; cut at the first bad one."""
+        records = self._indexed_prefix(keys)
+        if not records:
+            return [], None
+        layout = self._index.layout(records[0].layout_id)
+        s = self.config.split_factor
+
+        def open_group(j: int) -> Fragment | None:
+            key_hex = keys[j].hex()
+            try:
+                fragment = Fragment(_layout.fragment_path(self.root, key_hex))
+            except FragmentError as exc:
+                logger.warning("stored prefix ends before group %d: %s", j, exc)
+                return None
+            try:
+                fragment.validate(key_hex=key_hex, namespace=self.config.namespace, split_factor=s, layout=layout)
+                if bytes(fragment.raw(TOKENS)) != ids[j * s : (j + 1) * s].tobytes():
+                    raise FragmentError(f"fragment {fragment.path}: stored tokens differ from the query (hash collision or damage)")
+                fragment.advise_willneed()  # start disk reads for the copy that follows
+                return fragment
+            except FragmentError as exc:
+                logger.warning("stored prefix ends before group %d: %s", j, exc)
+                fragment.close()
+                return None
+
+        if layout is None:  # index lost its layout entry: take it from the first fragment
+            first = open_group_unvalidated(self.root, keys[0])
+            if first is None:
+                return [], None
+            layout = first
+        opened = list(self._pool().map(open_group, range(len(records)))) if len(records) > 4 else [open_group(j) for j in range(len(records))]
+        fragments = []
+        for fragment in opened:
+            if fragment is None:
+                break
+            fragments.append(fragment)
+        for fragment in opened[len(fragments):]:
+            if fragment is not None:
+                fragment.close()
+        return fragments, layout
+
+    # -- LRU bookkeeping -----------------------------------------------------------------
+
+    def _touch(self, keys: Sequence[bytes]) -> None:
+        """Notes a hit on a whole prefix; recorded in the index in batches (or at the next put)."""
+        with self._touch_lock:
+            self._pending_touches.update(keys)
+            due = time.monotonic() - self._last_touch_flush > _TOUCH_FLUSH_SECONDS
+        if due:
+            self._flush_touches()
+
+    def _flush_touches(self) -> None:
+        with self._touch_lock:
+            keys, self._pending_touches = self._pending_touches, set()
+            self._last_touch_flush = time.monotonic()
+        if keys:
+            self._index.touch(keys, time.time_ns())
+
+
+def open_group_unvalidated(root: str, key: bytes) -> Layout | None:
+    """The layout recorded in one fragment, or None when the fragment is unreadable."""
+    found = read_group_record(root, key.hex())
+    return None if found is None else found[1]
+
+
+def _cut(tokens: torch.Tensor, n: int) -> torch.Tensor:
+    return tokens[..., :n]
