@@ -21,6 +21,7 @@ import logging
 import os
 import shutil
 import struct
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -38,7 +39,7 @@ logger = logging.getLogger(__name__)
 CURRENT_FILE = "CURRENT"
 LOCK_FILE = "rebuild.lock"
 _GEN_PREFIX = "gen-"
-_INITIAL_MAP_SIZE = 256 << 20  # grown by doubling on MapFullError
+_INITIAL_MAP_SIZE = 1 << 30  # address space only; grown by doubling on MapFullError
 _MAX_READERS = 1024
 
 _RECORD = struct.Struct("<QQQIQ")
@@ -105,10 +106,11 @@ class Index:
 
     def _open(self, ino: int) -> None:
         if self._env is not None and self._pid == os.getpid():
-            self._env.close()
+            release_environment(self._env)
+        self._env = None
         with open(self._current_path()) as f:
             generation = f.read().strip()
-        self._env = open_environment(os.path.join(self.path, generation))
+        self._env = acquire_environment(os.path.join(self.path, generation))
         self._groups = self._env.open_db(b"groups")
         self._meta = self._env.open_db(b"meta")
         self._pid = os.getpid()
@@ -118,7 +120,7 @@ class Index:
 
     def close(self) -> None:
         if self._env is not None and self._pid == os.getpid():
-            self._env.close()
+            release_environment(self._env)
         self._env = None
 
     # -- reads --------------------------------------------------------------------------
@@ -249,8 +251,42 @@ def _adjust_total(txn: lmdb.Transaction, meta: lmdb._Database, delta: int) -> No
     txn.put(_TOTAL_BYTES, struct.pack("<Q", max(0, total + delta)), db=meta)
 
 
+# LMDB allows one handle per environment per process, so every Index of this process on
+# the same generation shares it: path -> [environment, users]. Reset in a forked child.
+_open_envs: dict[str, list] = {}
+_open_envs_lock = threading.Lock()
+_open_envs_pid = os.getpid()
+
+
+def acquire_environment(path: str) -> lmdb.Environment:
+    """Returns this process's handle on the LMDB generation at ``path``, opening it if needed."""
+    global _open_envs_pid
+    path = os.path.realpath(path)
+    with _open_envs_lock:
+        if _open_envs_pid != os.getpid():
+            _open_envs.clear()  # the parent's handles must not be used (nor closed) here
+            _open_envs_pid = os.getpid()
+        entry = _open_envs.get(path)
+        if entry is None:
+            entry = _open_envs[path] = [open_environment(path), 0]
+        entry[1] += 1
+        return entry[0]
+
+
+def release_environment(env: lmdb.Environment) -> None:
+    """Drops one user of ``env``; the last one closes it."""
+    with _open_envs_lock:
+        for path, entry in list(_open_envs.items()):
+            if entry[0] is env:
+                entry[1] -= 1
+                if entry[1] == 0:
+                    del _open_envs[path]
+                    env.close()
+                return
+
+
 def open_environment(path: str) -> lmdb.Environment:
-    """Opens (creating) one LMDB generation with VUA's settings."""
+    """Opens (creating) one LMDB generation with VUA's settings; use acquire_environment."""
     try:
         return lmdb.open(
             path,
@@ -374,7 +410,7 @@ def rebuild(
 
 def _fill(index_path: str, generation: str, entries: Iterable[tuple[bytes, GroupRecord, Layout, str]]) -> set[bytes]:
     """Writes entries straight into ``generation`` (not yet necessarily live), in batches."""
-    env = open_environment(os.path.join(index_path, generation))
+    env = acquire_environment(os.path.join(index_path, generation))
     groups = env.open_db(b"groups")
     meta = env.open_db(b"meta")
     seen: set[bytes] = set()
@@ -402,5 +438,5 @@ def _fill(index_path: str, generation: str, entries: Iterable[tuple[bytes, Group
         if len(batch) >= 10_000:
             flush()
     flush()
-    env.close()
+    release_environment(env)
     return seen

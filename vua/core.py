@@ -233,7 +233,9 @@ class VUA:
             present = self._index.contains(keys)
             parents = [self._seed, *keys[:-1]]
             work.extend((r, g, keys[g], parents[g], ids) for g in range(len(keys)) if not present[g])
-        unique = {w[2]: w for w in work}  # a batch may repeat a prefix: write it once
+        unique: dict[bytes, tuple[int, int, bytes, bytes, np.ndarray]] = {}
+        for item in work:
+            unique.setdefault(item[2], item)  # a batch may repeat a prefix: its first row is written
 
         def write(item: tuple[int, int, bytes, bytes, np.ndarray]) -> tuple[bytes, GroupRecord, bool]:
             r, g, key, parent, ids = item

@@ -1,0 +1,77 @@
+"""Shared test helpers: temporary stores and random KV in the transformers legacy layout."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import unittest
+
+import torch
+
+from vua.core import VUA, VUAConfig
+
+
+def random_kv(
+    batch: int,
+    seq: int,
+    *,
+    layers: int = 3,
+    heads: int = 2,
+    head_dim: int = 8,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer (key, value), each (batch, heads, seq, head_dim), reproducible from ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def one() -> torch.Tensor:
+        if dtype.is_floating_point:
+            return torch.randn(batch, heads, seq, head_dim, generator=gen).to(dtype)
+        return torch.randint(-100, 100, (batch, heads, seq, head_dim), generator=gen).to(dtype)
+
+    return [(one(), one()) for _ in range(layers)]
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-for-bit equality (NaN-safe, works for fp8)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    return torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+
+
+def kv_slice(kv, row: int, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The (1, heads, n, head_dim) slice of batch row ``row``, as get_closest returns it."""
+    return [(k[row : row + 1, :, :n], v[row : row + 1, :, :n]) for k, v in kv]
+
+
+def listing(root: str) -> list[tuple[str, int]]:
+    """Every file under ``root`` with its size, the index excluded (it is a cache)."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.endswith(".lmdb")]
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            out.append((os.path.relpath(path, root), os.path.getsize(path)))
+    return sorted(out)
+
+
+class StoreTestCase(unittest.TestCase):
+    """A test case with a fresh temporary root per test and a ``store()`` factory."""
+
+    def setUp(self) -> None:
+        self.root = tempfile.mkdtemp(prefix="vua-test-")
+        self.addCleanup(shutil.rmtree, self.root, ignore_errors=True)
+
+    def store(self, config: VUAConfig | type[VUAConfig] | None = None, root: str | None = None, **kwargs) -> VUA:
+        if config is None:
+            config = VUAConfig(split_factor=kwargs.pop("split_factor", 16), **kwargs)
+        vua = VUA(config, root or self.root)
+        self.addCleanup(vua.close)
+        return vua
+
+    def assertKVEqual(self, got, expected) -> None:
+        self.assertEqual(len(got), len(expected))
+        for i, ((gk, gv), (ek, ev)) in enumerate(zip(got, expected)):
+            self.assertTrue(same_bits(gk, ek), f"layer {i} key differs")
+            self.assertTrue(same_bits(gv, ev), f"layer {i} value differs")

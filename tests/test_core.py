@@ -1,0 +1,335 @@
+"""The core store: put, get_closest, keys, layout on disk, namespaces, bad input."""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+import unittest
+
+import numpy as np
+import safetensors.torch
+import torch
+import xxhash
+from safetensors import safe_open
+
+from tests.helpers import StoreTestCase, kv_slice, listing, random_kv, same_bits
+from vua.core import VUA, ClosestKV, SplitFactorError, VUAConfig
+from vua.errors import InvalidInputError, StorageError, VUAError
+
+ROOT_OF_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class KeyTest(unittest.TestCase):
+    def test_fixed_tokens_have_fixed_keys(self):
+        # Written down once: a change here means every stored cache becomes unreachable.
+        self.assertEqual(
+            VUAConfig.tokens_to_paths(torch.arange(512)),
+            ["0c2fa7256bcddddcd845c6825af509f5", "6939b2b8828b51983a1c3029d8fb1630"],
+        )
+        config = VUAConfig(split_factor=128, namespace="llama-3.1-8b/bf16/tp0-of-2")
+        self.assertEqual(
+            config.tokens_to_paths(torch.arange(256)),
+            ["505639b5faa08fd4f1adb0825f13748d", "5214a126379114cfba37e914da72165f"],
+        )
+
+    def test_key_is_the_documented_chain(self):
+        tokens = torch.arange(1000, 1512)
+        seed = xxhash.xxh3_128_digest(b"vua/group-key/v1\x00" + b"ns")
+        ids = tokens.numpy().astype("<i8")
+        h0 = xxhash.xxh3_128_digest(seed + ids[:256].tobytes())
+        h1 = xxhash.xxh3_128_digest(h0 + ids[256:].tobytes())
+        self.assertEqual(VUAConfig(namespace="ns").tokens_to_paths(tokens), [h0.hex(), h1.hex()])
+
+    def test_token_dtype_does_not_change_keys(self):
+        ids = torch.randint(0, 0xFFFF, (768,))
+        keys = {tuple(VUAConfig.tokens_to_paths(ids.to(dt))) for dt in (torch.uint16, torch.int32, torch.int64)}
+        self.assertEqual(len(keys), 1)
+        self.assertEqual(len(next(iter(keys))), 3)
+
+    def test_only_whole_groups_get_keys_and_2d_rows_work(self):
+        ids = torch.arange(700)
+        self.assertEqual(VUAConfig.tokens_to_paths(ids), VUAConfig.tokens_to_paths(ids[None, :]))
+        self.assertEqual(len(VUAConfig.tokens_to_paths(ids)), 2)
+        self.assertEqual(VUAConfig.tokens_to_paths(ids[:255]), [])
+
+    def test_namespace_changes_every_key(self):
+        a = VUAConfig(namespace="a").tokens_to_paths(torch.arange(512))
+        b = VUAConfig(namespace="b").tokens_to_paths(torch.arange(512))
+        self.assertFalse(set(a) & set(b))
+
+    def test_trim_keeps_rank(self):
+        self.assertEqual(VUAConfig.trim_to_split_factor(torch.arange(600)).shape, (512,))
+        self.assertEqual(VUAConfig.trim_to_split_factor(torch.arange(600)[None]).shape, (1, 512))
+        self.assertEqual(VUAConfig(split_factor=128).trim_to_split_factor(torch.arange(600)[None]).shape, (1, 512))
+        self.assertEqual(VUAConfig(split_factor=100).trim_to_split_factor(torch.arange(250)).shape, (200,))
+
+
+class RoundTripTest(StoreTestCase):
+    def test_every_dtype_round_trips_bit_for_bit(self):
+        dtypes = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.float8_e4m3fn,
+                  torch.float8_e5m2, torch.int8, torch.uint8, torch.int32]
+        vua = self.store()
+        for i, dtype in enumerate(dtypes):
+            with self.subTest(dtype=dtype):
+                tokens = torch.randint(0, 50_000, (48,)) + i * 100_000  # distinct prefixes per dtype
+                source = random_kv(1, 48, dtype=torch.float32 if dtype.itemsize == 1 else dtype, seed=i)
+                kv = [(k.to(dtype), v.to(dtype)) for k, v in source]
+                self.assertEqual(vua.put(tokens, kv), 3)
+                hit = vua.get_closest(tokens, device="cpu")
+                self.assertIsInstance(hit, ClosestKV)
+                self.assertTrue(torch.equal(hit.tokens, tokens))
+                self.assertKVEqual(hit.data, kv)
+
+    def test_query_longer_shorter_and_diverging(self):
+        vua = self.store()
+        tokens = torch.arange(64)
+        kv = random_kv(1, 64)
+        vua.put(tokens, kv)
+
+        longer = torch.cat([tokens, torch.arange(1000, 1040)])
+        hit = vua.get_closest(longer, device="cpu")
+        self.assertTrue(torch.equal(hit.tokens, tokens))
+        self.assertKVEqual(hit.data, kv_slice(kv, 0, 64))
+
+        shorter = tokens[:40]  # two whole groups and a partial one
+        hit = vua.get_closest(shorter, device="cpu")
+        self.assertTrue(torch.equal(hit.tokens, tokens[:32]))
+        self.assertKVEqual(hit.data, kv_slice(kv, 0, 32))
+
+        diverging = tokens.clone()
+        diverging[35] = 9999  # group 2 differs
+        hit = vua.get_closest(diverging, device="cpu")
+        self.assertEqual(hit.tokens.numel(), 32)
+        self.assertKVEqual(hit.data, kv_slice(kv, 0, 32))
+
+        self.assertIsNone(vua.get_closest(tokens[1:], device="cpu"))
+        self.assertIsNone(vua.get_closest(tokens[:15], device="cpu"))
+
+    def test_query_rank_is_kept(self):
+        vua = self.store()
+        tokens = torch.arange(32, dtype=torch.int32)
+        vua.put(tokens[None], random_kv(1, 32))
+        self.assertEqual(vua.get_closest(tokens[None], device="cpu").tokens.shape, (1, 32))
+        self.assertEqual(vua.get_closest(tokens, device="cpu").tokens.shape, (32,))
+        self.assertEqual(vua.get_closest(tokens[None], device="cpu").tokens.dtype, torch.int32)
+
+    def test_kv_longer_than_tokens_and_noncontiguous_kv(self):
+        vua = self.store()
+        tokens = torch.arange(32)
+        kv = random_kv(1, 40)  # positions 32..39 must be ignored
+        # A (batch, seq, heads, dim) tensor transposed to (batch, heads, seq, dim): not contiguous.
+        bshd = torch.randn(1, 40, 2, 8)
+        kv[1] = (bshd.transpose(1, 2), kv[1][1])
+        vua.put(tokens, kv)
+        hit = vua.get_closest(tokens, device="cpu")
+        self.assertKVEqual(hit.data, kv_slice(kv, 0, 32))
+
+    def test_put_skips_stored_groups(self):
+        vua = self.store()
+        tokens = torch.arange(64)
+        self.assertEqual(vua.put(tokens[:32], random_kv(1, 32)), 2)
+        self.assertEqual(vua.put(tokens, random_kv(1, 64)), 2)
+        self.assertEqual(vua.put(tokens, random_kv(1, 64)), 0)
+        self.assertEqual(len(glob.glob(os.path.join(self.root, "*", "*", "kv.safetensors"))), 4)
+
+    def test_first_writer_wins(self):
+        vua = self.store()
+        tokens = torch.arange(32)
+        first, second = random_kv(1, 32, seed=1), random_kv(1, 32, seed=2)
+        vua.put(tokens, first)
+        other = self.store(VUAConfig(split_factor=16, index_path=os.path.join(self.root, "elsewhere")))
+        self.assertEqual(other.put(tokens, second), 0)  # found on disk although its index was empty
+        self.assertKVEqual(vua.get_closest(tokens, device="cpu").data, first)
+
+    def test_batched_put_and_get(self):
+        vua = self.store()
+        tokens = torch.stack([torch.arange(48), torch.arange(48) + 1000, torch.arange(48)])
+        tokens[2, 20] = -5  # row 2 shares group 0 with row 0 only
+        kv = random_kv(3, 48)
+        for k, v in kv:  # equal prefixes have equal KV
+            k[2, :, :16], v[2, :, :16] = k[0, :, :16], v[0, :, :16]
+        self.assertEqual(vua.put(tokens, kv), 3 + 3 + 2)
+        hits = vua.get_closest([tokens[0], tokens[1], tokens[2], torch.arange(5000, 5048)], device="cpu")
+        self.assertEqual(len(hits), 4)
+        self.assertKVEqual(hits[0].data, kv_slice(kv, 0, 48))
+        self.assertKVEqual(hits[1].data, kv_slice(kv, 1, 48))
+        self.assertKVEqual(hits[2].data, kv_slice(kv, 2, 48))
+        self.assertIsNone(hits[3])
+
+    def test_namespaces_are_isolated(self):
+        a = self.store(split_factor=16, namespace="model-a/bf16")
+        b = self.store(split_factor=16, namespace="model-b/bf16")
+        tokens = torch.arange(32)
+        a.put(tokens, random_kv(1, 32))
+        self.assertIsNone(b.get_closest(tokens, device="cpu"))
+        self.assertEqual(b.put(tokens, random_kv(1, 32, seed=5)), 2)
+        self.assertKVEqual(a.get_closest(tokens, device="cpu").data, random_kv(1, 32))
+        self.assertKVEqual(b.get_closest(tokens, device="cpu").data, random_kv(1, 32, seed=5))
+
+    def test_missing_index_is_rebuilt_from_fragments(self):
+        vua = self.store()
+        tokens = torch.arange(48)
+        kv = random_kv(1, 48)
+        vua.put(tokens, kv)
+        vua.close()
+        shutil.rmtree(os.path.join(self.root, "index.lmdb"))
+        fresh = self.store()
+        self.assertEqual(fresh._index.lookup_prefix([bytes.fromhex(k) for k in fresh.config.tokens_to_paths(tokens)]).__len__(), 3)
+        self.assertKVEqual(fresh.get_closest(tokens, device="cpu").data, kv)
+
+    def test_index_path_is_configurable(self):
+        index_dir = tempfile.mkdtemp(prefix="vua-index-")
+        self.addCleanup(shutil.rmtree, index_dir, ignore_errors=True)
+        vua = self.store(split_factor=16, index_path=index_dir)
+        vua.put(torch.arange(16), random_kv(1, 16))
+        self.assertFalse(os.path.exists(os.path.join(self.root, "index.lmdb")))
+        self.assertTrue(os.path.exists(os.path.join(index_dir, "CURRENT")))
+
+
+class FragmentFormatTest(StoreTestCase):
+    def test_fragment_is_a_safetensors_file_with_metadata(self):
+        vua = self.store(split_factor=16, namespace="ns")
+        tokens = torch.arange(32)
+        kv = random_kv(1, 32, dtype=torch.bfloat16)
+        vua.put(tokens, kv)
+        keys = vua.config.tokens_to_paths(tokens)
+        path = os.path.join(self.root, keys[1][:2], keys[1], "kv.safetensors")
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata()
+            self.assertEqual(meta["namespace"], "ns")
+            self.assertEqual(meta["group_index"], "1")
+            self.assertEqual(meta["parent"], keys[0])
+            self.assertEqual(meta["key"], keys[1])
+            self.assertEqual(meta["split_factor"], "16")
+            self.assertEqual(meta["format"], "vua.fragment")
+            self.assertTrue(torch.equal(f.get_tensor("tokens"), tokens[16:]))
+            self.assertTrue(same_bits(f.get_tensor("layers.2.value"), kv[2][1][0, :, 16:32]))
+        loaded = safetensors.torch.load_file(path)
+        self.assertEqual(len(loaded), 1 + 2 * 3)
+        with open(path, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+        self.assertEqual((8 + header_len) % 4096, 0)  # tensor data is 4 KiB-aligned
+
+    def test_umask_decides_file_mode_unless_configured(self):
+        old = os.umask(0o027)
+        try:
+            self.store().put(torch.arange(16), random_kv(1, 16))
+            path = glob.glob(os.path.join(self.root, "*", "*", "kv.safetensors"))[0]
+            self.assertEqual(os.stat(path).st_mode & 0o777, 0o640)
+            self.store(split_factor=16, file_mode=0o644).put(torch.arange(100, 116), random_kv(1, 16))
+            modes = {os.stat(p).st_mode & 0o777 for p in glob.glob(os.path.join(self.root, "*", "*", "kv.safetensors"))}
+            self.assertEqual(modes, {0o640, 0o644})
+        finally:
+            os.umask(old)
+
+
+class BadInputTest(StoreTestCase):
+    def setUp(self):
+        super().setUp()
+        self.vua = self.store()
+        self.vua.put(torch.arange(100, 132), random_kv(1, 32))
+        self.before = listing(self.root)
+
+    def assertRejected(self, error, tokens, data, fragment):
+        with self.assertRaises(error) as ctx:
+            self.vua.put(tokens, data)
+        self.assertIsInstance(ctx.exception, VUAError)
+        self.assertIn(fragment, str(ctx.exception))
+        self.assertEqual(listing(self.root), self.before)
+
+    def test_split_factor(self):
+        self.assertRejected(SplitFactorError, torch.arange(20), random_kv(1, 20), "trim_to_split_factor")
+        self.assertTrue(issubclass(SplitFactorError, ValueError))
+
+    def test_token_rank_and_dtype(self):
+        self.assertRejected(InvalidInputError, torch.arange(32).view(1, 1, 32), random_kv(1, 32), "[n], [1, n] or [B, n]")
+        self.assertRejected(InvalidInputError, torch.arange(32).float(), random_kv(1, 32), "tokens.long()")
+        with self.assertRaisesRegex(InvalidInputError, "list of 1-D tensors"):
+            self.vua.get_closest(torch.zeros(2, 32, dtype=torch.long), device="cpu")
+
+    def test_kv_shorter_than_tokens(self):
+        self.assertRejected(InvalidInputError, torch.arange(32), random_kv(1, 16), "fewer than the 32 tokens")
+
+    def test_kv_batch_disagrees(self):
+        self.assertRejected(InvalidInputError, torch.arange(32), random_kv(2, 32), "batch 2 but tokens has 1 rows")
+
+    def test_mixed_dtypes(self):
+        kv = random_kv(1, 32)
+        kv[1] = (kv[1][0].half(), kv[1][1].half())
+        self.assertRejected(InvalidInputError, torch.arange(32), kv, "one dtype")
+
+    def test_malformed_data(self):
+        self.assertRejected(InvalidInputError, torch.arange(32), [], "non-empty list")
+        self.assertRejected(InvalidInputError, torch.arange(32), [(torch.zeros(1, 2, 32, 8),)], "(key, value) pair")
+        self.assertRejected(InvalidInputError, torch.arange(32), [(torch.zeros(2, 32, 8), torch.zeros(2, 32, 8))], "4-D tensor")
+
+    def test_unusable_root(self):
+        path = os.path.join(self.root, "a-file")
+        with open(path, "w") as f:
+            f.write("x")
+        with self.assertRaisesRegex(StorageError, "writable directory"):
+            VUA(VUAConfig, path)
+        self.assertTrue(issubclass(StorageError, OSError))
+
+
+class ReadmeExampleTest(unittest.TestCase):
+    def test_original_example_runs_verbatim(self):
+        code = textwrap.dedent(
+            """
+            import os
+            import torch
+            from vua.core import VUA, VUAConfig
+
+            cache_dir = "./vua_cache"
+            os.makedirs(cache_dir, exist_ok=True)
+            vua = VUA(VUAConfig, cache_dir)
+
+            tokens = torch.randint(0, 0xFFFF, (1, 512), dtype=torch.uint16)
+            trimmed_tokens = VUAConfig.trim_to_split_factor(tokens)
+            kvcache = [[torch.randn(1, 2, trimmed_tokens.size(1), 64), torch.randn(1, 2, trimmed_tokens.size(1), 64)]]
+            vua.put(trimmed_tokens, kvcache)
+
+            result = vua.get_closest(trimmed_tokens, device="cpu")
+            print("Retrieved tokens:", result.tokens)
+            print("Retrieved data:", result.data)
+            assert torch.equal(result.data[0][0], kvcache[0][0]) and torch.equal(result.data[0][1], kvcache[0][1])
+            """
+        )
+        with tempfile.TemporaryDirectory() as cwd:
+            env = dict(os.environ, PYTHONPATH=ROOT_OF_REPO)
+            done = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+            self.assertEqual(done.returncode, 0, done.stderr)
+            self.assertIn("Retrieved tokens: tensor([[", done.stdout)
+            self.assertIn("Retrieved data: [(tensor([[[[", done.stdout)
+            self.assertEqual(len(glob.glob(os.path.join(cwd, "vua_cache", "*", "*", "kv.safetensors"))), 2)
+
+
+class SerdesTest(unittest.TestCase):
+    def test_round_trip_and_interop_every_dtype(self):
+        from vua.serdes import bytes_to_tensor, tensor_to_bytes
+
+        for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn, torch.float8_e5m2, torch.int64, torch.bool):
+            with self.subTest(dtype=dtype):
+                t = torch.randn(3, 5).to(dtype)
+                raw = tensor_to_bytes(t, "x")
+                self.assertTrue(same_bits(safetensors.torch.load(raw)["x"], t))
+                self.assertTrue(same_bits(bytes_to_tensor(raw, "x"), t))
+                theirs = safetensors.torch.save({"y": t})
+                self.assertTrue(same_bits(bytes_to_tensor(theirs, "y"), t))
+
+    def test_bad_bytes_and_names(self):
+        from vua.serdes import bytes_to_tensor, tensor_to_bytes
+
+        with self.assertRaisesRegex(InvalidInputError, "not a safetensors file"):
+            bytes_to_tensor(b"nonsense", "x")
+        with self.assertRaisesRegex(InvalidInputError, "no tensor named 'z'"):
+            bytes_to_tensor(tensor_to_bytes(torch.zeros(2), "x"), "z")
+
+
+if __name__ == "__main__":
+    unittest.main()
