@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
+import numpy as np
 import torch
 import xxhash
 
@@ -41,6 +42,7 @@ FORMAT_VERSION = "1"
 HEADER_ALIGN = 4096
 MAX_HEADER_BYTES = 16 << 20  # a 1000-layer model's header is far below this
 _IOV_MAX = 1024  # Linux's limit on buffers per writev call
+_MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 
 DTYPE_NAMES: dict[torch.dtype, str] = {
     torch.float64: "F64",
@@ -64,6 +66,19 @@ if hasattr(torch, "float8_e8m0fnu"):
 DTYPES_BY_NAME = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 
 TOKENS = "tokens"
+
+_BITS_BY_SIZE = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}
+
+
+def bits_dtype(dtype: torch.dtype) -> type[np.generic]:
+    """The numpy integer type as wide as ``dtype``: the carrier for copying its bit patterns."""
+    return _BITS_BY_SIZE[dtype.itemsize]
+
+
+def as_bits(t: torch.Tensor) -> np.ndarray:
+    """A zero-copy numpy view of a CPU tensor's bit patterns (see :func:`bits_dtype`)."""
+    carrier = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+    return t.view(carrier).numpy()
 
 
 def key_name(layer: int) -> str:
@@ -259,9 +274,9 @@ class Fragment:
             self.file_size = os.fstat(fd).st_size
             if self.file_size < 8:
                 raise FragmentError(f"fragment {path} is truncated ({self.file_size} bytes)")
-            # A private mapping is writable in our address space, so torch.frombuffer accepts
-            # it without a copy or a warning; nothing is ever written through it.
-            self._map = mmap.mmap(fd, 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            # MAP_POPULATE maps every page in one call: faulting 4 KiB pages one by one costs
+            # more than the copy that follows. Read-only and shared, so nothing is copied.
+            self._map = mmap.mmap(fd, 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
         finally:
             os.close(fd)
         try:
@@ -277,6 +292,7 @@ class Fragment:
         self.close()
 
     def close(self) -> None:
+        self.__dict__.pop("_region", None)
         try:
             self._map.close()
         except BufferError:
@@ -286,19 +302,27 @@ class Fragment:
         """Starts reading the whole file from disk in the background (cold reads)."""
         self._map.madvise(mmap.MADV_WILLNEED)
 
+    @cached_property
+    def _region(self) -> np.ndarray:
+        return np.frombuffer(self._map, dtype=np.uint8)  # read-only, zero-copy
+
     def raw(self, name: str) -> memoryview:
         entry = self.tensors[name]
         return memoryview(self._map)[entry.begin : entry.end]
 
-    def tensor(self, name: str) -> torch.Tensor:
-        """A zero-copy view of one stored tensor."""
-        entry = self.tensors[name]
-        flat = torch.frombuffer(self._map, dtype=torch.uint8, count=entry.end - entry.begin, offset=entry.begin)
-        return flat.view(entry.dtype).view(entry.shape)
+    def array(self, name: str) -> np.ndarray:
+        """A read-only, zero-copy numpy view of one stored tensor's bytes, as same-width integers.
 
-    def data_region(self) -> torch.Tensor:
-        """A zero-copy uint8 view of all tensor data (everything after the header)."""
-        return torch.frombuffer(self._map, dtype=torch.uint8, count=self.file_size - self.data_start, offset=self.data_start)
+        numpy has no bf16 or fp8, and a copy needs only the bit patterns; numpy's copies
+        also release the GIL, so several threads copy at once.
+        """
+        entry = self.tensors[name]
+        return self._region[entry.begin : entry.end].view(bits_dtype(entry.dtype)).reshape(entry.shape)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """A copy of one stored tensor (for tools and tests; the read path uses :meth:`array`)."""
+        entry = self.tensors[name]
+        return torch.from_numpy(self.array(name).copy()).view(entry.dtype)
 
     @cached_property
     def checksums(self) -> dict[str, int]:
@@ -307,7 +331,7 @@ class Fragment:
         except (KeyError, ValueError, TypeError, AttributeError) as exc:
             raise FragmentError(f"fragment {self.path} has no valid checksums: {exc}") from None
 
-    def verify_checksum(self, name: str, data: memoryview | None = None) -> None:
+    def verify_checksum(self, name: str, data: memoryview | np.ndarray | None = None) -> None:
         """Checks one tensor's bytes (``data``, else the file's) against the stored checksum."""
         actual = xxhash.xxh3_64_intdigest(self.raw(name) if data is None else data)
         if actual != self.checksums.get(name):

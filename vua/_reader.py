@@ -20,9 +20,10 @@ import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 
+import numpy as np
 import torch
 
-from vua._fragment import Fragment, Layout, key_name, value_name
+from vua._fragment import Fragment, Layout, as_bits, key_name, value_name
 from vua._staging import PinnedStaging, empty_host
 from vua.errors import FragmentError
 
@@ -60,6 +61,7 @@ class KVLoad:
         on_done: Callable[[int], None] | None = None,
     ):
         self._fragments = list(fragments)
+        self._requested_groups = len(self._fragments)
         self._layout = layout
         self._split = split_factor
         self._device = device
@@ -67,6 +69,8 @@ class KVLoad:
         self._staging = staging
         self._verify = verify_checksums
         self._on_done = on_done
+        self._layerwise = background
+        self._total_bytes = layout.kv_bytes(split_factor) * len(self._fragments)
         self._valid_groups = len(fragments)
         self._lock = threading.Lock()
         self._error: BaseException | None = None
@@ -128,7 +132,7 @@ class KVLoad:
         """The finished outputs, cut to the valid prefix (a contiguous copy only when cut)."""
         groups = self.wait()
         tokens = groups * self._split
-        if groups == len(self._fragments):
+        if groups == self._requested_groups:
             return self.outputs
         return [(k[:, :, :tokens].clone(), v[:, :, :tokens].clone()) for k, v in self.outputs]
 
@@ -140,39 +144,37 @@ class KVLoad:
                 self._valid_groups = group
                 logger.warning("stored prefix ends before group %d: %s", group, exc)
 
-    def _copy_group_layer(self, group: int, layer: int, dest_k: torch.Tensor, dest_v: torch.Tensor) -> None:
+    def _copy_group_layer(self, group: int, layer: int, dest_k: np.ndarray, dest_v: np.ndarray) -> None:
+        """Verifies and copies one group's K and V of one layer into numpy views of the destination."""
         fragment = self._fragments[group]
         try:
             for name, dest in ((key_name(layer), dest_k), (value_name(layer), dest_v)):
+                source = fragment.array(name)
                 if self._verify:
                     # Hash first: it pulls the bytes into cache, so the copy reads them from there.
-                    fragment.verify_checksum(name)
-                dest.copy_(fragment.tensor(name))
+                    fragment.verify_checksum(name, source)
+                np.copyto(dest, source)
         except FragmentError as exc:
             self._fail(group, exc)
 
-    def _copy_layer(self, layer: int, first: int, last: int, dest: Callable[[int], tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Copies groups [first, last) of one layer, in parallel when large enough."""
-        (kh, kd), (vh, vd) = self._layout.layers[layer]
-        nbytes = (kh * kd + vh * vd) * self._split * self._layout.dtype.itemsize * (last - first)
+    def _parallel(self, work: Callable[[int, int], None], first: int, last: int, nbytes: int) -> None:
+        """Runs ``work(lo, hi)`` over [first, last) split into one range per thread.
 
-        def run(lo: int, hi: int) -> None:
-            for g in range(lo, min(hi, self._valid_groups)):
-                self._copy_group_layer(g, layer, *dest(g))
-
+        numpy copies and xxhash release the GIL, so the threads really run at once.
+        """
         workers = getattr(self._executor, "_max_workers", 1)
         if nbytes < _INLINE_BYTES or workers <= 1 or last - first < 2:
-            run(first, last)
+            work(first, last)
             return
         step = -(-(last - first) // workers)
-        futures = [self._executor.submit(run, lo, lo + step) for lo in range(first, last, step)]
+        futures = [self._executor.submit(work, lo, min(lo + step, last)) for lo in range(first, last, step)]
         for future in futures:
             future.result()
 
     def _run(self) -> None:
         try:
             if self._staging is None:
-                self._run_cpu()
+                self._run_cpu(self._layerwise)
             else:
                 with self._staging.lock:
                     self._run_cuda(self._staging)
@@ -188,13 +190,28 @@ class KVLoad:
             if self._on_done is not None and self._error is None:
                 self._on_done(self._valid_groups)
 
-    def _run_cpu(self) -> None:
+    def _run_cpu(self, layerwise: bool) -> None:
         s = self._split
-        for layer, (out_k, out_v) in enumerate(self.outputs):
-            def dest(g: int, out_k: torch.Tensor = out_k, out_v: torch.Tensor = out_v) -> tuple[torch.Tensor, torch.Tensor]:
-                return out_k[0, :, g * s : (g + 1) * s], out_v[0, :, g * s : (g + 1) * s]
+        # (layers) x (K, V) as (kv_heads, tokens, head_dim) integer views of the outputs
+        dests = [(as_bits(k)[0], as_bits(v)[0]) for k, v in self.outputs]
 
-            self._copy_layer(layer, 0, self._valid_groups, dest)
+        def copy(layers: range) -> Callable[[int, int], None]:
+            def work(lo: int, hi: int) -> None:
+                for layer in layers:
+                    dest_k, dest_v = dests[layer]
+                    for g in range(lo, min(hi, self._valid_groups)):
+                        self._copy_group_layer(g, layer, dest_k[:, g * s : (g + 1) * s], dest_v[:, g * s : (g + 1) * s])
+
+            return work
+
+        if not layerwise:
+            # Each thread takes a run of groups through every layer: no barrier per layer.
+            self._parallel(copy(range(len(dests))), 0, self._valid_groups, self._total_bytes)
+            for ready in self._layer_ready:
+                ready.set()
+            return
+        for layer in range(len(dests)):
+            self._parallel(copy(range(layer, layer + 1)), 0, self._valid_groups, self._total_bytes // len(dests))
             self._layer_ready[layer].set()
 
     def _run_cuda(self, staging: PinnedStaging) -> None:
@@ -215,12 +232,14 @@ class KVLoad:
                 typed = slot[: (k_elems + v_elems) * dtype.itemsize].view(dtype)
                 stage_k = typed[:k_elems].view(kh, n, kd)
                 stage_v = typed[k_elems:].view(vh, n, vd)
+                bits_k, bits_v = as_bits(stage_k), as_bits(stage_v)
 
-                def dest(g: int, first: int = first, stage_k: torch.Tensor = stage_k, stage_v: torch.Tensor = stage_v) -> tuple[torch.Tensor, torch.Tensor]:
-                    lo = (g - first) * s
-                    return stage_k[:, lo : lo + s], stage_v[:, lo : lo + s]
+                def work(lo: int, hi: int, first: int = first, bits_k: np.ndarray = bits_k, bits_v: np.ndarray = bits_v) -> None:
+                    for g in range(lo, min(hi, self._valid_groups)):
+                        at = (g - first) * s
+                        self._copy_group_layer(g, layer, bits_k[:, at : at + s], bits_v[:, at : at + s])
 
-                self._copy_layer(layer, first, last, dest)
+                self._parallel(work, first, last, (last - first) * group_bytes)
                 last = min(last, self._valid_groups)  # a failed check may have cut this chunk
                 n = (last - first) * s
                 with torch.cuda.stream(stream):

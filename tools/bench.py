@@ -1,0 +1,374 @@
+"""VUA's benchmark: speed as ratios to this machine's own limits, measured in the same run.
+
+    uv run tools/bench.py                 # full run (a few minutes), table + JSON + PNG
+    uv run tools/bench.py --quick         # smaller workloads, for a quick look
+
+Workloads:
+- the KV cache of a Llama-3-8B-shaped model (32 layers, 8 KV heads, head_dim 128, bf16:
+  128 KiB a token) for 2,048 and 8,192 tokens, split_factor 256;
+- key derivation and index lookups for a 131,072-token prompt;
+- many small fragments (100,000 groups by default) for put and get rates.
+
+Limits, measured on the same bytes:
+- memcpy: a torch copy into an already-touched buffer (the warm-read limit);
+- raw write: one writev plus fsync of the same bytes into one file (the durable-write limit);
+- raw cold read: a sequential read of that file after dropping it from the page cache;
+- naive: safetensors save_file (+ fsync) and load_file + torch.cat, one file per group.
+
+Output: a table on the terminal, ``OUT/bench.json`` and ``OUT/bench.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from vua import _layout  # noqa: E402
+from vua._keys import group_keys, namespace_seed, tokens_as_int64  # noqa: E402
+from vua.core import VUA, VUAConfig  # noqa: E402
+
+GB = 1e9
+LAYERS, HEADS, HEAD_DIM, DTYPE = 32, 8, 128, torch.bfloat16
+SPLIT = 256
+
+TARGETS = {
+    "warm_get_vs_memcpy": 0.6,
+    "put_vs_raw_write": 0.7,
+    "cold_get_vs_raw_read": 0.7,
+}
+
+
+def timed(fn: Callable[[], object], repeat: int, setup: Callable[[], object] | None = None) -> list[float]:
+    """Wall times of ``repeat`` calls of ``fn`` (``setup`` runs untimed before each)."""
+    times = []
+    for _ in range(repeat):
+        if setup is not None:
+            setup()
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def drop_cache(paths: list[str]) -> None:
+    """Evicts files from the page cache (they are clean after fsync), so the next read hits the disk."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def anon_rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+class PeakSampler:
+    """Samples anonymous resident memory every millisecond; reports the peak above the start."""
+
+    def __enter__(self) -> PeakSampler:
+        self.base = anon_rss()
+        self.peak = self.base
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.001):
+            self.peak = max(self.peak, anon_rss())
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, anon_rss())
+
+    @property
+    def extra(self) -> int:
+        return self.peak - self.base
+
+
+def llama_kv(tokens: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        tuple(torch.randn(1, HEADS, tokens, HEAD_DIM, generator=gen, dtype=torch.float32).to(DTYPE) for _ in range(2))
+        for _ in range(LAYERS)
+    ]
+
+
+def fragment_paths(vua: VUA, tokens: torch.Tensor) -> list[str]:
+    return [_layout.fragment_path(vua.root, k) for k in vua.config.tokens_to_paths(tokens)]
+
+
+def bench_llama(tokens_n: int, workdir: str, repeat: int) -> dict[str, float]:
+    """One Llama-3-8B-shaped prompt: limits, naive path and VUA on the same bytes."""
+    import safetensors.torch
+
+    kv = llama_kv(tokens_n, seed=tokens_n)
+    tokens = torch.randint(0, 128_000, (1, tokens_n))
+    nbytes = sum(k.nbytes + v.nbytes for k, v in kv)
+    r: dict[str, float] = {"tokens": tokens_n, "bytes": nbytes}
+
+    # memcpy limit: the same bytes, copied into a buffer whose pages are already touched.
+    flat = torch.cat([t.reshape(-1) for kv_pair in kv for t in kv_pair])
+    dest = torch.empty_like(flat)
+    dest.copy_(flat)
+    r["memcpy_GBps"] = nbytes / min(timed(lambda: dest.copy_(flat), repeat + 2)) / GB
+    r["clone_GBps"] = nbytes / min(timed(lambda: flat.clone(), repeat)) / GB
+    del dest
+
+    # Raw durable write and cold read of the same bytes: one file, one writev, one fsync.
+    raw_path = os.path.join(workdir, "raw.bin")
+    buffers = [memoryview(t.reshape(-1).view(torch.uint8).numpy()) for kv_pair in kv for t in kv_pair]
+
+    def raw_write() -> None:
+        fd = os.open(raw_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            written = os.writev(fd, buffers)
+            assert written == nbytes
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    r["raw_write_GBps"] = nbytes / min(timed(raw_write, repeat, setup=lambda: os.path.exists(raw_path) and os.unlink(raw_path))) / GB
+    read_buf = torch.empty(nbytes, dtype=torch.uint8)
+    read_buf.fill_(0)
+    read_view = memoryview(read_buf.numpy())
+
+    def raw_read() -> None:
+        fd = os.open(raw_path, os.O_RDONLY)
+        try:
+            got = 0
+            while got < nbytes:
+                got += os.readv(fd, [read_view[got:]])
+        finally:
+            os.close(fd)
+
+    r["raw_cold_read_GBps"] = nbytes / min(timed(raw_read, repeat, setup=lambda: drop_cache([raw_path]))) / GB
+    os.unlink(raw_path)
+    del read_buf, read_view
+
+    # Naive path: safetensors save_file (+ fsync, for durability) and load_file + cat per group.
+    naive_dir = os.path.join(workdir, "naive")
+
+    def naive_put() -> None:
+        os.makedirs(naive_dir)
+        for g in range(tokens_n // SPLIT):
+            part = {f"{i}.{j}": t[0, :, g * SPLIT : (g + 1) * SPLIT].contiguous() for i, pair in enumerate(kv) for j, t in enumerate(pair)}
+            path = os.path.join(naive_dir, f"{g}.safetensors")
+            safetensors.torch.save_file(part, path)
+            fd = os.open(path, os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
+
+    def naive_get() -> None:
+        parts = [safetensors.torch.load_file(os.path.join(naive_dir, f"{g}.safetensors")) for g in range(tokens_n // SPLIT)]
+        [torch.cat([p[f"{i}.{j}"] for p in parts], dim=1) for i in range(LAYERS) for j in range(2)]
+
+    r["naive_put_GBps"] = nbytes / min(timed(naive_put, repeat, setup=lambda: shutil.rmtree(naive_dir, ignore_errors=True))) / GB
+    r["naive_warm_get_GBps"] = nbytes / min(timed(naive_get, repeat)) / GB
+    shutil.rmtree(naive_dir)
+
+    # VUA.
+    root = os.path.join(workdir, "vua")
+    config = VUAConfig(split_factor=SPLIT, namespace="bench/llama-3-8b/bf16")
+    stores: list[VUA] = []
+
+    def fresh_store() -> None:
+        for s in stores:
+            s.close()
+        stores.clear()
+        shutil.rmtree(root, ignore_errors=True)
+        stores.append(VUA(config, root))
+
+    r["put_GBps"] = nbytes / min(timed(lambda: stores[0].put(tokens, kv), repeat, setup=fresh_store)) / GB
+    vua = stores[0]
+    hit = vua.get_closest(tokens, device="cpu")
+    assert hit is not None and hit.tokens.shape[-1] == tokens_n
+    assert all(torch.equal(a, b) for pair, ref in zip(hit.data, kv) for a, b in zip(pair, ref)), "VUA returned wrong data"
+    del hit
+    r["warm_get_GBps"] = nbytes / min(timed(lambda: vua.get_closest(tokens, device="cpu"), repeat + 2)) / GB
+    paths = fragment_paths(vua, tokens)
+    r["cold_get_GBps"] = nbytes / min(timed(lambda: vua.get_closest(tokens, device="cpu"), repeat, setup=lambda: drop_cache(paths))) / GB
+    with PeakSampler() as peak:
+        hit = vua.get_closest(tokens, device="cpu")
+    del hit
+    r["get_peak_extra_MiB"] = peak.extra / 2**20
+    r["get_peak_budget_MiB"] = nbytes / 2**20 + 64
+    vua.close()
+    shutil.rmtree(root)
+
+    r["warm_get_vs_memcpy"] = r["warm_get_GBps"] / r["memcpy_GBps"]
+    r["warm_get_vs_clone"] = r["warm_get_GBps"] / r["clone_GBps"]
+    r["put_vs_raw_write"] = r["put_GBps"] / r["raw_write_GBps"]
+    r["cold_get_vs_raw_read"] = r["cold_get_GBps"] / r["raw_cold_read_GBps"]
+    r["put_vs_naive"] = r["put_GBps"] / r["naive_put_GBps"]
+    r["warm_get_vs_naive"] = r["warm_get_GBps"] / r["naive_warm_get_GBps"]
+    return r
+
+
+def bench_keys_and_lookup(workdir: str, repeat: int) -> dict[str, float]:
+    """Keys and index lookups for a 131,072-token prompt (512 groups of 256)."""
+    n = 131_072
+    tokens = torch.randint(0, 128_000, (n,))
+    seed = namespace_seed("bench/lookup")
+    r: dict[str, float] = {}
+    r["keys_131k_ms"] = 1e3 * statistics.median(timed(lambda: group_keys(tokens_as_int64(tokens), SPLIT, seed), 20))
+
+    root = os.path.join(workdir, "lookup")
+    vua = VUA(VUAConfig(split_factor=SPLIT, namespace="bench/lookup"), root)
+    tiny = [(torch.zeros(1, 1, n, 1, dtype=torch.float16), torch.zeros(1, 1, n, 1, dtype=torch.float16))]
+    vua.put(tokens, tiny)
+    keys = group_keys(tokens_as_int64(tokens), SPLIT, seed)
+    other = tokens.clone()
+    other[0] += 1
+    miss_keys = group_keys(tokens_as_int64(other), SPLIT, seed)
+    assert len(vua._indexed_prefix(keys)) == 512 and not vua._indexed_prefix(miss_keys)
+    r["lookup_hit_131k_ms"] = 1e3 * statistics.median(timed(lambda: vua._indexed_prefix(keys), 50))
+    r["lookup_miss_131k_ms"] = 1e3 * statistics.median(timed(lambda: vua._indexed_prefix(miss_keys), 50))
+    r["get_miss_131k_ms"] = 1e3 * statistics.median(timed(lambda: vua.get_closest(other, device="cpu"), 20))
+    vua.close()
+    shutil.rmtree(root)
+    return r
+
+
+def bench_small(workdir: str, groups: int) -> dict[str, float]:
+    """Many small fragments: split_factor 16, 2 layers x 1 head x 16 dims, fp16."""
+    split, per_put = 16, 64  # 64 prompts of one group each per put call
+    root = os.path.join(workdir, "small")
+    vua = VUA(VUAConfig(split_factor=split, namespace="bench/small"), root)
+    kv = [(torch.randn(per_put, 1, split, 16).half(), torch.randn(per_put, 1, split, 16).half()) for _ in range(2)]
+    batches = [torch.arange(b * per_put * split, (b + 1) * per_put * split).view(per_put, split) for b in range(groups // per_put)]
+    start = time.perf_counter()
+    for batch in batches:
+        vua.put(batch, kv)
+    put_s = time.perf_counter() - start
+    stored = len(batches) * per_put
+    sample = [batches[i % len(batches)][i % per_put] for i in range(0, 2000)]
+    start = time.perf_counter()
+    for t in sample:
+        assert vua.get_closest(t, device="cpu") is not None
+    get_s = time.perf_counter() - start
+    lookups = [vua.config.tokens_to_paths(t) for t in sample]
+    start = time.perf_counter()
+    for keys in lookups:
+        vua._indexed_prefix([bytes.fromhex(k) for k in keys])
+    lookup_s = time.perf_counter() - start
+    vua.close()
+    shutil.rmtree(root)
+    return {
+        "small_groups": stored,
+        "small_put_groups_per_s": stored / put_s,
+        "small_get_per_s": len(sample) / get_s,
+        "small_lookup_us": 1e6 * lookup_s / len(lookups),
+    }
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB RAM, Python {platform.python_version()}, torch {torch.__version__}"
+
+
+def table(results: dict) -> str:
+    lines = [f"machine: {results['machine']}", ""]
+    lines.append("| workload | figure | limit | ratio | target |")
+    lines.append("|---|---|---|---|---|")
+    for r in results["llama"]:
+        t = f"Llama-3-8B KV, {r['tokens']} tokens ({r['bytes'] / 2**20:.0f} MiB)"
+        lines.append(f"| {t}: durable put | {r['put_GBps']:.2f} GB/s | raw writev+fsync {r['raw_write_GBps']:.2f} GB/s | {r['put_vs_raw_write']:.2f}x | >= 0.7x |")
+        lines.append(f"| {t}: warm get | {r['warm_get_GBps']:.2f} GB/s | memcpy {r['memcpy_GBps']:.2f} GB/s (clone {r['clone_GBps']:.2f}) | {r['warm_get_vs_memcpy']:.2f}x | >= 0.6x |")
+        lines.append(f"| {t}: cold get | {r['cold_get_GBps']:.2f} GB/s | raw cold read {r['raw_cold_read_GBps']:.2f} GB/s | {r['cold_get_vs_raw_read']:.2f}x | >= 0.7x |")
+        lines.append(f"| {t}: naive safetensors | put {r['naive_put_GBps']:.2f}, get {r['naive_warm_get_GBps']:.2f} GB/s | | VUA {r['put_vs_naive']:.1f}x / {r['warm_get_vs_naive']:.1f}x faster | |")
+        lines.append(f"| {t}: peak extra memory in get | {r['get_peak_extra_MiB']:.0f} MiB | result + 64 MiB = {r['get_peak_budget_MiB']:.0f} MiB | | <= budget |")
+    k = results["lookup"]
+    lines.append(f"| keys for 131,072 tokens | {k['keys_131k_ms']:.2f} ms | | | <= 3 ms |")
+    lines.append(f"| index lookup, 131,072 tokens, hit (512 groups) | {k['lookup_hit_131k_ms']:.3f} ms | | | <= 1 ms |")
+    lines.append(f"| index lookup, 131,072 tokens, miss | {k['lookup_miss_131k_ms']:.3f} ms | | | <= 1 ms |")
+    lines.append(f"| get_closest miss, 131,072 tokens (hashing included) | {k['get_miss_131k_ms']:.2f} ms | | | |")
+    s = results["small"]
+    lines.append(f"| {s['small_groups']:,} small groups: durable put | {s['small_put_groups_per_s']:,.0f} groups/s | | | |")
+    lines.append(f"| {s['small_groups']:,} small groups: get one group | {s['small_get_per_s']:,.0f} gets/s | | | |")
+    lines.append(f"| {s['small_groups']:,} small groups: index lookup | {s['small_lookup_us']:.0f} us | | | |")
+    return "\n".join(lines)
+
+
+def chart(results: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4.2))
+    labels, values, limits = [], [], []
+    for r in results["llama"]:
+        for name, key, target in (("put", "put_vs_raw_write", 0.7), ("warm get", "warm_get_vs_memcpy", 0.6), ("cold get", "cold_get_vs_raw_read", 0.7)):
+            labels.append(f"{name}\n{r['tokens']} tok")
+            values.append(r[key])
+            limits.append(target)
+    xs = range(len(labels))
+    ax.bar(xs, values, color="#3b7dd8", label="VUA / machine limit")
+    ax.scatter(xs, limits, color="#d8443b", marker="_", s=600, label="target", zorder=3)
+    ax.axhline(1.0, color="#888", linewidth=0.8, linestyle="--")
+    ax.set_xticks(list(xs), labels, fontsize=8)
+    ax.set_ylabel("ratio to this machine's limit")
+    ax.set_title("VUA on a Llama-3-8B-shaped KV cache (bf16, split_factor 256)")
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="2,048 tokens only, 10,000 small groups, fewer repeats")
+    parser.add_argument("--tokens", default="2048,8192", help="comma-separated prompt lengths (default 2048,8192)")
+    parser.add_argument("--small-groups", type=int, default=100_000, help="groups in the small-fragment workload")
+    parser.add_argument("--workdir", help="where to write (default: a temporary directory on this disk)")
+    parser.add_argument("--out", default="bench_out", help="folder for bench.json and bench.png")
+    args = parser.parse_args(argv)
+
+    token_counts = [2048] if args.quick else [int(t) for t in args.tokens.split(",")]
+    small = 10_000 if args.quick else args.small_groups
+    repeat = 2 if args.quick else 3
+    workdir = tempfile.mkdtemp(prefix="vua-bench-", dir=args.workdir)
+    try:
+        results = {"machine": machine(), "date": time.strftime("%Y-%m-%d")}
+        results["llama"] = [bench_llama(n, workdir, repeat) for n in token_counts]
+        results["lookup"] = bench_keys_and_lookup(workdir, repeat)
+        results["small"] = bench_small(workdir, small)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "bench.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    chart(results, os.path.join(args.out, "bench.png"))
+    print(table(results))
+    print(f"\nwrote {args.out}/bench.json and {args.out}/bench.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
