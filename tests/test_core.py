@@ -179,7 +179,8 @@ class RoundTripTest(StoreTestCase):
         vua.close()
         shutil.rmtree(os.path.join(self.root, "index.lmdb"))
         fresh = self.store()
-        self.assertEqual(fresh._index.lookup_prefix([bytes.fromhex(k) for k in fresh.config.tokens_to_paths(tokens)]).__len__(), 3)
+        keys = [bytes.fromhex(k) for k in fresh.config.tokens_to_paths(tokens)]
+        self.assertEqual(len(fresh._index.lookup_prefix(keys)), 3)  # rebuilt at open, before any get
         self.assertKVEqual(fresh.get_closest(tokens, device="cpu").data, kv)
 
     def test_index_path_is_configurable(self):

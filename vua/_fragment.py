@@ -42,7 +42,6 @@ FORMAT_VERSION = "1"
 HEADER_ALIGN = 4096
 MAX_HEADER_BYTES = 16 << 20  # a 1000-layer model's header is far below this
 _IOV_MAX = 1024  # Linux's limit on buffers per writev call
-_MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 
 DTYPE_NAMES: dict[torch.dtype, str] = {
     torch.float64: "F64",
@@ -274,8 +273,7 @@ class Fragment:
             self.file_size = os.fstat(fd).st_size
             if self.file_size < 8:
                 raise FragmentError(f"fragment {path} is truncated ({self.file_size} bytes)")
-            # MAP_POPULATE maps every page in one call: faulting 4 KiB pages one by one costs
-            # more than the copy that follows. Read-only and shared, so nothing is copied.
+            # Read-only and shared: the pages are the page cache's own, nothing is copied.
             self._map = mmap.mmap(fd, 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
         finally:
             os.close(fd)
@@ -337,7 +335,8 @@ class Fragment:
         if actual != self.checksums.get(name):
             raise FragmentError(f"fragment {self.path}: checksum mismatch in {name} (damaged data)")
 
-    def validate(self, *, key_hex: str, namespace: str, split_factor: int, layout: Layout | None) -> Layout:
+    def validate(self, *, key_hex: str, namespace: str, split_factor: int, layout: Layout | None,
+                 group_index: int | None = None) -> Layout:
         """Checks that this fragment is group ``key_hex`` of ``namespace`` with the given layout.
 
         Returns the fragment's layout (``layout`` itself when one was given).
@@ -353,6 +352,8 @@ class Fragment:
             "key": key_hex,
             "split_factor": str(split_factor),
         }
+        if group_index is not None:
+            expected["group_index"] = str(group_index)
         for field, value in expected.items():
             if meta.get(field) != value:
                 raise FragmentError(

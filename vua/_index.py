@@ -43,6 +43,7 @@ _INITIAL_MAP_SIZE = 1 << 30  # address space only; grown by doubling on MapFullE
 _MAX_READERS = 1024
 
 _RECORD = struct.Struct("<QQQIQ")
+RECORD_HEAD = 16  # namespace id and layout id: equal for every group of a usable prefix
 _TOTAL_BYTES = b"total_bytes"
 
 
@@ -125,19 +126,24 @@ class Index:
 
     # -- reads --------------------------------------------------------------------------
 
-    def lookup_prefix(self, keys: Iterable[bytes]) -> list[GroupRecord]:
-        """Records of the leading run of ``keys`` that are indexed, in one read transaction."""
+    def lookup_prefix(self, keys: Iterable[bytes]) -> list[bytes]:
+        """Packed records of the leading run of ``keys`` that are indexed, in one read transaction.
+
+        Records stay packed: comparing their leading bytes is what the hot path needs, and
+        decoding 512 of them would cost more than the lookups.
+        """
         env, groups, _ = self.env()
-        found: list[GroupRecord] = []
+        found: list[bytes] = []
         with env.begin(db=groups) as txn:
+            get = txn.get
             for key in keys:
-                raw = txn.get(key)
-                record = None if raw is None else GroupRecord.unpack(raw)
-                if record is None:
-                    if raw is not None:
-                        logger.warning("index entry %s is not a record; ignoring it", key.hex())
+                raw = get(key)
+                if raw is None:
                     break
-                found.append(record)
+                if len(raw) != _RECORD.size:
+                    logger.warning("index entry %s is not a record; ignoring it", key.hex())
+                    break
+                found.append(raw)
         return found
 
     def contains(self, keys: Iterable[bytes]) -> list[bool]:

@@ -29,7 +29,7 @@ import torch
 
 from vua import _evict, _layout
 from vua._fragment import DTYPE_NAMES, TOKENS, Fragment, Layout, publish_fragment
-from vua._index import GroupRecord, Index, namespace_id, read_group_record
+from vua._index import RECORD_HEAD, GroupRecord, Index, namespace_id, read_group_record
 from vua._keys import group_keys, namespace_seed, tokens_as_int64
 from vua._reader import KVLoad
 from vua._staging import PinnedStaging
@@ -377,41 +377,49 @@ class VUA:
         return KVLoad(fragments, layout, self.config.split_factor, device, self._pool(), staging=staging,
                       verify_checksums=self.config.verify_checksums, background=layerwise, on_done=on_done)
 
-    def _indexed_prefix(self, keys: list[bytes]) -> list[GroupRecord]:
-        """Index records of the leading stored groups, probing the tree past the index.
+    def _indexed_prefix(self, keys: list[bytes]) -> tuple[int, int]:
+        """How many leading groups are stored, and their layout id, from the index.
 
         Another node sharing the root may have written groups this node's index has not
         seen; one probe per missing group finds them, and they are recorded for next time.
+
+        Returns:
+            (groups, layout id); (0, 0) when none is stored.
         """
-        records = self._index.lookup_prefix(keys)
+        packed = self._index.lookup_prefix(keys)
         discovered = []
-        for j in range(len(records), len(keys)):
+        for j in range(len(packed), len(keys)):
             key_hex = keys[j].hex()
             if not os.path.isdir(_layout.group_dir(self.root, key_hex)):
                 break
             found = read_group_record(self.root, key_hex)
             if found is None or found[0].namespace_id != self._ns_id:
                 break
-            record, layout, namespace = found
-            discovered.append((keys[j], record, layout, namespace))
-            records.append(record)
+            discovered.append((keys[j], *found))
+            packed.append(found[0].pack())
         if discovered:
             logger.debug("found %d groups in the tree that the index lacked", len(discovered))
             self._index.add([(k, r) for k, r, _, _ in discovered], layouts={d[2] for d in discovered},
                             namespaces={d[3] for d in discovered})
-        usable = []
-        for j, record in enumerate(records):
-            if record.namespace_id != self._ns_id or record.group_index != j or record.layout_id != records[0].layout_id:
+        if not packed:
+            return 0, 0
+        first = GroupRecord.unpack(packed[0])
+        if first.namespace_id != self._ns_id:
+            return 0, 0
+        head = packed[0][:RECORD_HEAD]
+        groups = 0
+        for raw in packed:  # a group of another layout ends the usable prefix
+            if raw[:RECORD_HEAD] != head:
                 break
-            usable.append(record)
-        return usable
+            groups += 1
+        return groups, first.layout_id
 
     def _open_prefix(self, keys: list[bytes], ids: np.ndarray) -> tuple[list[Fragment], Layout | None]:
         """Opens and validates the fragments of the stored prefix; cut at the first bad one."""
-        records = self._indexed_prefix(keys)
-        if not records:
+        count, layout_id = self._indexed_prefix(keys)
+        if not count:
             return [], None
-        layout = self._index.layout(records[0].layout_id)
+        layout = self._index.layout(layout_id)
         s = self.config.split_factor
 
         def open_group(j: int) -> Fragment | None:
@@ -422,7 +430,7 @@ class VUA:
                 logger.warning("stored prefix ends before group %d: %s", j, exc)
                 return None
             try:
-                fragment.validate(key_hex=key_hex, namespace=self.config.namespace, split_factor=s, layout=layout)
+                fragment.validate(key_hex=key_hex, namespace=self.config.namespace, split_factor=s, layout=layout, group_index=j)
                 if bytes(fragment.raw(TOKENS)) != ids[j * s : (j + 1) * s].tobytes():
                     raise FragmentError(f"fragment {fragment.path}: stored tokens differ from the query (hash collision or damage)")
                 fragment.advise_willneed()  # start disk reads for the copy that follows
@@ -437,7 +445,7 @@ class VUA:
             if first is None:
                 return [], None
             layout = first
-        opened = list(self._pool().map(open_group, range(len(records)))) if len(records) > 4 else [open_group(j) for j in range(len(records))]
+        opened = list(self._pool().map(open_group, range(count))) if count > 4 else [open_group(j) for j in range(count)]
         fragments = []
         for fragment in opened:
             if fragment is None:
