@@ -243,6 +243,24 @@ def publish_fragment(
     return True
 
 
+def quarantine_group(root: str, key_hex: str) -> bool:
+    """Moves a damaged group out of the way, atomically, so a later put can rewrite it.
+
+    The directory is renamed to a temporary name (``vua verify --fix`` removes those once
+    they are old); a reader that already mapped the fragment keeps working.
+
+    Returns:
+        True if this call moved it.
+    """
+    final = _layout.group_dir(root, key_hex)
+    target = os.path.join(os.path.dirname(final), f"{_layout.TMP_PREFIX}{key_hex}-damaged-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        os.rename(final, target)
+        return True
+    except FileNotFoundError:
+        return False
+
+
 @dataclass(frozen=True)
 class TensorEntry:
     """Where one tensor lies in a fragment file (absolute byte offsets)."""
@@ -268,7 +286,10 @@ class Fragment:
         try:
             fd = os.open(path, os.O_RDONLY)
         except OSError as exc:
-            raise FragmentError(f"cannot open fragment {path}: {exc.strerror}") from None
+            error = FragmentError(f"cannot open fragment {path}: {exc.strerror}")
+            # A missing file is damage; EIO, ESTALE or EACCES may pass, so the group stays.
+            error.damaged = isinstance(exc, FileNotFoundError)
+            raise error from None
         try:
             self.file_size = os.fstat(fd).st_size
             if self.file_size < 8:

@@ -44,7 +44,7 @@ class KVLoad:
         staging: pinned buffers and side stream (CUDA devices only).
         verify_checksums: check every tensor against the checksum stored at put time.
         background: run on a thread of its own, so the caller can consume layers as they land.
-        on_done: called with the number of valid groups when the load has finished.
+        on_done: called with the load itself when it has finished.
     """
 
     def __init__(
@@ -58,7 +58,7 @@ class KVLoad:
         staging: PinnedStaging | None,
         verify_checksums: bool,
         background: bool,
-        on_done: Callable[[int], None] | None = None,
+        on_done: Callable[[KVLoad], None] | None = None,
     ):
         self._fragments = list(fragments)
         self._requested_groups = len(self._fragments)
@@ -73,6 +73,7 @@ class KVLoad:
         self._total_bytes = layout.kv_bytes(split_factor) * len(self._fragments)
         self._valid_groups = len(fragments)
         self._lock = threading.Lock()
+        self.damaged_groups: set[int] = set()  # groups whose files failed a check
         self._error: BaseException | None = None
         self._layer_ready = [threading.Event() for _ in layout.layers]
         self._layer_events: list[torch.cuda.Event | None] = [None] * layout.num_layers
@@ -140,6 +141,8 @@ class KVLoad:
 
     def _fail(self, group: int, exc: FragmentError) -> None:
         with self._lock:
+            if exc.damaged:
+                self.damaged_groups.add(group)
             if group < self._valid_groups:
                 self._valid_groups = group
                 logger.warning("stored prefix ends before group %d: %s", group, exc)
@@ -188,7 +191,7 @@ class KVLoad:
             self._fragments = []
             self._finished.set()
             if self._on_done is not None and self._error is None:
-                self._on_done(self._valid_groups)
+                self._on_done(self)
 
     def _run_cpu(self, layerwise: bool) -> None:
         s = self._split

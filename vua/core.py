@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from vua import _evict, _layout
-from vua._fragment import DTYPE_NAMES, TOKENS, Fragment, Layout, publish_fragment
+from vua._fragment import DTYPE_NAMES, TOKENS, Fragment, Layout, publish_fragment, quarantine_group
 from vua._index import RECORD_HEAD, GroupRecord, Index, namespace_id, read_group_record
 from vua._keys import group_keys, namespace_seed, tokens_as_int64
 from vua._reader import KVLoad
@@ -371,8 +371,9 @@ class VUA:
             if staging is None:
                 staging = self._staging[device] = PinnedStaging(device, self.config.staging_bytes)
 
-        def on_done(groups: int) -> None:
-            self._touch(keys[:groups])
+        def on_done(load: KVLoad) -> None:
+            self._touch(keys[: load.num_groups])
+            self._quarantine([keys[g] for g in load.damaged_groups])
 
         return KVLoad(fragments, layout, self.config.split_factor, device, self._pool(), staging=staging,
                       verify_checksums=self.config.verify_checksums, background=layerwise, on_done=on_done)
@@ -422,12 +423,16 @@ class VUA:
         layout = self._index.layout(layout_id)
         s = self.config.split_factor
 
+        damaged: list[bytes] = []
+
         def open_group(j: int) -> Fragment | None:
             key_hex = keys[j].hex()
             try:
                 fragment = Fragment(_layout.fragment_path(self.root, key_hex))
             except FragmentError as exc:
                 logger.warning("stored prefix ends before group %d: %s", j, exc)
+                if exc.damaged:
+                    damaged.append(keys[j])
                 return None
             try:
                 fragment.validate(key_hex=key_hex, namespace=self.config.namespace, split_factor=s, layout=layout, group_index=j)
@@ -437,6 +442,7 @@ class VUA:
                 return fragment
             except FragmentError as exc:
                 logger.warning("stored prefix ends before group %d: %s", j, exc)
+                damaged.append(keys[j])
                 fragment.close()
                 return None
 
@@ -454,7 +460,16 @@ class VUA:
         for fragment in opened[len(fragments):]:
             if fragment is not None:
                 fragment.close()
+        self._quarantine(damaged)
         return fragments, layout
+
+    def _quarantine(self, keys: Sequence[bytes]) -> None:
+        """Takes damaged groups out of the tree and the index, so the next put rewrites them."""
+        if not keys:
+            return
+        for key in keys:
+            quarantine_group(self.root, key.hex())
+        self._index.remove(keys)
 
     # -- LRU bookkeeping -----------------------------------------------------------------
 

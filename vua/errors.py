@@ -41,4 +41,10 @@ class FragmentError(VUAError):
 
     Reads never let this escape: the prefix simply ends before the damaged group.
     ``vua verify`` reports it.
+
+    Attributes:
+        damaged: True when the file itself is wrong (a rewrite is due), False when reading
+            it failed in a way that may pass (an I/O error, say).
     """
+
+    damaged: bool = True

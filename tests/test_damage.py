@@ -1,0 +1,150 @@
+"""Damaged stores: every read returns the longest valid prefix or None, logs why, never raises."""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import torch
+
+from tests.helpers import StoreTestCase, kv_slice, random_kv
+from vua import _layout
+from vua._fragment import publish_fragment
+from vua._keys import group_keys, tokens_as_int64
+from vua._writer import GroupSource
+from vua.core import VUAConfig
+
+
+class DamageTest(StoreTestCase):
+    def setUp(self):
+        super().setUp()
+        self.vua = self.store(split_factor=16, namespace="dmg")
+        self.tokens = torch.arange(500, 548)  # three groups
+        self.kv = random_kv(1, 48, dtype=torch.bfloat16)
+        self.vua.put(self.tokens, self.kv)
+        self.keys = self.vua.config.tokens_to_paths(self.tokens)
+
+    def path(self, group: int) -> str:
+        return _layout.fragment_path(self.root, self.keys[group])
+
+    def assertPrefix(self, groups: int, warns: str | None = "vua") -> None:
+        def get():
+            return self.vua.get_closest(self.tokens, device="cpu")
+
+        if warns:
+            with self.assertLogs(warns, level="WARNING") as logs:
+                hit = get()
+            self.assertTrue(logs.output)
+        else:
+            hit = get()
+        if groups == 0:
+            self.assertIsNone(hit)
+            return
+        self.assertEqual(hit.tokens.numel(), groups * 16)
+        self.assertKVEqual(hit.data, kv_slice(self.kv, 0, groups * 16))
+
+    def test_truncated_fragment(self):
+        with open(self.path(1), "r+b") as f:
+            f.truncate(os.path.getsize(self.path(1)) - 100)
+        self.assertPrefix(1)
+
+    def test_flipped_header_byte(self):
+        with open(self.path(2), "r+b") as f:
+            f.seek(20)
+            byte = f.read(1)
+            f.seek(20)
+            f.write(bytes([byte[0] ^ 0x55]))
+        self.assertPrefix(2)
+
+    def test_header_length_out_of_range(self):
+        with open(self.path(0), "r+b") as f:
+            f.write(struct.pack("<Q", 1 << 40))
+        self.assertPrefix(0)
+
+    def test_flipped_data_byte_fails_the_checksum(self):
+        size = os.path.getsize(self.path(1))
+        with open(self.path(1), "r+b") as f:
+            f.seek(size - 3)
+            byte = f.read(1)
+            f.seek(size - 3)
+            f.write(bytes([byte[0] ^ 0x01]))
+        self.assertPrefix(1)
+
+    def test_tokens_that_do_not_match_the_key(self):
+        # A well-formed fragment with correct checksums, published under group 1's key,
+        # holding other tokens: what a hash collision would look like.
+        forged = self.tokens.clone()
+        forged[20] = 7
+        ids = tokens_as_int64(forged)
+        layout = self.vua._check_put(forged, self.kv)[1]
+        source = GroupSource([(k, v) for k, v in self.kv], layout, 16, "dmg")
+        header, buffers = source.fragment(ids, 0, 1, self.keys[1], self.keys[0])
+        os.rename(_layout.group_dir(self.root, self.keys[1]), os.path.join(self.root, "moved-away"))
+        self.assertTrue(publish_fragment(self.root, self.keys[1], header, buffers))
+        self.assertPrefix(1)
+
+    def test_fragment_of_another_group_in_place(self):
+        os.replace(self.path(0), self.path(2))
+        self.assertPrefix(0)
+
+    def test_missing_fragment_file(self):
+        os.unlink(self.path(1))
+        self.assertPrefix(1)
+
+    def test_garbage_in_the_index_heals_from_the_tree(self):
+        index = self.vua._index
+        env, groups, _ = index.env()
+        with env.begin(write=True, db=groups) as txn:
+            txn.put(bytes.fromhex(self.keys[0]), b"garbage")
+        self.assertPrefix(3, warns="vua._index")
+        self.assertEqual(len(index.lookup_prefix([bytes.fromhex(k) for k in self.keys])), 3)
+        self.assertPrefix(3, warns=None)
+
+    def test_group_of_other_namespace_is_refused(self):
+        other = self.store(VUAConfig(split_factor=16, namespace="other"))
+        # Same directory name, other namespace's fragment: forged by moving it into place.
+        other.put(self.tokens, self.kv)
+        other_keys = other.config.tokens_to_paths(self.tokens)
+        os.replace(_layout.fragment_path(self.root, other_keys[1]), self.path(1))
+        self.assertPrefix(1)
+
+    def test_damage_never_raises_for_a_batch(self):
+        os.unlink(self.path(0))
+        with self.assertLogs("vua", level="WARNING"):
+            hits = self.vua.get_closest([self.tokens, self.tokens[:16]], device="cpu")
+        self.assertEqual(hits, [None, None])
+
+    def test_damaged_group_is_rewritten_by_the_next_put(self):
+        with open(self.path(1), "r+b") as f:
+            f.truncate(100)
+        self.assertPrefix(1)
+        self.assertEqual(self.vua.put(self.tokens, self.kv), 1)
+        self.assertPrefix(3, warns=None)
+
+    def test_layerwise_load_reports_the_shorter_prefix(self):
+        size = os.path.getsize(self.path(2))
+        with open(self.path(2), "r+b") as f:
+            f.seek(size - 1)
+            f.write(b"\x00" if f.read(1) != b"\x00" else b"\x01")
+        with self.assertLogs("vua", level="WARNING"):
+            load = self.vua.load(self.tokens, "cpu", layerwise=True)
+            groups = load.wait()
+        self.assertEqual(groups, 2)
+        for i in range(3):
+            k, v = load.wait_layer(i)
+            self.assertEqual(k.shape[2], 32)
+            self.assertTrue(torch.equal(k, self.kv[i][0][:, :, :32]))
+
+
+class KeyChainTest(StoreTestCase):
+    def test_keys_in_fragment_metadata_chain(self):
+        vua = self.store(split_factor=16, namespace="chain")
+        tokens = torch.arange(64)
+        vua.put(tokens, random_kv(1, 64))
+        keys = group_keys(tokens_as_int64(tokens), 16, vua._seed)
+        from vua._fragment import Fragment
+
+        for j, key in enumerate(keys):
+            with Fragment(_layout.fragment_path(self.root, key.hex())) as fragment:
+                parent = fragment.metadata["parent"]
+            self.assertEqual(parent, (keys[j - 1] if j else vua._seed).hex())
