@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import lmdb
@@ -349,28 +350,60 @@ def read_group_record(root: str, key_hex: str) -> tuple[GroupRecord, Layout, str
         return None
 
 
+ScanEntry = tuple[bytes, GroupRecord, Layout, str]
+
+
+@dataclass
+class ScanProgress:
+    """Where a walk of the fragment tree stands; handed to progress callbacks."""
+
+    fanouts_done: int = 0
+    fanouts_total: int = 0
+    groups: int = 0
+    damaged: int = 0
+
+
 def scan_tree(
-    root: str, *, workers: int = 8, progress: Callable[[int], None] | None = None
-) -> Iterator[tuple[bytes, GroupRecord, Layout, str]]:
+    root: str, *, workers: int = 8, progress: Callable[[ScanProgress], None] | None = None,
+    state: ScanProgress | None = None,
+) -> Iterator[ScanEntry]:
     """Yields (key, record, layout, namespace) for every valid fragment under ``root``.
 
-    Fan-out directories are read in parallel; damaged fragments are logged and skipped.
+    Fan-out directories are read in parallel; damaged fragments are logged, counted in
+    ``state.damaged`` and skipped.
     """
+    state = state if state is not None else ScanProgress()
 
-    def scan(fanout: str) -> list[tuple[bytes, GroupRecord, Layout, str]]:
-        found = []
+    def scan(fanout: str) -> tuple[list[ScanEntry], int]:
+        found, damaged = [], 0
         for key_hex, _ in _layout.iter_groups(fanout):
             result = read_group_record(root, key_hex)
-            if result is not None:
+            if result is None:
+                damaged += 1
+            else:
                 found.append((bytes.fromhex(key_hex), *result))
-        return found
+        return found, damaged
 
     fanouts = list(_layout.iter_fanout_dirs(root)) if os.path.isdir(root) else []
+    state.fanouts_total = len(fanouts)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for batch in pool.map(scan, fanouts):
+        for found, damaged in pool.map(scan, fanouts):
+            state.fanouts_done += 1
+            state.groups += len(found)
+            state.damaged += damaged
             if progress is not None:
-                progress(len(batch))
-            yield from batch
+                progress(state)
+            yield from found
+
+
+@dataclass
+class RebuildSummary:
+    """What a rebuild found."""
+
+    groups: int
+    damaged: int
+    bytes: int
+    seconds: float
 
 
 def rebuild(
@@ -379,8 +412,8 @@ def rebuild(
     *,
     only_if_missing: bool = False,
     workers: int = 8,
-    progress: Callable[[int], None] | None = None,
-) -> int:
+    progress: Callable[[ScanProgress], None] | None = None,
+) -> RebuildSummary | None:
     """Builds a fresh index generation from the fragment tree and swaps it in atomically.
 
     Safe while other processes read and write: they switch to the new generation at their
@@ -388,14 +421,16 @@ def rebuild(
     Groups that still slip past are found by the lookup's tree probe, so none is lost.
 
     Returns:
-        The number of groups in the new index.
+        A summary; None when ``only_if_missing`` and an index already existed.
     """
+    started = time.perf_counter()
     with _rebuild_lock(index_path):
         current = os.path.join(index_path, CURRENT_FILE)
         if only_if_missing and os.path.exists(current):
-            return -1
+            return None
         generation = f"{_GEN_PREFIX}{time.time_ns()}-{os.getpid()}"
-        seen = _fill(index_path, generation, scan_tree(root, workers=workers, progress=progress))
+        state = ScanProgress()
+        seen, nbytes = _fill(index_path, generation, scan_tree(root, workers=workers, progress=progress, state=state))
         tmp = current + f".tmp-{os.getpid()}"
         with open(tmp, "w") as f:
             f.write(generation + "\n")
@@ -405,22 +440,27 @@ def rebuild(
         fsync_dir(index_path)
         # Groups published while the tree was being walked; cheap, since most are known.
         late = [entry for entry in scan_tree(root, workers=workers) if entry[0] not in seen]
-        seen |= _fill(index_path, generation, late)
+        late_seen, late_bytes = _fill(index_path, generation, late)
+        seen |= late_seen
         for name in os.listdir(index_path):
             if name.startswith(_GEN_PREFIX) and name != generation:
                 # Other processes holding it open keep their mapping until they reopen.
                 shutil.rmtree(os.path.join(index_path, name), ignore_errors=True)
         logger.info("rebuilt index %s from %s: %d groups", index_path, root, len(seen))
-        return len(seen)
+        return RebuildSummary(len(seen), state.damaged, nbytes + late_bytes, time.perf_counter() - started)
 
 
-def _fill(index_path: str, generation: str, entries: Iterable[tuple[bytes, GroupRecord, Layout, str]]) -> set[bytes]:
-    """Writes entries straight into ``generation`` (not yet necessarily live), in batches."""
+def _fill(index_path: str, generation: str, entries: Iterable[ScanEntry]) -> tuple[set[bytes], int]:
+    """Writes entries straight into ``generation`` (not yet necessarily live), in batches.
+
+    Returns the keys written and their bytes.
+    """
     env = acquire_environment(os.path.join(index_path, generation))
     groups = env.open_db(b"groups")
     meta = env.open_db(b"meta")
     seen: set[bytes] = set()
-    batch: list[tuple[bytes, GroupRecord, Layout, str]] = []
+    total = [0]
+    batch: list[ScanEntry] = []
 
     def flush() -> None:
         while True:
@@ -433,6 +473,7 @@ def _fill(index_path: str, generation: str, entries: Iterable[tuple[bytes, Group
                         txn.put(b"layout:" + struct.pack("<Q", layout.id), layout.json.encode(), db=meta)
                         txn.put(b"ns:" + struct.pack("<Q", record.namespace_id), namespace.encode(), db=meta)
                     _adjust_total(txn, meta, added)
+                total[0] += added
                 break
             except lmdb.MapFullError:
                 env.set_mapsize(env.info()["map_size"] * 2)
@@ -445,4 +486,4 @@ def _fill(index_path: str, generation: str, entries: Iterable[tuple[bytes, Group
             flush()
     flush()
     release_environment(env)
-    return seen
+    return seen, total[0]

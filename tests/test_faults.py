@@ -1,0 +1,175 @@
+"""Faults a production store meets: full disks, refused permissions, killed writers, many processes."""
+
+from __future__ import annotations
+
+import errno
+import multiprocessing
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from unittest import mock
+
+import torch
+
+from tests.helpers import StoreTestCase, check_hit, listing, prefix_kv
+from tests.test_maintenance import run_cli
+from vua import _fragment, _layout
+from vua.core import VUA, VUAConfig
+from vua.errors import StorageError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def temporaries(root: str) -> list[str]:
+    return [t for f in _layout.iter_fanout_dirs(root) for t in _layout.iter_temporaries(f)]
+
+
+class DiskFaultTest(StoreTestCase):
+    def setUp(self):
+        super().setUp()
+        self.vua = self.store(split_factor=16, namespace="faults")
+        self.vua.put(torch.arange(16), prefix_kv(torch.arange(16)))
+        self.before = listing(self.root)
+        self.tokens = torch.arange(100, 164)
+
+    def assertUnchangedAndUsable(self):
+        self.assertEqual(temporaries(self.root), [])
+        self.assertEqual(listing(self.root), self.before)
+        self.assertEqual(self.vua.put(self.tokens, prefix_kv(self.tokens)), 4)
+        self.assertEqual(check_hit(self.vua.get_closest(self.tokens, device="cpu"), self.tokens), 64)
+
+    def test_disk_full_during_write(self):
+        real_writev = os.writev
+
+        def full(fd, buffers):
+            real_writev(fd, buffers[:1])  # part of the file lands, then the disk is full
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        with mock.patch.object(_fragment.os, "writev", full):
+            with self.assertRaises(StorageError) as ctx:
+                self.vua.put(self.tokens, prefix_kv(self.tokens))
+        self.assertIn("No space left on device", str(ctx.exception))
+        self.assertEqual(ctx.exception.__cause__.errno, errno.ENOSPC)
+        self.assertUnchangedAndUsable()
+
+    def test_disk_full_at_fsync(self):
+        with mock.patch.object(_fragment.os, "fsync", side_effect=OSError(errno.ENOSPC, "No space left on device")):
+            with self.assertRaisesRegex(StorageError, "No space left on device"):
+                self.vua.put(self.tokens, prefix_kv(self.tokens))
+        self.assertUnchangedAndUsable()
+
+    def test_permission_denied(self):
+        with mock.patch.object(_fragment.os, "mkdir", side_effect=PermissionError(errno.EACCES, "Permission denied")):
+            with self.assertRaisesRegex(StorageError, "Permission denied.*fix permissions"):
+                self.vua.put(self.tokens, prefix_kv(self.tokens))
+        self.assertUnchangedAndUsable()
+
+    def test_failure_after_some_groups_keeps_the_whole_ones(self):
+        real_rename = os.rename
+        calls = []
+
+        def rename_twice(src, dst):
+            calls.append(dst)
+            if len(calls) > 2:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return real_rename(src, dst)
+
+        vua = self.store(VUAConfig(split_factor=16, namespace="faults", io_threads=1))
+        with mock.patch.object(_fragment.os, "rename", rename_twice):
+            with self.assertRaises(StorageError):
+                vua.put(self.tokens, prefix_kv(self.tokens))
+        self.assertEqual(temporaries(self.root), [])
+        self.assertEqual(check_hit(vua.get_closest(self.tokens, device="cpu"), self.tokens), 32)
+        self.assertEqual(run_cli("verify", self.root)[0], 0)
+
+
+_WRITER = """
+import random, sys, torch
+sys.path.insert(0, sys.argv[2])
+from tests.helpers import prefix_kv
+from vua.core import VUA, VUAConfig
+vua = VUA(VUAConfig(split_factor=16, namespace="crash"), sys.argv[1])
+rng = random.Random(int(sys.argv[3]))
+print("ready", flush=True)
+while True:
+    base = rng.randrange(4)  # a few shared stems, so prefixes overlap
+    n = 16 * rng.randrange(1, 9)
+    tokens = torch.cat([torch.arange(base * 1000, base * 1000 + 32), torch.tensor([rng.randrange(50) for _ in range(n)])])
+    tokens = tokens[: len(tokens) // 16 * 16]
+    vua.put(tokens, prefix_kv(tokens, layers=2, heads=2, head_dim=64))
+"""
+
+
+class CrashTest(StoreTestCase):
+    def test_writer_killed_at_random_moments(self):
+        rng = random.Random(1234)
+        for round_ in range(8):
+            child = subprocess.Popen([sys.executable, "-c", _WRITER, self.root, REPO, str(round_)],
+                                     stdout=subprocess.PIPE, text=True)
+            self.assertEqual(child.stdout.readline().strip(), "ready")
+            time.sleep(rng.uniform(0.05, 0.6))
+            child.send_signal(signal.SIGKILL)
+            child.wait()
+            child.stdout.close()
+        vua = self.store(VUAConfig(split_factor=16, namespace="crash"))
+        # Every published group is whole: each one verifies, and every hit is exact.
+        status, out, _ = run_cli("verify", self.root, "--grace", "0")
+        self.assertIn(status, (0, 1))
+        self.assertNotIn("damaged-fragment", out)
+        self.assertNotIn("garbage-index-entry", out)
+        hits = 0
+        for base in range(4):
+            for tail in range(50):
+                query = torch.cat([torch.arange(base * 1000, base * 1000 + 32), torch.full((16,), tail)])
+                hits += check_hit(vua.get_closest(query, device="cpu"), query) > 0
+        self.assertGreater(hits, 0)
+        # A killed writer may leave temporaries and unindexed groups; --fix cleans both.
+        self.assertEqual(run_cli("verify", self.root, "--fix", "--grace", "0")[0], 0)
+        self.assertEqual(temporaries(self.root), [])
+        status, out, _ = run_cli("verify", self.root, "--grace", "0")
+        self.assertEqual(status, 0, out)
+        live = {k: (r.namespace_id, r.layout_id, r.nbytes, r.group_index) for k, r in vua._index.items()}
+        self.assertEqual(run_cli("rebuild-index", self.root)[0], 0)
+        rebuilt = {k: (r.namespace_id, r.layout_id, r.nbytes, r.group_index) for k, r in vua._index.items()}
+        self.assertEqual(rebuilt, live)
+
+
+def _worker(root: str, seed: int, seconds: float, results) -> None:
+    """Puts and gets overlapping prefixes; reports (puts, hits, errors)."""
+    rng = random.Random(seed)
+    vua = VUA(VUAConfig(split_factor=16, namespace="concurrent"), root)
+    puts = hits = 0
+    errors = []
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        tokens = torch.cat([torch.arange(32), torch.tensor([rng.randrange(6) for _ in range(16 * rng.randrange(1, 4))])])
+        try:
+            if rng.random() < 0.5:
+                vua.put(tokens, prefix_kv(tokens))
+                puts += 1
+            else:
+                hits += check_hit(vua.get_closest(tokens, device="cpu"), tokens) > 0
+        except Exception as exc:  # reported to the parent, which fails the test
+            errors.append(repr(exc))
+    vua.close()
+    results.put((puts, hits, errors))
+
+
+class ConcurrencyTest(StoreTestCase):
+    def test_processes_putting_and_getting_overlapping_prefixes(self):
+        ctx = multiprocessing.get_context("spawn")
+        results = ctx.Queue()
+        procs = [ctx.Process(target=_worker, args=(self.root, seed, 6.0, results)) for seed in range(4)]
+        for p in procs:
+            p.start()
+        outcomes = [results.get(timeout=120) for _ in procs]
+        for p in procs:
+            p.join(timeout=30)
+            self.assertEqual(p.exitcode, 0)
+        self.assertEqual([e for _, _, errs in outcomes for e in errs], [])
+        self.assertGreater(sum(puts for puts, _, _ in outcomes), 0)
+        self.assertGreater(sum(hits for _, hits, _ in outcomes), 0)
+        self.assertEqual(run_cli("verify", self.root)[0], 0)

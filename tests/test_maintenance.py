@@ -1,0 +1,259 @@
+"""The vua command, capacity and eviction, shared storage across nodes, and the index's upkeep."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from unittest import mock
+
+import torch
+
+from tests.helpers import StoreTestCase, check_hit, prefix_kv, random_kv
+from vua import _index, _layout
+from vua.cli import main, parse_size
+from vua.core import VUA, VUAConfig
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_cli(*argv: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = main(list(argv))
+    return status, out.getvalue(), err.getvalue()
+
+
+class CommandTest(StoreTestCase):
+    def setUp(self):
+        super().setUp()
+        self.vua = self.store(split_factor=16, namespace="cli/a")
+        self.vua.put(torch.arange(48), random_kv(1, 48))
+        self.store(split_factor=16, namespace="cli/b").put(torch.arange(16), random_kv(1, 16))
+
+    def test_stats(self):
+        status, out, _ = run_cli("stats", self.root, "--json")
+        self.assertEqual(status, 0)
+        stats = json.loads(out)
+        self.assertEqual(stats["fragments"], 4)
+        self.assertEqual(stats["namespaces"], {"cli/a": 3, "cli/b": 1})
+        self.assertEqual(stats["bytes"], sum(os.path.getsize(p) for p in self.fragment_files()))
+        self.assertIsNotNone(stats["oldest_use"])
+
+    def fragment_files(self) -> list[str]:
+        return [os.path.join(d, _layout.FRAGMENT_FILE) for f in _layout.iter_fanout_dirs(self.root) for _, d in _layout.iter_groups(f)]
+
+    def test_verify_clean_then_damaged_then_fixed(self):
+        self.assertEqual(run_cli("verify", self.root)[0], 0)
+        victim = self.fragment_files()[0]
+        with open(victim, "r+b") as f:
+            f.seek(-1, os.SEEK_END)
+            f.write(b"\xff")
+        stale = os.path.join(self.root, "00", ".tmp-abandoned")
+        os.makedirs(stale)
+        os.utime(stale, (time.time() - 7200, time.time() - 7200))
+        young = os.path.join(self.root, "00", ".tmp-writing-now")
+        os.makedirs(young)
+        status, out, _ = run_cli("verify", self.root, "--json")
+        self.assertEqual(status, 1)
+        kinds = sorted(p["kind"] for p in json.loads(out)["problems"])
+        self.assertEqual(kinds, ["damaged-fragment", "stale-temporary"])
+        self.assertEqual(json.loads(out)["young_temporaries"], 1)
+        self.assertEqual(run_cli("verify", self.root, "--fix")[0], 0)
+        self.assertFalse(os.path.exists(victim))
+        self.assertFalse(os.path.exists(stale))
+        self.assertTrue(os.path.exists(young))  # a live writer's directory is left alone
+        status, out, _ = run_cli("verify", self.root, "--json")
+        self.assertEqual((status, json.loads(out)["problems"], json.loads(out)["fragments"]), (0, [], 3))
+
+    def test_verify_finds_index_disagreements(self):
+        keys = self.vua.config.tokens_to_paths(torch.arange(48))
+        shutil.rmtree(_layout.group_dir(self.root, keys[2]))  # indexed, gone from the tree
+        env, groups, _ = self.vua._index.env()
+        with env.begin(write=True, db=groups) as txn:
+            txn.delete(bytes.fromhex(keys[0]))  # in the tree, not indexed
+            txn.put(b"\x01" * 16, b"junk")
+        status, out, _ = run_cli("verify", self.root, "--json")
+        kinds = sorted(p["kind"] for p in json.loads(out)["problems"])
+        self.assertEqual((status, kinds), (1, ["dangling-index-entry", "garbage-index-entry", "unindexed-group"]))
+        self.assertEqual(run_cli("verify", self.root, "--fix")[0], 0)
+        self.assertEqual(run_cli("verify", self.root)[0], 0)
+        self.assertEqual(self.vua.get_closest(torch.arange(48), device="cpu").tokens.numel(), 32)
+
+    def test_rebuild_index_equals_live_index(self):
+        live = {k: (r.namespace_id, r.layout_id, r.nbytes, r.group_index) for k, r in self.vua._index.items()}
+        status, out, _ = run_cli("rebuild-index", self.root, "--json")
+        self.assertEqual(status, 0)
+        self.assertEqual(json.loads(out)["groups"], 4)
+        rebuilt = {k: (r.namespace_id, r.layout_id, r.nbytes, r.group_index) for k, r in self.vua._index.items()}
+        self.assertEqual(rebuilt, live)
+        self.assertEqual(self.vua._index.total_bytes(), sum(r[2] for r in live.values()))
+        # The open store switched to the new generation and still serves.
+        self.assertEqual(self.vua.get_closest(torch.arange(48), device="cpu").tokens.numel(), 48)
+
+    def test_rebuild_script_and_module_entry_points(self):
+        env = dict(os.environ, PYTHONPATH=REPO)
+        for argv in ([sys.executable, os.path.join(REPO, "tools", "rebuild_index.py"), self.root],
+                     [sys.executable, "-m", "vua", "rebuild-index", self.root]):
+            done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120)
+            self.assertEqual(done.returncode, 0, done.stderr)
+            self.assertIn("4 groups", done.stdout)
+
+    def test_gc(self):
+        total = self.vua._index.total_bytes()
+        status, out, _ = run_cli("gc", self.root, "--max-bytes", str(total // 2), "--json")
+        self.assertEqual(status, 0)
+        result = json.loads(out)
+        self.assertLessEqual(result["bytes_after"], total // 2)
+        self.assertEqual(len(self.fragment_files()), len(list(self.vua._index.items())))
+
+    def test_errors(self):
+        status, _, err = run_cli("stats", os.path.join(self.root, "missing"))
+        self.assertEqual(status, 2)
+        self.assertIn("no such directory", err)
+        empty = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, empty)
+        status, _, err = run_cli("verify", empty)
+        self.assertEqual(status, 2)
+        self.assertIn("not a VUA store", err)
+        self.assertFalse(os.listdir(empty))  # nothing created in a directory that is not a store
+        with self.assertRaises(SystemExit), contextlib.redirect_stderr(io.StringIO()):
+            main(["gc", self.root, "--max-bytes", "lots"])
+
+    def test_parse_size(self):
+        self.assertEqual(parse_size("1024"), 1024)
+        self.assertEqual(parse_size("2K"), 2048)
+        self.assertEqual(parse_size("1.5G"), 1.5 * 2**30)
+        self.assertEqual(parse_size("3TiB"), 3 * 2**40)
+
+
+class CapacityTest(StoreTestCase):
+    def fragment_bytes(self, vua: VUA, tokens: torch.Tensor) -> int:
+        return sum(os.path.getsize(_layout.fragment_path(self.root, k)) for k in vua.config.tokens_to_paths(tokens))
+
+    def test_lru_eviction_keeps_hit_prefixes(self):
+        probe = self.store(split_factor=16, namespace="probe")
+        a, b, c = torch.arange(0, 32), torch.arange(1000, 1032), torch.arange(2000, 2032)
+        probe.put(a, prefix_kv(a))
+        group_bytes = os.path.getsize(_layout.fragment_path(self.root, probe.config.tokens_to_paths(a)[0]))
+        vua = self.store(VUAConfig(split_factor=16, namespace="lru", max_bytes=4 * group_bytes + group_bytes // 2))
+        vua.put(a, prefix_kv(a))
+        vua.put(b, prefix_kv(b))
+        self.assertEqual(check_hit(vua.get_closest(a, device="cpu"), a), 32)  # refreshes a
+        vua.put(c, prefix_kv(c))  # 6 groups > 4.5: b's two go
+        self.assertEqual(check_hit(vua.get_closest(a, device="cpu"), a), 32)
+        self.assertEqual(check_hit(vua.get_closest(c, device="cpu"), c), 32)
+        self.assertIsNone(vua.get_closest(b, device="cpu"))
+        self.assertLessEqual(vua._index.total_bytes(), vua.config.max_bytes)
+
+    def test_suffix_goes_before_its_prefix(self):
+        tokens = torch.arange(64)
+        vua = self.store(split_factor=16, namespace="order")
+        vua.put(tokens, prefix_kv(tokens))
+        group_bytes = self.fragment_bytes(vua, tokens) // 4
+        capped = self.store(VUAConfig(split_factor=16, namespace="order", max_bytes=2 * group_bytes))
+        capped.put(torch.arange(16, 32), prefix_kv(torch.arange(16, 32)))  # triggers eviction down to 2 groups
+        hit = capped.get_closest(tokens, device="cpu")
+        # Same last-use time for the whole 4-group prompt: the two deepest went first.
+        self.assertEqual(check_hit(hit, tokens), 16)
+
+    def test_reader_that_mapped_a_group_survives_its_eviction(self):
+        tokens = torch.arange(32)
+        vua = self.store(split_factor=16, namespace="mapped")
+        vua.put(tokens, prefix_kv(tokens))
+        from vua._keys import group_keys, tokens_as_int64
+
+        ids = tokens_as_int64(tokens)
+        fragments, _ = vua._open_prefix(group_keys(ids, 16, vua._seed), ids)
+        self.assertEqual(len(fragments), 2)
+        self.assertEqual(run_cli("gc", self.root, "--max-bytes", "0")[0], 0)
+        self.assertIsNone(vua.get_closest(tokens, device="cpu"))
+        expected = prefix_kv(tokens)[0][0][0, :, 16:32]
+        self.assertTrue(torch.equal(torch.from_numpy(fragments[1].array("layers.0.key").copy()).view(torch.float32), expected))
+        for f in fragments:
+            f.close()
+
+
+class SharedStorageTest(StoreTestCase):
+    def test_node_finds_groups_written_by_another_node(self):
+        """Two processes, one shared root, an index each: the second reads what the first wrote."""
+        index_a, index_b = tempfile.mkdtemp(), tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, index_a)
+        self.addCleanup(shutil.rmtree, index_b)
+        tokens = torch.arange(5000, 5064)
+        writer = (
+            "import sys, torch; sys.path.insert(0, sys.argv[3])\n"
+            "from tests.helpers import prefix_kv\n"
+            "from vua.core import VUA, VUAConfig\n"
+            "v = VUA(VUAConfig(split_factor=16, namespace='shared', index_path=sys.argv[2]), sys.argv[1])\n"
+            "t = torch.arange(5000, 5064)\n"
+            "print(v.put(t[:32], prefix_kv(t[:32])), v.put(t, prefix_kv(t)))\n"
+        )
+        node_b = self.store(VUAConfig(split_factor=16, namespace="shared", index_path=index_b))
+        self.assertIsNone(node_b.get_closest(tokens, device="cpu"))
+        done = subprocess.run([sys.executable, "-c", writer, self.root, index_a, REPO], capture_output=True, text=True, timeout=120)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertEqual(done.stdout.split(), ["2", "2"])
+        self.assertEqual(check_hit(node_b.get_closest(tokens, device="cpu"), tokens), 64)
+        keys = [bytes.fromhex(k) for k in node_b.config.tokens_to_paths(tokens)]
+        self.assertEqual(len(node_b._index.lookup_prefix(keys)), 4)  # recorded in b's own index
+        self.assertFalse(os.path.exists(os.path.join(self.root, "index.lmdb")))
+
+
+class IndexUpkeepTest(StoreTestCase):
+    def test_map_full_grows_the_map(self):
+        with mock.patch.object(_index, "_INITIAL_MAP_SIZE", 64 * 1024):
+            vua = self.store(split_factor=1, namespace="grow")
+            tokens = torch.arange(3000)
+            vua.put(tokens, [(torch.zeros(1, 1, 3000, 1), torch.zeros(1, 1, 3000, 1))])
+            env, _, _ = vua._index.env()
+            self.assertGreater(env.info()["map_size"], 64 * 1024)
+            self.assertEqual(len(vua._index.lookup_prefix([bytes.fromhex(k) for k in vua.config.tokens_to_paths(tokens)])), 3000)
+
+    def test_index_is_reopened_after_fork(self):
+        vua = self.store(split_factor=16, namespace="fork")
+        tokens = torch.arange(64)
+        vua.put(tokens[:32], prefix_kv(tokens[:32]))
+        vua.get_closest(tokens, device="cpu")  # the parent's handle and threads are live
+        pid = os.fork()
+        if pid == 0:  # child: use the inherited store object for a put and a get
+            code = 1
+            try:
+                vua.put(tokens, prefix_kv(tokens))
+                code = 0 if check_hit(vua.get_closest(tokens, device="cpu"), tokens) == 64 else 3
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        self.assertEqual(os.waitstatus_to_exitcode(status), 0)
+        self.assertEqual(check_hit(vua.get_closest(tokens, device="cpu"), tokens), 64)
+
+    def test_reader_slots_of_dead_processes_are_reclaimed(self):
+        vua = self.store(split_factor=16, namespace="slots")
+        vua.put(torch.arange(16), prefix_kv(torch.arange(16)))
+        holder = (
+            "import sys, os, time, lmdb\n"
+            "from vua._index import Index\n"
+            "index = Index(sys.argv[1], sys.argv[2])\n"
+            "env, groups, _ = index.env()\n"
+            "txn = env.begin()\n"
+            "print(os.getpid(), flush=True)\n"
+            "time.sleep(60)\n"
+        )
+        child = subprocess.Popen([sys.executable, "-c", holder, vua.index_path, self.root], stdout=subprocess.PIPE,
+                                 text=True, env=dict(os.environ, PYTHONPATH=REPO))
+        child_pid = int(child.stdout.readline())
+        env, _, _ = vua._index.env()
+        self.assertIn(str(child_pid), env.readers())
+        child.kill()
+        child.wait()
+        child.stdout.close()
+        fresh = _index.Index(vua.index_path, self.root)
+        fresh_env, _, _ = fresh.env()  # opening runs the reader check
+        self.assertNotIn(f" {child_pid} ", fresh_env.readers())
+        fresh.close()

@@ -1,0 +1,175 @@
+"""``vua verify``: check every fragment and the index against each other, and optionally repair.
+
+Per fragment: the header parses within bounds, the metadata names this group, every
+tensor matches the checksum written at put time, and the key equals
+``xxh3_128(parent + tokens)``: the stored tokens really are the ones the key promises.
+Across the store: every valid fragment is indexed, every index entry has a valid
+fragment, and no writer's temporary directory is older than the grace period.
+
+Repair (``fix=True``) deletes damaged fragments and stale temporaries and brings the
+index in line with the tree, which stays the truth.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+
+import xxhash
+
+from vua import _layout
+from vua._fragment import TOKENS, Fragment, quarantine_group
+from vua._index import CURRENT_FILE, GroupRecord, Index, ScanProgress, namespace_id, rebuild
+from vua.errors import FragmentError
+
+DEFAULT_GRACE_SECONDS = 3600.0
+
+
+@dataclass
+class Problem:
+    """One thing wrong with a store."""
+
+    kind: str  # damaged-fragment, stale-temporary, unindexed-group, dangling-index-entry, garbage-index-entry
+    key: str | None
+    detail: str
+    fixed: bool = False
+
+
+@dataclass
+class VerifyReport:
+    fragments: int = 0
+    bytes: int = 0
+    young_temporaries: int = 0  # probably writers at work: reported, not a problem
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def clean(self) -> bool:
+        """True when nothing is wrong, or everything wrong was repaired."""
+        return all(p.fixed for p in self.problems)
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "clean": self.clean}
+
+
+def check_fragment(root: str, key_hex: str) -> tuple[GroupRecord, object, str]:
+    """Fully checks one group; returns its index record, layout and namespace.
+
+    Raises:
+        FragmentError: what is wrong with it.
+    """
+    with Fragment(_layout.fragment_path(root, key_hex)) as fragment:
+        meta = fragment.metadata
+        namespace = meta.get("namespace", "")
+        try:
+            split_factor = int(meta.get("split_factor", ""))
+            group_index = int(meta.get("group_index", ""))
+            parent = bytes.fromhex(meta.get("parent", ""))
+        except ValueError as exc:
+            raise FragmentError(f"malformed metadata: {exc}") from None
+        layout = fragment.validate(key_hex=key_hex, namespace=namespace, split_factor=split_factor,
+                                   layout=None, group_index=group_index)
+        for name in fragment.tensors:
+            fragment.verify_checksum(name)
+        if xxhash.xxh3_128_digest(parent + bytes(fragment.raw(TOKENS))).hex() != key_hex:
+            raise FragmentError("stored tokens do not hash to the group's key")
+        record = GroupRecord(namespace_id(namespace), layout.id, fragment.file_size, group_index, time.time_ns())
+        return record, layout, namespace
+
+
+def verify_store(
+    root: str,
+    index_path: str,
+    *,
+    fix: bool = False,
+    grace_seconds: float = DEFAULT_GRACE_SECONDS,
+    workers: int = 8,
+    progress: Callable[[ScanProgress], None] | None = None,
+) -> VerifyReport:
+    """Checks (and with ``fix``, repairs) the store at ``root`` with its index at ``index_path``."""
+    report = VerifyReport()
+    fanouts = list(_layout.iter_fanout_dirs(root))
+    state = ScanProgress(fanouts_total=len(fanouts))
+    now = time.time()
+
+    def scan(fanout: str) -> tuple[dict[bytes, tuple], list[Problem], int]:
+        valid, problems, young = {}, [], 0
+        for key_hex, _ in _layout.iter_groups(fanout):
+            try:
+                valid[bytes.fromhex(key_hex)] = check_fragment(root, key_hex)
+            except FragmentError as exc:
+                problems.append(Problem("damaged-fragment", key_hex, str(exc)))
+        for tmp in _layout.iter_temporaries(fanout):
+            try:
+                age = now - os.stat(tmp).st_mtime
+            except FileNotFoundError:
+                continue  # its writer just published or removed it
+            if age > grace_seconds:
+                problems.append(Problem("stale-temporary", None, f"{tmp} ({age:.0f} s old)"))
+            else:
+                young += 1
+        return valid, problems, young
+
+    valid: dict[bytes, tuple] = {}
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for found, problems, young in pool.map(scan, fanouts):
+            valid.update(found)
+            report.problems.extend(problems)
+            report.young_temporaries += young
+            state.fanouts_done += 1
+            state.groups += len(found)
+            state.damaged += sum(p.kind == "damaged-fragment" for p in problems)
+            if progress is not None:
+                progress(state)
+    report.fragments = len(valid)
+    report.bytes = sum(entry[0].nbytes for entry in valid.values())
+
+    index = Index(index_path, root)
+    indexed: dict[bytes, GroupRecord | None] = {}
+    if os.path.exists(os.path.join(index_path, CURRENT_FILE)):
+        indexed = dict(index.items())
+    else:
+        report.problems.append(Problem("missing-index", None, f"no index at {index_path}"))
+    damaged_keys = {bytes.fromhex(p.key) for p in report.problems if p.kind == "damaged-fragment"}
+    for key, record in indexed.items():
+        if record is None:
+            report.problems.append(Problem("garbage-index-entry", key.hex(), "value is not a record"))
+        elif key not in valid and key not in damaged_keys:
+            report.problems.append(Problem("dangling-index-entry", key.hex(), "indexed, but no fragment in the tree"))
+    for key in valid:
+        if key not in indexed:
+            report.problems.append(Problem("unindexed-group", key.hex(), "valid fragment missing from the index"))
+
+    if fix:
+        _repair(root, index, report, valid)
+    index.close()
+    return report
+
+
+def _repair(root: str, index: Index, report: VerifyReport, valid: dict[bytes, tuple]) -> None:
+    drop, add = [], []
+    for problem in report.problems:
+        if problem.kind == "damaged-fragment":
+            quarantine_group(root, problem.key)  # out of readers' way at once...
+            for tmp in _layout.iter_temporaries(_layout.fanout_dir(root, problem.key)):
+                if os.path.basename(tmp).startswith(f"{_layout.TMP_PREFIX}{problem.key}-damaged-"):
+                    shutil.rmtree(tmp, ignore_errors=True)  # ...then gone
+            drop.append(bytes.fromhex(problem.key))
+        elif problem.kind == "stale-temporary":
+            shutil.rmtree(problem.detail.rsplit(" (", 1)[0], ignore_errors=True)
+        elif problem.kind in ("dangling-index-entry", "garbage-index-entry"):
+            drop.append(bytes.fromhex(problem.key))
+        elif problem.kind == "unindexed-group":
+            add.append(bytes.fromhex(problem.key))
+        elif problem.kind == "missing-index":
+            rebuild(root, index.path)
+        problem.fixed = True
+    if drop:
+        index.remove(drop)
+    if add:
+        entries = [valid[key] for key in add]
+        index.add([(key, entry[0]) for key, entry in zip(add, entries)], layouts={e[1] for e in entries},
+                  namespaces={e[2] for e in entries})

@@ -1,0 +1,185 @@
+"""The ``vua`` command: rebuild-index, verify, stats and gc for a store on disk.
+
+    vua rebuild-index ROOT [--index-path DIR] [--workers N] [--json]
+    vua verify ROOT [--fix] [--grace SECONDS] [--index-path DIR] [--json]
+    vua stats ROOT [--index-path DIR] [--json]
+    vua gc ROOT --max-bytes N [--index-path DIR] [--json]
+
+Also ``python -m vua``. Every command needs only the fragment tree and the index, never a
+whole store object. Errors go to stderr with a non-zero status: 2 for a bad invocation or
+root, 1 for a store that ``verify`` found unclean.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import struct
+import sys
+from collections import Counter
+from collections.abc import Sequence
+
+from vua import _evict, _layout
+from vua._index import CURRENT_FILE, Index, ScanProgress, rebuild
+from vua._verify import DEFAULT_GRACE_SECONDS, verify_store
+from vua.errors import NotAStoreError, VUAError
+
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B?)?\Z", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """'500M', '10G', '1.5TiB' or plain bytes -> bytes (binary multiples)."""
+    match = _SIZE.match(text.strip())
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 500M, 10G or a number of bytes)")
+    number, unit = float(match.group(1)), match.group(2).upper()
+    return int(number * 1024 ** "KMGT".find(unit) * 1024) if unit else int(number)
+
+
+def _check_root(root: str, index_path: str) -> None:
+    if not os.path.isdir(root):
+        raise NotAStoreError(f"{root}: no such directory; pass the root a VUA store was created with")
+    has_index = os.path.exists(os.path.join(index_path, CURRENT_FILE))
+    if not has_index and next(_layout.iter_fanout_dirs(root), None) is None:
+        raise NotAStoreError(f"{root}: not a VUA store (no index and no fragment directories); check the path")
+
+
+class _Progress:
+    """A one-line progress bar on stderr, shown only on a terminal."""
+
+    def __init__(self, label: str, enabled: bool):
+        self.label = label
+        self.enabled = enabled and sys.stderr.isatty()
+
+    def __call__(self, state: ScanProgress) -> None:
+        if not self.enabled:
+            return
+        total = max(state.fanouts_total, 1)
+        width = 30
+        filled = width * state.fanouts_done // total
+        sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] "
+                         f"{state.fanouts_done}/{total} directories, {state.groups} groups, {state.damaged} damaged")
+        if state.fanouts_done == total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def _emit(args: argparse.Namespace, payload: dict, text: str) -> None:
+    print(json.dumps(payload, indent=2, default=str) if args.json else text)
+
+
+def cmd_rebuild_index(args: argparse.Namespace) -> int:
+    _check_root(args.root, args.index_path)
+    summary = rebuild(args.root, args.index_path, workers=args.workers, progress=_Progress("scanning", not args.json))
+    payload = {"root": args.root, "index_path": args.index_path, **vars(summary)}
+    _emit(args, payload, f"rebuilt {args.index_path}: {summary.groups} groups, {summary.bytes / 2**20:.1f} MiB, "
+                         f"{summary.damaged} damaged fragments skipped, in {summary.seconds:.2f} s")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    _check_root(args.root, args.index_path)
+    report = verify_store(args.root, args.index_path, fix=args.fix, grace_seconds=args.grace,
+                          workers=args.workers, progress=_Progress("verifying", not args.json))
+    lines = [f"{report.fragments} valid fragments, {report.bytes / 2**20:.1f} MiB"]
+    for p in report.problems:
+        lines.append(f"{'fixed' if p.fixed else 'PROBLEM'}: {p.kind} {p.key or ''} {p.detail}".rstrip())
+    if report.young_temporaries:
+        lines.append(f"{report.young_temporaries} temporary directories younger than {args.grace:.0f} s (writers at work?)")
+    lines.append("clean" if report.clean and not report.problems else
+                 "repaired: the store is clean" if report.clean else
+                 "NOT CLEAN: run `vua verify --fix` to repair")
+    _emit(args, report.to_json(), "\n".join(lines))
+    return 0 if report.clean else 1
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    _check_root(args.root, args.index_path)
+    index = Index(args.index_path, args.root)
+    count, total, oldest, newest = 0, 0, None, None
+    per_namespace: Counter[int] = Counter()
+    for _, record in index.items():
+        if record is None:
+            continue
+        count += 1
+        total += record.nbytes
+        per_namespace[record.namespace_id] += 1
+        oldest = record.last_used if oldest is None else min(oldest, record.last_used)
+        newest = record.last_used if newest is None else max(newest, record.last_used)
+    env, _, meta = index.env()
+    with env.begin(db=meta) as txn:
+        names = {struct.unpack("<Q", k[3:])[0]: v.decode() for k, v in txn.cursor() if bytes(k).startswith(b"ns:")}
+    index.close()
+
+    def when(ns: int | None) -> str | None:
+        return None if ns is None else datetime.datetime.fromtimestamp(ns / 1e9).isoformat(timespec="seconds")
+
+    namespaces = {names.get(ns_id, f"<unknown {ns_id:016x}>"): n for ns_id, n in per_namespace.most_common()}
+    payload = {"root": args.root, "fragments": count, "bytes": total, "namespaces": namespaces,
+               "oldest_use": when(oldest), "newest_use": when(newest)}
+    text = [f"{count} fragments, {total / 2**20:.1f} MiB, {len(namespaces)} namespaces",
+            f"least recently used: {payload['oldest_use']}, most recently used: {payload['newest_use']}"]
+    text += [f"  {n:>8} groups  {name!r}" for name, n in namespaces.items()]
+    _emit(args, payload, "\n".join(text))
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    _check_root(args.root, args.index_path)
+    index = Index(args.index_path, args.root)
+    before = index.total_bytes()
+    freed = _evict.enforce_capacity(index, args.root, args.max_bytes)
+    after = index.total_bytes()
+    index.close()
+    payload = {"root": args.root, "max_bytes": args.max_bytes, "bytes_before": before, "bytes_freed": freed, "bytes_after": after}
+    _emit(args, payload, f"evicted {freed / 2**20:.1f} MiB: {before / 2**20:.1f} -> {after / 2**20:.1f} MiB "
+                         f"(limit {args.max_bytes / 2**20:.1f} MiB)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vua", description="Maintain a VUA KV-cache store on disk.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, func, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("root", help="the store's fragment root")
+        p.add_argument("--index-path", help="the index directory (default: ROOT/index.lmdb)")
+        p.add_argument("--json", action="store_true", help="print a JSON document instead of text")
+        p.set_defaults(func=func)
+        return p
+
+    p = command("rebuild-index", cmd_rebuild_index, "Build a new index from the fragment tree and swap it in atomically.")
+    p.add_argument("--workers", type=int, default=8, help="parallel directory scanners (default 8)")
+    p = command("verify", cmd_verify, "Check every fragment and the index; exit 0 only for a clean store.")
+    p.add_argument("--fix", action="store_true", help="delete damaged fragments and stale temporaries, fix the index")
+    p.add_argument("--grace", type=float, default=DEFAULT_GRACE_SECONDS,
+                   help=f"seconds before a writer's temporary directory counts as abandoned (default {DEFAULT_GRACE_SECONDS:.0f})")
+    p.add_argument("--workers", type=int, default=8, help="parallel directory scanners (default 8)")
+    command("stats", cmd_stats, "Fragments, bytes, namespaces and last-use times, from the index.")
+    p = command("gc", cmd_gc, "Evict least recently used groups until the store fits --max-bytes.")
+    p.add_argument("--max-bytes", type=parse_size, required=True, help="capacity, e.g. 500G or 2T")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the command line; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.root = os.path.abspath(args.root)
+    args.index_path = os.path.abspath(args.index_path or os.path.join(args.root, _layout.DEFAULT_INDEX_DIR))
+    try:
+        return args.func(args)
+    except VUAError as exc:
+        print(f"vua {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"vua {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
