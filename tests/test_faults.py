@@ -7,8 +7,6 @@ import multiprocessing
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
 from unittest import mock
 
@@ -19,9 +17,6 @@ from tests.test_maintenance import run_cli
 from vua import _fragment, _layout
 from vua.core import VUA, VUAConfig
 from vua.errors import StorageError
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def temporaries(root: str) -> list[str]:
     return [t for f in _layout.iter_fanout_dirs(root) for t in _layout.iter_temporaries(f)]
@@ -86,34 +81,33 @@ class DiskFaultTest(StoreTestCase):
         self.assertEqual(run_cli("verify", self.root)[0], 0)
 
 
-_WRITER = """
-import random, sys, torch
-sys.path.insert(0, sys.argv[2])
-from tests.helpers import prefix_kv
-from vua.core import VUA, VUAConfig
-vua = VUA(VUAConfig(split_factor=16, namespace="crash"), sys.argv[1])
-rng = random.Random(int(sys.argv[3]))
-print("ready", flush=True)
-while True:
-    base = rng.randrange(4)  # a few shared stems, so prefixes overlap
-    n = 16 * rng.randrange(1, 9)
-    tokens = torch.cat([torch.arange(base * 1000, base * 1000 + 32), torch.tensor([rng.randrange(50) for _ in range(n)])])
-    tokens = tokens[: len(tokens) // 16 * 16]
-    vua.put(tokens, prefix_kv(tokens, layers=2, heads=2, head_dim=64))
-"""
+def _crash_writer(root: str, seed: int, ready) -> None:
+    """Puts overlapping prompts forever; the test kills it with SIGKILL."""
+    vua = VUA(VUAConfig(split_factor=16, namespace="crash"), root)
+    rng = random.Random(seed)
+    ready.set()
+    while True:
+        base = rng.randrange(4)  # a few shared stems, so prefixes overlap
+        tail = [rng.randrange(50) for _ in range(16 * rng.randrange(1, 9))]
+        tokens = torch.cat([torch.arange(base * 1000, base * 1000 + 32), torch.tensor(tail)])
+        vua.put(tokens, prefix_kv(tokens, layers=2, heads=2, head_dim=64))
 
 
 class CrashTest(StoreTestCase):
     def test_writer_killed_at_random_moments(self):
+        # A fork server imports torch once, so killing and restarting a writer is cheap.
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["torch", "vua.core", "tests.helpers"])
         rng = random.Random(1234)
-        for round_ in range(8):
-            child = subprocess.Popen([sys.executable, "-c", _WRITER, self.root, REPO, str(round_)],
-                                     stdout=subprocess.PIPE, text=True)
-            self.assertEqual(child.stdout.readline().strip(), "ready")
-            time.sleep(rng.uniform(0.05, 0.6))
-            child.send_signal(signal.SIGKILL)
-            child.wait()
-            child.stdout.close()
+        for round_ in range(20):
+            ready = ctx.Event()
+            child = ctx.Process(target=_crash_writer, args=(self.root, round_, ready))
+            child.start()
+            self.assertTrue(ready.wait(60))
+            time.sleep(rng.uniform(0.02, 0.4))
+            os.kill(child.pid, signal.SIGKILL)
+            child.join()
+            self.assertEqual(child.exitcode, -signal.SIGKILL)
         vua = self.store(VUAConfig(split_factor=16, namespace="crash"))
         # Every published group is whole: each one verifies, and every hit is exact.
         status, out, _ = run_cli("verify", self.root, "--grace", "0")
@@ -162,7 +156,7 @@ class ConcurrencyTest(StoreTestCase):
     def test_processes_putting_and_getting_overlapping_prefixes(self):
         ctx = multiprocessing.get_context("spawn")
         results = ctx.Queue()
-        procs = [ctx.Process(target=_worker, args=(self.root, seed, 6.0, results)) for seed in range(4)]
+        procs = [ctx.Process(target=_worker, args=(self.root, seed, 5.0, results)) for seed in range(4)]
         for p in procs:
             p.start()
         outcomes = [results.get(timeout=120) for _ in procs]
