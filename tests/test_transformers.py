@@ -1,0 +1,131 @@
+"""Restoring a prompt's KV into real transformers models gives the logits of a full recompute."""
+
+from __future__ import annotations
+
+import sys
+import unittest
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from tests.helpers import StoreTestCase
+from vua.core import VUAConfig
+from vua.integrations.transformers import cache_keyword, cache_to_kv, generate, model_namespace, prefill
+
+SPLIT = 16
+SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=512, max_position_embeddings=512)
+# bf16 logits of a restored prefix differ from a full recompute only by matmul blocking;
+# this bound is a few bf16 ulps of the logits' magnitude here (measured max 0.03).
+BF16_ATOL = 0.08
+
+
+def build(kind: str, dtype: torch.dtype = torch.float32):
+    torch.manual_seed(0)
+    if kind == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**SHAPE, attn_implementation="eager"))
+    else:
+        model = Qwen2ForCausalLM(Qwen2Config(**SHAPE, attn_implementation="eager"))
+    return model.to(dtype).eval()
+
+
+class RestoreTest(StoreTestCase):
+    def store_for(self, model):
+        return self.store(VUAConfig(split_factor=SPLIT, namespace=model_namespace(model)))
+
+    @torch.no_grad()
+    def check_model(self, kind: str, dtype: torch.dtype):
+        model = self.build = build(kind, dtype)
+        vua = self.store_for(model)
+        prompt = torch.randint(0, 512, (100,), generator=torch.Generator().manual_seed(1))
+        full = model(prompt[None]).logits  # (1, 100, vocab)
+
+        first = prefill(model, vua, prompt)[0]
+        self.assertEqual((first.cached_tokens, first.stored_groups), (0, 6))
+        self.assertTrue(torch.equal(first.logits, full))
+
+        def compare(logits, start):
+            if dtype == torch.float32:
+                self.assertTrue(torch.equal(logits, full[:, start:]), "fp32 logits must match exactly")
+            else:
+                torch.testing.assert_close(logits.float(), full[:, start:].float(), atol=BF16_ATOL, rtol=0)
+
+        # Full prefix: 96 of 100 tokens restored, 4 computed.
+        again = prefill(model, vua, prompt)[0]
+        self.assertEqual((again.cached_tokens, again.stored_groups), (96, 0))
+        compare(again.logits, 96)
+
+        # Partial prefix plus remainder: the prompt diverges in group 3.
+        other = prompt.clone()
+        other[50:] = torch.randint(0, 512, (50,), generator=torch.Generator().manual_seed(2))
+        other_full = model(other[None]).logits
+        partial = prefill(model, vua, other)[0]
+        self.assertEqual(partial.cached_tokens, 48)
+        full = other_full
+        compare(partial.logits, 48)
+
+    def test_llama_fp32_exact(self):
+        self.check_model("llama", torch.float32)
+
+    def test_qwen2_fp32_exact(self):
+        self.check_model("qwen2", torch.float32)
+
+    def test_llama_bf16_close(self):
+        self.check_model("llama", torch.bfloat16)
+
+    def test_qwen2_bf16_close(self):
+        self.check_model("qwen2", torch.bfloat16)
+
+    @torch.no_grad()
+    def test_batch_with_different_cached_lengths(self):
+        model = build("llama")
+        vua = self.store_for(model)
+        a = torch.randint(0, 512, (70,), generator=torch.Generator().manual_seed(3))
+        b = torch.randint(0, 512, (90,), generator=torch.Generator().manual_seed(4))
+        prefill(model, vua, [a[:40], b])  # a: 2 groups stored, b: 5 groups
+        results = prefill(model, vua, [a, b])
+        self.assertEqual([r.cached_tokens for r in results], [32, 80])
+        for prompt, result in zip((a, b), results):
+            n = result.cached_tokens
+            # Bit for bit what the model gives from its own in-memory cache of the prefix...
+            own = model(prompt[None, :n], use_cache=True).past_key_values
+            expected = model(prompt[None, n:], past_key_values=own).logits
+            self.assertTrue(torch.equal(result.logits, expected))
+            # ...and a full recompute up to float rounding: a 10-query attention matmul may
+            # sum in another order than a 90-query one (seen: 1.8e-7).
+            torch.testing.assert_close(result.logits, model(prompt[None]).logits[:, n:], atol=1e-5, rtol=0)
+
+    @torch.no_grad()
+    def test_greedy_generation_is_unchanged(self):
+        model = build("qwen2")
+        vua = self.store_for(model)
+        prompt = torch.randint(0, 512, (75,), generator=torch.Generator().manual_seed(5))
+        plain = model.generate(prompt[None], max_new_tokens=12, do_sample=False)
+        cold = generate(model, vua, prompt, max_new_tokens=12)[0]  # computes and stores
+        warm = generate(model, vua, prompt, max_new_tokens=12)[0]  # restores 64 tokens
+        self.assertTrue(torch.equal(cold, plain))
+        self.assertTrue(torch.equal(warm, plain))
+        self.assertEqual(vua.get_closest(prompt, device="cpu").tokens.numel(), 64)
+
+    def test_namespaces_differ_between_models_and_dtypes(self):
+        names = {model_namespace(build("llama")), model_namespace(build("qwen2")),
+                 model_namespace(build("llama", torch.bfloat16))}
+        self.assertEqual(len(names), 3)
+
+    def test_cache_helpers(self):
+        model = build("llama")
+        self.assertEqual(cache_keyword(model), "past_key_values")
+        out = model(torch.arange(20)[None], use_cache=True)
+        kv = cache_to_kv(out.past_key_values)
+        self.assertEqual(len(kv), 2)
+        self.assertEqual(kv[0][0].shape, (1, 2, 20, 16))
+        self.assertEqual(kv[0][0].data_ptr(), out.past_key_values.layers[0].keys.data_ptr())  # no copy
+
+
+class LazyImportTest(unittest.TestCase):
+    def test_importing_vua_does_not_import_frameworks(self):
+        import subprocess
+
+        code = "import sys, vua, vua.core, vua.cli; print('transformers' in sys.modules, 'vllm' in sys.modules)"
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        self.assertEqual(done.stdout.split(), ["False", "False"], done.stderr)
