@@ -137,6 +137,20 @@ class RoundTripTest(StoreTestCase):
         self.assertEqual(vua.put(tokens, random_kv(1, 64)), 0)
         self.assertEqual(len(glob.glob(os.path.join(self.root, "*", "*", "kv.safetensors"))), 4)
 
+    def test_put_with_offset_and_prefix_length(self):
+        vua = self.store()
+        tokens = torch.arange(64)
+        kv = random_kv(1, 64)
+        vua.put(tokens[:32], kv_slice(kv, 0, 32))
+        self.assertEqual(vua.prefix_length(tokens), 32)
+        tail = [(k[:, :, 32:], v[:, :, 32:]) for k, v in kv]  # only the KV past the stored prefix
+        self.assertEqual(vua.put(tokens, tail, offset=32), 2)
+        self.assertEqual(vua.prefix_length(tokens), 64)
+        self.assertEqual(vua.prefix_length(tokens[None, :40]), 32)
+        self.assertKVEqual(vua.get_closest(tokens, device="cpu").data, kv)
+        with self.assertRaisesRegex(InvalidInputError, "offset must be a multiple"):
+            vua.put(tokens, tail, offset=20)
+
     def test_first_writer_wins(self):
         vua = self.store()
         tokens = torch.arange(32)

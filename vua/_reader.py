@@ -16,6 +16,7 @@ before it are complete and correct in every layer, so the result is only ever sh
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 
 from vua._fragment import Fragment, Layout, as_bits, key_name, value_name
-from vua._staging import PinnedStaging, empty_host
+from vua._staging import HostBlockPool, PinnedStaging, empty_host
 from vua.errors import FragmentError
 
 logger = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ class KVLoad:
         device: where the output tensors live.
         executor: threads for parallel copies.
         staging: pinned buffers and side stream (CUDA devices only).
+        host_pool: recycled host memory for CPU outputs (None: fresh memory).
         verify_checksums: check every tensor against the checksum stored at put time.
         background: run on a thread of its own, so the caller can consume layers as they land.
         on_done: called with the load itself when it has finished.
@@ -56,6 +58,7 @@ class KVLoad:
         executor: Executor,
         *,
         staging: PinnedStaging | None,
+        host_pool: HostBlockPool | None = None,
         verify_checksums: bool,
         background: bool,
         on_done: Callable[[KVLoad], None] | None = None,
@@ -80,12 +83,12 @@ class KVLoad:
         self._finished = threading.Event()
 
         tokens = len(fragments) * split_factor
-        alloc = empty_host if device.type == "cpu" else lambda shape, dtype: torch.empty(shape, dtype=dtype, device=device)
+        shapes = [((1, kh, tokens, kd), (1, vh, tokens, vd)) for (kh, kd), (vh, vd) in layout.layers]
         # (layers) x ((1, kv_heads, tokens, head_dim) for K, the same for V)
-        self.outputs = [
-            (alloc((1, kh, tokens, kd), layout.dtype), alloc((1, vh, tokens, vd), layout.dtype))
-            for (kh, kd), (vh, vd) in layout.layers
-        ]
+        if device.type == "cpu":
+            self.outputs = _carve(host_pool.take(self._total_bytes) if host_pool else None, shapes, layout.dtype)
+        else:
+            self.outputs = [tuple(torch.empty(shape, dtype=layout.dtype, device=device) for shape in pair) for pair in shapes]
         if staging is not None:
             # The outputs' memory may have been freed by work still queued on the caller's
             # stream; the side stream must not write it before that work is done.
@@ -254,3 +257,17 @@ class KVLoad:
                 first = last if n > 0 else self._valid_groups
             self._layer_events[layer] = stream.record_event()
             self._layer_ready[layer].set()
+
+
+def _carve(block: np.ndarray | None, shapes: list[tuple[tuple[int, ...], ...]], dtype: torch.dtype) -> list[tuple[torch.Tensor, ...]]:
+    """Output tensors of the given shapes, as views of one host block (fresh when None)."""
+    sizes = [math.prod(shape) * dtype.itemsize for pair in shapes for shape in pair]
+    if block is None:
+        base = empty_host((sum(sizes),), torch.uint8)
+    else:
+        base = torch.from_numpy(block)  # the tensors keep ``block`` alive; the pool sees when they die
+    tensors, offset = [], 0
+    for size, shape in zip(sizes, (shape for pair in shapes for shape in pair)):
+        tensors.append(base[offset : offset + size].view(dtype).view(shape))
+        offset += size
+    return [tuple(tensors[i : i + 2]) for i in range(0, len(tensors), 2)]

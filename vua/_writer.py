@@ -45,19 +45,21 @@ def _raw_bytes(t: torch.Tensor) -> memoryview:
 class GroupSource:
     """Builds the fragment of any (row, group) of one ``put`` call from the caller's tensors."""
 
-    def __init__(self, layers: Sequence[tuple[torch.Tensor, torch.Tensor]], layout: Layout, split_factor: int, namespace: str):
+    def __init__(self, layers: Sequence[tuple[torch.Tensor, torch.Tensor]], layout: Layout, split_factor: int,
+                 namespace: str, *, first_group: int = 0):
         self._tensors = [t for kv in layers for t in kv]  # keep alive while views exist
         self._raw = [_raw_bytes(t) for t in self._tensors]
         self._layout = layout
         self._split = split_factor
         self._namespace = namespace
         self._specs = layout.tensor_specs(split_factor)
+        self._first_group = first_group  # the tensors start at this group's first token
 
     def _tensor_chunks(self, i: int, row: int, group: int) -> list[memoryview]:
         t, raw = self._tensors[i], self._raw[i]
         item = t.element_size()
         run = self._split * t.shape[-1] * item
-        base = row * t.stride(0) + group * self._split * t.stride(2)
+        base = row * t.stride(0) + (group - self._first_group) * self._split * t.stride(2)
         return [
             raw[(base + h * t.stride(1)) * item : (base + h * t.stride(1)) * item + run] for h in range(t.shape[1])
         ]

@@ -32,7 +32,7 @@ from vua._fragment import DTYPE_NAMES, TOKENS, Fragment, Layout, publish_fragmen
 from vua._index import RECORD_HEAD, GroupRecord, Index, namespace_id, read_group_record
 from vua._keys import group_keys, namespace_seed, tokens_as_int64
 from vua._reader import KVLoad
-from vua._staging import PinnedStaging
+from vua._staging import HostBlockPool, PinnedStaging
 from vua._writer import GroupSource, host_kv
 from vua.errors import FragmentError, InvalidInputError, SplitFactorError, StorageError, VUAError
 
@@ -74,6 +74,8 @@ class VUAConfig:
         io_threads: threads for parallel fragment reads and writes.
         verify_checksums: check every tensor read against its checksum from put time.
         staging_bytes: size of each of the two pinned buffers used for CUDA reads.
+        host_pool_bytes: host memory of dropped CPU results kept for reuse by later reads
+            (saves zeroing fresh pages); 0 turns recycling off.
     """
 
     split_factor: int = 256
@@ -84,6 +86,7 @@ class VUAConfig:
     io_threads: int = min(8, os.cpu_count() or 1)
     verify_checksums: bool = True
     staging_bytes: int = 64 << 20
+    host_pool_bytes: int = 2 << 30
 
     @_config_method
     def tokens_to_paths(self, tokens: torch.Tensor) -> list[str]:
@@ -169,6 +172,7 @@ class VUA:
         self._pid = os.getpid()
         self._executor = ThreadPoolExecutor(max_workers=max(1, config.io_threads), thread_name_prefix="vua-io")
         self._staging: dict[torch.device, PinnedStaging] = {}
+        self._host_pool = HostBlockPool(config.host_pool_bytes) if config.host_pool_bytes else None
         self._touch_lock = threading.Lock()
         self._pending_touches: set[bytes] = set()
         self._last_touch_flush = time.monotonic()
@@ -194,7 +198,7 @@ class VUA:
 
     # -- put ----------------------------------------------------------------------------
 
-    def put(self, tokens: torch.Tensor, data: KVData) -> int:
+    def put(self, tokens: torch.Tensor, data: KVData, *, offset: int = 0) -> int:
         """Stores the KV cache of ``tokens``, group by group.
 
         Groups already stored are skipped; the rest are written in parallel, each durable
@@ -205,7 +209,10 @@ class VUA:
             tokens: ``[n]``, ``[1, n]`` or a batch ``[B, n]`` of token ids; n must be a
                 multiple of ``split_factor``.
             data: per layer, ``(key, value)`` shaped ``[B, kv_heads, seq, head_dim]`` with
-                ``seq >= n`` (positions past n are ignored), one dtype for all, on any device.
+                ``seq >= n - offset`` (positions past n are ignored), one dtype for all, on any device.
+            offset: the token position ``data`` starts at, a multiple of split_factor: for
+                callers that hold only the KV past an already stored prefix (groups before
+                it are not written).
 
         Returns:
             The number of groups this call wrote.
@@ -216,13 +223,13 @@ class VUA:
             StorageError: the file system refused a write; groups already published stay
                 valid, nothing partial is left.
         """
-        rows, layout, layers = self._check_put(tokens, data)
+        rows, layout, layers = self._check_put(tokens, data, offset)
         if not rows or rows[0].numel() == 0:
             return 0
         s = self.config.split_factor
         n = rows[0].numel()
-        host_layers = [(host_kv(k, n), host_kv(v, n)) for k, v in layers]
-        source = GroupSource(host_layers, layout, s, self.config.namespace)
+        host_layers = [(host_kv(k, n - offset), host_kv(v, n - offset)) for k, v in layers]
+        source = GroupSource(host_layers, layout, s, self.config.namespace, first_group=offset // s)
 
         work = []  # (row, group, key, parent, ids)
         every_key: list[bytes] = []
@@ -232,7 +239,7 @@ class VUA:
             every_key.extend(keys)
             present = self._index.contains(keys)
             parents = [self._seed, *keys[:-1]]
-            work.extend((r, g, keys[g], parents[g], ids) for g in range(len(keys)) if not present[g])
+            work.extend((r, g, keys[g], parents[g], ids) for g in range(offset // s, len(keys)) if not present[g])
         unique: dict[bytes, tuple[int, int, bytes, bytes, np.ndarray]] = {}
         for item in work:
             unique.setdefault(item[2], item)  # a batch may repeat a prefix: its first row is written
@@ -268,7 +275,7 @@ class VUA:
             _evict.enforce_capacity(self._index, self.root, self.config.max_bytes)
         return written
 
-    def _check_put(self, tokens: torch.Tensor, data: KVData) -> tuple[list[torch.Tensor], Layout, list[tuple[torch.Tensor, torch.Tensor]]]:
+    def _check_put(self, tokens: torch.Tensor, data: KVData, offset: int = 0) -> tuple[list[torch.Tensor], Layout, list[tuple[torch.Tensor, torch.Tensor]]]:
         """Validates put's arguments; raises before anything touches the disk."""
         if not isinstance(tokens, torch.Tensor):
             raise InvalidInputError(f"tokens must be a torch.Tensor of token ids, got {type(tokens).__name__}")
@@ -286,6 +293,8 @@ class VUA:
                 f"put got {n} tokens, not a multiple of split_factor={s}; cut them with "
                 f"VUAConfig.trim_to_split_factor(tokens) (here to {n - n % s}) and the KV to match"
             )
+        if not isinstance(offset, int) or offset % s or not 0 <= offset <= n:
+            raise InvalidInputError(f"offset must be a multiple of split_factor={s} between 0 and {n}, got {offset!r}")
         batch = len(rows)
         if not isinstance(data, (list, tuple)) or not data:
             raise InvalidInputError("data must be a non-empty list over layers of (key, value) tensor pairs")
@@ -299,8 +308,8 @@ class VUA:
                     raise InvalidInputError(f"data[{i}] {name} must be a 4-D tensor [batch, kv_heads, seq, head_dim], got {got}")
                 if t.shape[0] != batch:
                     raise InvalidInputError(f"data[{i}] {name} has batch {t.shape[0]} but tokens has {batch} rows; they must agree")
-                if t.shape[2] < n:
-                    raise InvalidInputError(f"data[{i}] {name} covers {t.shape[2]} positions, fewer than the {n} tokens; pass the KV of every token")
+                if t.shape[2] < n - offset:
+                    raise InvalidInputError(f"data[{i}] {name} covers {t.shape[2]} positions, fewer than the {n - offset} tokens; pass the KV of every token")
                 if t.shape[1] == 0 or t.shape[3] == 0:
                     raise InvalidInputError(f"data[{i}] {name} has an empty head or head_dim dimension")
                 dtypes.add(t.dtype)
@@ -344,6 +353,25 @@ class VUA:
             return None
         return ClosestKV(_cut(tokens, groups * self.config.split_factor), load.data())
 
+    def prefix_length(self, tokens: torch.Tensor) -> int:
+        """How many leading tokens of ``tokens`` are stored, in whole groups, without reading fragments.
+
+        Answers from the index, plus one directory probe per group past it (for groups
+        other nodes wrote). For schedulers that must not do I/O; a later get verifies the
+        data and may find less.
+        """
+        row = _single_row(tokens)
+        keys = group_keys(_int64_ids(row), self.config.split_factor, self._seed)
+        packed = self._index.lookup_prefix(keys)
+        count = len(packed)
+        if packed and GroupRecord.unpack(packed[0]).namespace_id != self._ns_id:
+            return 0
+        count = next((j for j, raw in enumerate(packed) if raw[:RECORD_HEAD] != packed[0][:RECORD_HEAD]), count)
+        if count == len(packed):
+            while count < len(keys) and os.path.isdir(_layout.group_dir(self.root, keys[count].hex())):
+                count += 1
+        return count * self.config.split_factor
+
     def load(self, tokens: torch.Tensor, device: str | torch.device = "cpu", *, layerwise: bool = False) -> KVLoad | None:
         """Starts loading the longest stored prefix of ``tokens``; for engines that overlap I/O with compute.
 
@@ -376,7 +404,8 @@ class VUA:
             self._quarantine([keys[g] for g in load.damaged_groups])
 
         return KVLoad(fragments, layout, self.config.split_factor, device, self._pool(), staging=staging,
-                      verify_checksums=self.config.verify_checksums, background=layerwise, on_done=on_done)
+                      host_pool=self._host_pool, verify_checksums=self.config.verify_checksums,
+                      background=layerwise, on_done=on_done)
 
     def _indexed_prefix(self, keys: list[bytes]) -> tuple[int, int]:
         """How many leading groups are stored, and their layout id, from the index.
@@ -438,7 +467,6 @@ class VUA:
                 fragment.validate(key_hex=key_hex, namespace=self.config.namespace, split_factor=s, layout=layout, group_index=j)
                 if bytes(fragment.raw(TOKENS)) != ids[j * s : (j + 1) * s].tobytes():
                     raise FragmentError(f"fragment {fragment.path}: stored tokens differ from the query (hash collision or damage)")
-                fragment.advise_willneed()  # start disk reads for the copy that follows
                 return fragment
             except FragmentError as exc:
                 logger.warning("stored prefix ends before group %d: %s", j, exc)
