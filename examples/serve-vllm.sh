@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Serve a model with vLLM, its prompts' KV cache stored in and restored from VUA.
+#
+#   examples/serve-vllm.sh [MODEL] [STORE]        (defaults: Qwen/Qwen2.5-0.5B-Instruct, /tmp/vua-vllm)
+#
+# Needs a CUDA GPU and the model from the Hugging Face hub (or a local path). Every node
+# that shares STORE (NFS is fine) restores what any of them stored; keep each node's index
+# on local disk with "index_path". Ask twice with the same long prompt: the second answer's
+# time to first token drops, and the server log shows the connector's loads.
+set -euo pipefail
+MODEL=${1:-Qwen/Qwen2.5-0.5B-Instruct}
+STORE=${2:-/tmp/vua-vllm}
+INDEX=${VUA_INDEX_PATH:-/tmp/vua-vllm-index}
+mkdir -p "$STORE" "$INDEX"
+exec uv run vllm serve "$MODEL" \
+    --kv-transfer-config "{\"kv_connector\": \"VUAConnector\", \"kv_role\": \"kv_both\",
+        \"kv_connector_module_path\": \"vua.vllm\",
+        \"kv_connector_extra_config\": {\"vua_root\": \"$STORE\", \"index_path\": \"$INDEX\", \"split_factor\": 256}}"

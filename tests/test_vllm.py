@@ -1,0 +1,233 @@
+"""The vLLM connector against the real vllm package: its configs, scheduler, requests and factory.
+
+No GPU: the paged KV caches are CPU tensors in the layouts vLLM hands connectors, and the
+forward pass is simulated by writing known KV into a request's blocks before saving.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+import unittest
+
+import torch
+
+try:
+    from transformers import LlamaConfig
+    from vllm import SamplingParams
+    from vllm.config import CacheConfig, DeviceConfig, KVTransferConfig, ModelConfig, VllmConfig
+    from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec, MLAAttentionSpec
+    from vllm.v1.request import Request
+    from vllm.v1.structured_output import StructuredOutputManager
+except ImportError as exc:  # vllm installs on Linux with Python >= 3.11 only
+    raise unittest.SkipTest(f"vllm is not installed here: {exc}") from None
+
+from vua import _layout
+from vua.errors import VUAError
+from vua.vllm import PagedLayer, VUAConnector
+
+BLOCK = 16
+SPLIT = 32
+LAYERS = ["model.layers.0.self_attn.attn", "model.layers.1.self_attn.attn"]
+NUM_BLOCKS = 64
+
+
+class ConnectorHarness:
+    """A real vLLM scheduler (which builds the scheduler-side connector through vLLM's
+    factory) and a worker-side connector over CPU paged caches."""
+
+    def __init__(self, root: str, model_dir: str, *, dtype=torch.bfloat16, mla=False, physical_bnhc=False, split=SPLIT):
+        heads, head = (1, 576) if mla else (2, 16)
+        extra = {"vua_root": root, "split_factor": split}
+        self.vllm_config = VllmConfig(
+            model_config=ModelConfig(model=model_dir, skip_tokenizer_init=True, dtype="bfloat16", max_model_len=1024),
+            cache_config=CacheConfig(block_size=BLOCK, enable_prefix_caching=False),
+            kv_transfer_config=KVTransferConfig(kv_connector="VUAConnector", kv_role="kv_both",
+                                                kv_connector_module_path="vua.vllm", kv_connector_extra_config=extra),
+            device_config=DeviceConfig(device="cpu"),
+        )
+        self.vllm_config.cache_config.num_gpu_blocks = NUM_BLOCKS  # what profiling the GPU would set
+        spec_cls = MLAAttentionSpec if mla else FullAttentionSpec
+        spec = spec_cls(block_size=BLOCK, num_kv_heads=heads, head_size=head, dtype=dtype)
+        self.kv_cache_config = KVCacheConfig(num_blocks=NUM_BLOCKS, kv_cache_tensors=[],
+                                             kv_cache_groups=[KVCacheGroupSpec(LAYERS, spec)])
+        self.scheduler = Scheduler(self.vllm_config, self.kv_cache_config, StructuredOutputManager(self.vllm_config),
+                                   block_size=BLOCK)
+        self.worker = KVConnectorFactory.create_connector(self.vllm_config, KVConnectorRole.WORKER, self.kv_cache_config)
+        content = 576 if mla else 2 * head
+        self.caches = {}
+        for name in LAYERS:
+            if physical_bnhc:  # memory order [blocks, block_size, heads, content], viewed as [B, H, N, C]
+                cache = torch.zeros(NUM_BLOCKS, BLOCK, heads, content, dtype=dtype).permute(0, 2, 1, 3)
+            else:
+                cache = torch.zeros(NUM_BLOCKS, heads, BLOCK, content, dtype=dtype)
+            self.caches[name] = cache
+        self.worker.register_kv_caches(self.caches)
+
+    def request(self, req_id: str, prompt: list[int]) -> Request:
+        request = Request(req_id, prompt, SamplingParams(max_tokens=4), None)
+        self.scheduler.add_request(request)
+        return request
+
+    def step(self, compute: dict[str, int] | None = None):
+        """One scheduler step and the worker side of one forward pass.
+
+        ``compute`` maps request ids to a seed: the simulated model writes KV derived from
+        it into the positions it computes, before the connector saves them.
+        """
+        output = self.scheduler.schedule()
+        meta = output.kv_connector_metadata
+        self.worker.bind_connector_metadata(meta)
+        self.worker.start_load_kv(None)
+        blocks = {r.req_id: list(r.block_ids[0]) for r in output.scheduled_new_reqs}
+        for name in LAYERS:
+            self.worker.wait_for_layer_load(name)
+            for req in output.scheduled_new_reqs:
+                if compute and req.req_id in compute:
+                    n = req.num_computed_tokens + output.num_scheduled_tokens[req.req_id]
+                    self.write_known(name, blocks[req.req_id], req.num_computed_tokens, n, compute[req.req_id])
+            self.worker.save_kv_layer(name, self.caches[name], None)
+        self.worker.wait_for_save()
+        errors = self.worker.get_block_ids_with_load_errors()
+        self.worker.clear_connector_metadata()
+        self.worker.flush()
+        return output, meta, blocks, errors
+
+    def write_known(self, layer: str, block_ids: list[int], start: int, end: int, seed: int) -> None:
+        cache = self.caches[layer]
+        gen = torch.Generator().manual_seed(seed * 100 + LAYERS.index(layer))
+        for pos in range(start, end):
+            block, offset = block_ids[pos // BLOCK], pos % BLOCK
+            values = torch.randn(cache.shape[1], cache.shape[3], generator=gen)
+            cache[block, :, offset] = values.to(cache.dtype)
+
+    def positions(self, layer: str, block_ids: list[int], start: int, end: int) -> torch.Tensor:
+        cache = self.caches[layer]
+        return torch.stack([cache[block_ids[p // BLOCK], :, p % BLOCK] for p in range(start, end)])
+
+
+class VLLMConnectorTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.model_dir = tempfile.mkdtemp(prefix="vua-tiny-llama-")
+        LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, vocab_size=512, max_position_embeddings=2048).save_pretrained(cls.model_dir)
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.model_dir, ignore_errors=True)
+
+    def setUp(self):
+        self.root = tempfile.mkdtemp(prefix="vua-vllm-")
+        self.addCleanup(shutil.rmtree, self.root, ignore_errors=True)
+
+    def harness(self, **kwargs) -> ConnectorHarness:
+        h = ConnectorHarness(self.root, self.model_dir, **kwargs)
+        self.addCleanup(h.worker.shutdown)
+        return h
+
+    def test_factory_loads_the_class_from_the_documented_config(self):
+        h = self.harness()
+        self.assertIsInstance(h.worker, VUAConnector)
+        self.assertIsInstance(h.scheduler.get_kv_connector(), VUAConnector)
+        ns = h.worker.vua.config.namespace
+        for part in ("vua-tiny-llama-", "bfloat16", "tp0-of-1", "FullAttentionSpec-h2-d16"):
+            self.assertIn(part, ns)
+
+    def check_round_trip(self, **kwargs):
+        h = self.harness(**kwargs)
+        prompt = list(range(100, 200))  # 100 tokens: three groups of 32 stored
+        h.request("a", prompt)
+        _, meta_a, blocks, errors = h.step(compute={"a": 1})
+        self.assertEqual([s.req_id for s in meta_a.saves], ["a"])
+        self.assertEqual(errors, set())
+        self.assertEqual(h.worker.vua.prefix_length(torch.tensor(prompt)), 96)
+
+        h.request("b", prompt)
+        _, meta_b, blocks_b, errors = h.step()
+        self.assertEqual(errors, set())
+        (load,) = meta_b.loads
+        self.assertEqual((load.start, load.end), (0, 96))
+        self.assertFalse(set(blocks_b["b"]) & set(blocks["a"]))  # another set of blocks
+        for name in LAYERS:
+            saved = h.positions(name, blocks["a"], 0, 96)
+            loaded = h.positions(name, blocks_b["b"], 0, 96)
+            self.assertTrue(torch.equal(saved.view(torch.uint8), loaded.view(torch.uint8)), name)
+        return h, prompt
+
+    def test_save_and_load_bf16(self):
+        self.check_round_trip(dtype=torch.bfloat16)
+
+    def test_save_and_load_fp16_physical_order_bnhc(self):
+        self.check_round_trip(dtype=torch.float16, physical_bnhc=True)
+
+    def test_save_and_load_fp8(self):
+        self.check_round_trip(dtype=torch.float8_e4m3fn)
+
+    def test_save_and_load_mla_latent(self):
+        self.check_round_trip(dtype=torch.bfloat16, mla=True)
+
+    def test_scheduler_hit_partial_hit_and_miss(self):
+        h = self.harness()
+        connector = h.scheduler.get_kv_connector()
+        prompt = list(range(1000, 1100))
+        h.request("seed", prompt)
+        h.step(compute={"seed": 2})
+
+        def matched(tokens, computed=0):
+            return connector.get_num_new_matched_tokens(Request("q", tokens, SamplingParams(), None), computed)
+
+        self.assertEqual(matched(prompt), (96, False))  # hit: all whole groups but the last token's
+        self.assertEqual(matched(prompt[:97]), (96, False))
+        self.assertEqual(matched(prompt[:96]), (64, False))  # the last token must be computed
+        self.assertEqual(matched(prompt[:50] + [7] * 50), (32, False))  # partial: diverges in group 1
+        self.assertEqual(matched(prompt, computed=48), (48, False))  # beyond vLLM's own hits
+        self.assertEqual(matched(prompt, computed=96), (0, False))
+        self.assertEqual(matched(list(range(5000, 5100))), (0, False))  # miss
+
+    def test_split_factor_must_be_a_multiple_of_the_block_size(self):
+        with self.assertRaisesRegex(VUAError, "not a multiple of vLLM's block size 16"):
+            ConnectorHarness(self.root, self.model_dir, split=24)
+
+    def test_damaged_fragment_is_reported_as_load_error(self):
+        h, prompt = self.check_round_trip()
+        keys = h.worker.vua.config.tokens_to_paths(torch.tensor(prompt[:96]))
+        path = _layout.fragment_path(self.root, keys[1])
+        with open(path, "r+b") as f:  # damage the last byte of group 1's data
+            f.seek(-1, os.SEEK_END)
+            byte = f.read(1)
+            f.seek(-1, os.SEEK_END)
+            f.write(bytes([byte[0] ^ 0xFF]))
+        h.request("c", prompt)
+        with self.assertLogs("vua", level="WARNING"):
+            _, meta, blocks, errors = h.step()
+        (load,) = meta.loads
+        self.assertEqual((load.start, load.end), (0, 96))
+        expected = {blocks["c"][p // BLOCK] for p in range(32, 96)}  # groups 1 and 2 must be recomputed
+        self.assertEqual(errors, expected)
+
+
+class PagedLayerTest(unittest.TestCase):
+    def test_gather_scatter_legacy_layouts(self):
+        legacy = torch.randn(2, 8, BLOCK, 2, 4)  # [2, blocks, block_size, heads, dim]
+        layer = PagedLayer(legacy, BLOCK, None)
+        k, v = layer.gather([3, 5], 10, 20)
+        self.assertEqual(k.shape, (1, 2, 10, 4))
+        self.assertTrue(torch.equal(k[0, :, 0], legacy[0, 3, 10]))
+        self.assertTrue(torch.equal(v[0, :, 9], legacy[1, 5, 3]))
+        other = PagedLayer(torch.zeros_like(legacy), BLOCK, None)
+        other.scatter([1, 2], 10, k, v)
+        self.assertTrue(torch.equal(other.kv[0, 1, 10:], legacy[0, 3, 10:]))
+        mla = torch.randn(8, BLOCK, 6)  # [blocks, block_size, latent]
+        k, v = PagedLayer(mla, BLOCK, None).gather([2], 0, 4)
+        self.assertEqual((k.shape, v.shape), ((1, 1, 4, 3), (1, 1, 4, 3)))
+        self.assertTrue(torch.equal(torch.cat([k, v], -1)[0, 0], mla[2, :4]))
+
+
+if __name__ == "__main__":
+    sys.exit(unittest.main())
