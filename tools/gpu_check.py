@@ -1,0 +1,193 @@
+"""VUA's checks that need a CUDA GPU: one line per check, a summary, exit 0 only if all pass.
+
+    python3 tools/gpu_check.py [--tokens 4096] [--root DIR]
+
+Runs in a few minutes on one GPU:
+1. a get to the GPU equals a CPU get bit for bit;
+2. a kernel launched on the current stream right after get_closest reads correct data
+   (the copies are asynchronous; the stream must wait for them);
+3. pinned host memory does not grow over 200 gets (torch.cuda.host_memory_stats);
+4. host-to-device throughput of a warm get >= 0.7x a raw pinned-to-device copy of the
+   same bytes;
+5. the layer-wise load hands out correct layers on the GPU;
+6. the transformers integration gives the logits of an in-memory cache on the GPU;
+7. GPUDirect Storage: reported, not run (VUA has no GDS read path yet).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from vua.core import VUA, VUAConfig  # noqa: E402
+
+results: list[tuple[str, bool, str]] = []
+
+
+def check(name: str, ok: bool, detail: str) -> None:
+    results.append((name, ok, detail))
+    print(f"{'PASS' if ok else 'FAIL'}  {name}: {detail}", flush=True)
+
+
+def llama_kv(tokens: int, layers: int = 32) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(tokens)
+    return [tuple(torch.randn(1, 8, tokens, 128, generator=gen).to(torch.bfloat16) for _ in range(2)) for _ in range(layers)]
+
+
+def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and torch.equal(a.cpu().view(torch.uint8), b.cpu().view(torch.uint8))
+
+
+def gbps(nbytes: int, seconds: float) -> float:
+    return nbytes / seconds / 1e9
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--root", help="store directory (default: a temporary one)")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("no CUDA device: nothing to check")
+        return 1
+    dev = torch.device("cuda", 0)
+    print(f"device: {torch.cuda.get_device_name(dev)}, torch {torch.__version__}, {os.cpu_count()} CPUs", flush=True)
+    root = args.root or tempfile.mkdtemp(prefix="vua-gpu-")
+    vua = VUA(VUAConfig(split_factor=256, namespace="gpu-check"), root)
+    try:
+        kv = llama_kv(args.tokens)
+        tokens = torch.randint(0, 128_000, (1, args.tokens))
+        nbytes = sum(k.nbytes + v.nbytes for k, v in kv)
+        started = time.perf_counter()
+        vua.put(tokens, kv)
+        print(f"put {nbytes / 2**20:.0f} MiB ({args.tokens} tokens, Llama-3-8B shape, bf16) in "
+              f"{time.perf_counter() - started:.2f} s", flush=True)
+
+        # 1. GPU result equals CPU result.
+        cpu = vua.get_closest(tokens, device="cpu")
+        gpu = vua.get_closest(tokens, device=dev)
+        torch.cuda.synchronize()
+        equal = all(same(a, b) for pa, pb in zip(cpu.data, gpu.data) for a, b in zip(pa, pb))
+        check("gpu equals cpu", equal and gpu.data[0][0].device.type == "cuda",
+              f"{len(gpu.data)} layers x (K, V) {tuple(gpu.data[0][0].shape)} on {gpu.data[0][0].device}")
+        del gpu
+
+        # 2. No race: consume on the current stream right after the call returns.
+        races = 0
+        for _ in range(20):
+            hit = vua.get_closest(tokens, device=dev)
+            last = hit.data[-1][1].clone()  # queued behind the asynchronous copies, or racing them
+            first = hit.data[0][0][:, :, :256].clone()
+            torch.cuda.synchronize()
+            races += not (same(last, cpu.data[-1][1]) and same(first, cpu.data[0][0][:, :, :256]))
+            del hit
+        check("no race on the current stream", races == 0, f"{races} of 20 reads saw incomplete data")
+
+        # 3. Pinned host memory stays flat.
+        small = tokens[:, :1024]
+
+        def pinned() -> int:
+            stats = torch.cuda.host_memory_stats() if hasattr(torch.cuda, "host_memory_stats") else {}
+            return int(stats.get("reserved_bytes.current", stats.get("allocated_bytes.all.current", 0)))
+
+        for _ in range(10):
+            vua.get_closest(small, device=dev)
+        torch.cuda.synchronize()
+        before = pinned()
+        for _ in range(200):
+            vua.get_closest(small, device=dev)
+        torch.cuda.synchronize()
+        after = pinned()
+        check("pinned memory flat over 200 gets", after <= before, f"{before / 2**20:.0f} MiB -> {after / 2**20:.0f} MiB")
+
+        # 4. Throughput against a raw pinned-to-device copy of the same bytes.
+        raw_src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        raw_dst = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+        times = []
+        for _ in range(5):
+            torch.cuda.synchronize()
+            started = time.perf_counter()
+            raw_dst.copy_(raw_src, non_blocking=True)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - started)
+        raw = gbps(nbytes, min(times))
+        del raw_src, raw_dst
+        times = []
+        for _ in range(5):
+            torch.cuda.synchronize()
+            started = time.perf_counter()
+            hit = vua.get_closest(tokens, device=dev)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - started)
+            del hit
+        got = gbps(nbytes, min(times))
+        check("warm get to GPU >= 0.7x raw H2D", got >= 0.7 * raw, f"{got:.1f} GB/s vs raw pinned->device {raw:.1f} GB/s ({got / raw:.2f}x)")
+        times = []
+        for _ in range(3):
+            started = time.perf_counter()
+            hit = vua.get_closest(tokens, device="cpu")
+            times.append(time.perf_counter() - started)
+            del hit
+        src = torch.cat([t.reshape(-1) for pair in kv for t in pair])
+        dst = torch.empty_like(src)
+        dst.copy_(src)
+        started = time.perf_counter()
+        dst.copy_(src)
+        memcpy = gbps(nbytes, time.perf_counter() - started)
+        print(f"info  warm get to CPU on this host: {gbps(nbytes, min(times)):.1f} GB/s (memcpy {memcpy:.1f} GB/s)", flush=True)
+        del src, dst
+
+        # 5. Layer-wise load.
+        load = vua.load(tokens, dev, layerwise=True)
+        ok = True
+        for i in range(len(kv)):
+            k, v = load.wait_layer(i)
+            k2, v2 = k.clone(), v.clone()
+            ok &= same(k2, cpu.data[i][0]) and same(v2, cpu.data[i][1])
+        check("layer-wise load on the GPU", ok and load.wait() == args.tokens // 256, f"{len(kv)} layers, each consumed as it landed")
+
+        # 6. transformers on the GPU.
+        try:
+            from transformers import LlamaConfig, LlamaForCausalLM
+
+            from vua.integrations.transformers import model_namespace, prefill
+
+            torch.manual_seed(0)
+            model = LlamaForCausalLM(LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                                 num_attention_heads=4, num_key_value_heads=2, vocab_size=1000)).to(dev).eval()
+            store = VUA(VUAConfig(split_factor=64, namespace=model_namespace(model)), os.path.join(root, "hf"))
+            prompt = torch.randint(0, 1000, (300,))
+            prefill(model, store, prompt)
+            warm = prefill(model, store, prompt)[0]
+            with torch.no_grad():
+                own = model(prompt[None, : warm.cached_tokens].to(dev), use_cache=True).past_key_values
+                expected = model(prompt[None, warm.cached_tokens :].to(dev), past_key_values=own).logits
+            check("transformers restore on the GPU", warm.cached_tokens == 256 and torch.equal(warm.logits, expected),
+                  f"{warm.cached_tokens} of 300 tokens restored; logits equal to an in-memory cache's")
+            store.close()
+        except ImportError as exc:
+            print(f"skip  transformers: {exc}")
+
+        # 7. GDS.
+        gds = hasattr(torch.cuda, "gds")
+        print(f"skip  GPUDirect Storage: VUA has no GDS read path yet (torch.cuda.gds present: {gds}; fragments are "
+              "already 4 KiB-aligned for it)", flush=True)
+    finally:
+        vua.close()
+        if args.root is None:
+            shutil.rmtree(root, ignore_errors=True)
+    failed = [name for name, ok, _ in results if not ok]
+    print(f"summary: {len(results) - len(failed)} passed, {len(failed)} failed" + (f" ({', '.join(failed)})" if failed else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
