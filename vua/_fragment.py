@@ -314,6 +314,7 @@ class Fragment:
         self.close()
 
     def close(self) -> None:
+        self.__dict__.pop("layers", None)
         self.__dict__.pop("_region", None)
         try:
             self._map.close()
@@ -336,6 +337,38 @@ class Fragment:
         """
         entry = self.tensors[name]
         return self._region[entry.begin : entry.end].view(bits_dtype(entry.dtype)).reshape(entry.shape)
+
+    @cached_property
+    def layers(self) -> list[tuple[np.ndarray, np.ndarray, int | None, int | None]]:
+        """Per layer: (K bits, V bits, K checksum, V checksum), built once per fragment.
+
+        The read path touches every tensor of every layer; building the views in one pass
+        keeps the Python work per tensor (run under the GIL) to a minimum.
+        """
+        sums = self.checksums
+        out = []
+        i = 0
+        while key_name(i) in self.tensors:
+            k, v = key_name(i), value_name(i)
+            out.append((self.array(k), self.array(v), sums.get(k), sums.get(v)))
+            i += 1
+        return out
+
+    def kv_block(self) -> tuple[np.ndarray, int | None]:
+        """All K and V data as one (layers, 2, heads, split, dim) integer view, and its checksum.
+
+        Only for layouts whose every K and V share one shape; the checksum (over the bytes
+        after the tokens) is None for fragments written before it existed.
+        """
+        first, last = self.tensors[key_name(0)], self.tensors[value_name(len(self.layers) - 1)]
+        kh, split, kd = first.shape
+        data = self._region[first.begin : last.end].view(bits_dtype(first.dtype))
+        try:
+            block = data.reshape(len(self.layers), 2, kh, split, kd)
+        except ValueError:
+            raise FragmentError(f"fragment {self.path}: K and V are not all one shape") from None
+        raw = self.metadata.get("kv_checksum")
+        return block, None if raw is None else int(raw, 16)
 
     def tensor(self, name: str) -> torch.Tensor:
         """A copy of one stored tensor (for tools and tests; the read path uses :meth:`array`)."""

@@ -74,11 +74,13 @@ class GroupSource:
         token_bytes = memoryview(ids[group * s : (group + 1) * s]).cast("B")
         buffers = [token_bytes]
         checksums = {_fragment.TOKENS: format(xxhash.xxh3_64_intdigest(token_bytes), "016x")}
+        whole = xxhash.xxh3_64()  # all K and V bytes, in file order: one check for a whole-group read
         for i in range(len(self._tensors)):
             chunks = self._tensor_chunks(i, row, group)
             hasher = xxhash.xxh3_64()
             for chunk in chunks:
                 hasher.update(chunk)
+                whole.update(chunk)
             checksums[self._specs[i + 1][0]] = hasher.hexdigest()
             buffers.extend(chunks)
         metadata = {
@@ -91,6 +93,7 @@ class GroupSource:
             "split_factor": str(s),
             "layout": self._layout.json,
             "checksums": _fragment.json.dumps(checksums, separators=(",", ":")),
+            "kv_checksum": whole.hexdigest(),
         }
         return _fragment.encode_header(metadata, self._specs), buffers
 

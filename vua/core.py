@@ -85,7 +85,7 @@ class VUAConfig:
     file_mode: int | None = None
     io_threads: int = min(8, os.cpu_count() or 1)
     verify_checksums: bool = True
-    staging_bytes: int = 64 << 20
+    staging_bytes: int = 256 << 20
     host_pool_bytes: int = 2 << 30
 
     @_config_method
