@@ -282,7 +282,7 @@ class Fragment:
         FragmentError: the file is missing, truncated, or its header is malformed.
     """
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, *, populate: bool = True):
         self.path = path
         try:
             fd = os.open(path, os.O_RDONLY)
@@ -297,14 +297,21 @@ class Fragment:
                 raise FragmentError(f"fragment {path} is truncated ({self.file_size} bytes)")
             # Read-only and shared: the pages are the page cache's own, nothing is copied.
             # MAP_POPULATE maps them all in one call (one large read when cold) instead of
-            # a page fault every few KiB during the copy.
-            self._map = mmap.mmap(fd, 0, flags=mmap.MAP_SHARED | _MAP_POPULATE, prot=mmap.PROT_READ)
-        finally:
+            # a page fault every few KiB during the copy; readers that use read_kv_into
+            # skip it, since mapping and unmapping pages costs more than reading them.
+            flags = mmap.MAP_SHARED | (_MAP_POPULATE if populate else 0)
+            self._map = mmap.mmap(fd, 0, flags=flags, prot=mmap.PROT_READ)
+        except BaseException:
+            os.close(fd)
+            raise
+        # Only a fragment read with preadv keeps its descriptor: a get may open hundreds.
+        self._fd = -1 if populate else fd
+        if populate:
             os.close(fd)
         try:
             self.metadata, self.tensors, self.data_start = _parse_header(self._map, self.file_size, path)
         except BaseException:
-            self._map.close()
+            self.close()
             raise
 
     def __enter__(self) -> Fragment:
@@ -316,10 +323,35 @@ class Fragment:
     def close(self) -> None:
         self.__dict__.pop("layers", None)
         self.__dict__.pop("_region", None)
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
         try:
             self._map.close()
         except BufferError:
             pass  # a view is still alive; the mapping goes when the last one does
+
+    def read_kv_into(self, dest: memoryview) -> None:
+        """Reads all K and V bytes (file order) into ``dest`` with one ``preadv``.
+
+        The kernel copies from the page cache straight into ``dest`` (pinned staging, say),
+        without mapping the pages into this process first.
+
+        Raises:
+            FragmentError: the file is shorter than its header says.
+        """
+        begin = self.tensors[key_name(0)].begin
+        got = 0
+        while got < len(dest):
+            n = os.preadv(self._fd, [dest[got:]], begin + got)
+            if n == 0:
+                raise FragmentError(f"fragment {self.path} ended early while reading its data")
+            got += n
+
+    def kv_offsets(self) -> list[tuple[str, int, int]]:
+        """(name, begin, end) of every K and V tensor, relative to the first K."""
+        base = self.tensors[key_name(0)].begin
+        return [(name, e.begin - base, e.end - base) for name, e in self.tensors.items() if name != TOKENS]
 
     @cached_property
     def _region(self) -> np.ndarray:

@@ -285,8 +285,27 @@ class KVLoad:
         else:
             self._run_cuda_layers(staging)
 
+    def _read_group(self, group: int, dest: np.ndarray) -> bool:
+        """Reads one group's K and V bytes (file order) into ``dest`` and verifies them."""
+        fragment = self._fragments[group]
+        try:
+            fragment.read_kv_into(memoryview(dest))
+            if self._verify:
+                expected = fragment.metadata.get("kv_checksum")
+                if expected is not None:
+                    ok = xxhash.xxh3_64_intdigest(dest) == int(expected, 16)
+                else:  # written before whole-group checksums: tensor by tensor
+                    sums = fragment.checksums
+                    ok = all(xxhash.xxh3_64_intdigest(dest[b:e]) == sums.get(n) for n, b, e in fragment.kv_offsets())
+                if not ok:
+                    raise FragmentError(f"fragment {fragment.path}: checksum mismatch (damaged data)")
+        except (FragmentError, OSError) as exc:
+            self._fail(group, exc if isinstance(exc, FragmentError) else FragmentError(f"reading {fragment.path}: {exc}"))
+            return False
+        return True
+
     def _run_cuda_groups(self, staging: PinnedStaging) -> None:
-        """Whole groups through the staging buffers: runs of groups, all layers at once."""
+        """Runs of whole groups: read into pinned staging, one DMA, re-laid out on the GPU."""
         s = self._split
         layers, _, heads, _, dim = self._block5.shape
         group_bytes = self._layout.kv_bytes(s)
@@ -296,21 +315,27 @@ class KVLoad:
         while first < self._valid_groups:
             last = min(self._valid_groups, first + per_slot)
             slot_id, slot = staging.acquire((last - first) * group_bytes)
-            stage = slot[: (last - first) * group_bytes].view(self._layout.dtype).view(layers, 2, heads, (last - first) * s, dim)
-            bits = as_bits(stage)
+            # Group j of the run at j * group_bytes, each as in its file: (layers, 2, heads, split, dim)
+            host = slot.numpy()
 
-            def work(lo: int, hi: int, first: int = first, bits: np.ndarray = bits) -> None:
+            def work(lo: int, hi: int, first: int = first, host: np.ndarray = host) -> None:
                 for g in range(lo, min(hi, self._valid_groups)):
-                    self._copy_group(g, bits[:, :, :, (g - first) * s : (g - first + 1) * s])
+                    at = (g - first) * group_bytes
+                    self._read_group(g, host[at : at + group_bytes])
 
             self._parallel(work, first, last, (last - first) * group_bytes)
             last = min(last, self._valid_groups)  # a failed check may have cut this run
+            n = last - first
             with torch.cuda.stream(stream):
-                if last > first:
-                    # Pinned source + non_blocking: a DMA the host does not wait for.
-                    self._block5[:, :, :, first * s : last * s].copy_(stage[:, :, :, : (last - first) * s], non_blocking=True)
+                if n > 0:
+                    # Pinned source + non_blocking: one DMA the host does not wait for; the
+                    # re-layout into (layers, 2, heads, tokens, dim) runs at device-memory speed.
+                    device_copy = slot[: n * group_bytes].to(self._device, non_blocking=True)
+                    runs = device_copy.view(self._layout.dtype).view(n, layers, 2, heads, s, dim)
+                    target = self._block5[:, :, :, first * s : last * s].view(layers, 2, heads, n, s, dim)
+                    target.copy_(runs.permute(1, 2, 3, 0, 4, 5))
                 staging.release(slot_id, stream.record_event())
-            first = last if last > first else self._valid_groups
+            first = last if n > 0 else self._valid_groups
         done = stream.record_event()
         for layer in range(len(self.outputs)):
             self._layer_events[layer] = done
