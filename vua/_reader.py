@@ -309,7 +309,8 @@ class KVLoad:
         s = self._split
         layers, _, heads, _, dim = self._block5.shape
         group_bytes = self._layout.kv_bytes(s)
-        per_slot = max(1, staging.slot_bytes // group_bytes)
+        # A group is one thread's unit, so a run holds at least a group per thread.
+        per_slot = max(1, staging.slot_bytes // group_bytes, getattr(self._executor, "_max_workers", 1))
         stream = staging.stream
         first = 0
         while first < self._valid_groups:

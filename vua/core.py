@@ -73,7 +73,8 @@ class VUAConfig:
         file_mode: permission bits of new fragment files; None follows the umask.
         io_threads: threads for parallel fragment reads and writes.
         verify_checksums: check every tensor read against its checksum from put time.
-        staging_bytes: size of each of the two pinned buffers used for CUDA reads.
+        staging_bytes: size of each of the two pinned buffers used for CUDA reads (grown
+            to one group per I/O thread when groups are large).
         host_pool_bytes: host memory of dropped CPU results kept for reuse by later reads
             (saves zeroing fresh pages); 0 turns recycling off.
     """
@@ -83,7 +84,7 @@ class VUAConfig:
     index_path: str | None = None
     max_bytes: int | None = None
     file_mode: int | None = None
-    io_threads: int = min(8, os.cpu_count() or 1)
+    io_threads: int = min(16, os.cpu_count() or 1)
     verify_checksums: bool = True
     staging_bytes: int = 256 << 20
     host_pool_bytes: int = 2 << 30
