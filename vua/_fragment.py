@@ -42,7 +42,6 @@ FORMAT_VERSION = "1"
 HEADER_ALIGN = 4096
 MAX_HEADER_BYTES = 16 << 20  # a 1000-layer model's header is far below this
 _IOV_MAX = 1024  # Linux's limit on buffers per writev call
-_MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # Linux only
 
 DTYPE_NAMES: dict[torch.dtype, str] = {
     torch.float64: "F64",
@@ -282,7 +281,7 @@ class Fragment:
         FragmentError: the file is missing, truncated, or its header is malformed.
     """
 
-    def __init__(self, path: str, *, populate: bool = True):
+    def __init__(self, path: str):
         self.path = path
         try:
             fd = os.open(path, os.O_RDONLY)
@@ -296,18 +295,10 @@ class Fragment:
             if self.file_size < 8:
                 raise FragmentError(f"fragment {path} is truncated ({self.file_size} bytes)")
             # Read-only and shared: the pages are the page cache's own, nothing is copied.
-            # MAP_POPULATE maps them all in one call (one large read when cold) instead of
-            # a page fault every few KiB during the copy; readers that use read_kv_into
-            # skip it, since mapping and unmapping pages costs more than reading them.
-            flags = mmap.MAP_SHARED | (_MAP_POPULATE if populate else 0)
-            self._map = mmap.mmap(fd, 0, flags=flags, prot=mmap.PROT_READ)
-        except BaseException:
-            os.close(fd)
-            raise
-        # Only a fragment read with preadv keeps its descriptor: a get may open hundreds.
-        self._fd = -1 if populate else fd
-        if populate:
-            os.close(fd)
+            # Pages are mapped as the copy touches them; prefetch() starts disk reads early.
+            self._map = mmap.mmap(fd, 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+        finally:
+            os.close(fd)  # a get may hold hundreds of fragments: the mapping needs no descriptor
         try:
             self.metadata, self.tensors, self.data_start = _parse_header(self._map, self.file_size, path)
         except BaseException:
@@ -323,13 +314,14 @@ class Fragment:
     def close(self) -> None:
         self.__dict__.pop("layers", None)
         self.__dict__.pop("_region", None)
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
         try:
             self._map.close()
         except BufferError:
             pass  # a view is still alive; the mapping goes when the last one does
+
+    def prefetch(self) -> None:
+        """Asks the kernel to start reading the whole file in the background (cold reads)."""
+        self._map.madvise(mmap.MADV_WILLNEED)
 
     def read_kv_into(self, dest: memoryview) -> None:
         """Reads all K and V bytes (file order) into ``dest`` with one ``preadv``.
@@ -341,12 +333,16 @@ class Fragment:
             FragmentError: the file is shorter than its header says.
         """
         begin = self.tensors[key_name(0)].begin
-        got = 0
-        while got < len(dest):
-            n = os.preadv(self._fd, [dest[got:]], begin + got)
-            if n == 0:
-                raise FragmentError(f"fragment {self.path} ended early while reading its data")
-            got += n
+        fd = os.open(self.path, os.O_RDONLY)  # a file replaced since fails the checksum
+        try:
+            got = 0
+            while got < len(dest):
+                n = os.preadv(fd, [dest[got:]], begin + got)
+                if n == 0:
+                    raise FragmentError(f"fragment {self.path} ended early while reading its data")
+                got += n
+        finally:
+            os.close(fd)
 
     def kv_offsets(self) -> list[tuple[str, int, int]]:
         """(name, begin, end) of every K and V tensor, relative to the first K."""

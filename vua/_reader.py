@@ -229,6 +229,9 @@ class KVLoad:
 
     def _run(self) -> None:
         try:
+            if self._layerwise or not self._uniform:
+                for fragment in self._fragments:  # layer-major reads touch every file at once
+                    fragment.prefetch()
             if self._staging is None:
                 self._run_cpu(self._layerwise)
             else:
@@ -265,7 +268,11 @@ class KVLoad:
                 block = as_bits(self._block5)
 
                 def work(lo: int, hi: int) -> None:
+                    if lo < len(self._fragments):
+                        self._fragments[lo].prefetch()
                     for g in range(lo, min(hi, self._valid_groups)):
+                        if g + 1 < hi and g + 1 < len(self._fragments):
+                            self._fragments[g + 1].prefetch()  # disk reads overlap this copy
                         self._copy_group(g, block[:, :, :, g * s : (g + 1) * s])
 
                 self._parallel(work, 0, self._valid_groups, self._total_bytes)
@@ -321,6 +328,8 @@ class KVLoad:
 
             def work(lo: int, hi: int, first: int = first, host: np.ndarray = host) -> None:
                 for g in range(lo, min(hi, self._valid_groups)):
+                    if g + per_slot < len(self._fragments):
+                        self._fragments[g + per_slot].prefetch()  # the next run's reads start now
                     at = (g - first) * group_bytes
                     self._read_group(g, host[at : at + group_bytes])
 

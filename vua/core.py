@@ -390,8 +390,7 @@ class VUA:
         ids = _int64_ids(row)
         keys = group_keys(ids, self.config.split_factor, self._seed)
         started = time.perf_counter()
-        # Whole-group GPU reads use preadv into pinned staging; other reads copy from the map.
-        fragments, layout = self._open_prefix(keys, ids, populate=device.type == "cpu" or layerwise)
+        fragments, layout = self._open_prefix(keys, ids)
         logger.debug("lookup: %d of %d groups usable in %.2f ms", len(fragments), len(keys), 1e3 * (time.perf_counter() - started))
         if not fragments:
             return None
@@ -446,7 +445,7 @@ class VUA:
             groups += 1
         return groups, first.layout_id
 
-    def _open_prefix(self, keys: list[bytes], ids: np.ndarray, *, populate: bool = True) -> tuple[list[Fragment], Layout | None]:
+    def _open_prefix(self, keys: list[bytes], ids: np.ndarray) -> tuple[list[Fragment], Layout | None]:
         """Opens and validates the fragments of the stored prefix; cut at the first bad one."""
         count, layout_id = self._indexed_prefix(keys)
         if not count:
@@ -459,7 +458,7 @@ class VUA:
         def open_group(j: int) -> Fragment | None:
             key_hex = keys[j].hex()
             try:
-                fragment = Fragment(_layout.fragment_path(self.root, key_hex), populate=populate)
+                fragment = Fragment(_layout.fragment_path(self.root, key_hex))
             except FragmentError as exc:
                 logger.warning("stored prefix ends before group %d: %s", j, exc)
                 if exc.damaged:
