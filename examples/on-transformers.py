@@ -34,8 +34,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def offline_model_and_prompt(device: str) -> tuple[torch.nn.Module, torch.Tensor]:
     """A random Llama-shaped model (about 110M parameters) and a byte-level prompt."""
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=768, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=12,
-                         num_key_value_heads=4, vocab_size=32_000, max_position_embeddings=8192)
+    config = LlamaConfig(
+        hidden_size=768,
+        intermediate_size=2048,
+        num_hidden_layers=8,
+        num_attention_heads=12,
+        num_key_value_heads=4,
+        vocab_size=32_000,
+        max_position_embeddings=8192,
+    )
     model = LlamaForCausalLM(config).to(device).eval()
     with open(os.path.join(HERE, "data", "prompt.txt"), "rb") as f:
         text = f.read()
@@ -59,18 +66,24 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=16, help="tokens to generate greedily (default 16)")
     args = parser.parse_args()
 
-    model, prompt = hub_model_and_prompt(args.model, args.device) if args.model else offline_model_and_prompt(args.device)
+    model, prompt = (
+        hub_model_and_prompt(args.model, args.device) if args.model else offline_model_and_prompt(args.device)
+    )
     root = args.cache_dir or tempfile.mkdtemp(prefix="vua-transformers-")
     vua = VUA(VUAConfig(split_factor=args.split_factor, namespace=model_namespace(model)), root)
     params = sum(p.numel() for p in model.parameters()) / 1e6
-    print(f"model: {args.model or 'random Llama-shaped'} ({params:.0f}M parameters) on {args.device}; "
-          f"prompt: {prompt.numel()} tokens; store: {root}")
+    print(
+        f"model: {args.model or 'random Llama-shaped'} ({params:.0f}M parameters) on {args.device}; "
+        f"prompt: {prompt.numel()} tokens; store: {root}"
+    )
 
     outputs = []
     for label in ("first run (compute, then store)", "second run (restore from VUA)"):
         result = prefill(model, vua, prompt)[0]
-        print(f"{label}: {result.cached_tokens} tokens restored, {prompt.numel() - result.cached_tokens} computed, "
-              f"time to first token {result.seconds:.2f} s, {result.stored_groups} groups stored")
+        print(
+            f"{label}: {result.cached_tokens} tokens restored, {prompt.numel() - result.cached_tokens} computed, "
+            f"time to first token {result.seconds:.2f} s, {result.stored_groups} groups stored"
+        )
         outputs.append(result.seconds)
     speedup = outputs[0] / outputs[1]
     print(f"time to first token: {outputs[0]:.2f} s -> {outputs[1]:.2f} s ({speedup:.1f}x faster)")
@@ -83,8 +96,10 @@ def main() -> None:
     restored = generate(model, vua, prompt, max_new_tokens=args.new_tokens)[0]
     restored_s = time.perf_counter() - started
     same = torch.equal(plain, restored)
-    print(f"greedy generation of {args.new_tokens} tokens: {plain_s:.2f} s without VUA, {restored_s:.2f} s with; "
-          f"identical: {same}")
+    print(
+        f"greedy generation of {args.new_tokens} tokens: {plain_s:.2f} s without VUA, {restored_s:.2f} s with; "
+        f"identical: {same}"
+    )
     vua.close()
     if args.cache_dir is None:
         shutil.rmtree(root)

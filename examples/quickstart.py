@@ -33,21 +33,27 @@ def main() -> None:
 
     prompt = torch.randint(0, 32_000, (1, tokens_n))
     kv = [
-        (torch.randn(1, kv_heads, tokens_n, head_dim, dtype=torch.bfloat16),
-         torch.randn(1, kv_heads, tokens_n, head_dim, dtype=torch.bfloat16))
+        (
+            torch.randn(1, kv_heads, tokens_n, head_dim, dtype=torch.bfloat16),
+            torch.randn(1, kv_heads, tokens_n, head_dim, dtype=torch.bfloat16),
+        )
         for _ in range(layers)
     ]
     size_mib = sum(k.nbytes + v.nbytes for k, v in kv) / 2**20
 
     started = time.perf_counter()
     written = vua.put(prompt, kv)
-    print(f"put     {tokens_n} tokens, {size_mib:.0f} MiB of KV: {written} groups written, durable, "
-          f"in {1e3 * (time.perf_counter() - started):.1f} ms")
+    print(
+        f"put     {tokens_n} tokens, {size_mib:.0f} MiB of KV: {written} groups written, durable, "
+        f"in {1e3 * (time.perf_counter() - started):.1f} ms"
+    )
 
     cases = {
         "same prompt": prompt,
         "prompt + 700 new tokens": torch.cat([prompt, torch.randint(0, 32_000, (1, 700))], dim=1),
-        "first 1,000 tokens changed after 3,000": torch.cat([prompt[:, :3000], torch.randint(0, 32_000, (1, 1096))], dim=1),
+        "first 1,000 tokens changed after 3,000": torch.cat(
+            [prompt[:, :3000], torch.randint(0, 32_000, (1, 1096))], dim=1
+        ),
         "unrelated prompt": torch.randint(0, 32_000, (1, tokens_n)),
     }
     for name, query in cases.items():
@@ -58,10 +64,14 @@ def main() -> None:
             print(f"get     {name}: nothing stored ({ms:.2f} ms)")
             continue
         n = hit.tokens.shape[-1]
-        exact = all(torch.equal(k, ok[:, :, :n].to(k.device)) and torch.equal(v, ov[:, :, :n].to(v.device))
-                    for (k, v), (ok, ov) in zip(hit.data, kv))
-        print(f"get     {name}: {n} of {query.shape[-1]} tokens restored to {hit.data[0][0].device}, "
-              f"{len(hit.data)} layers of {tuple(hit.data[0][0].shape)}, identical to what was put: {exact} ({ms:.1f} ms)")
+        exact = all(
+            torch.equal(k, ok[:, :, :n].to(k.device)) and torch.equal(v, ov[:, :, :n].to(v.device))
+            for (k, v), (ok, ov) in zip(hit.data, kv)
+        )
+        print(
+            f"get     {name}: {n} of {query.shape[-1]} tokens restored to {hit.data[0][0].device}, "
+            f"{len(hit.data)} layers of {tuple(hit.data[0][0].shape)}, identical to what was put: {exact} ({ms:.1f} ms)"
+        )
 
     vua.close()
     if args.cache_dir is None:

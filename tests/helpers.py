@@ -77,7 +77,9 @@ class StoreTestCase(unittest.TestCase):
             self.assertTrue(same_bits(gv, ev), f"layer {i} value differs")
 
 
-def prefix_kv(tokens: torch.Tensor, *, layers: int = 2, heads: int = 2, head_dim: int = 4) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def prefix_kv(
+    tokens: torch.Tensor, *, layers: int = 2, heads: int = 2, head_dim: int = 4
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """KV that depends on every token before a position, as a real model's does.
 
     Any process can recompute it from the tokens alone, so a reader checks a hit against
@@ -87,7 +89,9 @@ def prefix_kv(tokens: torch.Tensor, *, layers: int = 2, heads: int = 2, head_dim
     running = torch.cumsum(ids * 1.000001, 0) % 1e6  # (n,)
     out = []
     for layer in range(layers):
-        base = running[None, None, :, None] + torch.arange(heads * head_dim, dtype=torch.float64).view(1, heads, 1, head_dim)
+        base = running[None, None, :, None] + torch.arange(heads * head_dim, dtype=torch.float64).view(
+            1, heads, 1, head_dim
+        )
         out.append(((base + layer).float(), (base - layer).float()))
     return out
 
@@ -98,7 +102,9 @@ def check_hit(hit, query: torch.Tensor) -> int:
         return 0
     n = hit.tokens.shape[-1]
     assert torch.equal(hit.tokens.reshape(-1), query.reshape(-1)[:n]), "hit tokens are not a prefix of the query"
-    expected = prefix_kv(query.reshape(-1)[:n], layers=len(hit.data), heads=hit.data[0][0].shape[1], head_dim=hit.data[0][0].shape[3])
+    expected = prefix_kv(
+        query.reshape(-1)[:n], layers=len(hit.data), heads=hit.data[0][0].shape[1], head_dim=hit.data[0][0].shape[3]
+    )
     for (k, v), (ek, ev) in zip(hit.data, expected):
         assert torch.equal(k, ek) and torch.equal(v, ev), "hit data differs from what was put"
     return n

@@ -11,7 +11,6 @@ import tempfile
 import textwrap
 import unittest
 
-import numpy as np
 import safetensors.torch
 import torch
 import xxhash
@@ -71,8 +70,17 @@ class KeyTest(unittest.TestCase):
 
 class RoundTripTest(StoreTestCase):
     def test_every_dtype_round_trips_bit_for_bit(self):
-        dtypes = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.float8_e4m3fn,
-                  torch.float8_e5m2, torch.int8, torch.uint8, torch.int32]
+        dtypes = [
+            torch.float32,
+            torch.float16,
+            torch.bfloat16,
+            torch.float64,
+            torch.float8_e4m3fn,
+            torch.float8_e5m2,
+            torch.int8,
+            torch.uint8,
+            torch.int32,
+        ]
         vua = self.store()
         for i, dtype in enumerate(dtypes):
             with self.subTest(dtype=dtype):
@@ -262,7 +270,9 @@ class BadInputTest(StoreTestCase):
         self.assertTrue(issubclass(SplitFactorError, ValueError))
 
     def test_token_rank_and_dtype(self):
-        self.assertRejected(InvalidInputError, torch.arange(32).view(1, 1, 32), random_kv(1, 32), "[n], [1, n] or [B, n]")
+        self.assertRejected(
+            InvalidInputError, torch.arange(32).view(1, 1, 32), random_kv(1, 32), "[n], [1, n] or [B, n]"
+        )
         self.assertRejected(InvalidInputError, torch.arange(32).float(), random_kv(1, 32), "tokens.long()")
         with self.assertRaisesRegex(InvalidInputError, "list of 1-D tensors"):
             self.vua.get_closest(torch.zeros(2, 32, dtype=torch.long), device="cpu")
@@ -281,7 +291,9 @@ class BadInputTest(StoreTestCase):
     def test_malformed_data(self):
         self.assertRejected(InvalidInputError, torch.arange(32), [], "non-empty list")
         self.assertRejected(InvalidInputError, torch.arange(32), [(torch.zeros(1, 2, 32, 8),)], "(key, value) pair")
-        self.assertRejected(InvalidInputError, torch.arange(32), [(torch.zeros(2, 32, 8), torch.zeros(2, 32, 8))], "4-D tensor")
+        self.assertRejected(
+            InvalidInputError, torch.arange(32), [(torch.zeros(2, 32, 8), torch.zeros(2, 32, 8))], "4-D tensor"
+        )
 
     def test_unusable_root(self):
         path = os.path.join(self.root, "a-file")
@@ -317,7 +329,9 @@ class ReadmeExampleTest(unittest.TestCase):
         )
         with tempfile.TemporaryDirectory() as cwd:
             env = dict(os.environ, PYTHONPATH=ROOT_OF_REPO)
-            done = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+            done = subprocess.run(
+                [sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
+            )
             self.assertEqual(done.returncode, 0, done.stderr)
             self.assertIn("Retrieved tokens: tensor([[", done.stdout)
             self.assertIn("Retrieved data: [(tensor([[[[", done.stdout)
@@ -328,7 +342,15 @@ class SerdesTest(unittest.TestCase):
     def test_round_trip_and_interop_every_dtype(self):
         from vua.serdes import bytes_to_tensor, tensor_to_bytes
 
-        for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn, torch.float8_e5m2, torch.int64, torch.bool):
+        for dtype in (
+            torch.float32,
+            torch.bfloat16,
+            torch.float16,
+            torch.float8_e4m3fn,
+            torch.float8_e5m2,
+            torch.int64,
+            torch.bool,
+        ):
             with self.subTest(dtype=dtype):
                 t = torch.randn(3, 5).to(dtype)
                 raw = tensor_to_bytes(t, "x")

@@ -18,6 +18,7 @@ from vua import _fragment, _layout
 from vua.core import VUA, VUAConfig
 from vua.errors import StorageError
 
+
 def temporaries(root: str) -> list[str]:
     return [t for f in _layout.iter_fanout_dirs(root) for t in _layout.iter_temporaries(f)]
 
@@ -139,7 +140,9 @@ def _worker(root: str, seed: int, seconds: float, results) -> None:
     errors = []
     end = time.monotonic() + seconds
     while time.monotonic() < end:
-        tokens = torch.cat([torch.arange(32), torch.tensor([rng.randrange(6) for _ in range(16 * rng.randrange(1, 4))])])
+        tokens = torch.cat(
+            [torch.arange(32), torch.tensor([rng.randrange(6) for _ in range(16 * rng.randrange(1, 4))])]
+        )
         try:
             if rng.random() < 0.5:
                 vua.put(tokens, prefix_kv(tokens))

@@ -47,7 +47,11 @@ class CommandTest(StoreTestCase):
         self.assertIsNotNone(stats["oldest_use"])
 
     def fragment_files(self) -> list[str]:
-        return [os.path.join(d, _layout.FRAGMENT_FILE) for f in _layout.iter_fanout_dirs(self.root) for _, d in _layout.iter_groups(f)]
+        return [
+            os.path.join(d, _layout.FRAGMENT_FILE)
+            for f in _layout.iter_fanout_dirs(self.root)
+            for _, d in _layout.iter_groups(f)
+        ]
 
     def test_verify_clean_then_damaged_then_fixed(self):
         self.assertEqual(run_cli("verify", self.root)[0], 0)
@@ -99,8 +103,10 @@ class CommandTest(StoreTestCase):
 
     def test_rebuild_script_and_module_entry_points(self):
         env = dict(os.environ, PYTHONPATH=REPO)
-        for argv in ([sys.executable, os.path.join(REPO, "tools", "rebuild_index.py"), self.root],
-                     [sys.executable, "-m", "vua", "rebuild-index", self.root]):
+        for argv in (
+            [sys.executable, os.path.join(REPO, "tools", "rebuild_index.py"), self.root],
+            [sys.executable, "-m", "vua", "rebuild-index", self.root],
+        ):
             done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120)
             self.assertEqual(done.returncode, 0, done.stderr)
             self.assertIn("4 groups", done.stdout)
@@ -175,7 +181,9 @@ class CapacityTest(StoreTestCase):
         self.assertEqual(run_cli("gc", self.root, "--max-bytes", "0")[0], 0)
         self.assertIsNone(vua.get_closest(tokens, device="cpu"))
         expected = prefix_kv(tokens)[0][0][0, :, 16:32]
-        self.assertTrue(torch.equal(torch.from_numpy(fragments[1].array("layers.0.key").copy()).view(torch.float32), expected))
+        self.assertTrue(
+            torch.equal(torch.from_numpy(fragments[1].array("layers.0.key").copy()).view(torch.float32), expected)
+        )
         for f in fragments:
             f.close()
 
@@ -197,7 +205,9 @@ class SharedStorageTest(StoreTestCase):
         )
         node_b = self.store(VUAConfig(split_factor=16, namespace="shared", index_path=index_b))
         self.assertIsNone(node_b.get_closest(tokens, device="cpu"))
-        done = subprocess.run([sys.executable, "-c", writer, self.root, index_a, REPO], capture_output=True, text=True, timeout=120)
+        done = subprocess.run(
+            [sys.executable, "-c", writer, self.root, index_a, REPO], capture_output=True, text=True, timeout=120
+        )
         self.assertEqual(done.returncode, 0, done.stderr)
         self.assertEqual(done.stdout.split(), ["2", "2"])
         self.assertEqual(check_hit(node_b.get_closest(tokens, device="cpu"), tokens), 64)
@@ -214,7 +224,9 @@ class IndexUpkeepTest(StoreTestCase):
             vua.put(tokens, [(torch.zeros(1, 1, 3000, 1), torch.zeros(1, 1, 3000, 1))])
             env, _, _ = vua._index.env()
             self.assertGreater(env.info()["map_size"], 64 * 1024)
-            self.assertEqual(len(vua._index.lookup_prefix([bytes.fromhex(k) for k in vua.config.tokens_to_paths(tokens)])), 3000)
+            self.assertEqual(
+                len(vua._index.lookup_prefix([bytes.fromhex(k) for k in vua.config.tokens_to_paths(tokens)])), 3000
+            )
 
     def test_index_is_reopened_after_fork(self):
         vua = self.store(split_factor=16, namespace="fork")
@@ -245,8 +257,12 @@ class IndexUpkeepTest(StoreTestCase):
             "print(os.getpid(), flush=True)\n"
             "time.sleep(60)\n"
         )
-        child = subprocess.Popen([sys.executable, "-c", holder, vua.index_path, self.root], stdout=subprocess.PIPE,
-                                 text=True, env=dict(os.environ, PYTHONPATH=REPO))
+        child = subprocess.Popen(
+            [sys.executable, "-c", holder, vua.index_path, self.root],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=dict(os.environ, PYTHONPATH=REPO),
+        )
         child_pid = int(child.stdout.readline())
         env, _, _ = vua._index.env()
         self.assertIn(str(child_pid), env.readers())

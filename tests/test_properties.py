@@ -24,7 +24,9 @@ from vua._index import rebuild
 from vua.core import VUA, VUAConfig
 
 SPLIT = 4
-prompts = st.lists(st.integers(0, 2), min_size=SPLIT, max_size=4 * SPLIT).map(lambda ids: tuple(ids[: len(ids) // SPLIT * SPLIT]))
+prompts = st.lists(st.integers(0, 2), min_size=SPLIT, max_size=4 * SPLIT).map(
+    lambda ids: tuple(ids[: len(ids) // SPLIT * SPLIT])
+)
 
 
 class StoreMachine(RuleBasedStateMachine):
@@ -111,7 +113,9 @@ class StoreMachine(RuleBasedStateMachine):
 
 
 StoreMachine.TestCase.settings = settings(
-    max_examples=50, stateful_step_count=30, deadline=None,
+    max_examples=50,
+    stateful_step_count=30,
+    deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 

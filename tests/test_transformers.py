@@ -13,8 +13,15 @@ from vua.core import VUAConfig
 from vua.integrations.transformers import cache_keyword, cache_to_kv, generate, model_namespace, prefill
 
 SPLIT = 16
-SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, vocab_size=512, max_position_embeddings=512)
+SHAPE = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=512,
+    max_position_embeddings=512,
+)
 # bf16 logits of a restored prefix differ from a full recompute only by matmul blocking;
 # this bound is a few bf16 ulps of the logits' magnitude here (measured max 0.03).
 BF16_ATOL = 0.08
@@ -108,8 +115,11 @@ class RestoreTest(StoreTestCase):
         self.assertEqual(vua.get_closest(prompt, device="cpu").tokens.numel(), 64)
 
     def test_namespaces_differ_between_models_and_dtypes(self):
-        names = {model_namespace(build("llama")), model_namespace(build("qwen2")),
-                 model_namespace(build("llama", torch.bfloat16))}
+        names = {
+            model_namespace(build("llama")),
+            model_namespace(build("qwen2")),
+            model_namespace(build("llama", torch.bfloat16)),
+        }
         self.assertEqual(len(names), 3)
 
     def test_cache_helpers(self):

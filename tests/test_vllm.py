@@ -47,18 +47,26 @@ class ConnectorHarness:
         self.vllm_config = VllmConfig(
             model_config=ModelConfig(model=model_dir, skip_tokenizer_init=True, dtype="bfloat16", max_model_len=1024),
             cache_config=CacheConfig(block_size=BLOCK, enable_prefix_caching=False),
-            kv_transfer_config=KVTransferConfig(kv_connector="VUAConnector", kv_role="kv_both",
-                                                kv_connector_module_path="vua.vllm", kv_connector_extra_config=extra),
+            kv_transfer_config=KVTransferConfig(
+                kv_connector="VUAConnector",
+                kv_role="kv_both",
+                kv_connector_module_path="vua.vllm",
+                kv_connector_extra_config=extra,
+            ),
             device_config=DeviceConfig(device="cpu"),
         )
         self.vllm_config.cache_config.num_gpu_blocks = NUM_BLOCKS  # what profiling the GPU would set
         spec_cls = MLAAttentionSpec if mla else FullAttentionSpec
         spec = spec_cls(block_size=BLOCK, num_kv_heads=heads, head_size=head, dtype=dtype)
-        self.kv_cache_config = KVCacheConfig(num_blocks=NUM_BLOCKS, kv_cache_tensors=[],
-                                             kv_cache_groups=[KVCacheGroupSpec(LAYERS, spec)])
-        self.scheduler = Scheduler(self.vllm_config, self.kv_cache_config, StructuredOutputManager(self.vllm_config),
-                                   block_size=BLOCK)
-        self.worker = KVConnectorFactory.create_connector(self.vllm_config, KVConnectorRole.WORKER, self.kv_cache_config)
+        self.kv_cache_config = KVCacheConfig(
+            num_blocks=NUM_BLOCKS, kv_cache_tensors=[], kv_cache_groups=[KVCacheGroupSpec(LAYERS, spec)]
+        )
+        self.scheduler = Scheduler(
+            self.vllm_config, self.kv_cache_config, StructuredOutputManager(self.vllm_config), block_size=BLOCK
+        )
+        self.worker = KVConnectorFactory.create_connector(
+            self.vllm_config, KVConnectorRole.WORKER, self.kv_cache_config
+        )
         content = 576 if mla else 2 * head
         self.caches = {}
         for name in LAYERS:
@@ -115,8 +123,15 @@ class VLLMConnectorTest(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         cls.model_dir = tempfile.mkdtemp(prefix="vua-tiny-llama-")
-        LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, vocab_size=512, max_position_embeddings=2048).save_pretrained(cls.model_dir)
+        LlamaConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=512,
+            max_position_embeddings=2048,
+        ).save_pretrained(cls.model_dir)
 
     @classmethod
     def tearDownClass(cls):

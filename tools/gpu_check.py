@@ -39,7 +39,9 @@ def check(name: str, ok: bool, detail: str) -> None:
 
 def llama_kv(tokens: int, layers: int = 32) -> list[tuple[torch.Tensor, torch.Tensor]]:
     gen = torch.Generator().manual_seed(tokens)
-    return [tuple(torch.randn(1, 8, tokens, 128, generator=gen).to(torch.bfloat16) for _ in range(2)) for _ in range(layers)]
+    return [
+        tuple(torch.randn(1, 8, tokens, 128, generator=gen).to(torch.bfloat16) for _ in range(2)) for _ in range(layers)
+    ]
 
 
 def same(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -68,16 +70,22 @@ def main() -> int:
         nbytes = sum(k.nbytes + v.nbytes for k, v in kv)
         started = time.perf_counter()
         vua.put(tokens, kv)
-        print(f"put {nbytes / 2**20:.0f} MiB ({args.tokens} tokens, Llama-3-8B shape, bf16) in "
-              f"{time.perf_counter() - started:.2f} s", flush=True)
+        print(
+            f"put {nbytes / 2**20:.0f} MiB ({args.tokens} tokens, Llama-3-8B shape, bf16) in "
+            f"{time.perf_counter() - started:.2f} s",
+            flush=True,
+        )
 
         # 1. GPU result equals CPU result.
         cpu = vua.get_closest(tokens, device="cpu")
         gpu = vua.get_closest(tokens, device=dev)
         torch.cuda.synchronize()
         equal = all(same(a, b) for pa, pb in zip(cpu.data, gpu.data) for a, b in zip(pa, pb))
-        check("gpu equals cpu", equal and gpu.data[0][0].device.type == "cuda",
-              f"{len(gpu.data)} layers x (K, V) {tuple(gpu.data[0][0].shape)} on {gpu.data[0][0].device}")
+        check(
+            "gpu equals cpu",
+            equal and gpu.data[0][0].device.type == "cuda",
+            f"{len(gpu.data)} layers x (K, V) {tuple(gpu.data[0][0].shape)} on {gpu.data[0][0].device}",
+        )
         del gpu
 
         # 2. No race: consume on the current stream right after the call returns.
@@ -108,8 +116,11 @@ def main() -> int:
             vua.get_closest(small, device=dev)
         torch.cuda.synchronize()
         after = pinned()
-        check("pinned memory flat over 200 gets", 0 < before and after <= before,
-              f"{before / 2**20:.0f} MiB -> {after / 2**20:.0f} MiB pinned (torch.cuda.host_memory_stats)")
+        check(
+            "pinned memory flat over 200 gets",
+            0 < before and after <= before,
+            f"{before / 2**20:.0f} MiB -> {after / 2**20:.0f} MiB pinned (torch.cuda.host_memory_stats)",
+        )
 
         # 4. Throughput against a raw pinned-to-device copy of the same bytes.
         raw_src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
@@ -132,7 +143,11 @@ def main() -> int:
             times.append(time.perf_counter() - started)
             del hit
         got = gbps(nbytes, min(times))
-        check("warm get to GPU >= 0.7x raw H2D", got >= 0.7 * raw, f"{got:.1f} GB/s vs raw pinned->device {raw:.1f} GB/s ({got / raw:.2f}x)")
+        check(
+            "warm get to GPU >= 0.7x raw H2D",
+            got >= 0.7 * raw,
+            f"{got:.1f} GB/s vs raw pinned->device {raw:.1f} GB/s ({got / raw:.2f}x)",
+        )
         times = []
         for _ in range(3):
             started = time.perf_counter()
@@ -145,7 +160,10 @@ def main() -> int:
         started = time.perf_counter()
         dst.copy_(src)
         memcpy = gbps(nbytes, time.perf_counter() - started)
-        print(f"info  warm get to CPU on this host: {gbps(nbytes, min(times)):.1f} GB/s (memcpy {memcpy:.1f} GB/s)", flush=True)
+        print(
+            f"info  warm get to CPU on this host: {gbps(nbytes, min(times)):.1f} GB/s (memcpy {memcpy:.1f} GB/s)",
+            flush=True,
+        )
         del src, dst
 
         # 5. Layer-wise load.
@@ -155,7 +173,11 @@ def main() -> int:
             k, v = load.wait_layer(i)
             k2, v2 = k.clone(), v.clone()
             ok &= same(k2, cpu.data[i][0]) and same(v2, cpu.data[i][1])
-        check("layer-wise load on the GPU", ok and load.wait() == args.tokens // 256, f"{len(kv)} layers, each consumed as it landed")
+        check(
+            "layer-wise load on the GPU",
+            ok and load.wait() == args.tokens // 256,
+            f"{len(kv)} layers, each consumed as it landed",
+        )
 
         # 6. transformers on the GPU.
         try:
@@ -164,8 +186,20 @@ def main() -> int:
             from vua.integrations.transformers import model_namespace, prefill
 
             torch.manual_seed(0)
-            model = LlamaForCausalLM(LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                                                 num_attention_heads=4, num_key_value_heads=2, vocab_size=1000)).to(dev).eval()
+            model = (
+                LlamaForCausalLM(
+                    LlamaConfig(
+                        hidden_size=256,
+                        intermediate_size=512,
+                        num_hidden_layers=2,
+                        num_attention_heads=4,
+                        num_key_value_heads=2,
+                        vocab_size=1000,
+                    )
+                )
+                .to(dev)
+                .eval()
+            )
             store = VUA(VUAConfig(split_factor=64, namespace=model_namespace(model)), os.path.join(root, "hf"))
             prompt = torch.randint(0, 1000, (300,))
             prefill(model, store, prompt)
@@ -178,22 +212,31 @@ def main() -> int:
                 expected = model(prompt[None, n:].to(dev), past_key_values=own).logits
                 full = model(prompt[None].to(dev)).logits[:, n:]
             diff = (warm.logits - full).abs().max().item()
-            check("transformers restore on the GPU", n == 256 and torch.equal(warm.logits, expected),
-                  f"{n} of 300 tokens restored; logits equal to an in-memory cache's; max diff to a full recompute {diff:.2e}")
+            check(
+                "transformers restore on the GPU",
+                n == 256 and torch.equal(warm.logits, expected),
+                f"{n} of 300 tokens restored; logits equal to an in-memory cache's; max diff to a full recompute {diff:.2e}",
+            )
             store.close()
         except ImportError as exc:
             print(f"skip  transformers: {exc}")
 
         # 7. GDS.
         gds = hasattr(torch.cuda, "gds")
-        print(f"skip  GPUDirect Storage: VUA has no GDS read path yet (torch.cuda.gds present: {gds}; fragments are "
-              "already 4 KiB-aligned for it)", flush=True)
+        print(
+            f"skip  GPUDirect Storage: VUA has no GDS read path yet (torch.cuda.gds present: {gds}; fragments are "
+            "already 4 KiB-aligned for it)",
+            flush=True,
+        )
     finally:
         vua.close()
         if args.root is None:
             shutil.rmtree(root, ignore_errors=True)
     failed = [name for name, ok, _ in results if not ok]
-    print(f"summary: {len(results) - len(failed)} passed, {len(failed)} failed" + (f" ({', '.join(failed)})" if failed else ""))
+    print(
+        f"summary: {len(results) - len(failed)} passed, {len(failed)} failed"
+        + (f" ({', '.join(failed)})" if failed else "")
+    )
     return 1 if failed else 0
 
 

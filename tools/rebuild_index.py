@@ -1,6 +1,6 @@
 """Rebuild a VUA store's index from its fragment tree: ``vua rebuild-index`` as a script.
 
-    uv run tools/rebuild_index.py ROOT [--index-path DIR] [--workers N] [--json]
+uv run tools/rebuild_index.py ROOT [--index-path DIR] [--workers N] [--json]
 """
 
 import os

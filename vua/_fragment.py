@@ -253,7 +253,9 @@ def quarantine_group(root: str, key_hex: str) -> bool:
         True if this call moved it.
     """
     final = _layout.group_dir(root, key_hex)
-    target = os.path.join(os.path.dirname(final), f"{_layout.TMP_PREFIX}{key_hex}-damaged-{os.getpid()}-{secrets.token_hex(4)}")
+    target = os.path.join(
+        os.path.dirname(final), f"{_layout.TMP_PREFIX}{key_hex}-damaged-{os.getpid()}-{secrets.token_hex(4)}"
+    )
     try:
         os.rename(final, target)
         return True
@@ -416,8 +418,9 @@ class Fragment:
         if actual != self.checksums.get(name):
             raise FragmentError(f"fragment {self.path}: checksum mismatch in {name} (damaged data)")
 
-    def validate(self, *, key_hex: str, namespace: str, split_factor: int, layout: Layout | None,
-                 group_index: int | None = None) -> Layout:
+    def validate(
+        self, *, key_hex: str, namespace: str, split_factor: int, layout: Layout | None, group_index: int | None = None
+    ) -> Layout:
         """Checks that this fragment is group ``key_hex`` of ``namespace`` with the given layout.
 
         Returns the fragment's layout (``layout`` itself when one was given).
@@ -437,9 +440,7 @@ class Fragment:
             expected["group_index"] = str(group_index)
         for field, value in expected.items():
             if meta.get(field) != value:
-                raise FragmentError(
-                    f"fragment {self.path}: metadata {field}={meta.get(field)!r}, expected {value!r}"
-                )
+                raise FragmentError(f"fragment {self.path}: metadata {field}={meta.get(field)!r}, expected {value!r}")
         if layout is None:
             layout = Layout.from_json(meta.get("layout", ""))
         elif meta.get("layout") != layout.json:

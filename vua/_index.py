@@ -178,8 +178,13 @@ class Index:
 
     # -- writes -------------------------------------------------------------------------
 
-    def add(self, entries: Iterable[tuple[bytes, GroupRecord]], layouts: Iterable[Layout] = (),
-            namespaces: Iterable[str] = (), touch: Iterable[bytes] = ()) -> None:
+    def add(
+        self,
+        entries: Iterable[tuple[bytes, GroupRecord]],
+        layouts: Iterable[Layout] = (),
+        namespaces: Iterable[str] = (),
+        touch: Iterable[bytes] = (),
+    ) -> None:
         """Records groups, and marks the ``touch`` groups used now, in one write transaction."""
         entries = list(entries)
         layouts = list(layouts)
@@ -334,9 +339,7 @@ def read_group_record(root: str, key_hex: str) -> tuple[GroupRecord, Layout, str
             meta = fragment.metadata
             namespace = meta.get("namespace", "")
             split_factor = int(meta.get("split_factor", "0"))
-            layout = fragment.validate(
-                key_hex=key_hex, namespace=namespace, split_factor=split_factor, layout=None
-            )
+            layout = fragment.validate(key_hex=key_hex, namespace=namespace, split_factor=split_factor, layout=None)
             record = GroupRecord(
                 namespace_id(namespace),
                 layout.id,
@@ -364,7 +367,10 @@ class ScanProgress:
 
 
 def scan_tree(
-    root: str, *, workers: int = 8, progress: Callable[[ScanProgress], None] | None = None,
+    root: str,
+    *,
+    workers: int = 8,
+    progress: Callable[[ScanProgress], None] | None = None,
     state: ScanProgress | None = None,
 ) -> Iterator[ScanEntry]:
     """Yields (key, record, layout, namespace) for every valid fragment under ``root``.

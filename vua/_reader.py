@@ -93,7 +93,11 @@ class KVLoad:
         shapes = [((1, kh, tokens, kd), (1, vh, tokens, vd)) for (kh, kd), (vh, vd) in layout.layers]
         # (layers) x ((1, kv_heads, tokens, head_dim) for K, the same for V)
         if device.type == "cpu":
-            block = torch.from_numpy(host_pool.take(self._total_bytes)) if host_pool else empty_host((self._total_bytes,), torch.uint8)
+            block = (
+                torch.from_numpy(host_pool.take(self._total_bytes))
+                if host_pool
+                else empty_host((self._total_bytes,), torch.uint8)
+            )
         else:
             block = torch.empty(self._total_bytes, dtype=torch.uint8, device=device)
         self.outputs = _carve(block, shapes, layout.dtype)
@@ -176,7 +180,12 @@ class KVLoad:
         for source, dest, expected, name in ((source_k, dest_k, sum_k, "key"), (source_v, dest_v, sum_v, "value")):
             # Hash first: it pulls the bytes into cache, so the copy reads them from there.
             if self._verify and xxhash.xxh3_64_intdigest(source) != expected:
-                self._fail(group, FragmentError(f"fragment {fragment.path}: checksum mismatch in layer {layer} {name} (damaged data)"))
+                self._fail(
+                    group,
+                    FragmentError(
+                        f"fragment {fragment.path}: checksum mismatch in layer {layer} {name} (damaged data)"
+                    ),
+                )
                 return
             np.copyto(dest, source)
 
@@ -307,7 +316,9 @@ class KVLoad:
                 if not ok:
                     raise FragmentError(f"fragment {fragment.path}: checksum mismatch (damaged data)")
         except (FragmentError, OSError) as exc:
-            self._fail(group, exc if isinstance(exc, FragmentError) else FragmentError(f"reading {fragment.path}: {exc}"))
+            self._fail(
+                group, exc if isinstance(exc, FragmentError) else FragmentError(f"reading {fragment.path}: {exc}")
+            )
             return False
         return True
 
@@ -373,7 +384,14 @@ class KVLoad:
                 stage_v = typed[k_elems:].view(vh, n, vd)
                 bits_k, bits_v = as_bits(stage_k), as_bits(stage_v)
 
-                def work(lo: int, hi: int, first: int = first, bits_k: np.ndarray = bits_k, bits_v: np.ndarray = bits_v) -> None:
+                def work(
+                    lo: int,
+                    hi: int,
+                    first: int = first,
+                    layer: int = layer,
+                    bits_k: np.ndarray = bits_k,
+                    bits_v: np.ndarray = bits_v,
+                ) -> None:
                     for g in range(lo, min(hi, self._valid_groups)):
                         at = (g - first) * s
                         self._copy_group_layer(g, layer, bits_k[:, at : at + s], bits_v[:, at : at + s])
@@ -392,7 +410,9 @@ class KVLoad:
             self._layer_ready[layer].set()
 
 
-def _carve(base: torch.Tensor, shapes: list[tuple[tuple[int, ...], ...]], dtype: torch.dtype) -> list[tuple[torch.Tensor, ...]]:
+def _carve(
+    base: torch.Tensor, shapes: list[tuple[tuple[int, ...], ...]], dtype: torch.dtype
+) -> list[tuple[torch.Tensor, ...]]:
     """Output tensors of the given shapes, in order, as views of one uint8 block.
 
     A block made from a pooled numpy array stays alive as long as any of the views; the

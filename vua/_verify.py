@@ -70,8 +70,9 @@ def check_fragment(root: str, key_hex: str) -> tuple[GroupRecord, object, str]:
             parent = bytes.fromhex(meta.get("parent", ""))
         except ValueError as exc:
             raise FragmentError(f"malformed metadata: {exc}") from None
-        layout = fragment.validate(key_hex=key_hex, namespace=namespace, split_factor=split_factor,
-                                   layout=None, group_index=group_index)
+        layout = fragment.validate(
+            key_hex=key_hex, namespace=namespace, split_factor=split_factor, layout=None, group_index=group_index
+        )
         for name in fragment.tensors:
             fragment.verify_checksum(name)
         if xxhash.xxh3_128_digest(parent + bytes(fragment.raw(TOKENS))).hex() != key_hex:
@@ -171,5 +172,8 @@ def _repair(root: str, index: Index, report: VerifyReport, valid: dict[bytes, tu
         index.remove(drop)
     if add:
         entries = [valid[key] for key in add]
-        index.add([(key, entry[0]) for key, entry in zip(add, entries)], layouts={e[1] for e in entries},
-                  namespaces={e[2] for e in entries})
+        index.add(
+            [(key, entry[0]) for key, entry in zip(add, entries)],
+            layouts={e[1] for e in entries},
+            namespaces={e[2] for e in entries},
+        )

@@ -45,8 +45,15 @@ def _raw_bytes(t: torch.Tensor) -> memoryview:
 class GroupSource:
     """Builds the fragment of any (row, group) of one ``put`` call from the caller's tensors."""
 
-    def __init__(self, layers: Sequence[tuple[torch.Tensor, torch.Tensor]], layout: Layout, split_factor: int,
-                 namespace: str, *, first_group: int = 0):
+    def __init__(
+        self,
+        layers: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        layout: Layout,
+        split_factor: int,
+        namespace: str,
+        *,
+        first_group: int = 0,
+    ):
         self._tensors = [t for kv in layers for t in kv]  # keep alive while views exist
         self._raw = [_raw_bytes(t) for t in self._tensors]
         self._layout = layout
@@ -60,11 +67,11 @@ class GroupSource:
         item = t.element_size()
         run = self._split * t.shape[-1] * item
         base = row * t.stride(0) + (group - self._first_group) * self._split * t.stride(2)
-        return [
-            raw[(base + h * t.stride(1)) * item : (base + h * t.stride(1)) * item + run] for h in range(t.shape[1])
-        ]
+        return [raw[(base + h * t.stride(1)) * item : (base + h * t.stride(1)) * item + run] for h in range(t.shape[1])]
 
-    def fragment(self, ids: np.ndarray, row: int, group: int, key_hex: str, parent_hex: str) -> tuple[bytes, list[memoryview]]:
+    def fragment(
+        self, ids: np.ndarray, row: int, group: int, key_hex: str, parent_hex: str
+    ) -> tuple[bytes, list[memoryview]]:
         """Returns the header and data buffers of group ``group`` of batch row ``row``.
 
         Args:

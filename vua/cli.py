@@ -60,8 +60,10 @@ class _Progress:
         total = max(state.fanouts_total, 1)
         width = 30
         filled = width * state.fanouts_done // total
-        sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] "
-                         f"{state.fanouts_done}/{total} directories, {state.groups} groups, {state.damaged} damaged")
+        sys.stderr.write(
+            f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] "
+            f"{state.fanouts_done}/{total} directories, {state.groups} groups, {state.damaged} damaged"
+        )
         if state.fanouts_done == total:
             sys.stderr.write("\n")
         sys.stderr.flush()
@@ -75,23 +77,39 @@ def cmd_rebuild_index(args: argparse.Namespace) -> int:
     _check_root(args.root, args.index_path)
     summary = rebuild(args.root, args.index_path, workers=args.workers, progress=_Progress("scanning", not args.json))
     payload = {"root": args.root, "index_path": args.index_path, **vars(summary)}
-    _emit(args, payload, f"rebuilt {args.index_path}: {summary.groups} groups, {summary.bytes / 2**20:.1f} MiB, "
-                         f"{summary.damaged} damaged fragments skipped, in {summary.seconds:.2f} s")
+    _emit(
+        args,
+        payload,
+        f"rebuilt {args.index_path}: {summary.groups} groups, {summary.bytes / 2**20:.1f} MiB, "
+        f"{summary.damaged} damaged fragments skipped, in {summary.seconds:.2f} s",
+    )
     return 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
     _check_root(args.root, args.index_path)
-    report = verify_store(args.root, args.index_path, fix=args.fix, grace_seconds=args.grace,
-                          workers=args.workers, progress=_Progress("verifying", not args.json))
+    report = verify_store(
+        args.root,
+        args.index_path,
+        fix=args.fix,
+        grace_seconds=args.grace,
+        workers=args.workers,
+        progress=_Progress("verifying", not args.json),
+    )
     lines = [f"{report.fragments} valid fragments, {report.bytes / 2**20:.1f} MiB"]
     for p in report.problems:
         lines.append(f"{'fixed' if p.fixed else 'PROBLEM'}: {p.kind} {p.key or ''} {p.detail}".rstrip())
     if report.young_temporaries:
-        lines.append(f"{report.young_temporaries} temporary directories younger than {args.grace:.0f} s (writers at work?)")
-    lines.append("clean" if report.clean and not report.problems else
-                 "repaired: the store is clean" if report.clean else
-                 "NOT CLEAN: run `vua verify --fix` to repair")
+        lines.append(
+            f"{report.young_temporaries} temporary directories younger than {args.grace:.0f} s (writers at work?)"
+        )
+    lines.append(
+        "clean"
+        if report.clean and not report.problems
+        else "repaired: the store is clean"
+        if report.clean
+        else "NOT CLEAN: run `vua verify --fix` to repair"
+    )
     _emit(args, report.to_json(), "\n".join(lines))
     return 0 if report.clean else 1
 
@@ -118,10 +136,18 @@ def cmd_stats(args: argparse.Namespace) -> int:
         return None if ns is None else datetime.datetime.fromtimestamp(ns / 1e9).isoformat(timespec="seconds")
 
     namespaces = {names.get(ns_id, f"<unknown {ns_id:016x}>"): n for ns_id, n in per_namespace.most_common()}
-    payload = {"root": args.root, "fragments": count, "bytes": total, "namespaces": namespaces,
-               "oldest_use": when(oldest), "newest_use": when(newest)}
-    text = [f"{count} fragments, {total / 2**20:.1f} MiB, {len(namespaces)} namespaces",
-            f"least recently used: {payload['oldest_use']}, most recently used: {payload['newest_use']}"]
+    payload = {
+        "root": args.root,
+        "fragments": count,
+        "bytes": total,
+        "namespaces": namespaces,
+        "oldest_use": when(oldest),
+        "newest_use": when(newest),
+    }
+    text = [
+        f"{count} fragments, {total / 2**20:.1f} MiB, {len(namespaces)} namespaces",
+        f"least recently used: {payload['oldest_use']}, most recently used: {payload['newest_use']}",
+    ]
     text += [f"  {n:>8} groups  {name!r}" for name, n in namespaces.items()]
     _emit(args, payload, "\n".join(text))
     return 0
@@ -134,9 +160,19 @@ def cmd_gc(args: argparse.Namespace) -> int:
     freed = _evict.enforce_capacity(index, args.root, args.max_bytes)
     after = index.total_bytes()
     index.close()
-    payload = {"root": args.root, "max_bytes": args.max_bytes, "bytes_before": before, "bytes_freed": freed, "bytes_after": after}
-    _emit(args, payload, f"evicted {freed / 2**20:.1f} MiB: {before / 2**20:.1f} -> {after / 2**20:.1f} MiB "
-                         f"(limit {args.max_bytes / 2**20:.1f} MiB)")
+    payload = {
+        "root": args.root,
+        "max_bytes": args.max_bytes,
+        "bytes_before": before,
+        "bytes_freed": freed,
+        "bytes_after": after,
+    }
+    _emit(
+        args,
+        payload,
+        f"evicted {freed / 2**20:.1f} MiB: {before / 2**20:.1f} -> {after / 2**20:.1f} MiB "
+        f"(limit {args.max_bytes / 2**20:.1f} MiB)",
+    )
     return 0
 
 
@@ -152,12 +188,18 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    p = command("rebuild-index", cmd_rebuild_index, "Build a new index from the fragment tree and swap it in atomically.")
+    p = command(
+        "rebuild-index", cmd_rebuild_index, "Build a new index from the fragment tree and swap it in atomically."
+    )
     p.add_argument("--workers", type=int, default=8, help="parallel directory scanners (default 8)")
     p = command("verify", cmd_verify, "Check every fragment and the index; exit 0 only for a clean store.")
     p.add_argument("--fix", action="store_true", help="delete damaged fragments and stale temporaries, fix the index")
-    p.add_argument("--grace", type=float, default=DEFAULT_GRACE_SECONDS,
-                   help=f"seconds before a writer's temporary directory counts as abandoned (default {DEFAULT_GRACE_SECONDS:.0f})")
+    p.add_argument(
+        "--grace",
+        type=float,
+        default=DEFAULT_GRACE_SECONDS,
+        help=f"seconds before a writer's temporary directory counts as abandoned (default {DEFAULT_GRACE_SECONDS:.0f})",
+    )
     p.add_argument("--workers", type=int, default=8, help="parallel directory scanners (default 8)")
     command("stats", cmd_stats, "Fragments, bytes, namespaces and last-use times, from the index.")
     p = command("gc", cmd_gc, "Evict least recently used groups until the store fits --max-bytes.")

@@ -162,7 +162,9 @@ class VUA:
         try:
             os.makedirs(self.root, exist_ok=True)
         except OSError as exc:
-            raise StorageError(f"cannot use {self.root!r} as a VUA root: {exc.strerror}; pass a writable directory") from exc
+            raise StorageError(
+                f"cannot use {self.root!r} as a VUA root: {exc.strerror}; pass a writable directory"
+            ) from exc
         if not os.access(self.root, os.W_OK | os.X_OK):
             raise StorageError(f"VUA root {self.root!r} is not writable; fix its permissions or pick another directory")
         self.index_path = config.index_path or os.path.join(self.root, _layout.DEFAULT_INDEX_DIR)
@@ -261,11 +263,17 @@ class VUA:
         # Record what did get published even when another group failed: those are whole.
         # Groups already stored are refreshed too: a prefix is never older than its suffix,
         # so LRU eviction takes suffixes first.
-        self._index.add(((k, rec) for k, rec, _ in results), layouts=[layout], namespaces=[self.config.namespace],
-                        touch=every_key)
+        self._index.add(
+            ((k, rec) for k, rec, _ in results), layouts=[layout], namespaces=[self.config.namespace], touch=every_key
+        )
         written = sum(1 for *_, published in results if published)
-        logger.debug("put: %d rows, %d new groups, %d written in %.1f ms", len(rows), len(unique), written,
-                     1e3 * (time.perf_counter() - started))
+        logger.debug(
+            "put: %d rows, %d new groups, %d written in %.1f ms",
+            len(rows),
+            len(unique),
+            written,
+            1e3 * (time.perf_counter() - started),
+        )
         if failure is not None:
             raise StorageError(
                 f"writing a fragment under {self.root!r} failed: {failure.strerror or failure}; "
@@ -276,7 +284,9 @@ class VUA:
             _evict.enforce_capacity(self._index, self.root, self.config.max_bytes)
         return written
 
-    def _check_put(self, tokens: torch.Tensor, data: KVData, offset: int = 0) -> tuple[list[torch.Tensor], Layout, list[tuple[torch.Tensor, torch.Tensor]]]:
+    def _check_put(
+        self, tokens: torch.Tensor, data: KVData, offset: int = 0
+    ) -> tuple[list[torch.Tensor], Layout, list[tuple[torch.Tensor, torch.Tensor]]]:
         """Validates put's arguments; raises before anything touches the disk."""
         if not isinstance(tokens, torch.Tensor):
             raise InvalidInputError(f"tokens must be a torch.Tensor of token ids, got {type(tokens).__name__}")
@@ -287,7 +297,9 @@ class VUA:
         else:
             raise InvalidInputError(f"tokens must be shaped [n], [1, n] or [B, n], got {list(tokens.shape)}")
         if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
-            raise InvalidInputError(f"tokens must hold integer ids, got dtype {tokens.dtype}; convert with tokens.long()")
+            raise InvalidInputError(
+                f"tokens must hold integer ids, got dtype {tokens.dtype}; convert with tokens.long()"
+            )
         n, s = tokens.shape[-1], self.config.split_factor
         if n % s:
             raise SplitFactorError(
@@ -306,11 +318,17 @@ class VUA:
             for name, t in zip(("key", "value"), pair):
                 if not isinstance(t, torch.Tensor) or t.dim() != 4:
                     got = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-                    raise InvalidInputError(f"data[{i}] {name} must be a 4-D tensor [batch, kv_heads, seq, head_dim], got {got}")
+                    raise InvalidInputError(
+                        f"data[{i}] {name} must be a 4-D tensor [batch, kv_heads, seq, head_dim], got {got}"
+                    )
                 if t.shape[0] != batch:
-                    raise InvalidInputError(f"data[{i}] {name} has batch {t.shape[0]} but tokens has {batch} rows; they must agree")
+                    raise InvalidInputError(
+                        f"data[{i}] {name} has batch {t.shape[0]} but tokens has {batch} rows; they must agree"
+                    )
                 if t.shape[2] < n - offset:
-                    raise InvalidInputError(f"data[{i}] {name} covers {t.shape[2]} positions, fewer than the {n - offset} tokens; pass the KV of every token")
+                    raise InvalidInputError(
+                        f"data[{i}] {name} covers {t.shape[2]} positions, fewer than the {n - offset} tokens; pass the KV of every token"
+                    )
                 if t.shape[1] == 0 or t.shape[3] == 0:
                     raise InvalidInputError(f"data[{i}] {name} has an empty head or head_dim dimension")
                 dtypes.add(t.dtype)
@@ -318,7 +336,9 @@ class VUA:
             layers.append((k, v))
             shapes.append(((k.shape[1], k.shape[3]), (v.shape[1], v.shape[3])))
         if len(dtypes) != 1:
-            raise InvalidInputError(f"all layers must share one dtype, got {sorted(map(str, dtypes))}; cast them with .to(dtype)")
+            raise InvalidInputError(
+                f"all layers must share one dtype, got {sorted(map(str, dtypes))}; cast them with .to(dtype)"
+            )
         dtype = dtypes.pop()
         if dtype not in DTYPE_NAMES:
             raise InvalidInputError(f"dtype {dtype} cannot be stored in safetensors; cast the KV to a supported dtype")
@@ -326,7 +346,9 @@ class VUA:
 
     # -- get ----------------------------------------------------------------------------
 
-    def get_closest(self, tokens: torch.Tensor | Sequence[torch.Tensor], device: str | torch.device = "cpu") -> ClosestKV | None | list[ClosestKV | None]:
+    def get_closest(
+        self, tokens: torch.Tensor | Sequence[torch.Tensor], device: str | torch.device = "cpu"
+    ) -> ClosestKV | None | list[ClosestKV | None]:
         """Returns the longest stored prefix of ``tokens``, in whole groups, with its KV.
 
         Every group returned was checked: header, namespace, its stored tokens against the
@@ -373,7 +395,9 @@ class VUA:
                 count += 1
         return count * self.config.split_factor
 
-    def load(self, tokens: torch.Tensor, device: str | torch.device = "cpu", *, layerwise: bool = False) -> KVLoad | None:
+    def load(
+        self, tokens: torch.Tensor, device: str | torch.device = "cpu", *, layerwise: bool = False
+    ) -> KVLoad | None:
         """Starts loading the longest stored prefix of ``tokens``; for engines that overlap I/O with compute.
 
         With ``layerwise=True`` the copies run on a background thread and the caller can
@@ -391,7 +415,12 @@ class VUA:
         keys = group_keys(ids, self.config.split_factor, self._seed)
         started = time.perf_counter()
         fragments, layout = self._open_prefix(keys, ids)
-        logger.debug("lookup: %d of %d groups usable in %.2f ms", len(fragments), len(keys), 1e3 * (time.perf_counter() - started))
+        logger.debug(
+            "lookup: %d of %d groups usable in %.2f ms",
+            len(fragments),
+            len(keys),
+            1e3 * (time.perf_counter() - started),
+        )
         if not fragments:
             return None
         staging = None
@@ -404,9 +433,18 @@ class VUA:
             self._touch(keys[: load.num_groups])
             self._quarantine([keys[g] for g in load.damaged_groups])
 
-        return KVLoad(fragments, layout, self.config.split_factor, device, self._pool(), staging=staging,
-                      host_pool=self._host_pool, verify_checksums=self.config.verify_checksums,
-                      background=layerwise, on_done=on_done)
+        return KVLoad(
+            fragments,
+            layout,
+            self.config.split_factor,
+            device,
+            self._pool(),
+            staging=staging,
+            host_pool=self._host_pool,
+            verify_checksums=self.config.verify_checksums,
+            background=layerwise,
+            on_done=on_done,
+        )
 
     def _indexed_prefix(self, keys: list[bytes]) -> tuple[int, int]:
         """How many leading groups are stored, and their layout id, from the index.
@@ -430,8 +468,11 @@ class VUA:
             packed.append(found[0].pack())
         if discovered:
             logger.debug("found %d groups in the tree that the index lacked", len(discovered))
-            self._index.add([(k, r) for k, r, _, _ in discovered], layouts={d[2] for d in discovered},
-                            namespaces={d[3] for d in discovered})
+            self._index.add(
+                [(k, r) for k, r, _, _ in discovered],
+                layouts={d[2] for d in discovered},
+                namespaces={d[3] for d in discovered},
+            )
         if not packed:
             return 0, 0
         first = GroupRecord.unpack(packed[0])
@@ -465,9 +506,13 @@ class VUA:
                     damaged.append(keys[j])
                 return None
             try:
-                fragment.validate(key_hex=key_hex, namespace=self.config.namespace, split_factor=s, layout=layout, group_index=j)
+                fragment.validate(
+                    key_hex=key_hex, namespace=self.config.namespace, split_factor=s, layout=layout, group_index=j
+                )
                 if bytes(fragment.raw(TOKENS)) != ids[j * s : (j + 1) * s].tobytes():
-                    raise FragmentError(f"fragment {fragment.path}: stored tokens differ from the query (hash collision or damage)")
+                    raise FragmentError(
+                        f"fragment {fragment.path}: stored tokens differ from the query (hash collision or damage)"
+                    )
                 return fragment
             except FragmentError as exc:
                 logger.warning("stored prefix ends before group %d: %s", j, exc)
@@ -480,13 +525,15 @@ class VUA:
             if first is None:
                 return [], None
             layout = first
-        opened = list(self._pool().map(open_group, range(count))) if count > 4 else [open_group(j) for j in range(count)]
+        opened = (
+            list(self._pool().map(open_group, range(count))) if count > 4 else [open_group(j) for j in range(count)]
+        )
         fragments = []
         for fragment in opened:
             if fragment is None:
                 break
             fragments.append(fragment)
-        for fragment in opened[len(fragments):]:
+        for fragment in opened[len(fragments) :]:
             if fragment is not None:
                 fragment.close()
         self._quarantine(damaged)

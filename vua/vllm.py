@@ -106,8 +106,10 @@ class PagedLayer:
             self.kind, self.heads, width = "mla", 1, kv.shape[2]
             self.key_width = key_width if key_width and 0 < key_width < width else width - width // 2
         else:
-            raise VUAError(f"unsupported paged KV tensor of shape {tuple(kv.shape)}; VUAConnector knows vLLM's "
-                           "[blocks, heads, block_size, content] views and the older 5-D and MLA layouts")
+            raise VUAError(
+                f"unsupported paged KV tensor of shape {tuple(kv.shape)}; VUAConnector knows vLLM's "
+                "[blocks, heads, block_size, content] views and the older 5-D and MLA layouts"
+            )
         self.value_width = width if self.kind == "split" else width - self.key_width
 
     def _slots(self, block_ids: list[int], start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,8 +147,10 @@ class PagedLayer:
 def _layer_names(kv_cache_config: KVCacheConfig) -> list[str]:
     groups = kv_cache_config.kv_cache_groups
     if len(groups) != 1:
-        raise VUAError(f"VUAConnector supports models with one KV cache group; this one has {len(groups)} "
-                       "(hybrid or sliding-window models). Run without the connector for this model.")
+        raise VUAError(
+            f"VUAConnector supports models with one KV cache group; this one has {len(groups)} "
+            "(hybrid or sliding-window models). Run without the connector for this model."
+        )
     return list(groups[0].layer_names)
 
 
@@ -162,9 +166,11 @@ class VUAConnector(KVConnectorBase_V1):
         self.block_size = vllm_config.cache_config.block_size
         split_factor = int(extra.get("split_factor", 256))
         if split_factor % self.block_size:
-            raise VUAError(f"VUAConnector: split_factor {split_factor} is not a multiple of vLLM's block size "
-                           f"{self.block_size}; set kv_connector_extra_config.split_factor to a multiple of it "
-                           f"(e.g. {self.block_size * max(1, split_factor // self.block_size)})")
+            raise VUAError(
+                f"VUAConnector: split_factor {split_factor} is not a multiple of vLLM's block size "
+                f"{self.block_size}; set kv_connector_extra_config.split_factor to a multiple of it "
+                f"(e.g. {self.block_size * max(1, split_factor // self.block_size)})"
+            )
         self.layer_names = _layer_names(kv_cache_config)
         spec = kv_cache_config.kv_cache_groups[0].kv_cache_spec
         self.key_width = getattr(spec, "head_size", None)
@@ -218,8 +224,10 @@ class VUAConnector(KVConnectorBase_V1):
         name = getattr(model, "model", "unknown-model") if model is not None else "unknown-model"
         cache_dtype = vllm_config.cache_config.cache_dtype
         dtype = str(getattr(spec, "dtype", "")).removeprefix("torch.") or str(cache_dtype)
-        layout = (f"{type(spec).__name__}-h{getattr(spec, 'num_kv_heads', '?')}"
-                  f"-d{getattr(spec, 'head_size', '?')}-cache-{cache_dtype}")
+        layout = (
+            f"{type(spec).__name__}-h{getattr(spec, 'num_kv_heads', '?')}"
+            f"-d{getattr(spec, 'head_size', '?')}-cache-{cache_dtype}"
+        )
         parts = ["vllm", name, dtype, f"tp{rank}-of-{self.tp_size}", layout]
         return "/".join(parts + ([extra] if extra else []))
 
@@ -244,8 +252,13 @@ class VUAConnector(KVConnectorBase_V1):
         for new in scheduler_output.scheduled_new_reqs:
             prompt = list(new.prompt_token_ids or [])
             state = self._requests[new.req_id] = {"prompt": prompt, "blocks": list(new.block_ids[0]), "saved": False}
-            self._plan(meta, new.req_id, state, new.num_computed_tokens,
-                       scheduler_output.num_scheduled_tokens.get(new.req_id, 0))
+            self._plan(
+                meta,
+                new.req_id,
+                state,
+                new.num_computed_tokens,
+                scheduler_output.num_scheduled_tokens.get(new.req_id, 0),
+            )
         cached = scheduler_output.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
             state = self._requests.get(req_id)
@@ -256,8 +269,9 @@ class VUAConnector(KVConnectorBase_V1):
                 state["blocks"] = list(new_blocks[0])  # a resumed request gets its blocks anew
             elif new_blocks is not None:
                 state["blocks"].extend(new_blocks[0])
-            self._plan(meta, req_id, state, cached.num_computed_tokens[i],
-                       scheduler_output.num_scheduled_tokens.get(req_id, 0))
+            self._plan(
+                meta, req_id, state, cached.num_computed_tokens[i], scheduler_output.num_scheduled_tokens.get(req_id, 0)
+            )
         return meta
 
     def _plan(self, meta: VUAConnectorMetadata, req_id: str, state: dict, computed: int, scheduled: int) -> None:
@@ -319,7 +333,9 @@ class VUAConnector(KVConnectorBase_V1):
 
     def _fail_blocks(self, spec: LoadSpec, first_bad: int) -> None:
         with self._lock:
-            self._load_errors.update(spec.block_ids[p // self.block_size] for p in range(max(first_bad, spec.start), spec.end))
+            self._load_errors.update(
+                spec.block_ids[p // self.block_size] for p in range(max(first_bad, spec.start), spec.end)
+            )
 
     def _finish_loads(self) -> None:
         for spec, load in self._loads:
@@ -348,7 +364,9 @@ class VUAConnector(KVConnectorBase_V1):
         """The first token to gather this step: the groups before it are already stored."""
         start = self._save_starts.get(spec.req_id)
         if start is None:
-            start = self._save_starts[spec.req_id] = self.vua.prefix_length(torch.tensor(spec.token_ids, dtype=torch.long))
+            start = self._save_starts[spec.req_id] = self.vua.prefix_length(
+                torch.tensor(spec.token_ids, dtype=torch.long)
+            )
         return start
 
     def wait_for_save(self) -> None:
@@ -364,8 +382,12 @@ class VUAConnector(KVConnectorBase_V1):
         for req_id, layers in self._gathered.items():
             spec = specs[req_id]
             if len(layers) != len(self.layer_names):
-                logger.warning("VUAConnector: request %s gathered %d of %d layers; not saved", req_id, len(layers),
-                               len(self.layer_names))
+                logger.warning(
+                    "VUAConnector: request %s gathered %d of %d layers; not saved",
+                    req_id,
+                    len(layers),
+                    len(self.layer_names),
+                )
                 continue
             tokens = torch.tensor(spec.token_ids, dtype=torch.long)
             self._writes.append(self._writer.submit(self._write, tokens, layers, self._save_start(spec)))

@@ -70,7 +70,9 @@ def closest_to_cache(hit: ClosestKV | None, model: PreTrainedModel, *, tokens: i
     return DynamicCache(ddp_cache_data=[(k[:, :, :n], v[:, :, :n]) for k, v in hit.data], config=model.config)
 
 
-def cache_to_kv(cache: DynamicCache | Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def cache_to_kv(
+    cache: DynamicCache | Sequence[tuple[torch.Tensor, torch.Tensor]],
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The cache's per-layer (key, value) tensors in put's layout, without copying them."""
     if isinstance(cache, DynamicCache):
         return [(layer.keys, layer.values) for layer in cache.layers]
@@ -186,8 +188,7 @@ def generate(
     for row in _rows(input_ids):
         cache, _ = restore(model, vua, row)
         generate_kwargs.setdefault("do_sample", False)
-        out = model.generate(row.to(device)[None], **{keyword: cache}, max_new_tokens=max_new_tokens,
-                             **generate_kwargs)
+        out = model.generate(row.to(device)[None], **{keyword: cache}, max_new_tokens=max_new_tokens, **generate_kwargs)
         if store:
             _store(vua, row, cache)  # generate filled the same cache object in place
         outputs.append(out)
