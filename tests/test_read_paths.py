@@ -1,0 +1,61 @@
+"""Each read path returns exactly what was put: CPU tensor by tensor, CPU whole groups, CUDA."""
+
+from __future__ import annotations
+
+import os
+import unittest
+from unittest import mock
+
+import torch
+
+from tests.helpers import StoreTestCase, kv_slice, random_kv
+from vua import _layout, _reader
+
+
+class WholeGroupCopiesTest(StoreTestCase):
+    """Machines with more than 4 cores copy whole groups per call; this one may not."""
+
+    def setUp(self):
+        super().setUp()
+        patcher = mock.patch.object(_reader, "_WHOLE_GROUP_CALLS", True)
+        patcher.start()
+        self.addCleanup(patcher.stop)
+
+    def test_round_trip_and_damage(self):
+        vua = self.store(split_factor=16, namespace="whole", io_threads=2)
+        tokens = torch.arange(64)
+        kv = random_kv(1, 64, dtype=torch.bfloat16)
+        vua.put(tokens, kv)
+        self.assertKVEqual(vua.get_closest(tokens, device="cpu").data, kv)
+        path = _layout.fragment_path(self.root, vua.config.tokens_to_paths(tokens)[2])
+        with open(path, "r+b") as f:
+            f.seek(-5, os.SEEK_END)
+            f.write(b"\x00\x01\x02")
+        with self.assertLogs("vua", level="WARNING"):
+            hit = vua.get_closest(tokens, device="cpu")
+        self.assertKVEqual(hit.data, kv_slice(kv, 0, 32))
+
+    def test_layers_of_different_shapes_take_the_tensor_path(self):
+        vua = self.store(split_factor=16, namespace="mixed")
+        tokens = torch.arange(32)
+        kv = random_kv(1, 32, heads=2, head_dim=8)
+        kv[1] = (torch.randn(1, 4, 32, 8), torch.randn(1, 4, 32, 16))  # another layer shape
+        vua.put(tokens, kv)
+        self.assertKVEqual(vua.get_closest(tokens, device="cpu").data, kv)
+
+
+@unittest.skipUnless(torch.cuda.is_available(), "needs a CUDA device (tools/gpu_check.py runs the full set)")
+class CudaReadTest(StoreTestCase):
+    def test_gpu_equals_cpu_without_host_sync(self):
+        vua = self.store(split_factor=16, namespace="cuda")
+        tokens = torch.arange(96)
+        kv = random_kv(1, 96, dtype=torch.bfloat16, layers=4)
+        vua.put(tokens, kv)
+        hit = vua.get_closest(tokens, device="cuda")
+        copies = [(k.clone(), v.clone()) for k, v in hit.data]  # same stream, no synchronize
+        self.assertKVEqual([(k.cpu(), v.cpu()) for k, v in copies], kv)
+        load = vua.load(tokens, "cuda", layerwise=True)
+        for i in range(4):
+            k, v = load.wait_layer(i)
+            self.assertTrue(torch.equal(k.clone().cpu().view(torch.uint8), kv[i][0].view(torch.uint8)))
+        self.assertEqual(load.wait(), 6)
