@@ -304,6 +304,20 @@ class BadInputTest(StoreTestCase):
         self.assertTrue(issubclass(StorageError, OSError))
 
 
+class NoPickleTest(unittest.TestCase):
+    def test_no_pickle_anywhere(self):
+        # Loading a pickle runs code; a store shared by many machines must never do that.
+        forbidden = ("import pickle", "torch.load(", "allow_pickle=True", "import dill", "cloudpickle")
+        for folder in ("vua", "tools", "examples"):
+            for dirpath, _, files in os.walk(os.path.join(ROOT_OF_REPO, folder)):
+                for name in files:
+                    if name.endswith(".py"):
+                        with open(os.path.join(dirpath, name)) as f:
+                            text = f.read()
+                        for word in forbidden:
+                            self.assertNotIn(word, text, f"{name} uses {word}")
+
+
 class ReadmeExampleTest(unittest.TestCase):
     def test_original_example_runs_verbatim(self):
         code = textwrap.dedent(

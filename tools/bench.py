@@ -34,6 +34,7 @@ import threading
 import time
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -129,8 +130,8 @@ def peak_extra_in_child(root: str, tokens: torch.Tensor) -> int:
     In this process malloc keeps memory freed by earlier gets and hands it back, which
     would hide the cost; a new process starts from nothing.
     """
-    tokens_path = os.path.join(os.path.dirname(root), "peak_tokens.pt")
-    torch.save(tokens, tokens_path)
+    tokens_path = os.path.join(os.path.dirname(root), "peak_tokens.npy")
+    np.save(tokens_path, tokens.numpy(), allow_pickle=False)
     done = subprocess.run(
         [sys.executable, os.path.abspath(__file__), "--peak-probe", root, tokens_path],
         capture_output=True,
@@ -142,7 +143,7 @@ def peak_extra_in_child(root: str, tokens: torch.Tensor) -> int:
 
 
 def peak_probe(root: str, tokens_path: str) -> int:
-    tokens = torch.load(tokens_path)
+    tokens = torch.from_numpy(np.load(tokens_path, allow_pickle=False))
     vua = VUA(VUAConfig(split_factor=SPLIT, namespace="bench/llama-3-8b/bf16"), root)
     vua.get_closest(tokens[..., :SPLIT], device="cpu")  # warm up imports and threads, not measured
     with PeakSampler() as peak:
