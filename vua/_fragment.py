@@ -455,13 +455,42 @@ class Fragment:
         return layout
 
 
+# Fragments of one layout share their tensor table byte for byte; only __metadata__ (which
+# VUA writes first) differs. A table validated once is reused: (table bytes, file size) ->
+# entries. Bounded, since a process sees few layouts.
+_TABLE_MARK = b'},"tokens":'
+_validated_tables: dict[tuple[bytes, int, int], dict[str, TensorEntry]] = {}
+_MAX_TABLES = 64
+
+
 def _parse_header(buf: mmap.mmap, file_size: int, path: str) -> tuple[dict[str, str], dict[str, TensorEntry], int]:
     """Validates a safetensors header completely: sizes, offsets inside the file, dtypes, shapes."""
     (header_len,) = struct.unpack_from("<Q", buf, 0)
     if header_len > MAX_HEADER_BYTES or 8 + header_len > file_size:
         raise FragmentError(f"fragment {path}: header length {header_len} does not fit a {file_size}-byte file")
+    header = buf[8 : 8 + header_len]
+    mark = header.find(_TABLE_MARK)
+    if mark > 0:
+        table_key = (header[mark + 1 :], header_len, file_size)
+        cached = _validated_tables.get(table_key)
+        if cached is not None:
+            try:
+                metadata = json.loads(header[: mark + 1] + b"}").get("__metadata__")
+            except (UnicodeDecodeError, ValueError, AttributeError):
+                metadata = None
+            if isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values()):
+                return metadata, cached, 8 + header_len
+    metadata, tensors, data_start = _parse_full_header(header, header_len, file_size, path)
+    if mark > 0 and len(_validated_tables) < _MAX_TABLES:
+        _validated_tables[table_key] = tensors
+    return metadata, tensors, data_start
+
+
+def _parse_full_header(
+    header: bytes, header_len: int, file_size: int, path: str
+) -> tuple[dict[str, str], dict[str, TensorEntry], int]:
     try:
-        body = json.loads(buf[8 : 8 + header_len])
+        body = json.loads(header)
     except (UnicodeDecodeError, ValueError) as exc:
         raise FragmentError(f"fragment {path}: header is not valid JSON ({exc})") from None
     if not isinstance(body, dict):

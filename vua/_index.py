@@ -89,6 +89,7 @@ class Index:
         self._env: lmdb.Environment | None = None
         self._pid = -1
         self._current_ino = -1
+        self._layouts: dict[int, Layout] = {}
 
     # -- opening ----------------------------------------------------------------------
 
@@ -153,15 +154,23 @@ class Index:
             return [txn.get(key) is not None for key in keys]
 
     def layout(self, layout_id: int) -> Layout | None:
+        # A layout id names its JSON for good, so a process may keep what it has read.
+        known = self._layouts.get(layout_id)
+        if known is not None:
+            return known
         env, _, meta = self.env()
         with env.begin(db=meta) as txn:
             raw = txn.get(b"layout:" + struct.pack("<Q", layout_id))
         if raw is None:
             return None
         try:
-            return Layout.from_json(raw.decode())
+            layout = Layout.from_json(raw.decode())
         except (FragmentError, UnicodeDecodeError):
             return None
+        if layout.id != layout_id:
+            return None  # garbage under this key; the caller reads the layout from a fragment
+        self._layouts[layout_id] = layout
+        return layout
 
     def total_bytes(self) -> int:
         env, _, meta = self.env()

@@ -386,10 +386,7 @@ class VUA:
         row = _single_row(tokens)
         keys = group_keys(_int64_ids(row), self.config.split_factor, self._seed)
         packed = self._index.lookup_prefix(keys)
-        count = len(packed)
-        if packed and GroupRecord.unpack(packed[0]).namespace_id != self._ns_id:
-            return 0
-        count = next((j for j, raw in enumerate(packed) if raw[:RECORD_HEAD] != packed[0][:RECORD_HEAD]), count)
+        count, _ = self._usable_run(packed)
         if count == len(packed):
             while count < len(keys) and os.path.isdir(_layout.group_dir(self.root, keys[count].hex())):
                 count += 1
@@ -473,6 +470,10 @@ class VUA:
                 layouts={d[2] for d in discovered},
                 namespaces={d[3] for d in discovered},
             )
+        return self._usable_run(packed)
+
+    def _usable_run(self, packed: list[bytes]) -> tuple[int, int]:
+        """The leading records of this namespace sharing the first one's layout: (count, layout id)."""
         if not packed:
             return 0, 0
         first = GroupRecord.unpack(packed[0])
