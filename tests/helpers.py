@@ -11,6 +11,18 @@ import torch
 
 from vua.core import VUA, VUAConfig
 
+# A decoder small enough to build from a config in milliseconds (no hub, random weights),
+# for the transformers tests and the local model directory vLLM's configs read.
+TINY_DECODER = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=512,
+    max_position_embeddings=1024,
+)
+
 
 def random_kv(
     batch: int,

@@ -8,20 +8,12 @@ import unittest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from tests.helpers import StoreTestCase
+from tests.helpers import TINY_DECODER, StoreTestCase
 from vua.core import VUAConfig
 from vua.integrations.transformers import cache_keyword, cache_to_kv, generate, model_namespace, prefill
 
 SPLIT = 16
-SHAPE = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=512,
-    max_position_embeddings=512,
-)
+SHAPE = TINY_DECODER
 # bf16 logits of a restored prefix differ from a full recompute only by matmul blocking;
 # this bound is a few bf16 ulps of the logits' magnitude here (measured max 0.03).
 BF16_ATOL = 0.08

@@ -27,6 +27,7 @@ try:
 except ImportError as exc:  # vllm installs on Linux with Python >= 3.11 only
     raise unittest.SkipTest(f"vllm is not installed here: {exc}") from None
 
+from tests.helpers import TINY_DECODER
 from vua import _layout
 from vua.errors import VUAError
 from vua.vllm import PagedLayer, VUAConnector
@@ -123,15 +124,7 @@ class VLLMConnectorTest(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         cls.model_dir = tempfile.mkdtemp(prefix="vua-tiny-llama-")
-        LlamaConfig(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=512,
-            max_position_embeddings=2048,
-        ).save_pretrained(cls.model_dir)
+        LlamaConfig(**TINY_DECODER).save_pretrained(cls.model_dir)
 
     @classmethod
     def tearDownClass(cls):
