@@ -1,25 +1,18 @@
-"""Each read path returns exactly what was put: CPU tensor by tensor, CPU whole groups, CUDA."""
+"""Each read path returns exactly what was put: CPU whole groups, CPU layer by layer, CUDA."""
 
 from __future__ import annotations
 
 import os
 import unittest
-from unittest import mock
 
 import torch
 
 from tests.helpers import StoreTestCase, kv_slice, random_kv
-from vua import _layout, _reader
+from vua import _layout
 
 
-class WholeGroupCopiesTest(StoreTestCase):
-    """Machines with more than 4 cores copy whole groups per call; this one may not."""
-
-    def setUp(self):
-        super().setUp()
-        patcher = mock.patch.object(_reader, "_WHOLE_GROUP_CALLS", True)
-        patcher.start()
-        self.addCleanup(patcher.stop)
+class GroupCopiesTest(StoreTestCase):
+    """Uniform layouts are read a whole group at a time; others layer by layer."""
 
     def test_round_trip_and_damage(self):
         vua = self.store(split_factor=16, namespace="whole", io_threads=2)
