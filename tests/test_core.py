@@ -296,6 +296,13 @@ class BadInputTest(StoreTestCase):
             InvalidInputError, torch.arange(32), [(torch.zeros(2, 32, 8), torch.zeros(2, 32, 8))], "4-D tensor"
         )
 
+    @unittest.skipIf(torch.cuda.is_available(), "this machine has CUDA")
+    def test_cuda_device_without_cuda(self):
+        with self.assertRaisesRegex(InvalidInputError, "no CUDA device; pass device='cpu'"):
+            self.vua.get_closest(torch.arange(100, 132), device="cuda")
+        with self.assertRaisesRegex(InvalidInputError, "not supported"):
+            self.vua.get_closest(torch.arange(100, 132), device="meta")
+
     def test_unusable_root(self):
         path = os.path.join(self.root, "a-file")
         with open(path, "w") as f:

@@ -405,8 +405,15 @@ class VUA:
             A running :class:`KVLoad`, or None when no group of ``tokens`` is stored.
         """
         device = torch.device(device)
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise InvalidInputError(
+                    f"device {str(device)!r} asked for, but torch sees no CUDA device; pass device='cpu'"
+                )
+            if device.index is None:
+                device = torch.device("cuda", torch.cuda.current_device())
+        elif device.type != "cpu":
+            raise InvalidInputError(f"device {str(device)!r} is not supported; pass 'cpu' or a CUDA device")
         row = _single_row(tokens)
         ids = _int64_ids(row)
         keys = group_keys(ids, self.config.split_factor, self._seed)
