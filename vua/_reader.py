@@ -31,7 +31,7 @@ import torch
 import xxhash
 
 from vua._fragment import Fragment, Layout, as_bits
-from vua._staging import HostBlockPool, PinnedStaging, empty_host
+from vua._staging import HostBlockPool, PinnedStaging
 from vua.errors import FragmentError
 
 logger = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ class KVLoad:
             block = (
                 torch.from_numpy(host_pool.take(self._total_bytes))
                 if host_pool
-                else empty_host((self._total_bytes,), torch.uint8)
+                else torch.empty(self._total_bytes, dtype=torch.uint8)
             )
         else:
             block = torch.empty(self._total_bytes, dtype=torch.uint8, device=device)
