@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from unittest import mock
 
@@ -244,6 +245,36 @@ class IndexUpkeepTest(StoreTestCase):
         _, status = os.waitpid(pid, 0)
         self.assertEqual(os.waitstatus_to_exitcode(status), 0)
         self.assertEqual(check_hit(vua.get_closest(tokens, device="cpu"), tokens), 64)
+
+    def test_rebuilds_while_threads_read_and_write(self):
+        vua = self.store(split_factor=16, namespace="swap")
+        tokens = torch.arange(64)
+        vua.put(tokens, prefix_kv(tokens))
+        errors, stop = [], threading.Event()
+
+        def reader(seed: int) -> None:
+            n = 0
+            while not stop.is_set():
+                try:
+                    extra = torch.tensor([seed * 100 + n % 7] * 16)
+                    query = torch.cat([tokens, extra])
+                    vua.put(query, prefix_kv(query))
+                    if check_hit(vua.get_closest(query, device="cpu"), query) != 80:
+                        errors.append("short hit")
+                except Exception as exc:  # collected and asserted below
+                    errors.append(repr(exc))
+                n += 1
+
+        threads = [threading.Thread(target=reader, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for _ in range(5):
+            self.assertEqual(run_cli("rebuild-index", self.root)[0], 0)
+        stop.set()
+        for t in threads:
+            t.join()
+        self.assertEqual(errors, [])
+        self.assertEqual(run_cli("verify", self.root)[0], 0)
 
     def test_reader_slots_of_dead_processes_are_reclaimed(self):
         vua = self.store(split_factor=16, namespace="slots")

@@ -90,6 +90,9 @@ class Index:
         self._pid = -1
         self._current_ino = -1
         self._layouts: dict[int, Layout] = {}
+        self._retired: list[lmdb.Environment] = []
+        self._handles: tuple[lmdb.Environment, lmdb._Database, lmdb._Database] | None = None
+        self._open_lock = threading.Lock()
 
     # -- opening ----------------------------------------------------------------------
 
@@ -105,26 +108,37 @@ class Index:
             ino = os.stat(self._current_path()).st_ino
         if self._env is None or self._pid != os.getpid() or ino != self._current_ino:
             self._open(ino)
-        return self._env, self._groups, self._meta
+        return self._handles  # one tuple: a concurrent reopen never mixes generations
 
     def _open(self, ino: int) -> None:
-        if self._env is not None and self._pid == os.getpid():
-            release_environment(self._env)
-        self._env = None
-        with open(self._current_path()) as f:
-            generation = f.read().strip()
-        self._env = acquire_environment(os.path.join(self.path, generation))
-        self._groups = self._env.open_db(b"groups")
-        self._meta = self._env.open_db(b"meta")
-        self._pid = os.getpid()
-        self._current_ino = ino
-        # Slots of readers that died without closing would otherwise pin old pages forever.
-        self._env.reader_check()
+        with self._open_lock:
+            if self._env is not None and self._pid == os.getpid() and ino == self._current_ino:
+                return  # another thread reopened it meanwhile
+            if self._env is not None and self._pid == os.getpid():
+                # Another thread may be inside a transaction on the old generation: keep its
+                # handle open until this Index closes (one handle per rebuild seen).
+                self._retired.append(self._env)
+            elif self._pid != os.getpid():
+                # The parent's handles are not ours to close; dropping them lets LMDB open the
+                # same environment afresh in this process.
+                self._retired = []
+                self._env = self._handles = None
+            with open(self._current_path()) as f:
+                generation = f.read().strip()
+            self._handles = acquire_environment(os.path.join(self.path, generation))
+            env = self._env = self._handles[0]
+            self._pid = os.getpid()
+            self._current_ino = ino
+            # Slots of readers that died without closing would otherwise pin old pages forever.
+            env.reader_check()
 
     def close(self) -> None:
-        if self._env is not None and self._pid == os.getpid():
-            release_environment(self._env)
-        self._env = None
+        with self._open_lock:
+            if self._pid == os.getpid():
+                for env in [*self._retired, *([self._env] if self._env is not None else [])]:
+                    release_environment(env)
+            self._retired = []
+            self._env = None
 
     # -- reads --------------------------------------------------------------------------
 
@@ -273,14 +287,18 @@ def _adjust_total(txn: lmdb.Transaction, meta: lmdb._Database, delta: int) -> No
 
 
 # LMDB allows one handle per environment per process, so every Index of this process on
-# the same generation shares it: path -> [environment, users]. Reset in a forked child.
-_open_envs: dict[str, list] = {}
+# the same generation shares it. Reset in a forked child.
+_open_envs: dict[str, list] = {}  # path -> [(environment, groups db, meta db), users]
 _open_envs_lock = threading.Lock()
 _open_envs_pid = os.getpid()
 
 
-def acquire_environment(path: str) -> lmdb.Environment:
-    """Returns this process's handle on the LMDB generation at ``path``, opening it if needed."""
+def acquire_environment(path: str) -> tuple[lmdb.Environment, lmdb._Database, lmdb._Database]:
+    """This process's handle on the LMDB generation at ``path`` and its two databases.
+
+    The databases are opened once, with the environment: ``open_db`` takes the write lock,
+    and doing that while another thread of this process writes can deadlock on the GIL.
+    """
     global _open_envs_pid
     path = os.path.realpath(path)
     with _open_envs_lock:
@@ -289,7 +307,8 @@ def acquire_environment(path: str) -> lmdb.Environment:
             _open_envs_pid = os.getpid()
         entry = _open_envs.get(path)
         if entry is None:
-            entry = _open_envs[path] = [open_environment(path), 0]
+            env = open_environment(path)
+            entry = _open_envs[path] = [(env, env.open_db(b"groups"), env.open_db(b"meta")), 0]
         entry[1] += 1
         return entry[0]
 
@@ -298,7 +317,7 @@ def release_environment(env: lmdb.Environment) -> None:
     """Drops one user of ``env``; the last one closes it."""
     with _open_envs_lock:
         for path, entry in list(_open_envs.items()):
-            if entry[0] is env:
+            if entry[0][0] is env:
                 entry[1] -= 1
                 if entry[1] == 0:
                     del _open_envs[path]
@@ -470,9 +489,7 @@ def _fill(index_path: str, generation: str, entries: Iterable[ScanEntry]) -> tup
 
     Returns the keys written and their bytes.
     """
-    env = acquire_environment(os.path.join(index_path, generation))
-    groups = env.open_db(b"groups")
-    meta = env.open_db(b"meta")
+    env, groups, meta = acquire_environment(os.path.join(index_path, generation))
     seen: set[bytes] = set()
     total = [0]
     batch: list[ScanEntry] = []
