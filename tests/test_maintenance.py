@@ -18,7 +18,7 @@ import torch
 
 from tests.helpers import StoreTestCase, check_hit, prefix_kv, random_kv
 from vua import _index, _layout
-from vua.cli import main, parse_size
+from vua.cli import human_size, main, parse_size
 from vua.core import VUA, VUAConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -132,6 +132,12 @@ class CommandTest(StoreTestCase):
         self.assertFalse(os.listdir(empty))  # nothing created in a directory that is not a store
         with self.assertRaises(SystemExit), contextlib.redirect_stderr(io.StringIO()):
             main(["gc", self.root, "--max-bytes", "lots"])
+
+    def test_human_size(self):
+        self.assertEqual(
+            [human_size(n) for n in (0, 1023, 1536, 5 * 2**20, 3 * 2**40)],
+            ["0 B", "1023 B", "1.5 KiB", "5.0 MiB", "3.0 TiB"],
+        )
 
     def test_parse_size(self):
         self.assertEqual(parse_size("1024"), 1024)

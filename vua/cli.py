@@ -39,6 +39,16 @@ def parse_size(text: str) -> int:
     return int(number * 1024 ** "KMGT".find(unit) * 1024) if unit else int(number)
 
 
+def human_size(n: int) -> str:
+    """1536 -> '1.5 KiB': the reverse of parse_size, for messages."""
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{int(size)} B" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
 def _check_root(root: str, index_path: str) -> None:
     if not os.path.isdir(root):
         raise NotAStoreError(f"{root}: no such directory; pass the root a VUA store was created with")
@@ -80,7 +90,7 @@ def cmd_rebuild_index(args: argparse.Namespace) -> int:
     _emit(
         args,
         payload,
-        f"rebuilt {args.index_path}: {summary.groups} groups, {summary.bytes / 2**20:.1f} MiB, "
+        f"rebuilt {args.index_path}: {summary.groups} groups, {human_size(summary.bytes)}, "
         f"{summary.damaged} damaged fragments skipped, in {summary.seconds:.2f} s",
     )
     return 0
@@ -96,7 +106,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         workers=args.workers,
         progress=_Progress("verifying", not args.json),
     )
-    lines = [f"{report.fragments} valid fragments, {report.bytes / 2**20:.1f} MiB"]
+    lines = [f"{report.fragments} valid fragments, {human_size(report.bytes)}"]
     for p in report.problems:
         lines.append(f"{'fixed' if p.fixed else 'PROBLEM'}: {p.kind} {p.key or ''} {p.detail}".rstrip())
     if report.young_temporaries:
@@ -145,7 +155,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
         "newest_use": when(newest),
     }
     text = [
-        f"{count} fragments, {total / 2**20:.1f} MiB, {len(namespaces)} namespaces",
+        f"{count} fragments, {human_size(total)}, {len(namespaces)} namespaces",
         f"least recently used: {payload['oldest_use']}, most recently used: {payload['newest_use']}",
     ]
     text += [f"  {n:>8} groups  {name!r}" for name, n in namespaces.items()]
@@ -170,8 +180,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
     _emit(
         args,
         payload,
-        f"evicted {freed / 2**20:.1f} MiB: {before / 2**20:.1f} -> {after / 2**20:.1f} MiB "
-        f"(limit {args.max_bytes / 2**20:.1f} MiB)",
+        f"evicted {human_size(freed)}: {human_size(before)} -> {human_size(after)} "
+        f"(limit {human_size(args.max_bytes)})",
     )
     return 0
 
