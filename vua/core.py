@@ -374,7 +374,7 @@ class VUA:
         groups = load.wait()
         if groups == 0:
             return None
-        return ClosestKV(_cut(tokens, groups * self.config.split_factor), load.data())
+        return ClosestKV(tokens[..., : groups * self.config.split_factor], load.data())
 
     def prefix_length(self, tokens: torch.Tensor) -> int:
         """How many leading tokens of ``tokens`` are stored, in whole groups, without reading fragments.
@@ -529,10 +529,10 @@ class VUA:
                 return None
 
         if layout is None:  # index lost its layout entry: take it from the first fragment
-            first = open_group_unvalidated(self.root, keys[0])
-            if first is None:
+            found = read_group_record(self.root, keys[0].hex())
+            if found is None:
                 return [], None
-            layout = first
+            layout = found[1]
         opened = (
             list(self._pool().map(open_group, range(count))) if count > 4 else [open_group(j) for j in range(count)]
         )
@@ -571,13 +571,3 @@ class VUA:
             self._last_touch_flush = time.monotonic()
         if keys:
             self._index.touch(keys, time.time_ns())
-
-
-def open_group_unvalidated(root: str, key: bytes) -> Layout | None:
-    """The layout recorded in one fragment, or None when the fragment is unreadable."""
-    found = read_group_record(root, key.hex())
-    return None if found is None else found[1]
-
-
-def _cut(tokens: torch.Tensor, n: int) -> torch.Tensor:
-    return tokens[..., :n]
