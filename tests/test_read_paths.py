@@ -1,4 +1,4 @@
-"""Each read path returns exactly what was put: CPU whole groups, CPU layer by layer, CUDA."""
+"""Each read path returns exactly what was put: CPU whole groups, CPU layer by layer, CUDA, GDS."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import unittest
 import torch
 
 from tests.helpers import StoreTestCase, kv_slice, random_kv
-from vua import _layout
+from vua import _gds, _layout
 
 
 class GroupCopiesTest(StoreTestCase):
@@ -36,6 +36,23 @@ class GroupCopiesTest(StoreTestCase):
         vua.put(tokens, kv)
         self.assertKVEqual(vua.get_closest(tokens, device="cpu").data, kv)
 
+    def test_gds_option_is_harmless_without_a_gpu(self):
+        vua = self.store(split_factor=16, namespace="gds", gds=True)
+        tokens = torch.arange(32)
+        kv = random_kv(1, 32, heads=2, head_dim=128, dtype=torch.bfloat16)
+        vua.put(tokens, kv)
+        self.assertKVEqual(vua.get_closest(tokens, device="cpu").data, kv)
+        # Direct reads cover whole 4 KiB blocks around the K and V bytes.
+        self.assertEqual(_gds.aligned_span(4096 + 128, 3 * 4096 + 1), (4096, 3 * 4096))
+
+
+def flip_last_page_byte(path: str) -> None:
+    with open(path, "r+b") as f:
+        f.seek(-4096, os.SEEK_END)
+        byte = f.read(1)
+        f.seek(-4096, os.SEEK_END)
+        f.write(bytes([byte[0] ^ 0x01]))
+
 
 @unittest.skipUnless(torch.cuda.is_available(), "needs a CUDA device (tools/gpu_check.py runs the full set)")
 class CudaReadTest(StoreTestCase):
@@ -52,3 +69,22 @@ class CudaReadTest(StoreTestCase):
             k, v = load.wait_layer(i)
             self.assertTrue(torch.equal(k.clone().cpu().view(torch.uint8), kv[i][0].view(torch.uint8)))
         self.assertEqual(load.wait(), 6)
+
+    def test_gpu_word_sums_catch_damage(self):
+        vua = self.store(split_factor=16, namespace="cuda-damage")
+        tokens = torch.arange(48)
+        kv = random_kv(1, 48, heads=2, head_dim=128, dtype=torch.bfloat16)  # 4 KiB chunks: word sums stored
+        vua.put(tokens, kv)
+        flip_last_page_byte(_layout.fragment_path(self.root, vua.config.tokens_to_paths(tokens)[1]))
+        with self.assertLogs("vua", level="WARNING"):
+            hit = vua.get_closest(tokens, device="cuda")
+        self.assertKVEqual([(k.cpu(), v.cpu()) for k, v in hit.data], kv_slice(kv, 0, 16))
+
+    def test_gds_reads_or_falls_back_with_the_same_result(self):
+        vua = self.store(split_factor=16, namespace="cuda-gds", gds=True)
+        tokens = torch.arange(48)
+        kv = random_kv(1, 48, heads=2, head_dim=128, dtype=torch.bfloat16)
+        vua.put(tokens, kv)
+        for _ in range(2):  # the second read runs after any fallback decision
+            hit = vua.get_closest(tokens, device="cuda")
+            self.assertKVEqual([(k.cpu(), v.cpu()) for k, v in hit.data], kv)

@@ -6,7 +6,9 @@ A fragment is an ordinary safetensors file, so ``safetensors.safe_open`` reads i
     layers.{i}.key      dtype [kv_heads, split_factor, head_dim]
     layers.{i}.value    dtype [kv_heads, split_factor, head_dim]
     __metadata__        format, version, namespace, key, parent, group_index,
-                        split_factor, layout (JSON) and per-tensor xxh3-64 checksums
+                        split_factor, layout (JSON), per-tensor xxh3-64 checksums,
+                        and two sums over all K and V bytes: kv_checksum (xxh3-64, for
+                        the host) and kv_wordsum (see _wordsum, for a GPU)
 
 The header is padded with spaces (which the format allows) so tensor data starts on a
 4 KiB boundary, as direct and GPUDirect reads want.
@@ -34,7 +36,7 @@ import numpy as np
 import torch
 import xxhash
 
-from vua import _layout
+from vua import _layout, _wordsum
 from vua.errors import FragmentError
 
 FORMAT = "vua.fragment"
@@ -334,7 +336,7 @@ class Fragment:
         Raises:
             FragmentError: the file is shorter than its header says.
         """
-        begin = self.tensors[key_name(0)].begin
+        begin = self.kv_range[0]
         fd = os.open(self.path, os.O_RDONLY)  # a file replaced since fails the checksum
         try:
             got = 0
@@ -390,15 +392,52 @@ class Fragment:
         Only for layouts whose every K and V share one shape; the checksum (over the bytes
         after the tokens) is None for fragments written before it existed.
         """
-        first, last = self.tensors[key_name(0)], self.tensors[value_name(len(self.layers) - 1)]
+        first = self.tensors[key_name(0)]
         kh, split, kd = first.shape
-        data = self._region[first.begin : last.end].view(bits_dtype(first.dtype))
+        begin, end = self.kv_range
+        data = self._region[begin:end].view(bits_dtype(first.dtype))
         try:
             block = data.reshape(len(self.layers), 2, kh, split, kd)
         except ValueError:
             raise FragmentError(f"fragment {self.path}: K and V are not all one shape") from None
         raw = self.metadata.get("kv_checksum")
         return block, None if raw is None else int(raw, 16)
+
+    @cached_property
+    def kv_range(self) -> tuple[int, int]:
+        """File offsets ``[begin, end)`` of all K and V bytes: every layer's K then V, after the tokens."""
+        layers = (len(self.tensors) - 1) // 2  # the tokens, then a K and a V per layer
+        return self.tensors[key_name(0)].begin, self.tensors[value_name(layers - 1)].end
+
+    @cached_property
+    def kv_wordsum(self) -> int | None:
+        """The stored GPU-checkable sum of all K and V bytes; None where the writer stored none.
+
+        Raises:
+            FragmentError: the stored value is malformed.
+        """
+        raw = self.metadata.get("kv_wordsum")
+        if raw is None:
+            return None
+        try:
+            return int(raw, 16)
+        except ValueError:
+            raise FragmentError(f"fragment {self.path}: malformed kv_wordsum {raw!r}") from None
+
+    def verify_group_sums(self) -> None:
+        """Checks the whole-group sums (kv_checksum, kv_wordsum) against the file's K and V bytes.
+
+        Raises:
+            FragmentError: a sum does not match (damaged data or metadata).
+        """
+        begin, end = self.kv_range
+        data = self._region[begin:end]
+        expected = self.metadata.get("kv_checksum")
+        if expected is not None and xxhash.xxh3_64_hexdigest(data) != expected:
+            raise FragmentError(f"fragment {self.path}: kv_checksum mismatch (damaged data or metadata)")
+        stored = self.kv_wordsum
+        if stored is not None and _wordsum.host_wordsum([data.reshape(1, -1)]) != stored:
+            raise FragmentError(f"fragment {self.path}: kv_wordsum mismatch (damaged data or metadata)")
 
     def tensor(self, name: str) -> torch.Tensor:
         """A copy of one stored tensor (for tools and tests; the read path uses :meth:`array`)."""

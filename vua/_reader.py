@@ -7,10 +7,13 @@ A :class:`KVLoad` owns the open fragments of one prefix and copies each byte onc
   (layers, 2, heads, tokens, dim) array and a fragment's data one (layers, 2, heads, split,
   dim) array, so threads take whole groups: hash a tensor, copy it while it is in cache, and
   check the group's checksum at the end. The next group's file is prefetched meanwhile.
-- a CUDA device: whole groups are read with ``preadv`` into a pinned staging buffer and
-  verified there, then sent with one non-blocking DMA per run of groups on a side stream
-  and re-laid out on the device, while the host fills the other staging buffer. The
-  caller's stream waits on CUDA events, never the host.
+- a CUDA device: whole groups are read with ``preadv`` into a pinned staging buffer, sent
+  with one non-blocking DMA per run of groups on a side stream and re-laid out on the
+  device, while the host fills the other staging buffer. The GPU checks each group's
+  word sum (see ``_wordsum``) after the copy, so the host only moves bytes; groups stored
+  without one are checked with xxh3 on the host. With ``gds`` the files go straight into
+  GPU memory (GPUDirect Storage) and are checked there the same way. The caller's stream
+  waits on CUDA events; the host waits only to learn how many groups passed.
 - layer-wise loads (and layouts with layers of different shapes) go layer by layer, so a
   consumer can take layer i as soon as it has landed.
 
@@ -30,6 +33,7 @@ import numpy as np
 import torch
 import xxhash
 
+from vua import _gds, _wordsum
 from vua._fragment import Fragment, Layout, as_bits
 from vua._staging import HostBlockPool, PinnedStaging
 from vua.errors import FragmentError
@@ -51,6 +55,7 @@ class KVLoad:
         staging: pinned buffers and side stream (CUDA devices only).
         host_pool: recycled host memory for CPU outputs (None: fresh memory).
         verify_checksums: check every tensor against the checksum stored at put time.
+        gds: read whole groups with GPUDirect Storage where the platform allows (CUDA only).
         background: run on a thread of its own, so the caller can consume layers as they land.
         on_done: called with the load itself when it has finished.
     """
@@ -66,6 +71,7 @@ class KVLoad:
         staging: PinnedStaging | None,
         host_pool: HostBlockPool | None = None,
         verify_checksums: bool,
+        gds: bool = False,
         background: bool,
         on_done: Callable[[KVLoad], None] | None = None,
     ):
@@ -77,6 +83,7 @@ class KVLoad:
         self._executor = executor
         self._staging = staging
         self._verify = verify_checksums
+        self._gds = gds
         self._on_done = on_done
         self._layerwise = background
         self._total_bytes = layout.kv_bytes(split_factor) * len(self._fragments)
@@ -293,70 +300,174 @@ class KVLoad:
 
     def _run_cuda(self, staging: PinnedStaging) -> None:
         if self._uniform and not self._layerwise:
-            self._run_cuda_groups(staging)
+            if not (self._gds and self._run_gds(staging)):
+                self._run_cuda_groups(staging)
         else:
             self._run_cuda_layers(staging)
 
-    def _read_group(self, group: int, dest: np.ndarray) -> bool:
-        """Reads one group's K and V bytes (file order) into ``dest`` and verifies them."""
+    def _device_checkable(self, fragment: Fragment) -> int | None:
+        """The word sum the GPU is to check for this group, or None to check it on the host."""
+        if not self._verify or self._layout.kv_bytes(self._split) % _wordsum.ROW_BYTES:
+            return None
+        return fragment.kv_wordsum
+
+    def _read_group(self, group: int, dest: np.ndarray) -> int | None:
+        """Reads one group's K and V bytes (file order) into ``dest``.
+
+        Returns the word sum for the GPU to check after the copy; None when the group was
+        checked here (it has no word sum) or failed (then the prefix already ends before it).
+        """
         fragment = self._fragments[group]
         try:
             fragment.read_kv_into(memoryview(dest))
-            if self._verify:
-                expected = fragment.metadata.get("kv_checksum")
-                if expected is not None:
-                    ok = xxhash.xxh3_64_intdigest(dest) == int(expected, 16)
-                else:  # written before whole-group checksums: tensor by tensor
-                    sums = fragment.checksums
-                    ok = all(xxhash.xxh3_64_intdigest(dest[b:e]) == sums.get(n) for n, b, e in fragment.kv_offsets())
-                if not ok:
-                    raise FragmentError(f"fragment {fragment.path}: checksum mismatch (damaged data)")
+            on_device = self._device_checkable(fragment)
+            if on_device is not None or not self._verify:
+                return on_device
+            expected = fragment.metadata.get("kv_checksum")
+            if expected is not None:
+                ok = xxhash.xxh3_64_intdigest(dest) == int(expected, 16)
+            else:  # written before whole-group checksums: tensor by tensor
+                sums = fragment.checksums
+                ok = all(xxhash.xxh3_64_intdigest(dest[b:e]) == sums.get(n) for n, b, e in fragment.kv_offsets())
+            if not ok:
+                raise FragmentError(f"fragment {fragment.path}: checksum mismatch (damaged data)")
         except (FragmentError, OSError) as exc:
             self._fail(
                 group, exc if isinstance(exc, FragmentError) else FragmentError(f"reading {fragment.path}: {exc}")
             )
-            return False
-        return True
+        return None
 
-    def _run_cuda_groups(self, staging: PinnedStaging) -> None:
-        """Runs of whole groups: read into pinned staging, one DMA, re-laid out on the GPU."""
+    def _place_groups(self, groups: torch.Tensor, first: int, last: int) -> None:
+        """Copies groups ``first..last-1``, laid out as in their files, into the outputs (on the GPU).
+
+        ``groups`` is ``(last - first) * group_bytes`` uint8 on the device; queue on the side stream.
+        """
         s = self._split
         layers, _, heads, _, dim = self._block5.shape
-        group_bytes = self._layout.kv_bytes(s)
+        n = last - first
+        # (groups, layers, 2, heads, split, dim) -> (layers, 2, heads, groups * split, dim)
+        runs = groups.view(self._layout.dtype).view(n, layers, 2, heads, s, dim)
+        target = self._block5[:, :, :, first * s : last * s].view(layers, 2, heads, n, s, dim)
+        target.copy_(runs.permute(1, 2, 3, 0, 4, 5))
+
+    def _check_on_device(self, sums: torch.Tensor, expected: list[int | None]) -> None:
+        """Compares the word sums the GPU computed with the stored ones; a mismatch ends the prefix.
+
+        Waits for the side stream: the caller must know how many groups are valid.
+        """
+        valid = self._valid_groups
+        if all(e is None for e in expected[:valid]):
+            return
+        got = sums[:valid].cpu().tolist()  # on the side stream (the caller's context): waits for its copies
+        for group, stored in enumerate(expected[:valid]):
+            if stored is not None and not _wordsum.matches(got[group], stored):
+                path = self._fragments[group].path
+                self._fail(group, FragmentError(f"fragment {path}: word sum mismatch after the copy (damaged data)"))
+                return
+
+    def _finish_cuda(self, stream: torch.cuda.Stream) -> None:
+        done = stream.record_event()
+        for layer in range(len(self.outputs)):
+            self._layer_events[layer] = done
+            self._layer_ready[layer].set()
+
+    def _run_cuda_groups(self, staging: PinnedStaging) -> None:
+        """Runs of whole groups: read into pinned staging, one DMA, re-laid out and checked on the GPU."""
+        group_bytes = self._layout.kv_bytes(self._split)
         # A group is one thread's unit, so a run holds at least a group per thread.
         per_slot = max(1, staging.slot_bytes // group_bytes, getattr(self._executor, "_max_workers", 1))
         stream = staging.stream
+        with torch.cuda.stream(stream):  # memory of the side stream's own, like everything it writes
+            sums = torch.empty(self._requested_groups, dtype=torch.int64, device=self._device)
+        expected: list[int | None] = [None] * self._requested_groups  # word sums for the GPU to check
         first = 0
         while first < self._valid_groups:
             last = min(self._valid_groups, first + per_slot)
             slot_id, slot = staging.acquire((last - first) * group_bytes)
-            # Group j of the run at j * group_bytes, each as in its file: (layers, 2, heads, split, dim)
-            host = slot.numpy()
+            host = slot.numpy()  # group j of the run at j * group_bytes, as in its file
 
             def work(lo: int, hi: int, first: int = first, host: np.ndarray = host) -> None:
                 for g in range(lo, min(hi, self._valid_groups)):
                     if g + per_slot < len(self._fragments):
                         self._fragments[g + per_slot].prefetch()  # the next run's reads start now
                     at = (g - first) * group_bytes
-                    self._read_group(g, host[at : at + group_bytes])
+                    expected[g] = self._read_group(g, host[at : at + group_bytes])
 
             self._parallel(work, first, last, (last - first) * group_bytes)
-            last = min(last, self._valid_groups)  # a failed check may have cut this run
+            last = min(last, self._valid_groups)  # a failed read may have cut this run
             n = last - first
             with torch.cuda.stream(stream):
                 if n > 0:
                     # Pinned source + non_blocking: one DMA the host does not wait for; the
-                    # re-layout into (layers, 2, heads, tokens, dim) runs at device-memory speed.
+                    # re-layout and the sums run at device-memory speed.
                     device_copy = slot[: n * group_bytes].to(self._device, non_blocking=True)
-                    runs = device_copy.view(self._layout.dtype).view(n, layers, 2, heads, s, dim)
-                    target = self._block5[:, :, :, first * s : last * s].view(layers, 2, heads, n, s, dim)
-                    target.copy_(runs.permute(1, 2, 3, 0, 4, 5))
+                    self._place_groups(device_copy, first, last)
+                    if any(e is not None for e in expected[first:last]):
+                        sums[first:last] = _wordsum.device_wordsums_(device_copy.view(n, group_bytes))
                 staging.release(slot_id, stream.record_event())
             first = last if n > 0 else self._valid_groups
-        done = stream.record_event()
-        for layer in range(len(self.outputs)):
-            self._layer_events[layer] = done
-            self._layer_ready[layer].set()
+        with torch.cuda.stream(stream):
+            self._check_on_device(sums, expected)
+        self._finish_cuda(stream)
+
+    def _run_gds(self, staging: PinnedStaging) -> bool:
+        """Whole groups read with GPUDirect Storage into GPU memory, checked and re-laid out there.
+
+        Returns False, having read nothing, when this load cannot use GDS (a group without
+        a word sum, or the platform refuses); the caller then takes the staging path.
+        """
+        if not _gds.usable():
+            return False
+        group_bytes = self._layout.kv_bytes(self._split)
+        try:
+            expected = [self._device_checkable(f) for f in self._fragments]
+        except FragmentError:
+            return False  # the staging path reports the damaged group
+        if any(e is None for e in expected):
+            return False
+        stream = staging.stream
+        begin, end = self._fragments[0].kv_range
+        start, span = _gds.aligned_span(begin, end)
+        skip = begin - start  # the same in every fragment of this split: data starts 4 KiB-aligned
+        with torch.cuda.stream(stream):
+            # Two buffers: cuFile fills one while the GPU re-lays out and checks the other.
+            scratch = [torch.empty(span, dtype=torch.uint8, device=self._device) for _ in range(2)]
+            sums = torch.empty(self._requested_groups, dtype=torch.int64, device=self._device)
+        stream.synchronize()  # cuFile writes outside stream order: freed memory must be idle first
+        idle: list[torch.cuda.Event | None] = [None, None]
+        for g in range(self._valid_groups):
+            fragment = self._fragments[g]
+            buffer = scratch[g % 2]
+            if idle[g % 2] is not None:
+                idle[g % 2].synchronize()
+            begin, end = fragment.kv_range
+            try:
+                if begin % _gds.ALIGN != skip or end - begin != group_bytes:
+                    raise FragmentError(f"fragment {fragment.path}: K and V not where its layout puts them")
+                _gds.read_into(fragment.path, buffer, begin - skip)
+            except FileNotFoundError:
+                self._fail(g, FragmentError(f"fragment {fragment.path} vanished while being read"))
+                break
+            except FragmentError as exc:
+                self._fail(g, exc)
+                break
+            except (OSError, RuntimeError) as exc:
+                if g == 0:
+                    _gds.disable(f"{type(exc).__name__}: {exc}")
+                    return False
+                error = FragmentError(f"GPUDirect read of {fragment.path} failed: {exc}")
+                error.damaged = False  # the platform's doing, not the file's
+                self._fail(g, error)
+                break
+            with torch.cuda.stream(stream):
+                data = buffer[skip : skip + group_bytes]
+                self._place_groups(data, g, g + 1)
+                sums[g : g + 1] = _wordsum.device_wordsums_(data.view(1, group_bytes))
+                idle[g % 2] = stream.record_event()
+        with torch.cuda.stream(stream):
+            self._check_on_device(sums, expected)
+        self._finish_cuda(stream)
+        return True
 
     def _run_cuda_layers(self, staging: PinnedStaging) -> None:
         """Layer by layer, so a layer-wise consumer can start on layer 0 early."""

@@ -1,7 +1,7 @@
 """``vua verify``: check every fragment and the index against each other, and optionally repair.
 
 Per fragment: the header parses within bounds, the metadata names this group, every
-tensor matches the checksum written at put time, and the key equals
+tensor and the whole group match the checksums written at put time, and the key equals
 ``xxh3_128(parent + tokens)``: the stored tokens really are the ones the key promises.
 Across the store: every valid fragment is indexed, every index entry has a valid
 fragment, and no writer's temporary directory is older than the grace period.
@@ -75,6 +75,7 @@ def check_fragment(root: str, key_hex: str) -> tuple[GroupRecord, object, str]:
         )
         for name in fragment.tensors:
             fragment.verify_checksum(name)
+        fragment.verify_group_sums()
         if xxhash.xxh3_128_digest(parent + bytes(fragment.raw(TOKENS))).hex() != key_hex:
             raise FragmentError("stored tokens do not hash to the group's key")
         record = GroupRecord(namespace_id(namespace), layout.id, fragment.file_size, group_index, time.time_ns())

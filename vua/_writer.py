@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import xxhash
 
-from vua import _fragment
+from vua import _fragment, _wordsum
 from vua._fragment import Layout
 from vua._index import GroupRecord, namespace_id
 
@@ -56,6 +56,7 @@ class GroupSource:
     ):
         self._tensors = [t for kv in layers for t in kv]  # keep alive while views exist
         self._raw = [_raw_bytes(t) for t in self._tensors]
+        self._raw_arrays = [np.frombuffer(raw, dtype=np.uint8) for raw in self._raw]
         self._layout = layout
         self._split = split_factor
         self._namespace = namespace
@@ -68,6 +69,15 @@ class GroupSource:
         run = self._split * t.shape[-1] * item
         base = row * t.stride(0) + (group - self._first_group) * self._split * t.stride(2)
         return [raw[(base + h * t.stride(1)) * item : (base + h * t.stride(1)) * item + run] for h in range(t.shape[1])]
+
+    def _tensor_piece(self, i: int, row: int, group: int) -> np.ndarray:
+        """The same bytes as :meth:`_tensor_chunks`, as one uint8 array ``(heads, run)``."""
+        t = self._tensors[i]
+        item = t.element_size()
+        base = (row * t.stride(0) + (group - self._first_group) * self._split * t.stride(2)) * item
+        run = self._split * t.shape[-1] * item
+        start = self._raw_arrays[i][base:]
+        return np.lib.stride_tricks.as_strided(start, (t.shape[1], run), (t.stride(1) * item, 1), writeable=False)
 
     def fragment(
         self, ids: np.ndarray, row: int, group: int, key_hex: str, parent_hex: str
@@ -82,7 +92,9 @@ class GroupSource:
         buffers = [token_bytes]
         checksums = {_fragment.TOKENS: format(xxhash.xxh3_64_intdigest(token_bytes), "016x")}
         whole = xxhash.xxh3_64()  # all K and V bytes, in file order: one check for a whole-group read
+        pieces = []
         for i in range(len(self._tensors)):
+            pieces.append(self._tensor_piece(i, row, group))
             chunks = self._tensor_chunks(i, row, group)
             hasher = xxhash.xxh3_64()
             for chunk in chunks:
@@ -102,6 +114,9 @@ class GroupSource:
             "checksums": _fragment.json.dumps(checksums, separators=(",", ":")),
             "kv_checksum": whole.hexdigest(),
         }
+        wordsum = _wordsum.host_wordsum(pieces)  # what a GPU checks after its copy
+        if wordsum is not None:
+            metadata["kv_wordsum"] = format(wordsum, "016x")
         return _fragment.encode_header(metadata, self._specs), buffers
 
     def record(self, header: bytes, buffers: Sequence[memoryview], group: int) -> GroupRecord:

@@ -77,6 +77,9 @@ class VUAConfig:
             to one group per I/O thread when groups are large).
         host_pool_bytes: host memory of dropped CPU results kept for reuse by later reads
             (saves zeroing fresh pages); 0 turns recycling off.
+        gds: read fragments for CUDA devices straight into GPU memory with GPUDirect
+            Storage (``torch.cuda.gds``). Off by default; where the platform cannot, the
+            first failure is logged and reads go through pinned staging as usual.
     """
 
     split_factor: int = 256
@@ -88,6 +91,7 @@ class VUAConfig:
     verify_checksums: bool = True
     staging_bytes: int = 256 << 20
     host_pool_bytes: int = 2 << 30
+    gds: bool = False
 
     @_config_method
     def tokens_to_paths(self, tokens: torch.Tensor) -> list[str]:
@@ -355,9 +359,11 @@ class VUA:
         query's and (by default) every tensor's checksum. A group that fails ends the
         prefix there, with a logged warning; wrong data is never returned.
 
-        On a CUDA device the copies are asynchronous: this returns once they are queued,
-        and the caller's current stream waits for them, so the data is safe to use on that
-        stream without synchronising the host.
+        On a CUDA device the data is safe to use on the caller's current stream without
+        synchronising the host: that stream waits on the copies through CUDA events. The
+        host waits only for the GPU's check of the groups (a word sum computed after each
+        copy), since the prefix length must be known when this returns; groups stored
+        without a word sum are checked on the host and their copies left queued.
 
         Args:
             tokens: ``[n]`` or ``[1, n]``; or a list of 1-D tensors for a batch.
@@ -446,6 +452,7 @@ class VUA:
             staging=staging,
             host_pool=self._host_pool,
             verify_checksums=self.config.verify_checksums,
+            gds=self.config.gds,
             background=layerwise,
             on_done=on_done,
         )

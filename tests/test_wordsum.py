@@ -1,0 +1,119 @@
+"""The word sum a GPU checks after its copy: the definition, what writers store, what it catches."""
+
+from __future__ import annotations
+
+import os
+import unittest
+
+import numpy as np
+import torch
+
+from tests.helpers import StoreTestCase, random_kv
+from vua import _layout
+from vua._fragment import Fragment, publish_fragment
+from vua._keys import tokens_as_int64
+from vua._verify import verify_store
+from vua._wordsum import device_wordsums_, host_wordsum, matches
+from vua._writer import GroupSource
+
+MASK = (1 << 64) - 1
+
+
+def by_the_definition(data: bytes) -> int:
+    """The sum written out word by word, as _wordsum's docstring defines it."""
+    total = 0
+    for i in range(len(data) // 8):
+        row, col = divmod(i, 512)
+        word = int.from_bytes(data[8 * i : 8 * i + 8], "little")
+        col_weight = ((col + 1) * 0x9E3779B97F4A7C15 & MASK) | 1
+        row_weight = ((row + 1) * 0xC2B2AE3D27D4EB4F & MASK) | 1
+        total += row_weight * col_weight * word
+    return total & MASK
+
+
+def on_torch(data: np.ndarray) -> int:
+    """The device code, run on the CPU (it is plain tensor arithmetic)."""
+    return int(device_wordsums_(torch.from_numpy(data.copy()).view(1, -1))[0])
+
+
+class DefinitionTest(unittest.TestCase):
+    def setUp(self):
+        self.data = np.random.default_rng(3).integers(0, 256, 3 * 4096, dtype=np.uint8)
+
+    def test_host_and_device_code_follow_the_definition(self):
+        expected = by_the_definition(self.data.tobytes())
+        self.assertEqual(host_wordsum([self.data.reshape(1, -1)]), expected)
+        # The same bytes cut into pieces of several chunks sum the same.
+        self.assertEqual(host_wordsum([self.data[:4096].reshape(1, -1), self.data[4096:].reshape(2, -1)]), expected)
+        self.assertTrue(matches(on_torch(self.data), expected))
+
+    def test_damage_changes_the_sum(self):
+        stored = host_wordsum([self.data.reshape(1, -1)])
+        flipped = self.data.copy()
+        flipped[5000] ^= 0x10
+        moved_rows = np.concatenate([self.data[4096:8192], self.data[:4096], self.data[8192:]])
+        moved_words = self.data.copy()
+        moved_words[:8], moved_words[8:16] = self.data[8:16], self.data[:8]
+        for damaged in (flipped, moved_rows, moved_words):
+            self.assertNotEqual(host_wordsum([damaged.reshape(1, -1)]), stored)
+            self.assertFalse(matches(on_torch(damaged), stored))
+
+    def test_chunks_of_partial_rows_have_no_sum(self):
+        self.assertIsNone(host_wordsum([self.data[:6144].reshape(3, -1)]))
+
+
+class StoredSumTest(StoreTestCase):
+    """Writers store the sum the device code computes over the fragment's K and V bytes."""
+
+    def stored_and_recomputed(self, path: str) -> tuple[int | None, int]:
+        with Fragment(path) as fragment:
+            begin, end = fragment.kv_range
+            data = np.fromfile(path, dtype=np.uint8)[begin:end]
+            return fragment.kv_wordsum, on_torch(data)
+
+    def test_every_group_of_a_strided_batch(self):
+        vua = self.store(split_factor=16, namespace="sums")
+        # A cache with room for 64 tokens holding 48: heads are 64 tokens apart in memory.
+        roomy = random_kv(2, 64, heads=2, head_dim=128, dtype=torch.bfloat16)
+        kv = [(k[:, :, :48], v[:, :, :48]) for k, v in roomy]
+        tokens = torch.stack([torch.arange(48), torch.arange(100, 148)])
+        vua.put(tokens, kv)
+        for row in tokens:
+            for key in vua.config.tokens_to_paths(row):
+                stored, recomputed = self.stored_and_recomputed(_layout.fragment_path(self.root, key))
+                self.assertIsNotNone(stored)
+                self.assertTrue(matches(recomputed, stored))
+
+    def test_groups_of_partial_rows_store_none_and_still_read(self):
+        vua = self.store(split_factor=16, namespace="small")
+        kv = random_kv(1, 32)  # 16 tokens x 8 floats: 512-byte chunks
+        vua.put(torch.arange(32), kv)
+        key = vua.config.tokens_to_paths(torch.arange(32))[0]
+        with Fragment(_layout.fragment_path(self.root, key)) as fragment:
+            self.assertIsNone(fragment.kv_wordsum)
+        self.assertKVEqual(vua.get_closest(torch.arange(32)).data, kv)
+
+    def test_verify_reports_a_wrong_stored_sum(self):
+        vua = self.store(split_factor=16, namespace="forged")
+        tokens = torch.arange(32)
+        kv = random_kv(1, 32, heads=2, head_dim=128, dtype=torch.bfloat16)
+        vua.put(tokens, kv)
+        keys = vua.config.tokens_to_paths(tokens)
+        self.assertTrue(verify_store(self.root, vua.index_path).clean)
+        # Group 1 again, byte for byte, but for a stored sum one off.
+        layout = vua._check_put(tokens, kv)[1]
+        header, buffers = GroupSource(kv, layout, 16, "forged").fragment(
+            tokens_as_int64(tokens), 0, 1, keys[1], keys[0]
+        )
+        with Fragment(_layout.fragment_path(self.root, keys[1])) as fragment:
+            good = fragment.metadata["kv_wordsum"]
+        wrong = format((int(good, 16) + 1) & MASK, "016x")
+        os.rename(_layout.group_dir(self.root, keys[1]), os.path.join(self.root, "moved-away"))
+        self.assertTrue(publish_fragment(self.root, keys[1], header.replace(good.encode(), wrong.encode()), buffers))
+        report = verify_store(self.root, vua.index_path)
+        self.assertEqual([(p.kind, p.key) for p in report.problems], [("damaged-fragment", keys[1])])
+        self.assertIn("kv_wordsum mismatch", report.problems[0].detail)
+
+
+if __name__ == "__main__":
+    unittest.main()
