@@ -13,7 +13,7 @@ from vua import _layout
 from vua._fragment import Fragment, publish_fragment
 from vua._keys import tokens_as_int64
 from vua._verify import verify_store
-from vua._wordsum import device_wordsums_, host_wordsum, matches
+from vua._wordsum import device_wordsums_, host_wordsum, matches, tensor_wordsums
 from vua._writer import GroupSource
 
 MASK = (1 << 64) - 1
@@ -72,20 +72,32 @@ class StoredSumTest(StoreTestCase):
             return fragment.kv_wordsum, on_torch(data)
 
     def test_every_group_of_a_strided_batch(self):
-        vua = self.store(split_factor=16, namespace="sums")
+        vua = self.store(split_factor=16, namespace="sums", gpu_checksums=True)
         # A cache with room for 64 tokens holding 48: heads are 64 tokens apart in memory.
         roomy = random_kv(2, 64, heads=2, head_dim=128, dtype=torch.bfloat16)
         kv = [(k[:, :, :48], v[:, :, :48]) for k, v in roomy]
         tokens = torch.stack([torch.arange(48), torch.arange(100, 148)])
         vua.put(tokens, kv)
-        for row in tokens:
-            for key in vua.config.tokens_to_paths(row):
+        on_device = tensor_wordsums(kv, 48, 16)  # what a put from CUDA tensors stores instead
+        for r, row in enumerate(tokens):
+            for g, key in enumerate(vua.config.tokens_to_paths(row)):
                 stored, recomputed = self.stored_and_recomputed(_layout.fragment_path(self.root, key))
                 self.assertIsNotNone(stored)
                 self.assertTrue(matches(recomputed, stored))
+                self.assertTrue(matches(int(on_device[r, g]), stored))
+
+    def test_who_stores_sums_by_default(self):
+        tokens = torch.arange(16)
+        kv = random_kv(1, 16, heads=2, head_dim=128, dtype=torch.bfloat16)
+        for setting, expected in ((None, torch.cuda.is_available()), (False, False), (True, True)):
+            vua = self.store(split_factor=16, namespace=f"default-{setting}", gpu_checksums=setting)
+            vua.put(tokens, kv)
+            key = vua.config.tokens_to_paths(tokens)[0]
+            with Fragment(_layout.fragment_path(self.root, key)) as fragment:
+                self.assertEqual(fragment.kv_wordsum is not None, expected, f"gpu_checksums={setting}")
 
     def test_groups_of_partial_rows_store_none_and_still_read(self):
-        vua = self.store(split_factor=16, namespace="small")
+        vua = self.store(split_factor=16, namespace="small", gpu_checksums=True)
         kv = random_kv(1, 32)  # 16 tokens x 8 floats: 512-byte chunks
         vua.put(torch.arange(32), kv)
         key = vua.config.tokens_to_paths(torch.arange(32))[0]
@@ -94,7 +106,7 @@ class StoredSumTest(StoreTestCase):
         self.assertKVEqual(vua.get_closest(torch.arange(32)).data, kv)
 
     def test_verify_reports_a_wrong_stored_sum(self):
-        vua = self.store(split_factor=16, namespace="forged")
+        vua = self.store(split_factor=16, namespace="forged", gpu_checksums=True)
         tokens = torch.arange(32)
         kv = random_kv(1, 32, heads=2, head_dim=128, dtype=torch.bfloat16)
         vua.put(tokens, kv)
@@ -102,7 +114,7 @@ class StoredSumTest(StoreTestCase):
         self.assertTrue(verify_store(self.root, vua.index_path).clean)
         # Group 1 again, byte for byte, but for a stored sum one off.
         layout = vua._check_put(tokens, kv)[1]
-        header, buffers = GroupSource(kv, layout, 16, "forged").fragment(
+        header, buffers = GroupSource(kv, layout, 16, "forged", host_wordsums=True).fragment(
             tokens_as_int64(tokens), 0, 1, keys[1], keys[0]
         )
         with Fragment(_layout.fragment_path(self.root, keys[1])) as fragment:

@@ -7,8 +7,10 @@ A fragment is an ordinary safetensors file, so ``safetensors.safe_open`` reads i
     layers.{i}.value    dtype [kv_heads, split_factor, head_dim]
     __metadata__        format, version, namespace, key, parent, group_index,
                         split_factor, layout (JSON), per-tensor xxh3-64 checksums,
-                        and two sums over all K and V bytes: kv_checksum (xxh3-64, for
-                        the host) and kv_wordsum (see _wordsum, for a GPU)
+                        and, where the writer stored one, kv_wordsum: a sum over all
+                        K and V bytes that a GPU checks (see _wordsum). Files from
+                        before 2026-11-28 carry kv_checksum (xxh3-64 over the same
+                        bytes) instead; readers check it when present.
 
 The header is padded with spaces (which the format allows) so tensor data starts on a
 4 KiB boundary, as direct and GPUDirect reads want.

@@ -17,7 +17,9 @@ with odd weights ``COL(c) = ((c + 1) · A) | 1`` and ``ROW(r) = ((r + 1) · B) |
 Odd weights are invertible mod 2^64, so changing any one word always changes the sum, and
 position weights catch words or blocks that moved. Writers store it as the fragment
 metadata ``kv_wordsum`` (16 hex digits) when every K and V tensor of a group is a whole
-number of rows; groups without it are verified with xxh3 on the host.
+number of rows; groups without it are verified with xxh3 on the host. A put from CUDA
+tensors computes the sums on the GPU (:func:`tensor_wordsums`), almost for free; a put from
+host tensors computes them with numpy (:func:`host_wordsum`).
 """
 
 from __future__ import annotations
@@ -104,3 +106,40 @@ def device_wordsums_(groups: torch.Tensor) -> torch.Tensor:
 def matches(device_sum: int, stored: int) -> bool:
     """Whether a sum from :func:`device_wordsums_` (int64) equals a stored one (uint64)."""
     return device_sum & _MASK == stored
+
+
+def tensor_wordsums(
+    layers: Sequence[tuple[torch.Tensor, torch.Tensor]], tokens: int, split: int
+) -> torch.Tensor | None:
+    """The sum of every (row, group) of a put's K and V, computed on the tensors' device.
+
+    Args:
+        layers: per layer ``(K, V)``, each ``(batch, heads, seq >= tokens, head_dim)``.
+        tokens: the tokens to cover, a multiple of ``split``.
+        split: tokens per group.
+
+    Returns:
+        ``(batch, tokens // split)`` int64 on the tensors' device (compare through
+        :func:`matches`); None when a head's run of a group is not whole rows.
+    """
+    groups = tokens // split
+    total = None
+    base = 0  # rows of the group's data before this tensor (file order: K0, V0, K1, ...)
+    for t in (t for kv in layers for t in kv):
+        batch, heads, _, dim = t.shape
+        chunk = split * dim * t.element_size()  # one head's bytes in one group
+        if chunk % ROW_BYTES:
+            return None
+        t = t[:, :, :tokens]
+        if t.stride(-1) != 1 or t.stride(-2) != dim or t.storage_offset() * t.element_size() % 8:
+            t = t.contiguous()
+        rows = chunk // ROW_BYTES
+        words = t.view(torch.int64).view(batch, heads, groups, rows, ROW_WORDS)
+        per_row = (words * _col_on(t.device)).sum(dim=4)  # (batch, heads, groups, rows)
+        weights = torch.arange(base + 1, base + heads * rows + 1, dtype=torch.int64, device=t.device)
+        weights.mul_(_signed(_ROW_MULT)).bitwise_or_(1)
+        # (batch, heads, groups, rows) x (heads, 1, rows) -> (batch, groups)
+        part = (per_row * weights.view(heads, 1, rows)).sum(dim=(1, 3))
+        total = part if total is None else total.add_(part)
+        base += heads * rows
+    return total

@@ -53,6 +53,8 @@ class GroupSource:
         namespace: str,
         *,
         first_group: int = 0,
+        wordsums: np.ndarray | None = None,
+        host_wordsums: bool = False,
     ):
         self._tensors = [t for kv in layers for t in kv]  # keep alive while views exist
         self._raw = [_raw_bytes(t) for t in self._tensors]
@@ -62,6 +64,10 @@ class GroupSource:
         self._namespace = namespace
         self._specs = layout.tensor_specs(split_factor)
         self._first_group = first_group  # the tensors start at this group's first token
+        # GPU-checkable sums (see _wordsum): computed already, (rows, groups from first_group)
+        # as uint64, or to compute here from the host bytes, or neither.
+        self._wordsums = wordsums
+        self._host_wordsums = host_wordsums
 
     def _tensor_chunks(self, i: int, row: int, group: int) -> list[memoryview]:
         t, raw = self._tensors[i], self._raw[i]
@@ -91,15 +97,11 @@ class GroupSource:
         token_bytes = memoryview(ids[group * s : (group + 1) * s]).cast("B")
         buffers = [token_bytes]
         checksums = {_fragment.TOKENS: format(xxhash.xxh3_64_intdigest(token_bytes), "016x")}
-        whole = xxhash.xxh3_64()  # all K and V bytes, in file order: one check for a whole-group read
-        pieces = []
         for i in range(len(self._tensors)):
-            pieces.append(self._tensor_piece(i, row, group))
             chunks = self._tensor_chunks(i, row, group)
             hasher = xxhash.xxh3_64()
             for chunk in chunks:
                 hasher.update(chunk)
-                whole.update(chunk)
             checksums[self._specs[i + 1][0]] = hasher.hexdigest()
             buffers.extend(chunks)
         metadata = {
@@ -112,10 +114,14 @@ class GroupSource:
             "split_factor": str(s),
             "layout": self._layout.json,
             "checksums": _fragment.json.dumps(checksums, separators=(",", ":")),
-            "kv_checksum": whole.hexdigest(),
         }
-        wordsum = _wordsum.host_wordsum(pieces)  # what a GPU checks after its copy
-        if wordsum is not None:
+        if self._wordsums is not None:
+            wordsum = int(self._wordsums[row, group - self._first_group])
+        elif self._host_wordsums:
+            wordsum = _wordsum.host_wordsum([self._tensor_piece(i, row, group) for i in range(len(self._tensors))])
+        else:
+            wordsum = None
+        if wordsum is not None:  # what a GPU checks after its copy
             metadata["kv_wordsum"] = format(wordsum, "016x")
         return _fragment.encode_header(metadata, self._specs), buffers
 
