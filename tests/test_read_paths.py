@@ -71,7 +71,7 @@ class CudaReadTest(StoreTestCase):
         self.assertEqual(load.wait(), 6)
 
     def test_gpu_word_sums_catch_damage(self):
-        vua = self.store(split_factor=16, namespace="cuda-damage")
+        vua = self.store(split_factor=16, namespace="cuda-damage", gpu_checksums=True)
         tokens = torch.arange(48)
         kv = random_kv(1, 48, heads=2, head_dim=128, dtype=torch.bfloat16)  # 4 KiB chunks: word sums stored
         vua.put(tokens, kv)
@@ -79,6 +79,15 @@ class CudaReadTest(StoreTestCase):
         with self.assertLogs("vua", level="WARNING"):
             hit = vua.get_closest(tokens, device="cuda")
         self.assertKVEqual([(k.cpu(), v.cpu()) for k, v in hit.data], kv_slice(kv, 0, 16))
+        vua.put(tokens, kv)  # the damaged group was moved aside: written again
+        flip_last_page_byte(_layout.fragment_path(self.root, vua.config.tokens_to_paths(tokens)[1]))
+        with self.assertLogs("vua", level="WARNING"):
+            load = vua.load(tokens, "cuda", layerwise=True)
+            layers = [load.wait_layer(i) for i in range(3)]
+            self.assertEqual(load.wait(), 1)
+        _, last_v = layers[2]  # the damaged layer is the last: it comes out cut
+        self.assertEqual(last_v.shape[2], 16)
+        self.assertTrue(torch.equal(last_v.cpu().view(torch.uint8), kv[2][1][:, :, :16].view(torch.uint8)))
 
     def test_gds_reads_or_falls_back_with_the_same_result(self):
         vua = self.store(split_factor=16, namespace="cuda-gds", gds=True)

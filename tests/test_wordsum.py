@@ -1,4 +1,4 @@
-"""The word sum a GPU checks after its copy: the definition, what writers store, what it catches."""
+"""The word sums a GPU checks after its copy: the definition, what writers store, what it catches."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from vua import _layout
 from vua._fragment import Fragment, publish_fragment
 from vua._keys import tokens_as_int64
 from vua._verify import verify_store
-from vua._wordsum import device_wordsums_, host_wordsum, matches, tensor_wordsums
+from vua._wordsum import as_words, device_wordsums, host_wordsum, matches, tensor_wordsums
 from vua._writer import GroupSource
 
 MASK = (1 << 64) - 1
@@ -31,45 +31,55 @@ def by_the_definition(data: bytes) -> int:
     return total & MASK
 
 
-def on_torch(data: np.ndarray) -> int:
+def on_torch(data: np.ndarray, chunks: int = 1) -> int:
     """The device code, run on the CPU (it is plain tensor arithmetic)."""
-    return int(device_wordsums_(torch.from_numpy(data.copy()).view(1, -1))[0])
+    words = torch.from_numpy(data.copy()).view(torch.int64).view(1, chunks, -1, 512)
+    return int(device_wordsums(words)[0])
 
 
 class DefinitionTest(unittest.TestCase):
     def setUp(self):
-        self.data = np.random.default_rng(3).integers(0, 256, 3 * 4096, dtype=np.uint8)
+        self.data = np.random.default_rng(3).integers(0, 256, 4 * 4096, dtype=np.uint8)
 
     def test_host_and_device_code_follow_the_definition(self):
         expected = by_the_definition(self.data.tobytes())
-        self.assertEqual(host_wordsum([self.data.reshape(1, -1)]), expected)
-        # The same bytes cut into pieces of several chunks sum the same.
-        self.assertEqual(host_wordsum([self.data[:4096].reshape(1, -1), self.data[4096:].reshape(2, -1)]), expected)
+        self.assertEqual(host_wordsum(self.data.reshape(1, -1)), expected)
+        # Cut into chunks (a tensor's heads) the bytes sum the same, on either side.
+        self.assertEqual(host_wordsum(self.data.reshape(2, -1)), expected)
         self.assertTrue(matches(on_torch(self.data), expected))
+        self.assertTrue(matches(on_torch(self.data, chunks=4), expected))
 
     def test_damage_changes_the_sum(self):
-        stored = host_wordsum([self.data.reshape(1, -1)])
+        stored = host_wordsum(self.data.reshape(1, -1))
         flipped = self.data.copy()
         flipped[5000] ^= 0x10
         moved_rows = np.concatenate([self.data[4096:8192], self.data[:4096], self.data[8192:]])
         moved_words = self.data.copy()
         moved_words[:8], moved_words[8:16] = self.data[8:16], self.data[:8]
         for damaged in (flipped, moved_rows, moved_words):
-            self.assertNotEqual(host_wordsum([damaged.reshape(1, -1)]), stored)
+            self.assertNotEqual(host_wordsum(damaged.reshape(1, -1)), stored)
             self.assertFalse(matches(on_torch(damaged), stored))
 
-    def test_chunks_of_partial_rows_have_no_sum(self):
-        self.assertIsNone(host_wordsum([self.data[:6144].reshape(3, -1)]))
+    def test_as_words_cuts_a_run_of_groups_per_group(self):
+        # (heads, groups * split, head_dim) bf16, heads apart in memory as in a roomy cache
+        run = torch.randn(2, 64, 128).to(torch.bfloat16)[:, :48]
+        per_group = device_wordsums(as_words(run, 3))
+        for g in range(3):
+            one = run[:, 16 * g : 16 * (g + 1)].contiguous().view(torch.uint8).reshape(2, -1).numpy()
+            self.assertTrue(matches(int(per_group[g]), host_wordsum(one)))
 
 
 class StoredSumTest(StoreTestCase):
     """Writers store the sum the device code computes over the fragment's K and V bytes."""
 
-    def stored_and_recomputed(self, path: str) -> tuple[int | None, int]:
+    def stored_and_recomputed(self, path: str) -> tuple[list[int] | None, list[int]]:
         with Fragment(path) as fragment:
-            begin, end = fragment.kv_range
-            data = np.fromfile(path, dtype=np.uint8)[begin:end]
-            return fragment.kv_wordsum, on_torch(data)
+            recomputed = []
+            for name in fragment.kv_names:
+                entry = fragment.tensors[name]
+                data = np.fromfile(path, dtype=np.uint8)[entry.begin : entry.end]
+                recomputed.append(on_torch(data, chunks=entry.shape[0]))
+            return fragment.wordsums, recomputed
 
     def test_every_group_of_a_strided_batch(self):
         vua = self.store(split_factor=16, namespace="sums", gpu_checksums=True)
@@ -82,9 +92,9 @@ class StoredSumTest(StoreTestCase):
         for r, row in enumerate(tokens):
             for g, key in enumerate(vua.config.tokens_to_paths(row)):
                 stored, recomputed = self.stored_and_recomputed(_layout.fragment_path(self.root, key))
-                self.assertIsNotNone(stored)
-                self.assertTrue(matches(recomputed, stored))
-                self.assertTrue(matches(int(on_device[r, g]), stored))
+                self.assertEqual(len(stored), 6)  # 3 layers x (K, V)
+                self.assertTrue(all(map(matches, recomputed, stored)))
+                self.assertTrue(all(map(matches, on_device[r, g].tolist(), stored)))
 
     def test_who_stores_sums_by_default(self):
         tokens = torch.arange(16)
@@ -94,7 +104,7 @@ class StoredSumTest(StoreTestCase):
             vua.put(tokens, kv)
             key = vua.config.tokens_to_paths(tokens)[0]
             with Fragment(_layout.fragment_path(self.root, key)) as fragment:
-                self.assertEqual(fragment.kv_wordsum is not None, expected, f"gpu_checksums={setting}")
+                self.assertEqual(fragment.wordsums is not None, expected, f"gpu_checksums={setting}")
 
     def test_groups_of_partial_rows_store_none_and_still_read(self):
         vua = self.store(split_factor=16, namespace="small", gpu_checksums=True)
@@ -102,7 +112,7 @@ class StoredSumTest(StoreTestCase):
         vua.put(torch.arange(32), kv)
         key = vua.config.tokens_to_paths(torch.arange(32))[0]
         with Fragment(_layout.fragment_path(self.root, key)) as fragment:
-            self.assertIsNone(fragment.kv_wordsum)
+            self.assertIsNone(fragment.wordsums)
         self.assertKVEqual(vua.get_closest(torch.arange(32)).data, kv)
 
     def test_verify_reports_a_wrong_stored_sum(self):
@@ -118,13 +128,13 @@ class StoredSumTest(StoreTestCase):
             tokens_as_int64(tokens), 0, 1, keys[1], keys[0]
         )
         with Fragment(_layout.fragment_path(self.root, keys[1])) as fragment:
-            good = fragment.metadata["kv_wordsum"]
+            good = format(fragment.wordsums[3], "016x")  # layer 1's value
         wrong = format((int(good, 16) + 1) & MASK, "016x")
         os.rename(_layout.group_dir(self.root, keys[1]), os.path.join(self.root, "moved-away"))
         self.assertTrue(publish_fragment(self.root, keys[1], header.replace(good.encode(), wrong.encode()), buffers))
         report = verify_store(self.root, vua.index_path)
         self.assertEqual([(p.kind, p.key) for p in report.problems], [("damaged-fragment", keys[1])])
-        self.assertIn("kv_wordsum mismatch", report.problems[0].detail)
+        self.assertIn("wordsums mismatch in layers.1.value", report.problems[0].detail)
 
 
 if __name__ == "__main__":

@@ -7,10 +7,10 @@ A fragment is an ordinary safetensors file, so ``safetensors.safe_open`` reads i
     layers.{i}.value    dtype [kv_heads, split_factor, head_dim]
     __metadata__        format, version, namespace, key, parent, group_index,
                         split_factor, layout (JSON), per-tensor xxh3-64 checksums,
-                        and, where the writer stored one, kv_wordsum: a sum over all
-                        K and V bytes that a GPU checks (see _wordsum). Files from
-                        before 2026-11-28 carry kv_checksum (xxh3-64 over the same
-                        bytes) instead; readers check it when present.
+                        and, where the writer stored them, wordsums: per K and V
+                        tensor a sum that a GPU checks (see _wordsum). Files from
+                        before 2026-11-28 carry kv_checksum (xxh3-64 over all K and
+                        V bytes) too; readers check it when present.
 
 The header is padded with spaces (which the format allows) so tensor data starts on a
 4 KiB boundary, as direct and GPUDirect reads want.
@@ -406,40 +406,53 @@ class Fragment:
         return block, None if raw is None else int(raw, 16)
 
     @cached_property
-    def kv_range(self) -> tuple[int, int]:
-        """File offsets ``[begin, end)`` of all K and V bytes: every layer's K then V, after the tokens."""
+    def kv_names(self) -> list[str]:
+        """Every K and V tensor's name in file order: K0, V0, K1, V1, ..."""
         layers = (len(self.tensors) - 1) // 2  # the tokens, then a K and a V per layer
-        return self.tensors[key_name(0)].begin, self.tensors[value_name(layers - 1)].end
+        return [name for i in range(layers) for name in (key_name(i), value_name(i))]
 
     @cached_property
-    def kv_wordsum(self) -> int | None:
-        """The stored GPU-checkable sum of all K and V bytes; None where the writer stored none.
+    def kv_range(self) -> tuple[int, int]:
+        """File offsets ``[begin, end)`` of all K and V bytes: every layer's K then V, after the tokens."""
+        return self.tensors[self.kv_names[0]].begin, self.tensors[self.kv_names[-1]].end
+
+    @cached_property
+    def wordsums(self) -> list[int] | None:
+        """The stored GPU-checkable sums of every K and V tensor, in file order (K0, V0, K1, ...).
+
+        None where the writer stored none.
 
         Raises:
-            FragmentError: the stored value is malformed.
+            FragmentError: the stored values are malformed or incomplete.
         """
-        raw = self.metadata.get("kv_wordsum")
+        raw = self.metadata.get("wordsums")
         if raw is None:
             return None
         try:
-            return int(raw, 16)
-        except ValueError:
-            raise FragmentError(f"fragment {self.path}: malformed kv_wordsum {raw!r}") from None
+            stored = json.loads(raw)
+            return [int(stored[name], 16) for name in self.kv_names]
+        except (KeyError, ValueError, TypeError) as exc:
+            raise FragmentError(f"fragment {self.path}: malformed wordsums ({exc})") from None
 
     def verify_group_sums(self) -> None:
-        """Checks the whole-group sums (kv_checksum, kv_wordsum) against the file's K and V bytes.
+        """Checks the sums over K and V bytes beyond the per-tensor xxh3 (wordsums, kv_checksum).
 
         Raises:
             FragmentError: a sum does not match (damaged data or metadata).
         """
         begin, end = self.kv_range
-        data = self._region[begin:end]
         expected = self.metadata.get("kv_checksum")
-        if expected is not None and xxhash.xxh3_64_hexdigest(data) != expected:
+        if expected is not None and xxhash.xxh3_64_hexdigest(self._region[begin:end]) != expected:
             raise FragmentError(f"fragment {self.path}: kv_checksum mismatch (damaged data or metadata)")
-        stored = self.kv_wordsum
-        if stored is not None and _wordsum.host_wordsum([data.reshape(1, -1)]) != stored:
-            raise FragmentError(f"fragment {self.path}: kv_wordsum mismatch (damaged data or metadata)")
+        sums = self.wordsums
+        if sums is None:
+            return
+        for name, stored in zip(self.kv_names, sums):
+            entry = self.tensors[name]
+            heads = entry.shape[0]
+            piece = self._region[entry.begin : entry.end].reshape(heads, -1)
+            if not _wordsum.whole_rows(piece.shape[1]) or _wordsum.host_wordsum(piece) != stored:
+                raise FragmentError(f"fragment {self.path}: wordsums mismatch in {name} (damaged data or metadata)")
 
     def tensor(self, name: str) -> torch.Tensor:
         """A copy of one stored tensor (for tools and tests; the read path uses :meth:`array`)."""

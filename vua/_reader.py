@@ -112,6 +112,9 @@ class KVLoad:
         # one verified copy instead of one per tensor (far fewer GIL round trips per byte).
         heads_dim = layout.layers[0][0]
         self._uniform = all(kv == heads_dim for pair in layout.layers for kv in pair)
+        # Word sums need each head's run of a group to be whole 4 KiB rows (see _wordsum).
+        run_bytes = [split_factor * dim * layout.dtype.itemsize for pair in layout.layers for _, dim in pair]
+        self._whole_rows = all(_wordsum.whole_rows(n) for n in run_bytes)
         if self._uniform:
             self._block5 = block.view(layout.dtype).view(layout.num_layers, 2, heads_dim[0], tokens, heads_dim[1])
         if staging is not None:
@@ -175,8 +178,13 @@ class KVLoad:
                 self._valid_groups = group
                 logger.warning("stored prefix ends before group %d: %s", group, exc)
 
-    def _copy_group_layer(self, group: int, layer: int, dest_k: np.ndarray, dest_v: np.ndarray) -> None:
-        """Verifies and copies one group's K and V of one layer into numpy views of the destination."""
+    def _copy_group_layer(
+        self, group: int, layer: int, dest_k: np.ndarray, dest_v: np.ndarray, *, check: bool = True
+    ) -> None:
+        """Verifies and copies one group's K and V of one layer into numpy views of the destination.
+
+        ``check=False`` copies only: the GPU checks these bytes after its copy.
+        """
         fragment = self._fragments[group]
         try:
             source_k, source_v, sum_k, sum_v = fragment.layers[layer]
@@ -185,7 +193,7 @@ class KVLoad:
             return
         for source, dest, expected, name in ((source_k, dest_k, sum_k, "key"), (source_v, dest_v, sum_v, "value")):
             # Hash first: it pulls the bytes into cache, so the copy reads them from there.
-            if self._verify and xxhash.xxh3_64_intdigest(source) != expected:
+            if check and self._verify and xxhash.xxh3_64_intdigest(source) != expected:
                 self._fail(
                     group,
                     FragmentError(
@@ -305,17 +313,17 @@ class KVLoad:
         else:
             self._run_cuda_layers(staging)
 
-    def _device_checkable(self, fragment: Fragment) -> int | None:
-        """The word sum the GPU is to check for this group, or None to check it on the host."""
-        if not self._verify or self._layout.kv_bytes(self._split) % _wordsum.ROW_BYTES:
+    def _device_checkable(self, fragment: Fragment) -> list[int] | None:
+        """The word sums (per K and V tensor) the GPU is to check for this group; None: check on the host."""
+        if not self._verify or not self._whole_rows:
             return None
-        return fragment.kv_wordsum
+        return fragment.wordsums
 
-    def _read_group(self, group: int, dest: np.ndarray) -> int | None:
+    def _read_group(self, group: int, dest: np.ndarray) -> list[int] | None:
         """Reads one group's K and V bytes (file order) into ``dest``.
 
-        Returns the word sum for the GPU to check after the copy; None when the group was
-        checked here (it has no word sum) or failed (then the prefix already ends before it).
+        Returns the word sums for the GPU to check after the copy; None when the group was
+        checked here (it has none) or failed (then the prefix already ends before it).
         """
         fragment = self._fragments[group]
         try:
@@ -350,20 +358,29 @@ class KVLoad:
         target = self._block5[:, :, :, first * s : last * s].view(layers, 2, heads, n, s, dim)
         target.copy_(runs.permute(1, 2, 3, 0, 4, 5))
 
-    def _check_on_device(self, sums: torch.Tensor, expected: list[int | None]) -> None:
-        """Compares the word sums the GPU computed with the stored ones; a mismatch ends the prefix.
+    def _check_on_device(self, sums: torch.Tensor, expected: list[list[int] | None]) -> None:
+        """Compares the word sums the GPU computed, ``(groups, tensors)``, with the stored ones.
 
-        Waits for the side stream: the caller must know how many groups are valid.
+        A mismatch ends the prefix. Waits for the side stream (the caller's context): the
+        caller must know how many groups are valid.
         """
         valid = self._valid_groups
         if all(e is None for e in expected[:valid]):
             return
-        got = sums[:valid].cpu().tolist()  # on the side stream (the caller's context): waits for its copies
+        got = sums[:valid].cpu().tolist()
         for group, stored in enumerate(expected[:valid]):
-            if stored is not None and not _wordsum.matches(got[group], stored):
+            if stored is not None and not all(map(_wordsum.matches, got[group], stored)):
                 path = self._fragments[group].path
                 self._fail(group, FragmentError(f"fragment {path}: word sum mismatch after the copy (damaged data)"))
                 return
+
+    def _group_wordsums(self, groups: torch.Tensor) -> torch.Tensor:
+        """Word sums of whole groups as laid out in their files (uint8 ``(n, group_bytes)`` on
+        the device), ``(n, tensors)``; overwrites ``groups``, so use their data first."""
+        n = groups.shape[0]
+        tensors = 2 * self._layout.num_layers  # uniform layout: all the same size
+        words = groups.view(torch.int64).view(n * tensors, 1, -1, _wordsum.ROW_WORDS)
+        return _wordsum.device_wordsums(words, inplace=True).view(n, tensors)
 
     def _finish_cuda(self, stream: torch.cuda.Stream) -> None:
         done = stream.record_event()
@@ -374,12 +391,13 @@ class KVLoad:
     def _run_cuda_groups(self, staging: PinnedStaging) -> None:
         """Runs of whole groups: read into pinned staging, one DMA, re-laid out and checked on the GPU."""
         group_bytes = self._layout.kv_bytes(self._split)
+        layers = self._layout.num_layers
         # A group is one thread's unit, so a run holds at least a group per thread.
         per_slot = max(1, staging.slot_bytes // group_bytes, getattr(self._executor, "_max_workers", 1))
         stream = staging.stream
         with torch.cuda.stream(stream):  # memory of the side stream's own, like everything it writes
-            sums = torch.empty(self._requested_groups, dtype=torch.int64, device=self._device)
-        expected: list[int | None] = [None] * self._requested_groups  # word sums for the GPU to check
+            sums = torch.empty(self._requested_groups, 2 * layers, dtype=torch.int64, device=self._device)
+        expected: list[list[int] | None] = [None] * self._requested_groups  # word sums for the GPU to check
         first = 0
         while first < self._valid_groups:
             last = min(self._valid_groups, first + per_slot)
@@ -403,7 +421,7 @@ class KVLoad:
                     device_copy = slot[: n * group_bytes].to(self._device, non_blocking=True)
                     self._place_groups(device_copy, first, last)
                     if any(e is not None for e in expected[first:last]):
-                        sums[first:last] = _wordsum.device_wordsums_(device_copy.view(n, group_bytes))
+                        sums[first:last] = self._group_wordsums(device_copy.view(n, group_bytes))
                 staging.release(slot_id, stream.record_event())
             first = last if n > 0 else self._valid_groups
         with torch.cuda.stream(stream):
@@ -432,7 +450,9 @@ class KVLoad:
         with torch.cuda.stream(stream):
             # Two buffers: cuFile fills one while the GPU re-lays out and checks the other.
             scratch = [torch.empty(span, dtype=torch.uint8, device=self._device) for _ in range(2)]
-            sums = torch.empty(self._requested_groups, dtype=torch.int64, device=self._device)
+            sums = torch.empty(
+                self._requested_groups, 2 * self._layout.num_layers, dtype=torch.int64, device=self._device
+            )
         stream.synchronize()  # cuFile writes outside stream order: freed memory must be idle first
         idle: list[torch.cuda.Event | None] = [None, None]
         for g in range(self._valid_groups):
@@ -462,7 +482,7 @@ class KVLoad:
             with torch.cuda.stream(stream):
                 data = buffer[skip : skip + group_bytes]
                 self._place_groups(data, g, g + 1)
-                sums[g : g + 1] = _wordsum.device_wordsums_(data.view(1, group_bytes))
+                sums[g : g + 1] = self._group_wordsums(data.view(1, group_bytes))
                 idle[g % 2] = stream.record_event()
         with torch.cuda.stream(stream):
             self._check_on_device(sums, expected)
@@ -470,10 +490,42 @@ class KVLoad:
         return True
 
     def _run_cuda_layers(self, staging: PinnedStaging) -> None:
-        """Layer by layer, so a layer-wise consumer can start on layer 0 early."""
+        """Layer by layer, so a layer-wise consumer can start on layer 0 early.
+
+        Groups with word sums are copied without hashing and checked on the GPU; a layer is
+        handed out once its check is back, which the host collects while it reads the next
+        layer (so the check costs no wait unless the GPU falls behind).
+        """
         s = self._split
         dtype = self._layout.dtype
         stream = staging.stream
+        expected: list[list[int] | None] = []  # per group: word sums for the GPU, or None
+        for group, fragment in enumerate(self._fragments):
+            try:
+                expected.append(self._device_checkable(fragment))
+            except FragmentError as exc:
+                self._fail(group, exc)
+                break
+        on_device = any(e is not None for e in expected)
+        if on_device:
+            with torch.cuda.stream(stream):
+                sums = torch.empty(len(self.outputs), len(expected), 2, dtype=torch.int64, device=self._device)
+            landed = torch.empty(sums.shape, dtype=torch.int64, pin_memory=True)  # (layers, groups, K|V)
+        unsettled: list[tuple[int, torch.cuda.Event]] = []  # layers queued, their check not yet read
+
+        def settle(layer: int, checked: torch.cuda.Event) -> None:
+            checked.synchronize()
+            got = landed[layer].tolist()
+            for group in range(self._valid_groups):
+                stored = expected[group]
+                if stored is not None and not all(map(_wordsum.matches, got[group], stored[2 * layer : 2 * layer + 2])):
+                    path = self._fragments[group].path
+                    self._fail(
+                        group, FragmentError(f"fragment {path}: word sum mismatch in layer {layer} after the copy")
+                    )
+                    break
+            self._layer_ready[layer].set()
+
         for layer, (out_k, out_v) in enumerate(self.outputs):
             (kh, kd), (vh, vd) = self._layout.layers[layer]
             group_bytes = (kh * kd + vh * vd) * s * dtype.itemsize
@@ -501,7 +553,8 @@ class KVLoad:
                 ) -> None:
                     for g in range(lo, min(hi, self._valid_groups)):
                         at = (g - first) * s
-                        self._copy_group_layer(g, layer, bits_k[:, at : at + s], bits_v[:, at : at + s])
+                        check = expected[g] is None
+                        self._copy_group_layer(g, layer, bits_k[:, at : at + s], bits_v[:, at : at + s], check=check)
 
                 self._parallel(work, first, last, (last - first) * group_bytes)
                 last = min(last, self._valid_groups)  # a failed check may have cut this chunk
@@ -509,12 +562,29 @@ class KVLoad:
                 with torch.cuda.stream(stream):
                     if n > 0:
                         # Pinned source + non_blocking: a DMA the host does not wait for.
-                        out_k[0, :, first * s : last * s].copy_(stage_k[:, :n], non_blocking=True)
-                        out_v[0, :, first * s : last * s].copy_(stage_v[:, :n], non_blocking=True)
+                        k_out, v_out = out_k[0, :, first * s : last * s], out_v[0, :, first * s : last * s]
+                        k_out.copy_(stage_k[:, :n], non_blocking=True)
+                        v_out.copy_(stage_v[:, :n], non_blocking=True)
+                        if on_device:  # (kv_heads, tokens, head_dim) -> (groups,) each
+                            sums[layer, first:last, 0] = _wordsum.device_wordsums(
+                                _wordsum.as_words(k_out, last - first)
+                            )
+                            sums[layer, first:last, 1] = _wordsum.device_wordsums(
+                                _wordsum.as_words(v_out, last - first)
+                            )
                     staging.release(slot_id, stream.record_event())
                 first = last if n > 0 else self._valid_groups
-            self._layer_events[layer] = stream.record_event()
-            self._layer_ready[layer].set()
+            with torch.cuda.stream(stream):
+                self._layer_events[layer] = stream.record_event()
+                if on_device:
+                    landed[layer].copy_(sums[layer], non_blocking=True)
+                    unsettled.append((layer, stream.record_event()))
+            if not on_device:
+                self._layer_ready[layer].set()
+            while len(unsettled) > 1:  # the previous layer's check, read while this one copies
+                settle(*unsettled.pop(0))
+        for layer, checked in unsettled:
+            settle(layer, checked)
 
 
 def _carve(

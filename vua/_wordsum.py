@@ -1,25 +1,25 @@
-"""A checksum the GPU can verify: a position-weighted sum of 64-bit words.
+"""A checksum the GPU can verify: a position-weighted sum of 64-bit words, per tensor.
 
 xxh3 is fast on a CPU but sequential, so checking it means the host touches every byte on
 the way to a GPU, and the host then sets the pace of a CUDA read. This sum is computed
-from plain tensor operations (multiply, sum), so the device checks the bytes it received,
+with plain tensor operations (multiply, sum), so the device checks the bytes it received,
 after the DMA, while the host only moves them. It guards against damage (a flipped bit,
 a lost or misplaced 4 KiB block, another file's data), like xxh3; neither is meant to
 resist forgery.
 
-Definition, over a group's K and V bytes in file order (their length a multiple of 4 KiB),
-read as little-endian unsigned 64-bit words ``x[r, c]`` in rows ``r`` of 512 words::
+Definition, over one stored tensor's bytes (a whole number of 4 KiB rows), read as
+little-endian unsigned 64-bit words ``x[r, c]`` in rows ``r`` of 512 words::
 
     sum = Σ_r  ROW(r) · Σ_c COL(c) · x[r, c]      (mod 2^64)
 
 with odd weights ``COL(c) = ((c + 1) · A) | 1`` and ``ROW(r) = ((r + 1) · B) | 1`` (mod 2^64),
-``A = 0x9E3779B97F4A7C15`` and ``B = 0xC2B2AE3D27D4EB4F``.
-Odd weights are invertible mod 2^64, so changing any one word always changes the sum, and
-position weights catch words or blocks that moved. Writers store it as the fragment
-metadata ``kv_wordsum`` (16 hex digits) when every K and V tensor of a group is a whole
-number of rows; groups without it are verified with xxh3 on the host. A put from CUDA
-tensors computes the sums on the GPU (:func:`tensor_wordsums`), almost for free; a put from
-host tensors computes them with numpy (:func:`host_wordsum`).
+``A = 0x9E3779B97F4A7C15`` and ``B = 0xC2B2AE3D27D4EB4F``. Odd weights are invertible mod
+2^64, so changing any one word always changes the sum, and position weights catch words or
+blocks that moved. Writers store the sum of every K and V tensor as the fragment metadata
+``wordsums`` (JSON, name -> 16 hex digits) when each head's run of a group is whole rows;
+groups without them are verified with xxh3 on the host. A put from CUDA tensors computes
+the sums on the GPU (:func:`tensor_wordsums`), almost for free; a put from host tensors
+computes them with numpy (:func:`host_wordsum`).
 """
 
 from __future__ import annotations
@@ -43,36 +43,30 @@ def _col_weights() -> np.ndarray:
 _COL = _col_weights()
 
 
-def _row_weights(first: int, count: int) -> np.ndarray:
-    rows = np.arange(first + 1, first + count + 1, dtype=np.uint64)
-    return (rows * np.uint64(_ROW_MULT)) | np.uint64(1)  # wraps mod 2^64, as intended
-
-
 def _signed(value: int) -> int:
     """``value`` (mod 2^64) as the int64 torch holds it."""
     value &= _MASK
     return value - (1 << 64) if value >= 1 << 63 else value
 
 
-def host_wordsum(pieces: Sequence[np.ndarray]) -> int | None:
-    """The sum of the concatenation of ``pieces``, each a uint8 array ``(chunks, nbytes)``.
+def whole_rows(nbytes: int) -> bool:
+    """Whether a run of ``nbytes`` (one head of one group) can carry a sum."""
+    return nbytes > 0 and nbytes % ROW_BYTES == 0
 
-    A piece's chunks follow one another in the data; each chunk is contiguous, the chunks
-    need not be (a tensor's heads, say). Returns None when a chunk is not a whole number
-    of 4 KiB rows (then no sum is stored).
+
+def host_wordsum(piece: np.ndarray) -> int:
+    """The sum of one tensor's bytes: ``piece`` is uint8 ``(chunks, nbytes)``, whole rows per chunk.
+
+    The chunks (a tensor's heads, say) follow one another in the tensor; each is
+    contiguous, the chunks need not be.
     """
-    if any(p.shape[1] % ROW_BYTES for p in pieces):
-        return None
-    total = 0
-    row = 0
-    for piece in pieces:
-        chunks, nbytes = piece.shape
-        words = piece.view("<u8").reshape(chunks, nbytes // ROW_BYTES, ROW_WORDS)  # a view, no copy
-        # Σ_c COL(c) · x[r, c] for every row, without a temporary as large as the data
-        per_row = np.einsum("hrc,c->hr", words, _COL).reshape(-1)  # (chunks * rows,)
-        total += int((per_row * _row_weights(row, per_row.size)).sum(dtype=np.uint64))
-        row += per_row.size
-    return total & _MASK
+    chunks, nbytes = piece.shape
+    words = piece.view("<u8").reshape(chunks, nbytes // ROW_BYTES, ROW_WORDS)  # a view, no copy
+    # Σ_c COL(c) · x[r, c] for every row, without a temporary as large as the data
+    per_row = np.einsum("hrc,c->hr", words, _COL).reshape(-1)  # (chunks * rows,)
+    rows = np.arange(1, per_row.size + 1, dtype=np.uint64)
+    weights = (rows * np.uint64(_ROW_MULT)) | np.uint64(1)  # wraps mod 2^64, as intended
+    return int((per_row * weights).sum(dtype=np.uint64))
 
 
 _COL_ON: dict[torch.device, torch.Tensor] = {}
@@ -86,32 +80,39 @@ def _col_on(device: torch.device) -> torch.Tensor:
     return col
 
 
-def device_wordsums_(groups: torch.Tensor) -> torch.Tensor:
-    """The sum of each row of ``groups`` (uint8, ``(n, nbytes)``, on any device), as int64.
+def device_wordsums(words: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
+    """The sums of a batch of tensors, computed where ``words`` lives (a GPU, or the CPU in tests).
 
-    Works in place: ``groups`` is overwritten, so the caller uses its data first. Compare
-    with a stored sum through :func:`matches`.
+    Args:
+        words: int64 ``(tensors, chunks, rows, 512)``, any strides: tensor ``i``'s rows,
+            chunk by chunk, in the order they are stored.
+        inplace: overwrite ``words`` instead of taking a temporary of its size.
+
+    Returns:
+        ``(tensors,)`` int64; compare with stored sums through :func:`matches`.
     """
-    n, nbytes = groups.shape
-    rows = nbytes // ROW_BYTES
-    words = groups.view(torch.int64).view(n, rows, ROW_WORDS)  # (groups, rows, 512)
-    col = _col_on(groups.device)
-    words.mul_(col)  # int64 arithmetic wraps mod 2^64, which is the definition
-    per_row = words.sum(dim=2)  # (groups, rows)
-    row = torch.arange(1, rows + 1, dtype=torch.int64, device=groups.device)
-    row.mul_(_signed(_ROW_MULT)).bitwise_or_(1)
-    return per_row.mul_(row).sum(dim=1)  # (groups,)
+    _, chunks, rows, _ = words.shape
+    products = words.mul_(_col_on(words.device)) if inplace else words * _col_on(words.device)
+    per_row = products.sum(dim=3)  # (tensors, chunks, rows); int64 wraps mod 2^64, as defined
+    weights = torch.arange(1, chunks * rows + 1, dtype=torch.int64, device=words.device)
+    weights.mul_(_signed(_ROW_MULT)).bitwise_or_(1)
+    return per_row.mul_(weights.view(chunks, rows)).sum(dim=(1, 2))
 
 
-def matches(device_sum: int, stored: int) -> bool:
-    """Whether a sum from :func:`device_wordsums_` (int64) equals a stored one (uint64)."""
-    return device_sum & _MASK == stored
+def as_words(t: torch.Tensor, groups: int) -> torch.Tensor:
+    """``t`` (heads, groups * split, head_dim), heads' innermost two dims contiguous, as
+    int64 ``(groups, heads, rows, 512)``: each group's tensor as :func:`device_wordsums` takes it.
+    """
+    heads = t.shape[0]
+    words = t.view(torch.int64)  # (heads, tokens, head_dim * itemsize / 8)
+    words = words.reshape(heads, groups, -1, ROW_WORDS)  # a view: each head's run is contiguous
+    return words.permute(1, 0, 2, 3)
 
 
 def tensor_wordsums(
     layers: Sequence[tuple[torch.Tensor, torch.Tensor]], tokens: int, split: int
 ) -> torch.Tensor | None:
-    """The sum of every (row, group) of a put's K and V, computed on the tensors' device.
+    """The sums of every (row, group, tensor) of a put, computed on the tensors' device.
 
     Args:
         layers: per layer ``(K, V)``, each ``(batch, heads, seq >= tokens, head_dim)``.
@@ -119,27 +120,23 @@ def tensor_wordsums(
         split: tokens per group.
 
     Returns:
-        ``(batch, tokens // split)`` int64 on the tensors' device (compare through
-        :func:`matches`); None when a head's run of a group is not whole rows.
+        int64 ``(batch, tokens // split, 2 * layers)`` (tensors in file order: K0, V0, K1,
+        ...) on the tensors' device; None when a head's run of a group is not whole rows.
     """
     groups = tokens // split
-    total = None
-    base = 0  # rows of the group's data before this tensor (file order: K0, V0, K1, ...)
+    sums = []
     for t in (t for kv in layers for t in kv):
         batch, heads, _, dim = t.shape
-        chunk = split * dim * t.element_size()  # one head's bytes in one group
-        if chunk % ROW_BYTES:
+        if not whole_rows(split * dim * t.element_size()):
             return None
         t = t[:, :, :tokens]
         if t.stride(-1) != 1 or t.stride(-2) != dim or t.storage_offset() * t.element_size() % 8:
             t = t.contiguous()
-        rows = chunk // ROW_BYTES
-        words = t.view(torch.int64).view(batch, heads, groups, rows, ROW_WORDS)
-        per_row = (words * _col_on(t.device)).sum(dim=4)  # (batch, heads, groups, rows)
-        weights = torch.arange(base + 1, base + heads * rows + 1, dtype=torch.int64, device=t.device)
-        weights.mul_(_signed(_ROW_MULT)).bitwise_or_(1)
-        # (batch, heads, groups, rows) x (heads, 1, rows) -> (batch, groups)
-        part = (per_row * weights.view(heads, 1, rows)).sum(dim=(1, 3))
-        total = part if total is None else total.add_(part)
-        base += heads * rows
-    return total
+        per_row = [device_wordsums(as_words(t[b], groups)) for b in range(batch)]  # each (groups,)
+        sums.append(torch.stack(per_row))  # (batch, groups)
+    return torch.stack(sums, dim=2)
+
+
+def matches(device_sum: int, stored: int) -> bool:
+    """Whether a sum from :func:`device_wordsums` (int64) equals a stored one (uint64)."""
+    return device_sum & _MASK == stored

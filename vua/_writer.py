@@ -64,8 +64,8 @@ class GroupSource:
         self._namespace = namespace
         self._specs = layout.tensor_specs(split_factor)
         self._first_group = first_group  # the tensors start at this group's first token
-        # GPU-checkable sums (see _wordsum): computed already, (rows, groups from first_group)
-        # as uint64, or to compute here from the host bytes, or neither.
+        # GPU-checkable sums (see _wordsum): computed already, uint64 (rows, groups from
+        # first_group, tensors), or to compute here from the host bytes, or neither.
         self._wordsums = wordsums
         self._host_wordsums = host_wordsums
 
@@ -84,6 +84,17 @@ class GroupSource:
         run = self._split * t.shape[-1] * item
         start = self._raw_arrays[i][base:]
         return np.lib.stride_tricks.as_strided(start, (t.shape[1], run), (t.stride(1) * item, 1), writeable=False)
+
+    def _group_wordsums(self, row: int, group: int) -> list[int] | None:
+        """Every K and V tensor's word sum for one group, in file order; None when not stored."""
+        if self._wordsums is not None:
+            return [int(v) for v in self._wordsums[row, group - self._first_group]]
+        if not self._host_wordsums:
+            return None
+        pieces = [self._tensor_piece(i, row, group) for i in range(len(self._tensors))]
+        if not all(_wordsum.whole_rows(p.shape[1]) for p in pieces):
+            return None
+        return [_wordsum.host_wordsum(p) for p in pieces]
 
     def fragment(
         self, ids: np.ndarray, row: int, group: int, key_hex: str, parent_hex: str
@@ -115,14 +126,12 @@ class GroupSource:
             "layout": self._layout.json,
             "checksums": _fragment.json.dumps(checksums, separators=(",", ":")),
         }
-        if self._wordsums is not None:
-            wordsum = int(self._wordsums[row, group - self._first_group])
-        elif self._host_wordsums:
-            wordsum = _wordsum.host_wordsum([self._tensor_piece(i, row, group) for i in range(len(self._tensors))])
-        else:
-            wordsum = None
-        if wordsum is not None:  # what a GPU checks after its copy
-            metadata["kv_wordsum"] = format(wordsum, "016x")
+        sums = self._group_wordsums(row, group)
+        if sums is not None:  # what a GPU checks after its copy
+            names = [spec[0] for spec in self._specs[1:]]
+            metadata["wordsums"] = _fragment.json.dumps(
+                {name: format(value, "016x") for name, value in zip(names, sums)}, separators=(",", ":")
+            )
         return _fragment.encode_header(metadata, self._specs), buffers
 
     def record(self, header: bytes, buffers: Sequence[memoryview], group: int) -> GroupRecord:

@@ -1,0 +1,133 @@
+"""Runs VUA's CUDA read logic on the CPU, with CUDA's streams, events and pinning made no-ops.
+
+    uv run tools/cuda_dry_run.py
+
+For development without a GPU: the staged whole-group path, the layer-wise path and the
+GPUDirect path (its file reads done with plain reads) run their real code on CPU tensors,
+the GPU's word-sum checks included, so logic errors show up before a GPU session.
+It proves nothing about CUDA itself (ordering, DMA, speed): `tools/gpu_check.py` does that
+on a GPU. Prints one line per case; exit 0 when every case returns exactly the stored data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import tempfile
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+class _Event:
+    def synchronize(self) -> None:
+        pass
+
+
+class _Stream:
+    def wait_stream(self, other: object) -> None:
+        pass
+
+    def wait_event(self, event: object) -> None:
+        pass
+
+    def record_event(self) -> _Event:
+        return _Event()
+
+    def synchronize(self) -> None:
+        pass
+
+
+def _no_cuda() -> None:
+    """CPU stand-ins for what the CUDA paths call; tensors and arithmetic stay real."""
+    torch.cuda.stream = lambda stream: contextlib.nullcontext()
+    torch.cuda.current_stream = lambda device=None: _Stream()
+    torch.cuda.Stream = lambda device=None: _Stream()
+    empty = torch.empty
+
+    def unpinned_empty(*args, pin_memory=False, **kwargs):
+        return empty(*args, **kwargs)
+
+    torch.empty = unpinned_empty
+
+
+def _plain_read(path: str, dest: torch.Tensor, offset: int) -> None:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data = f.read(dest.numel())
+    dest[: len(data)].copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+
+
+def main() -> int:
+    _no_cuda()
+    from vua import _gds, _layout, _reader, _staging
+    from vua._keys import group_keys
+    from vua.core import VUA, VUAConfig
+
+    _gds.usable = lambda: True
+    _gds.read_into = _plain_read
+    cpu = torch.device("cpu")
+    gen = torch.Generator().manual_seed(0)
+    kv = [tuple(torch.randn(1, 2, 160, 128, generator=gen).to(torch.bfloat16) for _ in range(2)) for _ in range(3)]
+    tokens = torch.arange(160)
+    group_bytes = 3 * 2 * 2 * 16 * 128 * 2
+    failures = 0
+    cases = [
+        (gds, layerwise, damage)
+        for gds in (False, True)
+        for layerwise in (False, True)
+        for damage in (None, -4096, 4096 + 200)  # none, the last layer's V, the first layer's K
+        if not (gds and layerwise)
+    ]
+    for gds, layerwise, damage in cases:
+        with tempfile.TemporaryDirectory() as root:
+            config = VUAConfig(split_factor=16, gds=gds, gpu_checksums=True, staging_bytes=3 * group_bytes)
+            with VUA(config, root) as store:
+                store.put(tokens, kv)
+                if damage is not None:
+                    path = _layout.fragment_path(root, store.config.tokens_to_paths(tokens)[6])
+                    with open(path, "r+b") as f:
+                        f.seek(damage, os.SEEK_SET if damage > 0 else os.SEEK_END)
+                        byte = f.read(1)
+                        f.seek(-1, os.SEEK_CUR)
+                        f.write(bytes([byte[0] ^ 1]))
+                ids = tokens.numpy().astype(np.int64)
+                fragments, layout = store._open_prefix(group_keys(ids, 16, store._seed), ids)
+                staging = _staging.PinnedStaging(cpu, config.staging_bytes)
+                load = _reader.KVLoad(
+                    fragments,
+                    layout,
+                    16,
+                    cpu,
+                    store._pool(),
+                    staging=staging,
+                    verify_checksums=True,
+                    gds=gds,
+                    background=layerwise,
+                )
+                if layerwise:
+                    for layer in range(len(kv)):
+                        load.wait_layer(layer)
+                groups = load.wait()
+                data = load.data()
+                want = 6 if damage is not None else 10
+                exact = all(
+                    torch.equal(got.view(torch.uint8), put[:, :, : groups * 16].view(torch.uint8))
+                    for got_kv, put_kv in zip(data, kv)
+                    for got, put in zip(got_kv, put_kv)
+                )
+                ok = groups == want and exact
+                failures += not ok
+                print(
+                    f"{'ok  ' if ok else 'FAIL'} gds={gds} layerwise={layerwise} damage at {damage}: "
+                    f"{groups} groups (want {want}), data exact: {exact}",
+                    flush=True,
+                )
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
