@@ -10,7 +10,8 @@ A fragment is an ordinary safetensors file, so ``safetensors.safe_open`` reads i
                         and, where the writer stored them, wordsums: per K and V
                         tensor a sum that a GPU checks (see _wordsum). Files from
                         before 2026-11-28 carry kv_checksum (xxh3-64 over all K and
-                        V bytes) too; readers check it when present.
+                        V bytes) too, which `vua verify` checks; reads need only the
+                        per-tensor sums.
 
 The header is padded with spaces (which the format allows) so tensor data starts on a
 4 KiB boundary, as direct and GPUDirect reads want.
@@ -388,22 +389,19 @@ class Fragment:
             i += 1
         return out
 
-    def kv_block(self) -> tuple[np.ndarray, int | None]:
-        """All K and V data as one (layers, 2, heads, split, dim) integer view, and its checksum.
+    def kv_block(self) -> np.ndarray:
+        """All K and V data as one (layers, 2, heads, split, dim) integer view.
 
-        Only for layouts whose every K and V share one shape; the checksum (over the bytes
-        after the tokens) is None for fragments written before it existed.
+        Only for layouts whose every K and V share one shape.
         """
         first = self.tensors[key_name(0)]
         kh, split, kd = first.shape
         begin, end = self.kv_range
         data = self._region[begin:end].view(bits_dtype(first.dtype))
         try:
-            block = data.reshape(len(self.layers), 2, kh, split, kd)
+            return data.reshape(len(self.kv_names) // 2, 2, kh, split, kd)
         except ValueError:
             raise FragmentError(f"fragment {self.path}: K and V are not all one shape") from None
-        raw = self.metadata.get("kv_checksum")
-        return block, None if raw is None else int(raw, 16)
 
     @cached_property
     def kv_names(self) -> list[str]:
