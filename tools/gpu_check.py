@@ -9,7 +9,8 @@ Runs in a few minutes on one GPU:
 3. pinned host memory does not grow over 200 gets (torch.cuda.host_memory_stats);
 4. host-to-device throughput of a warm get >= 0.7x a raw pinned-to-device copy of the
    same bytes;
-5. the layer-wise load hands out correct layers on the GPU;
+5. the layer-wise load hands out correct layers on the GPU (and its speed, for information);
+   word sums computed on the GPU by a put from CUDA tensors equal the host's;
 6. the transformers integration gives the logits of an in-memory cache on the GPU;
 7. a flipped bit in a fragment is caught by the GPU's check after the copy;
 8. GPUDirect Storage reads (``gds=True``) equal a CPU get, or report why the platform
@@ -24,12 +25,14 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from vua import _gds, _layout  # noqa: E402
+from vua._fragment import Fragment  # noqa: E402
 from vua.core import VUA, VUAConfig  # noqa: E402
 
 results: list[tuple[str, bool, str]] = []
@@ -53,6 +56,18 @@ def same(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def gbps(nbytes: int, seconds: float) -> float:
     return nbytes / seconds / 1e9
+
+
+def best_time(run: Callable[[], object], repeats: int) -> float:
+    """The fastest of ``repeats`` calls of ``run``, each timed from an idle GPU to an idle GPU."""
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        run()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - started)
+    return min(times)
 
 
 def main() -> int:
@@ -128,24 +143,9 @@ def main() -> int:
         # 4. Throughput against a raw pinned-to-device copy of the same bytes.
         raw_src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
         raw_dst = torch.empty(nbytes, dtype=torch.uint8, device=dev)
-        times = []
-        for _ in range(5):
-            torch.cuda.synchronize()
-            started = time.perf_counter()
-            raw_dst.copy_(raw_src, non_blocking=True)
-            torch.cuda.synchronize()
-            times.append(time.perf_counter() - started)
-        raw = gbps(nbytes, min(times))
-        del raw_src, raw_dst
-        times = []
-        for _ in range(5):
-            torch.cuda.synchronize()
-            started = time.perf_counter()
-            hit = vua.get_closest(tokens, device=dev)
-            torch.cuda.synchronize()
-            times.append(time.perf_counter() - started)
-            del hit
-        got = gbps(nbytes, min(times))
+        raw = gbps(nbytes, best_time(lambda: raw_dst.copy_(raw_src, non_blocking=True), 5))
+        raw_src = raw_dst = None  # give the memory back
+        got = gbps(nbytes, best_time(lambda: vua.get_closest(tokens, device=dev), 5))
         check(
             "warm get to GPU >= 0.7x raw H2D",
             got >= 0.7 * raw,
@@ -180,6 +180,29 @@ def main() -> int:
             "layer-wise load on the GPU",
             ok and load.wait() == args.tokens // 256,
             f"{len(kv)} layers, each consumed as it landed",
+        )
+        layerwise = gbps(nbytes, best_time(lambda: vua.load(tokens, dev, layerwise=True).wait(), 3))
+        print(f"info  layer-wise load to GPU (vLLM's path): {layerwise:.1f} GB/s", flush=True)
+
+        # 5b. Word sums computed on the GPU (a put from CUDA tensors) equal the host's.
+        gpu_root = os.path.join(root, "from-gpu")
+        with VUA(VUAConfig(split_factor=256, namespace="gpu-check"), gpu_root) as store:
+            store.put(tokens, [(k.to(dev), v.to(dev)) for k, v in kv])
+            keys = store.config.tokens_to_paths(tokens)
+            agree = 0
+            for key in keys:
+                with (
+                    Fragment(_layout.fragment_path(gpu_root, key)) as a,
+                    Fragment(_layout.fragment_path(root, key)) as b,
+                ):
+                    agree += a.wordsums is not None and a.wordsums == b.wordsums
+            hit = store.get_closest(tokens, device=dev)
+            equal = all(same(a, b) for pa, pb in zip(cpu.data, hit.data) for a, b in zip(pa, pb))
+            del hit
+        check(
+            "word sums from a GPU put equal the host's",
+            agree == len(keys) and equal,
+            f"{agree} of {len(keys)} groups agree; the store reads back bit-equal: {equal}",
         )
 
         # 6. transformers on the GPU.
@@ -243,17 +266,12 @@ def main() -> int:
 
         # 8. GPUDirect Storage, where the platform has it.
         with VUA(VUAConfig(split_factor=256, namespace="gpu-check", gds=True), root) as store:
-            times, equal = [], True
-            for _ in range(3):
-                torch.cuda.synchronize()
-                started = time.perf_counter()
-                hit = store.get_closest(tokens, device=dev)
-                torch.cuda.synchronize()
-                times.append(time.perf_counter() - started)
-                equal &= all(same(a, b) for pa, pb in zip(cpu.data, hit.data) for a, b in zip(pa, pb))
-                del hit
+            hit = store.get_closest(tokens, device=dev)
+            equal = all(same(a, b) for pa, pb in zip(cpu.data, hit.data) for a, b in zip(pa, pb))
+            del hit
+            speed = gbps(nbytes, best_time(lambda: store.get_closest(tokens, device=dev), 3))
             fallback = _gds._disabled_reason  # set when the platform refused a direct read
-            detail = f"{gbps(nbytes, min(times)):.1f} GB/s, bit-equal to the CPU get: {equal}"
+            detail = f"{speed:.1f} GB/s, bit-equal to the CPU get: {equal}"
             if not _gds.usable() and fallback is None:
                 print(f"skip  GPUDirect Storage: torch has no cuFile support; {detail} via staging", flush=True)
             elif fallback is not None:
