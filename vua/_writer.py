@@ -57,8 +57,7 @@ class GroupSource:
         host_wordsums: bool = False,
     ):
         self._tensors = [t for kv in layers for t in kv]  # keep alive while views exist
-        self._raw = [_raw_bytes(t) for t in self._tensors]
-        self._raw_arrays = [np.frombuffer(raw, dtype=np.uint8) for raw in self._raw]
+        self._raw_arrays = [np.frombuffer(_raw_bytes(t), dtype=np.uint8) for t in self._tensors]
         self._layout = layout
         self._split = split_factor
         self._namespace = namespace
@@ -69,15 +68,12 @@ class GroupSource:
         self._wordsums = wordsums
         self._host_wordsums = host_wordsums
 
-    def _tensor_chunks(self, i: int, row: int, group: int) -> list[memoryview]:
-        t, raw = self._tensors[i], self._raw[i]
-        item = t.element_size()
-        run = self._split * t.shape[-1] * item
-        base = row * t.stride(0) + (group - self._first_group) * self._split * t.stride(2)
-        return [raw[(base + h * t.stride(1)) * item : (base + h * t.stride(1)) * item + run] for h in range(t.shape[1])]
-
     def _tensor_piece(self, i: int, row: int, group: int) -> np.ndarray:
-        """The same bytes as :meth:`_tensor_chunks`, as one uint8 array ``(heads, run)``."""
+        """Tensor ``i``'s bytes in group ``group`` of batch row ``row``: uint8 ``(heads, run)``, a view.
+
+        Each head's run of ``split_factor * head_dim`` elements is contiguous in the
+        caller's tensor; the heads need not be adjacent.
+        """
         t = self._tensors[i]
         item = t.element_size()
         base = (row * t.stride(0) + (group - self._first_group) * self._split * t.stride(2)) * item
@@ -109,7 +105,7 @@ class GroupSource:
         buffers = [token_bytes]
         checksums = {_fragment.TOKENS: format(xxhash.xxh3_64_intdigest(token_bytes), "016x")}
         for i in range(len(self._tensors)):
-            chunks = self._tensor_chunks(i, row, group)
+            chunks = [memoryview(run) for run in self._tensor_piece(i, row, group)]  # zero-copy
             hasher = xxhash.xxh3_64()
             for chunk in chunks:
                 hasher.update(chunk)
