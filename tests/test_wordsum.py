@@ -68,6 +68,15 @@ class DefinitionTest(unittest.TestCase):
             one = run[:, 16 * g : 16 * (g + 1)].contiguous().view(torch.uint8).reshape(2, -1).numpy()
             self.assertTrue(matches(int(per_group[g]), host_wordsum(one)))
 
+    def test_narrow_heads_at_odd_strides(self):
+        # head_dim 2 in bf16 (4 bytes a token), heads 2,055 tokens apart: no int64 view of the
+        # caller's tensor exists, and the sums are still those of the stored bytes.
+        roomy = torch.randn(1, 3, 2048 + 7, 2).to(torch.bfloat16)[:, :, :2048]
+        sums = tensor_wordsums([(roomy, roomy)], 2048, 1024)
+        for g in range(2):
+            stored = roomy[0, :, 1024 * g : 1024 * (g + 1)].contiguous().view(torch.uint8).reshape(3, -1)
+            self.assertTrue(matches(int(sums[0, g, 1]), host_wordsum(stored.numpy())))
+
 
 class StoredSumTest(StoreTestCase):
     """Writers store the sum the device code computes over the fragment's K and V bytes."""

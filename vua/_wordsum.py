@@ -100,13 +100,14 @@ def device_wordsums(words: torch.Tensor, *, inplace: bool = False) -> torch.Tens
 
 
 def as_words(t: torch.Tensor, groups: int) -> torch.Tensor:
-    """``t`` (heads, groups * split, head_dim), heads' innermost two dims contiguous, as
-    int64 ``(groups, heads, rows, 512)``: each group's tensor as :func:`device_wordsums` takes it.
+    """``t`` (heads, groups * split, head_dim), each head's tokens contiguous, as int64
+    ``(groups, heads, rows, 512)``: each group's tensor as :func:`device_wordsums` takes it.
+
+    Every head's run of a group must be whole rows, its start 8-byte aligned.
     """
     heads = t.shape[0]
-    words = t.view(torch.int64)  # (heads, tokens, head_dim * itemsize / 8)
-    words = words.reshape(heads, groups, -1, ROW_WORDS)  # a view: each head's run is contiguous
-    return words.permute(1, 0, 2, 3)
+    runs = t.view(torch.uint8).reshape(heads, groups, -1)  # (heads, groups, run bytes): a view
+    return runs.view(torch.int64).view(heads, groups, -1, ROW_WORDS).permute(1, 0, 2, 3)
 
 
 def tensor_wordsums(
@@ -130,8 +131,10 @@ def tensor_wordsums(
         if not whole_rows(split * dim * t.element_size()):
             return None
         t = t[:, :, :tokens]
-        if t.stride(-1) != 1 or t.stride(-2) != dim or t.storage_offset() * t.element_size() % 8:
-            t = t.contiguous()
+        item = t.element_size()
+        strides_ok = t.stride(-1) == 1 and t.stride(-2) == dim
+        if not strides_ok or any(n * item % 8 for n in (*t.stride()[:2], t.storage_offset())):
+            t = t.contiguous()  # as_words needs contiguous, 8-byte aligned runs
         per_row = [device_wordsums(as_words(t[b], groups)) for b in range(batch)]  # each (groups,)
         sums.append(torch.stack(per_row))  # (batch, groups)
     return torch.stack(sums, dim=2)
