@@ -70,21 +70,29 @@ def main() -> int:
     _gds.usable = lambda: True
     _gds.read_into = _plain_read
     cpu = torch.device("cpu")
-    gen = torch.Generator().manual_seed(0)
-    kv = [tuple(torch.randn(1, 2, 160, 128, generator=gen).to(torch.bfloat16) for _ in range(2)) for _ in range(3)]
-    tokens = torch.arange(160)
-    group_bytes = 3 * 2 * 2 * 16 * 128 * 2
     failures = 0
     cases = [
-        (gds, layerwise, damage)
+        (heads, sums, gds, layerwise, damage)
+        for heads in (2, 8)  # groups of 24 KiB (each run read inline) and 2 MiB (runs split across threads)
+        for sums in (True, False)  # word sums checked on the GPU, or xxh3 on the host
         for gds in (False, True)
         for layerwise in (False, True)
         for damage in (None, -4096, 4096 + 200)  # none, the last layer's V, the first layer's K
-        if not (gds and layerwise)
+        if not (gds and layerwise) and (sums or not gds)
     ]
-    for gds, layerwise, damage in cases:
+    for heads, sums, gds, layerwise, damage in cases:
+        layers = 3 if heads == 2 else 32
+        gen = torch.Generator().manual_seed(heads)
+        kv = [
+            tuple(torch.randn(1, heads, 160, 128, generator=gen).to(torch.bfloat16) for _ in range(2))
+            for _ in range(layers)
+        ]
+        tokens = torch.arange(160)
+        group_bytes = layers * 2 * heads * 16 * 128 * 2
         with tempfile.TemporaryDirectory() as root:
-            config = VUAConfig(split_factor=16, gds=gds, gpu_checksums=True, staging_bytes=3 * group_bytes)
+            config = VUAConfig(
+                split_factor=16, gds=gds, gpu_checksums=sums, io_threads=4, staging_bytes=3 * group_bytes
+            )
             with VUA(config, root) as store:
                 store.put(tokens, kv)
                 if damage is not None:
@@ -122,8 +130,8 @@ def main() -> int:
                 ok = groups == want and exact
                 failures += not ok
                 print(
-                    f"{'ok  ' if ok else 'FAIL'} gds={gds} layerwise={layerwise} damage at {damage}: "
-                    f"{groups} groups (want {want}), data exact: {exact}",
+                    f"{'ok  ' if ok else 'FAIL'} {group_bytes >> 10} KiB groups, word sums={sums}, gds={gds}, "
+                    f"layerwise={layerwise}, damage at {damage}: {groups} groups (want {want}), data exact: {exact}",
                     flush=True,
                 )
     return 1 if failures else 0

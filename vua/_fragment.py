@@ -330,8 +330,8 @@ class Fragment:
         """Asks the kernel to start reading the whole file in the background (cold reads)."""
         self._map.madvise(mmap.MADV_WILLNEED)
 
-    def read_kv_into(self, dest: memoryview) -> None:
-        """Reads all K and V bytes (file order) into ``dest`` with one ``preadv``.
+    def read_kv_into(self, dest: memoryview, offset: int = 0) -> None:
+        """Reads K and V bytes (file order) from ``offset`` on into ``dest`` with one ``preadv``.
 
         The kernel copies from the page cache straight into ``dest`` (pinned staging, say),
         without mapping the pages into this process first.
@@ -339,7 +339,7 @@ class Fragment:
         Raises:
             FragmentError: the file is shorter than its header says.
         """
-        begin = self.kv_range[0]
+        begin = self.kv_range[0] + offset
         fd = os.open(self.path, os.O_RDONLY)  # a file replaced since fails the checksum
         try:
             got = 0

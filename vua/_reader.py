@@ -41,6 +41,7 @@ from vua.errors import FragmentError
 logger = logging.getLogger(__name__)
 
 _INLINE_BYTES = 4 << 20  # below this a layer is copied on the calling thread: fan-out costs more
+_MIN_RUNS = 4  # CUDA reads come in at least this many runs where they can: reads overlap copies
 
 
 class KVLoad:
@@ -308,27 +309,38 @@ class KVLoad:
             return None
         return fragment.wordsums
 
-    def _read_group(self, group: int, dest: np.ndarray) -> list[int] | None:
-        """Reads one group's K and V bytes (file order) into ``dest``.
+    def _read_group(self, group: int, dest: np.ndarray, *, offset: int = 0, check: bool = False) -> None:
+        """Reads one group's K and V bytes (file order) from ``offset`` on into ``dest``.
 
-        Returns the word sums for the GPU to check after the copy; None when the group was
-        checked here (it has none) or failed (then the prefix already ends before it).
+        ``check``: verify them here, tensor by tensor (for groups the GPU cannot check;
+        ``dest`` is then the whole group). A failure ends the prefix before the group.
         """
         fragment = self._fragments[group]
         try:
-            fragment.read_kv_into(memoryview(dest))
-            on_device = self._device_checkable(fragment)
-            if on_device is not None or not self._verify:
-                return on_device
-            sums = fragment.checksums  # no word sums: every tensor's xxh3, here
-            for name, begin, end in fragment.kv_offsets():
-                if xxhash.xxh3_64_intdigest(dest[begin:end]) != sums.get(name):
-                    raise FragmentError(f"fragment {fragment.path}: checksum mismatch in {name} (damaged data)")
+            fragment.read_kv_into(memoryview(dest), offset)
+            if check and self._verify:
+                sums = fragment.checksums
+                for name, begin, end in fragment.kv_offsets():
+                    if xxhash.xxh3_64_intdigest(dest[begin:end]) != sums.get(name):
+                        raise FragmentError(f"fragment {fragment.path}: checksum mismatch in {name} (damaged data)")
         except (FragmentError, OSError) as exc:
             self._fail(
                 group, exc if isinstance(exc, FragmentError) else FragmentError(f"reading {fragment.path}: {exc}")
             )
-        return None
+
+    def _gpu_expectations(self) -> list[list[int] | None]:
+        """Per group, the word sums the GPU is to check, or None to check on the host.
+
+        A group whose stored sums are malformed ends the prefix (the list stops there).
+        """
+        expected = []
+        for group, fragment in enumerate(self._fragments):
+            try:
+                expected.append(self._device_checkable(fragment))
+            except FragmentError as exc:
+                self._fail(group, exc)
+                break
+        return expected
 
     def _place_groups(self, groups: torch.Tensor, first: int, last: int) -> None:
         """Copies groups ``first..last-1``, laid out as in their files, into the outputs (on the GPU).
@@ -374,29 +386,48 @@ class KVLoad:
             self._layer_ready[layer].set()
 
     def _run_cuda_groups(self, staging: PinnedStaging) -> None:
-        """Runs of whole groups: read into pinned staging, one DMA, re-laid out and checked on the GPU."""
+        """Runs of whole groups: read into pinned staging, one DMA, re-laid out and checked on the GPU.
+
+        There are several runs where the prefix allows, so the host fills one staging buffer
+        while the GPU copies the other; within a run the threads split the bytes, not the
+        groups, so even a run of one large group keeps every thread busy.
+        """
         group_bytes = self._layout.kv_bytes(self._split)
         layers = self._layout.num_layers
-        # A group is one thread's unit, so a run holds at least a group per thread.
-        per_slot = max(1, staging.slot_bytes // group_bytes, getattr(self._executor, "_max_workers", 1))
+        per_run = max(1, min(staging.slot_bytes // group_bytes, -(-self._valid_groups // _MIN_RUNS)))
         stream = staging.stream
         with torch.cuda.stream(stream):  # memory of the side stream's own, like everything it writes
             sums = torch.empty(self._requested_groups, 2 * layers, dtype=torch.int64, device=self._device)
-        expected: list[list[int] | None] = [None] * self._requested_groups  # word sums for the GPU to check
+        expected = self._gpu_expectations()
         first = 0
         while first < self._valid_groups:
-            last = min(self._valid_groups, first + per_slot)
+            last = min(self._valid_groups, first + per_run)
             slot_id, slot = staging.acquire((last - first) * group_bytes)
             host = slot.numpy()  # group j of the run at j * group_bytes, as in its file
+            for g in range(last, min(last + per_run, len(self._fragments))):
+                self._fragments[g].prefetch()  # the next run's disk reads start now
 
-            def work(lo: int, hi: int, first: int = first, host: np.ndarray = host) -> None:
+            def read_bytes(lo: int, hi: int, first: int = first, host: np.ndarray = host) -> None:
+                """Bytes [lo, hi) of the run: a piece of one group or two, checked on the GPU."""
+                while lo < hi:
+                    j, offset = divmod(lo, group_bytes)
+                    end = min(hi, (j + 1) * group_bytes)
+                    if first + j >= self._valid_groups:
+                        return
+                    self._read_group(first + j, host[lo:end], offset=offset)
+                    lo = end
+
+            def read_groups(lo: int, hi: int, first: int = first, host: np.ndarray = host) -> None:
+                """Groups [lo, hi), each by one thread, hashed here where the GPU cannot check them."""
                 for g in range(lo, min(hi, self._valid_groups)):
-                    if g + per_slot < len(self._fragments):
-                        self._fragments[g + per_slot].prefetch()  # the next run's reads start now
                     at = (g - first) * group_bytes
-                    expected[g] = self._read_group(g, host[at : at + group_bytes])
+                    self._read_group(g, host[at : at + group_bytes], check=expected[g] is None)
 
-            self._parallel(work, first, last, (last - first) * group_bytes)
+            nbytes = (last - first) * group_bytes
+            if all(e is not None for e in expected[first:last]):
+                self._parallel(read_bytes, 0, nbytes, nbytes)
+            else:
+                self._parallel(read_groups, first, last, nbytes)
             last = min(last, self._valid_groups)  # a failed read may have cut this run
             n = last - first
             with torch.cuda.stream(stream):
@@ -484,13 +515,7 @@ class KVLoad:
         s = self._split
         dtype = self._layout.dtype
         stream = staging.stream
-        expected: list[list[int] | None] = []  # per group: word sums for the GPU, or None
-        for group, fragment in enumerate(self._fragments):
-            try:
-                expected.append(self._device_checkable(fragment))
-            except FragmentError as exc:
-                self._fail(group, exc)
-                break
+        expected = self._gpu_expectations()
         on_device = any(e is not None for e in expected)
         if on_device:
             with torch.cuda.stream(stream):
