@@ -12,6 +12,8 @@ on a GPU. Prints one line per case; exit 0 when every case returns exactly the s
 from __future__ import annotations
 
 import contextlib
+import errno
+import logging
 import os
 import sys
 import tempfile
@@ -64,6 +66,7 @@ def _plain_read(path: str, dest: torch.Tensor, offset: int) -> None:
 def main() -> int:
     _no_cuda()
     from vua import _gds, _layout, _reader, _staging
+    from vua._fragment import Fragment
     from vua._keys import group_keys
     from vua.core import VUA, VUAConfig
 
@@ -77,7 +80,7 @@ def main() -> int:
         for sums in (True, False)  # word sums checked on the GPU, or xxh3 on the host
         for gds in (False, True)
         for layerwise in (False, True)
-        for damage in (None, -4096, 4096 + 200)  # none, the last layer's V, the first layer's K
+        for damage in (None, "first K", "last V")
         if not (gds and layerwise) and (sums or not gds)
     ]
     for heads, sums, gds, layerwise, damage in cases:
@@ -97,10 +100,13 @@ def main() -> int:
                 store.put(tokens, kv)
                 if damage is not None:
                     path = _layout.fragment_path(root, store.config.tokens_to_paths(tokens)[6])
+                    with Fragment(path) as fragment:
+                        begin, end = fragment.kv_range
+                    at = begin + 200 if damage == "first K" else end - 4096
                     with open(path, "r+b") as f:
-                        f.seek(damage, os.SEEK_SET if damage > 0 else os.SEEK_END)
+                        f.seek(at)
                         byte = f.read(1)
-                        f.seek(-1, os.SEEK_CUR)
+                        f.seek(at)
                         f.write(bytes([byte[0] ^ 1]))
                 ids = tokens.numpy().astype(np.int64)
                 fragments, layout = store._open_prefix(group_keys(ids, 16, store._seed), ids)
@@ -134,6 +140,50 @@ def main() -> int:
                     f"layerwise={layerwise}, damage at {damage}: {groups} groups (want {want}), data exact: {exact}",
                     flush=True,
                 )
+
+    # A platform that refuses direct reads: the first load falls back, later ones skip GDS.
+    attempts = []
+
+    def refuse(path: str, dest: torch.Tensor, offset: int) -> None:
+        attempts.append(path)
+        raise OSError(errno.EINVAL, "O_DIRECT refused (as tmpfs does)")
+
+    _gds.usable = lambda: _gds._disabled_reason is None
+    _gds.read_into = refuse
+    logging.getLogger("vua").setLevel(logging.ERROR)  # the one fallback warning is expected
+    with tempfile.TemporaryDirectory() as root:
+        with VUA(VUAConfig(split_factor=16, gds=True, gpu_checksums=True), root) as store:
+            tokens = torch.arange(160)
+            kv = [tuple(torch.randn(1, 2, 160, 128).to(torch.bfloat16) for _ in range(2)) for _ in range(3)]
+            store.put(tokens, kv)
+            store._staging[cpu] = _staging.PinnedStaging(cpu, 1 << 20)
+            exact = True
+            for _ in range(2):
+                ids = tokens.numpy().astype(np.int64)
+                fragments, layout = store._open_prefix(group_keys(ids, 16, store._seed), ids)
+                load = _reader.KVLoad(
+                    fragments,
+                    layout,
+                    16,
+                    cpu,
+                    store._pool(),
+                    staging=store._staging[cpu],
+                    verify_checksums=True,
+                    gds=True,
+                    background=False,
+                )
+                exact &= load.wait() == 10 and all(
+                    torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+                    for pa, pb in zip(load.data(), kv)
+                    for a, b in zip(pa, pb)
+                )
+    ok = exact and len(attempts) == 1 and _gds._disabled_reason is not None
+    failures += not ok
+    print(
+        f"{'ok  ' if ok else 'FAIL'} refused direct reads: {len(attempts)} attempt(s) over two loads, "
+        f"fallback reason recorded: {_gds._disabled_reason is not None}, data exact: {exact}",
+        flush=True,
+    )
     return 1 if failures else 0
 
 
