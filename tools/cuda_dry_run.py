@@ -23,6 +23,14 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+# The stand-ins below replace torch attributes that VUA looks up at call time.
+from vua import _gds, _layout, _reader, _staging  # noqa: E402
+from vua._fragment import Fragment  # noqa: E402
+from vua._keys import group_keys  # noqa: E402
+from vua.core import VUA, VUAConfig  # noqa: E402
+
+CPU = torch.device("cpu")
+
 
 class _Event:
     def synchronize(self) -> None:
@@ -63,16 +71,27 @@ def _plain_read(path: str, dest: torch.Tensor, offset: int) -> None:
     dest[: len(data)].copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
 
 
+def staged_load(store: VUA, tokens: torch.Tensor, staging: _staging.PinnedStaging, **options: bool) -> _reader.KVLoad:
+    """A load of ``tokens`` down the CUDA paths (a CPU load would take the CPU path)."""
+    ids = tokens.numpy().astype(np.int64)
+    fragments, layout = store._open_prefix(group_keys(ids, 16, store._seed), ids)
+    return _reader.KVLoad(fragments, layout, 16, CPU, store._pool(), staging=staging, verify_checksums=True, **options)
+
+
+def exact(load: _reader.KVLoad, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> bool:
+    """Whether the load's data are the stored KV, bit for bit, over the prefix it found."""
+    tokens = load.wait() * 16
+    return all(
+        torch.equal(got.view(torch.uint8), put[:, :, :tokens].view(torch.uint8))
+        for got_kv, put_kv in zip(load.data(), kv)
+        for got, put in zip(got_kv, put_kv)
+    )
+
+
 def main() -> int:
     _no_cuda()
-    from vua import _gds, _layout, _reader, _staging
-    from vua._fragment import Fragment
-    from vua._keys import group_keys
-    from vua.core import VUA, VUAConfig
-
     _gds.usable = lambda: True
     _gds.read_into = _plain_read
-    cpu = torch.device("cpu")
     failures = 0
     cases = [
         (heads, sums, gds, layerwise, damage)
@@ -108,36 +127,19 @@ def main() -> int:
                         byte = f.read(1)
                         f.seek(at)
                         f.write(bytes([byte[0] ^ 1]))
-                ids = tokens.numpy().astype(np.int64)
-                fragments, layout = store._open_prefix(group_keys(ids, 16, store._seed), ids)
-                staging = _staging.PinnedStaging(cpu, config.staging_bytes)
-                load = _reader.KVLoad(
-                    fragments,
-                    layout,
-                    16,
-                    cpu,
-                    store._pool(),
-                    staging=staging,
-                    verify_checksums=True,
-                    gds=gds,
-                    background=layerwise,
-                )
+                staging = _staging.PinnedStaging(CPU, config.staging_bytes)
+                load = staged_load(store, tokens, staging, gds=gds, background=layerwise)
                 if layerwise:
                     for layer in range(len(kv)):
                         load.wait_layer(layer)
                 groups = load.wait()
-                data = load.data()
                 want = 6 if damage is not None else 10
-                exact = all(
-                    torch.equal(got.view(torch.uint8), put[:, :, : groups * 16].view(torch.uint8))
-                    for got_kv, put_kv in zip(data, kv)
-                    for got, put in zip(got_kv, put_kv)
-                )
-                ok = groups == want and exact
+                same = exact(load, kv)
+                ok = groups == want and same
                 failures += not ok
                 print(
                     f"{'ok  ' if ok else 'FAIL'} {group_bytes >> 10} KiB groups, word sums={sums}, gds={gds}, "
-                    f"layerwise={layerwise}, damage at {damage}: {groups} groups (want {want}), data exact: {exact}",
+                    f"layerwise={layerwise}, damage at {damage}: {groups} groups (want {want}), data exact: {same}",
                     flush=True,
                 )
 
@@ -156,32 +158,14 @@ def main() -> int:
             tokens = torch.arange(160)
             kv = [tuple(torch.randn(1, 2, 160, 128).to(torch.bfloat16) for _ in range(2)) for _ in range(3)]
             store.put(tokens, kv)
-            store._staging[cpu] = _staging.PinnedStaging(cpu, 1 << 20)
-            exact = True
-            for _ in range(2):
-                ids = tokens.numpy().astype(np.int64)
-                fragments, layout = store._open_prefix(group_keys(ids, 16, store._seed), ids)
-                load = _reader.KVLoad(
-                    fragments,
-                    layout,
-                    16,
-                    cpu,
-                    store._pool(),
-                    staging=store._staging[cpu],
-                    verify_checksums=True,
-                    gds=True,
-                    background=False,
-                )
-                exact &= load.wait() == 10 and all(
-                    torch.equal(a.view(torch.uint8), b.view(torch.uint8))
-                    for pa, pb in zip(load.data(), kv)
-                    for a, b in zip(pa, pb)
-                )
-    ok = exact and len(attempts) == 1 and _gds._disabled_reason is not None
+            staging = _staging.PinnedStaging(CPU, 1 << 20)
+            loads = [staged_load(store, tokens, staging, gds=True, background=False) for _ in range(2)]
+            same = all(load.wait() == 10 and exact(load, kv) for load in loads)
+    ok = same and len(attempts) == 1 and _gds._disabled_reason is not None
     failures += not ok
     print(
         f"{'ok  ' if ok else 'FAIL'} refused direct reads: {len(attempts)} attempt(s) over two loads, "
-        f"fallback reason recorded: {_gds._disabled_reason is not None}, data exact: {exact}",
+        f"fallback reason recorded: {_gds._disabled_reason is not None}, data exact: {same}",
         flush=True,
     )
     return 1 if failures else 0
