@@ -297,17 +297,12 @@ class KVLoad:
             self._layer_ready[layer].set()
 
     def _run_cuda(self, staging: PinnedStaging) -> None:
+        expected = self._gpu_expectations()
         if self._uniform and not self._layerwise:
-            if not (self._gds and self._run_gds(staging)):
-                self._run_cuda_groups(staging)
+            if not (self._gds and self._run_gds(staging, expected)):
+                self._run_cuda_groups(staging, expected)
         else:
-            self._run_cuda_layers(staging)
-
-    def _device_checkable(self, fragment: Fragment) -> list[int] | None:
-        """The word sums (per K and V tensor) the GPU is to check for this group; None: check on the host."""
-        if not self._verify or not self._whole_rows:
-            return None
-        return fragment.wordsums
+            self._run_cuda_layers(staging, expected)
 
     def _read_group(self, group: int, dest: np.ndarray, *, offset: int = 0, check: bool = False) -> None:
         """Reads one group's K and V bytes (file order) from ``offset`` on into ``dest``.
@@ -319,10 +314,8 @@ class KVLoad:
         try:
             fragment.read_kv_into(memoryview(dest), offset)
             if check and self._verify:
-                sums = fragment.checksums
                 for name, begin, end in fragment.kv_offsets():
-                    if xxhash.xxh3_64_intdigest(dest[begin:end]) != sums.get(name):
-                        raise FragmentError(f"fragment {fragment.path}: checksum mismatch in {name} (damaged data)")
+                    fragment.verify_checksum(name, dest[begin:end])
         except (FragmentError, OSError) as exc:
             self._fail(
                 group, exc if isinstance(exc, FragmentError) else FragmentError(f"reading {fragment.path}: {exc}")
@@ -333,10 +326,12 @@ class KVLoad:
 
         A group whose stored sums are malformed ends the prefix (the list stops there).
         """
+        if not self._verify or not self._whole_rows:
+            return [None] * len(self._fragments)
         expected = []
         for group, fragment in enumerate(self._fragments):
             try:
-                expected.append(self._device_checkable(fragment))
+                expected.append(fragment.wordsums)
             except FragmentError as exc:
                 self._fail(group, exc)
                 break
@@ -364,11 +359,18 @@ class KVLoad:
         valid = self._valid_groups
         if all(e is None for e in expected[:valid]):
             return
-        got = sums[:valid].cpu().tolist()
-        for group, stored in enumerate(expected[:valid]):
-            if stored is not None and not all(map(_wordsum.matches, got[group], stored)):
+        self._fail_first_mismatch(sums[:valid].cpu().tolist(), expected, slice(None), "after the copy")
+
+    def _fail_first_mismatch(
+        self, got: list[list[int]], expected: list[list[int] | None], tensors: slice, where: str
+    ) -> None:
+        """Ends the prefix at the first group whose sums from the GPU (``got``, per group) differ
+        from the stored ones (``expected``, per group, cut to ``tensors``)."""
+        for group in range(self._valid_groups):
+            stored = expected[group]
+            if stored is not None and not all(map(_wordsum.matches, got[group], stored[tensors])):
                 path = self._fragments[group].path
-                self._fail(group, FragmentError(f"fragment {path}: word sum mismatch after the copy (damaged data)"))
+                self._fail(group, FragmentError(f"fragment {path}: word sum mismatch {where} (damaged data)"))
                 return
 
     def _group_wordsums(self, groups: torch.Tensor) -> torch.Tensor:
@@ -385,7 +387,7 @@ class KVLoad:
             self._layer_events[layer] = done
             self._layer_ready[layer].set()
 
-    def _run_cuda_groups(self, staging: PinnedStaging) -> None:
+    def _run_cuda_groups(self, staging: PinnedStaging, expected: list[list[int] | None]) -> None:
         """Runs of whole groups: read into pinned staging, one DMA, re-laid out and checked on the GPU.
 
         There are several runs where the prefix allows, so the host fills one staging buffer
@@ -398,7 +400,6 @@ class KVLoad:
         stream = staging.stream
         with torch.cuda.stream(stream):  # memory of the side stream's own, like everything it writes
             sums = torch.empty(self._requested_groups, 2 * layers, dtype=torch.int64, device=self._device)
-        expected = self._gpu_expectations()
         first = 0
         while first < self._valid_groups:
             last = min(self._valid_groups, first + per_run)
@@ -444,21 +445,15 @@ class KVLoad:
             self._check_on_device(sums, expected)
         self._finish_cuda(stream)
 
-    def _run_gds(self, staging: PinnedStaging) -> bool:
+    def _run_gds(self, staging: PinnedStaging, expected: list[list[int] | None]) -> bool:
         """Whole groups read with GPUDirect Storage into GPU memory, checked and re-laid out there.
 
         Returns False, having read nothing, when this load cannot use GDS (a group without
         a word sum, or the platform refuses); the caller then takes the staging path.
         """
-        if not _gds.usable():
+        if not _gds.usable() or any(e is None for e in expected[: self._valid_groups]):
             return False
         group_bytes = self._layout.kv_bytes(self._split)
-        try:
-            expected = [self._device_checkable(f) for f in self._fragments]
-        except FragmentError:
-            return False  # the staging path reports the damaged group
-        if any(e is None for e in expected):
-            return False
         stream = staging.stream
         begin, end = self._fragments[0].kv_range
         start, span = _gds.aligned_span(begin, end)
@@ -505,7 +500,7 @@ class KVLoad:
         self._finish_cuda(stream)
         return True
 
-    def _run_cuda_layers(self, staging: PinnedStaging) -> None:
+    def _run_cuda_layers(self, staging: PinnedStaging, expected: list[list[int] | None]) -> None:
         """Layer by layer, so a layer-wise consumer can start on layer 0 early.
 
         Groups with word sums are copied without hashing and checked on the GPU; a layer is
@@ -515,7 +510,6 @@ class KVLoad:
         s = self._split
         dtype = self._layout.dtype
         stream = staging.stream
-        expected = self._gpu_expectations()
         on_device = any(e is not None for e in expected)
         if on_device:
             with torch.cuda.stream(stream):
@@ -525,15 +519,8 @@ class KVLoad:
 
         def settle(layer: int, checked: torch.cuda.Event) -> None:
             checked.synchronize()
-            got = landed[layer].tolist()
-            for group in range(self._valid_groups):
-                stored = expected[group]
-                if stored is not None and not all(map(_wordsum.matches, got[group], stored[2 * layer : 2 * layer + 2])):
-                    path = self._fragments[group].path
-                    self._fail(
-                        group, FragmentError(f"fragment {path}: word sum mismatch in layer {layer} after the copy")
-                    )
-                    break
+            layer_sums = slice(2 * layer, 2 * layer + 2)  # its K and V
+            self._fail_first_mismatch(landed[layer].tolist(), expected, layer_sums, f"in layer {layer} after the copy")
             self._layer_ready[layer].set()
 
         for layer, (out_k, out_v) in enumerate(self.outputs):
@@ -575,13 +562,10 @@ class KVLoad:
                         k_out, v_out = out_k[0, :, first * s : last * s], out_v[0, :, first * s : last * s]
                         k_out.copy_(stage_k[:, :n], non_blocking=True)
                         v_out.copy_(stage_v[:, :n], non_blocking=True)
-                        if on_device:  # (kv_heads, tokens, head_dim) -> (groups,) each
-                            sums[layer, first:last, 0] = _wordsum.device_wordsums(
-                                _wordsum.as_words(k_out, last - first)
-                            )
-                            sums[layer, first:last, 1] = _wordsum.device_wordsums(
-                                _wordsum.as_words(v_out, last - first)
-                            )
+                        for kv, out in enumerate((k_out, v_out) if on_device else ()):
+                            # (kv_heads, tokens, head_dim) -> (groups,)
+                            words = _wordsum.as_words(out, last - first)
+                            sums[layer, first:last, kv] = _wordsum.device_wordsums(words)
                     staging.release(slot_id, stream.record_event())
                 first = last if n > 0 else self._valid_groups
             with torch.cuda.stream(stream):

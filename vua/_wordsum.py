@@ -128,10 +128,10 @@ def tensor_wordsums(
     sums = []
     for t in (t for kv in layers for t in kv):
         batch, heads, _, dim = t.shape
-        if not whole_rows(split * dim * t.element_size()):
+        item = t.element_size()
+        if not whole_rows(split * dim * item):
             return None
         t = t[:, :, :tokens]
-        item = t.element_size()
         strides_ok = t.stride(-1) == 1 and t.stride(-2) == dim
         if not strides_ok or any(n * item % 8 for n in (*t.stride()[:2], t.storage_offset())):
             t = t.contiguous()  # as_words needs contiguous, 8-byte aligned runs

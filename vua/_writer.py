@@ -62,6 +62,7 @@ class GroupSource:
         self._split = split_factor
         self._namespace = namespace
         self._specs = layout.tensor_specs(split_factor)
+        self._kv_names = [spec[0] for spec in self._specs[1:]]  # the tokens come first
         self._first_group = first_group  # the tensors start at this group's first token
         # GPU-checkable sums (see _wordsum): computed already, uint64 (rows, groups from
         # first_group, tensors), or to compute here from the host bytes, or neither.
@@ -81,13 +82,12 @@ class GroupSource:
         start = self._raw_arrays[i][base:]
         return np.lib.stride_tricks.as_strided(start, (t.shape[1], run), (t.stride(1) * item, 1), writeable=False)
 
-    def _group_wordsums(self, row: int, group: int) -> list[int] | None:
-        """Every K and V tensor's word sum for one group, in file order; None when not stored."""
+    def _group_wordsums(self, row: int, group: int, pieces: Sequence[np.ndarray]) -> list[int] | None:
+        """Every K and V tensor's word sum for one group (its ``pieces``), in file order; None when not stored."""
         if self._wordsums is not None:
             return [int(v) for v in self._wordsums[row, group - self._first_group]]
         if not self._host_wordsums:
             return None
-        pieces = [self._tensor_piece(i, row, group) for i in range(len(self._tensors))]
         if not all(_wordsum.whole_rows(p.shape[1]) for p in pieces):
             return None
         return [_wordsum.host_wordsum(p) for p in pieces]
@@ -104,12 +104,13 @@ class GroupSource:
         token_bytes = memoryview(ids[group * s : (group + 1) * s]).cast("B")
         buffers = [token_bytes]
         checksums = {_fragment.TOKENS: format(xxhash.xxh3_64_intdigest(token_bytes), "016x")}
-        for i in range(len(self._tensors)):
-            chunks = [memoryview(run) for run in self._tensor_piece(i, row, group)]  # zero-copy
+        pieces = [self._tensor_piece(i, row, group) for i in range(len(self._tensors))]
+        for name, piece in zip(self._kv_names, pieces):
+            chunks = [memoryview(run) for run in piece]  # zero-copy
             hasher = xxhash.xxh3_64()
             for chunk in chunks:
                 hasher.update(chunk)
-            checksums[self._specs[i + 1][0]] = hasher.hexdigest()
+            checksums[name] = hasher.hexdigest()
             buffers.extend(chunks)
         metadata = {
             "format": _fragment.FORMAT,
@@ -122,11 +123,10 @@ class GroupSource:
             "layout": self._layout.json,
             "checksums": _fragment.json.dumps(checksums, separators=(",", ":")),
         }
-        sums = self._group_wordsums(row, group)
+        sums = self._group_wordsums(row, group, pieces)
         if sums is not None:  # what a GPU checks after its copy
-            names = [spec[0] for spec in self._specs[1:]]
             metadata["wordsums"] = _fragment.json.dumps(
-                {name: format(value, "016x") for name, value in zip(names, sums)}, separators=(",", ":")
+                {name: format(value, "016x") for name, value in zip(self._kv_names, sums)}, separators=(",", ":")
             )
         return _fragment.encode_header(metadata, self._specs), buffers
 
