@@ -52,6 +52,15 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
 
 
+def flip_byte(path: str, offset: int, mask: int = 0x01) -> None:
+    """Damages one byte of a file in place: XORs ``mask`` into the byte at ``offset`` (negative: from the end)."""
+    with open(path, "r+b") as f:
+        f.seek(offset, os.SEEK_SET if offset >= 0 else os.SEEK_END)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ mask]))
+
+
 def kv_slice(kv, row: int, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The (1, heads, n, head_dim) slice of batch row ``row``, as get_closest returns it."""
     return [(k[row : row + 1, :, :n], v[row : row + 1, :, :n]) for k, v in kv]

@@ -7,7 +7,7 @@ import struct
 
 import torch
 
-from tests.helpers import StoreTestCase, kv_slice, random_kv
+from tests.helpers import StoreTestCase, flip_byte, kv_slice, random_kv
 from vua import _layout
 from vua._fragment import publish_fragment
 from vua._keys import group_keys, tokens_as_int64
@@ -49,11 +49,7 @@ class DamageTest(StoreTestCase):
         self.assertPrefix(1)
 
     def test_flipped_header_byte(self):
-        with open(self.path(2), "r+b") as f:
-            f.seek(20)
-            byte = f.read(1)
-            f.seek(20)
-            f.write(bytes([byte[0] ^ 0x55]))
+        flip_byte(self.path(2), 20, 0x55)
         self.assertPrefix(2)
 
     def test_header_length_out_of_range(self):
@@ -62,12 +58,7 @@ class DamageTest(StoreTestCase):
         self.assertPrefix(0)
 
     def test_flipped_data_byte_fails_the_checksum(self):
-        size = os.path.getsize(self.path(1))
-        with open(self.path(1), "r+b") as f:
-            f.seek(size - 3)
-            byte = f.read(1)
-            f.seek(size - 3)
-            f.write(bytes([byte[0] ^ 0x01]))
+        flip_byte(self.path(1), -3)
         self.assertPrefix(1)
 
     def test_tokens_that_do_not_match_the_key(self):

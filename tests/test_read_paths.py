@@ -7,7 +7,7 @@ import unittest
 
 import torch
 
-from tests.helpers import StoreTestCase, kv_slice, random_kv
+from tests.helpers import StoreTestCase, flip_byte, kv_slice, random_kv
 from vua import _gds, _layout
 
 
@@ -46,14 +46,6 @@ class GroupCopiesTest(StoreTestCase):
         self.assertEqual(_gds.aligned_span(4096 + 128, 3 * 4096 + 1), (4096, 3 * 4096))
 
 
-def flip_last_page_byte(path: str) -> None:
-    with open(path, "r+b") as f:
-        f.seek(-4096, os.SEEK_END)
-        byte = f.read(1)
-        f.seek(-4096, os.SEEK_END)
-        f.write(bytes([byte[0] ^ 0x01]))
-
-
 @unittest.skipUnless(torch.cuda.is_available(), "needs a CUDA device (tools/gpu_check.py runs the full set)")
 class CudaReadTest(StoreTestCase):
     def test_gpu_equals_cpu_without_host_sync(self):
@@ -75,12 +67,12 @@ class CudaReadTest(StoreTestCase):
         tokens = torch.arange(48)
         kv = random_kv(1, 48, heads=2, head_dim=128, dtype=torch.bfloat16)  # 4 KiB chunks: word sums stored
         vua.put(tokens, kv)
-        flip_last_page_byte(_layout.fragment_path(self.root, vua.config.tokens_to_paths(tokens)[1]))
+        flip_byte(_layout.fragment_path(self.root, vua.config.tokens_to_paths(tokens)[1]), -4096)
         with self.assertLogs("vua", level="WARNING"):
             hit = vua.get_closest(tokens, device="cuda")
         self.assertKVEqual([(k.cpu(), v.cpu()) for k, v in hit.data], kv_slice(kv, 0, 16))
         vua.put(tokens, kv)  # the damaged group was moved aside: written again
-        flip_last_page_byte(_layout.fragment_path(self.root, vua.config.tokens_to_paths(tokens)[1]))
+        flip_byte(_layout.fragment_path(self.root, vua.config.tokens_to_paths(tokens)[1]), -4096)
         with self.assertLogs("vua", level="WARNING"):
             load = vua.load(tokens, "cuda", layerwise=True)
             layers = [load.wait_layer(i) for i in range(3)]

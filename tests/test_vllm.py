@@ -6,7 +6,6 @@ forward pass is simulated by writing known KV into a request's blocks before sav
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 import tempfile
@@ -27,7 +26,7 @@ try:
 except ImportError as exc:  # vllm installs on Linux with Python >= 3.11 only
     raise unittest.SkipTest(f"vllm is not installed here: {exc}") from None
 
-from tests.helpers import TINY_DECODER
+from tests.helpers import TINY_DECODER, flip_byte
 from vua import _layout
 from vua.errors import VUAError
 from vua.vllm import PagedLayer, VUAConnector
@@ -206,11 +205,7 @@ class VLLMConnectorTest(unittest.TestCase):
         h, prompt = self.check_round_trip()
         keys = h.worker.vua.config.tokens_to_paths(torch.tensor(prompt[:96]))
         path = _layout.fragment_path(self.root, keys[1])
-        with open(path, "r+b") as f:  # damage the last byte of group 1's data
-            f.seek(-1, os.SEEK_END)
-            byte = f.read(1)
-            f.seek(-1, os.SEEK_END)
-            f.write(bytes([byte[0] ^ 0xFF]))
+        flip_byte(path, -1, 0xFF)  # damage the last byte of group 1's data
         h.request("c", prompt)
         with self.assertLogs("vua", level="WARNING"):
             _, meta, blocks, errors = h.step()
