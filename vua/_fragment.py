@@ -35,12 +35,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 import xxhash
 
-from vua import _layout, _wordsum
+from vua import _dtypes, _layout, _wordsum
 from vua.errors import FragmentError
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT = "vua.fragment"
 FORMAT_VERSION = "1"
@@ -48,39 +52,20 @@ HEADER_ALIGN = 4096
 MAX_HEADER_BYTES = 16 << 20  # a 1000-layer model's header is far below this
 _IOV_MAX = 1024  # Linux's limit on buffers per writev call
 
-DTYPE_NAMES: dict[torch.dtype, str] = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-    torch.uint16: "U16",
-    torch.uint32: "U32",
-    torch.uint64: "U64",
-    torch.float8_e4m3fn: "F8_E4M3",
-    torch.float8_e5m2: "F8_E5M2",
-}
-if hasattr(torch, "float8_e8m0fnu"):
-    DTYPE_NAMES[torch.float8_e8m0fnu] = "F8_E8M0"
-DTYPES_BY_NAME = {name: dtype for dtype, name in DTYPE_NAMES.items()}
-
 TOKENS = "tokens"
 
 _BITS_BY_SIZE = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}
 
 
-def bits_dtype(dtype: torch.dtype) -> type[np.generic]:
-    """The numpy integer type as wide as ``dtype``: the carrier for copying its bit patterns."""
-    return _BITS_BY_SIZE[dtype.itemsize]
+def bits_dtype(itemsize: int) -> type[np.generic]:
+    """The numpy integer type ``itemsize`` bytes wide: the carrier for copying a dtype's bit patterns."""
+    return _BITS_BY_SIZE[itemsize]
 
 
 def as_bits(t: torch.Tensor) -> np.ndarray:
     """A zero-copy numpy view of a CPU tensor's bit patterns (see :func:`bits_dtype`)."""
+    import torch
+
     carrier = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
     return t.view(carrier).numpy()
 
@@ -102,12 +87,24 @@ class Layout:
     files whether groups fit together.
     """
 
-    dtype: torch.dtype
+    dtype_name: str  # safetensors' name: "BF16", "F32", ...
     layers: tuple[tuple[tuple[int, int], tuple[int, int]], ...]
+
+    @classmethod
+    def of(cls, dtype: torch.dtype, layers: tuple[tuple[tuple[int, int], tuple[int, int]], ...]) -> Layout:
+        """The layout of KV in ``dtype`` (one safetensors can store) with per-layer (heads, head_dim)."""
+        name = _dtypes.name_of(dtype)
+        if name is None:
+            raise ValueError(f"safetensors cannot store {dtype}")
+        return cls(name, layers)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return _dtypes.to_torch(self.dtype_name)
 
     @cached_property
     def json(self) -> str:
-        body = {"dtype": DTYPE_NAMES[self.dtype], "layers": [list(map(list, kv)) for kv in self.layers]}
+        body = {"dtype": self.dtype_name, "layers": [list(map(list, kv)) for kv in self.layers]}
         return json.dumps(body, separators=(",", ":"))
 
     @cached_property
@@ -119,7 +116,9 @@ class Layout:
         """Parses a layout written by :attr:`json`; raises FragmentError when malformed."""
         try:
             body = json.loads(text)
-            dtype = DTYPES_BY_NAME[body["dtype"]]
+            dtype = body["dtype"]
+            if dtype not in _dtypes.ITEMSIZE:
+                raise ValueError(f"unknown dtype {dtype!r}")
             layers = tuple(
                 (
                     (int(k[0]), int(k[1])),
@@ -137,32 +136,32 @@ class Layout:
     def num_layers(self) -> int:
         return len(self.layers)
 
-    def tensor_specs(self, split_factor: int) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
-        """(name, dtype, shape) of every tensor of a fragment, in file order."""
-        specs = [(TOKENS, torch.int64, (split_factor,))]
+    def tensor_specs(self, split_factor: int) -> list[tuple[str, str, tuple[int, ...]]]:
+        """(name, safetensors dtype name, shape) of every tensor of a fragment, in file order."""
+        specs = [(TOKENS, "I64", (split_factor,))]
         for i, ((kh, kd), (vh, vd)) in enumerate(self.layers):
-            specs.append((key_name(i), self.dtype, (kh, split_factor, kd)))
-            specs.append((value_name(i), self.dtype, (vh, split_factor, vd)))
+            specs.append((key_name(i), self.dtype_name, (kh, split_factor, kd)))
+            specs.append((value_name(i), self.dtype_name, (vh, split_factor, vd)))
         return specs
 
     def kv_bytes(self, split_factor: int) -> int:
         """Bytes of K and V data in one group (tokens excluded)."""
         elems = sum(kh * kd + vh * vd for (kh, kd), (vh, vd) in self.layers)
-        return elems * split_factor * self.dtype.itemsize
+        return elems * split_factor * _dtypes.ITEMSIZE[self.dtype_name]
 
 
 def encode_header(
     metadata: dict[str, str],
-    specs: Sequence[tuple[str, torch.dtype, tuple[int, ...]]],
+    specs: Sequence[tuple[str, str, tuple[int, ...]]],
 ) -> bytes:
     """Returns the 8-byte length prefix plus the JSON header, padded to HEADER_ALIGN."""
     body: dict[str, object] = {"__metadata__": metadata}
     offset = 0
     for name, dtype, shape in specs:
-        nbytes = dtype.itemsize
+        nbytes = _dtypes.ITEMSIZE[dtype]
         for n in shape:
             nbytes *= n
-        body[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        body[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     text = json.dumps(body, separators=(",", ":")).encode()
     padded = -(-(8 + len(text)) // HEADER_ALIGN) * HEADER_ALIGN - 8
@@ -272,7 +271,7 @@ def quarantine_group(root: str, key_hex: str) -> bool:
 class TensorEntry:
     """Where one tensor lies in a fragment file (absolute byte offsets)."""
 
-    dtype: torch.dtype
+    dtype: str  # safetensors' name
     shape: tuple[int, ...]
     begin: int
     end: int
@@ -371,7 +370,7 @@ class Fragment:
         also release the GIL, so several threads copy at once.
         """
         entry = self.tensors[name]
-        return self._region[entry.begin : entry.end].view(bits_dtype(entry.dtype)).reshape(entry.shape)
+        return self._region[entry.begin : entry.end].view(bits_dtype(_dtypes.ITEMSIZE[entry.dtype])).reshape(entry.shape)
 
     @cached_property
     def layers(self) -> list[tuple[np.ndarray, np.ndarray, int | None, int | None]]:
@@ -397,7 +396,7 @@ class Fragment:
         first = self.tensors[key_name(0)]
         kh, split, kd = first.shape
         begin, end = self.kv_range
-        data = self._region[begin:end].view(bits_dtype(first.dtype))
+        data = self._region[begin:end].view(bits_dtype(_dtypes.ITEMSIZE[first.dtype]))
         try:
             return data.reshape(len(self.kv_names) // 2, 2, kh, split, kd)
         except ValueError:
@@ -454,8 +453,10 @@ class Fragment:
 
     def tensor(self, name: str) -> torch.Tensor:
         """A copy of one stored tensor (for tools and tests; the read path uses :meth:`array`)."""
+        import torch
+
         entry = self.tensors[name]
-        return torch.from_numpy(self.array(name).copy()).view(entry.dtype)
+        return torch.from_numpy(self.array(name).copy()).view(_dtypes.to_torch(entry.dtype))
 
     @cached_property
     def checksums(self) -> dict[str, int]:
@@ -556,14 +557,15 @@ def _parse_full_header(
     covered = 0
     for name, spec in body.items():
         try:
-            dtype = DTYPES_BY_NAME[spec["dtype"]]
+            dtype = spec["dtype"]
+            itemsize = _dtypes.ITEMSIZE[dtype]
             shape = tuple(spec["shape"])
             begin, end = spec["data_offsets"]
             if not all(isinstance(n, int) and n >= 0 for n in (*shape, begin, end)):
                 raise ValueError("negative or non-integer size")
         except (KeyError, TypeError, ValueError) as exc:
             raise FragmentError(f"fragment {path}: malformed entry for tensor {name!r} ({exc})") from None
-        nbytes = dtype.itemsize
+        nbytes = itemsize
         for n in shape:
             nbytes *= n
         if not begin <= end <= data_len or end - begin != nbytes:

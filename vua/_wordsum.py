@@ -25,9 +25,12 @@ computes them with numpy (:func:`host_wordsum`).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is imported where a tensor is touched: the vua command starts without it
+    import torch
 
 ROW_BYTES = 4096
 ROW_WORDS = ROW_BYTES // 8
@@ -74,6 +77,8 @@ _COL_ON: dict[torch.device, torch.Tensor] = {}
 
 def _col_on(device: torch.device) -> torch.Tensor:
     """The column weights on ``device``, copied there once."""
+    import torch
+
     col = _COL_ON.get(device)
     if col is None:
         col = _COL_ON[device] = torch.from_numpy(_COL.view(np.int64)).to(device)
@@ -91,6 +96,8 @@ def device_wordsums(words: torch.Tensor, *, inplace: bool = False) -> torch.Tens
     Returns:
         ``(tensors,)`` int64; compare with stored sums through :func:`matches`.
     """
+    import torch
+
     _, chunks, rows, _ = words.shape
     products = words.mul_(_col_on(words.device)) if inplace else words * _col_on(words.device)
     per_row = products.sum(dim=3)  # (tensors, chunks, rows); int64 wraps mod 2^64, as defined
@@ -105,6 +112,8 @@ def as_words(t: torch.Tensor, groups: int) -> torch.Tensor:
 
     Every head's run of a group must be whole rows, its start 8-byte aligned.
     """
+    import torch
+
     heads = t.shape[0]
     runs = t.view(torch.uint8).reshape(heads, groups, -1)  # (heads, groups, run bytes): a view
     return runs.view(torch.int64).view(heads, groups, -1, ROW_WORDS).permute(1, 0, 2, 3)
@@ -124,6 +133,8 @@ def tensor_wordsums(
         int64 ``(batch, tokens // split, 2 * layers)`` (tensors in file order: K0, V0, K1,
         ...) on the tensors' device; None when a head's run of a group is not whole rows.
     """
+    import torch
+
     groups = tokens // split
     sums = []
     for t in (t for kv in layers for t in kv):

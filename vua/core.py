@@ -27,8 +27,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from vua import _evict, _layout, _wordsum
-from vua._fragment import DTYPE_NAMES, TOKENS, Fragment, Layout, publish_fragment, quarantine_group
+from vua import _dtypes, _evict, _layout, _wordsum
+from vua._fragment import TOKENS, Fragment, Layout, publish_fragment, quarantine_group
 from vua._index import RECORD_HEAD, GroupRecord, Index, namespace_id, read_group_record
 from vua._keys import group_keys, namespace_seed, tokens_as_int64
 from vua._reader import KVLoad
@@ -373,9 +373,9 @@ class VUA:
                 f"all layers must share one dtype, got {sorted(map(str, dtypes))}; cast them with .to(dtype)"
             )
         dtype = dtypes.pop()
-        if dtype not in DTYPE_NAMES:
+        if _dtypes.name_of(dtype) is None:
             raise InvalidInputError(f"dtype {dtype} cannot be stored in safetensors; cast the KV to a supported dtype")
-        return rows, Layout(dtype, tuple(shapes)), layers
+        return rows, Layout.of(dtype, tuple(shapes)), layers
 
     # -- get ----------------------------------------------------------------------------
 
