@@ -34,7 +34,6 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
-
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -370,7 +369,9 @@ class Fragment:
         also release the GIL, so several threads copy at once.
         """
         entry = self.tensors[name]
-        return self._region[entry.begin : entry.end].view(bits_dtype(_dtypes.ITEMSIZE[entry.dtype])).reshape(entry.shape)
+        return (
+            self._region[entry.begin : entry.end].view(bits_dtype(_dtypes.ITEMSIZE[entry.dtype])).reshape(entry.shape)
+        )
 
     @cached_property
     def layers(self) -> list[tuple[np.ndarray, np.ndarray, int | None, int | None]]:
