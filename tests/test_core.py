@@ -19,7 +19,7 @@ from safetensors import safe_open
 
 from tests.helpers import StoreTestCase, kv_slice, listing, random_kv, same_bits
 from vua.core import VUA, ClosestKV, SplitFactorError, VUAConfig
-from vua.errors import InvalidInputError, StorageError, VUAError
+from vua.errors import InvalidInputError, NotAStoreError, StorageError, VUAError
 
 ROOT_OF_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -51,11 +51,15 @@ class KeyTest(unittest.TestCase):
         self.assertEqual(len(keys), 1)
         self.assertEqual(len(next(iter(keys))), 3)
 
-    def test_only_whole_groups_get_keys_and_2d_rows_work(self):
-        ids = torch.arange(700)
+    def test_keys_need_whole_groups_and_2d_rows_work(self):
+        ids = torch.arange(768)
         self.assertEqual(VUAConfig.tokens_to_paths(ids), VUAConfig.tokens_to_paths(ids[None, :]))
-        self.assertEqual(len(VUAConfig.tokens_to_paths(ids)), 2)
-        self.assertEqual(VUAConfig.tokens_to_paths(ids[:255]), [])
+        self.assertEqual(len(VUAConfig.tokens_to_paths(ids)), 3)
+        self.assertEqual(VUAConfig.tokens_to_paths(ids[:0]), [])
+        # As the original project documents: a partial group is the caller's to trim.
+        with self.assertRaisesRegex(SplitFactorError, r"700 tokens, not a multiple of split_factor=256.*here to 512"):
+            VUAConfig.tokens_to_paths(ids[:700])
+        self.assertEqual(VUAConfig.tokens_to_path(ids), VUAConfig.tokens_to_paths(ids))  # the other spelling
 
     def test_namespace_changes_every_key(self):
         a = VUAConfig(namespace="a").tokens_to_paths(torch.arange(512))
@@ -302,6 +306,55 @@ class BadInputTest(StoreTestCase):
             self.vua.get_closest(torch.arange(100, 132), device="cuda")
         with self.assertRaisesRegex(InvalidInputError, "not supported"):
             self.vua.get_closest(torch.arange(100, 132), device="meta")
+
+    def test_messages_say_what_to_pass(self):
+        cases = [
+            (lambda: self.vua.get_closest([1, 2, 3]), "pass torch.tensor(ids)"),
+            (lambda: self.vua.get_closest(torch.arange(32), device="gpu"), "pass 'cpu', 'cuda' or 'cuda:N'"),
+            (lambda: self.vua.get_closest(torch.arange(32), device=7.5), "not a torch device"),
+            (lambda: VUAConfig.trim_to_split_factor([1, 2, 3]), "torch.tensor(ids)"),
+            (lambda: self.vua.get_closest(torch.arange(32, device="meta")), "meta device"),
+            (lambda: self.vua.prefix_length(torch.arange(32).to_sparse()), "to_dense()"),
+        ]
+        for call, fragment in cases:
+            with self.subTest(fragment), self.assertRaises(InvalidInputError) as ctx:
+                call()
+            self.assertIn(fragment, str(ctx.exception))
+        # KV in the [batch, seq, heads, head_dim] layout: the message names the transpose.
+        seq_first = [(k.transpose(1, 2), v.transpose(1, 2)) for k, v in random_kv(1, 32, heads=4)]
+        self.assertRejected(InvalidInputError, torch.arange(32), seq_first, "pass k.transpose(1, 2)")
+        self.assertRejected(
+            InvalidInputError, torch.arange(32), [(torch.zeros(1, 2, 32, 8).to_sparse(),) * 2], "to_dense()"
+        )
+        meta_kv = [(torch.zeros(1, 2, 32, 8, device="meta"),) * 2]
+        self.assertRejected(InvalidInputError, torch.arange(32), meta_kv, "meta device")
+
+    def test_config_values_are_checked(self):
+        bad = {
+            "namespace": [5, b"bytes", None, "\udc80"],
+            "split_factor": [True, 0, -16, 16.0, "16"],
+            "max_bytes": ["1G", -1, 1.5],
+            "file_mode": [0o7777, 0o4644, 0o1000000, -1, "644"],
+            "io_threads": [0, None],
+            "staging_bytes": [-1],
+            "verify_checksums": [1, None],
+            "gpu_checksums": ["yes"],
+            "index_path": [5],
+        }
+        for field, values in bad.items():
+            for value in values:
+                with self.subTest(field=field, value=value), self.assertRaises(InvalidInputError) as ctx:
+                    VUA(VUAConfig(**{field: value}), os.path.join(self.root, "other"))
+                self.assertIn(f"VUAConfig.{field} must be", str(ctx.exception))
+        self.assertFalse(os.path.exists(os.path.join(self.root, "other")))  # refused before touching the disk
+
+    def test_mistyped_root_is_refused(self):
+        deep = os.path.join(self.root, "mnt", "kv-typo", "store")
+        with self.assertRaisesRegex(NotAStoreError, "parent .* does not exist; check the path"):
+            VUA(VUAConfig, deep)
+        self.assertFalse(os.path.exists(os.path.join(self.root, "mnt")))
+        VUA(VUAConfig, deep, create_parents=True).close()
+        self.assertTrue(os.path.isdir(deep))
 
     def test_unusable_root(self):
         path = os.path.join(self.root, "a-file")

@@ -133,6 +133,79 @@ class CommandTest(StoreTestCase):
         with self.assertRaises(SystemExit), contextlib.redirect_stderr(io.StringIO()):
             main(["gc", self.root, "--max-bytes", "lots"])
 
+    def test_bare_command_lists_commands(self):
+        status, out, _ = run_cli()
+        self.assertEqual(status, 2)
+        for name in ("rebuild-index", "verify", "stats", "gc"):
+            self.assertIn(name, out)
+
+    def test_errors_in_json_with_json(self):
+        status, out, err = run_cli("stats", os.path.join(self.root, "missing"), "--json")
+        self.assertEqual((status, err), (2, ""))
+        self.assertIn("no such directory", json.loads(out)["error"])
+        with self.assertRaises(SystemExit) as ctx, contextlib.redirect_stdout(io.StringIO()) as out:
+            main(["gc", self.root, "--json"])  # --max-bytes missing: a usage error
+        self.assertEqual(ctx.exception.code, 2)
+        self.assertIn("--max-bytes", json.loads(out.getvalue())["error"])
+
+    def test_file_as_root(self):
+        path = os.path.join(self.root, "a-file")
+        with open(path, "w") as f:
+            f.write("x")
+        status, _, err = run_cli("verify", path)
+        self.assertEqual(status, 2)
+        self.assertIn("is a file, not a directory", err)
+
+    def test_commands_do_not_import_torch(self):
+        # Importing torch takes seconds; stats, gc, verify and rebuild-index need none of it.
+        code = (
+            "import sys; from vua.cli import main\n"
+            "for cmd in (['stats'], ['verify'], ['rebuild-index'], ['gc', '--max-bytes', '1G']):\n"
+            "    assert main([cmd[0], sys.argv[1], *cmd[1:]]) == 0, cmd\n"
+            "print('torch' in sys.modules)"
+        )
+        env = dict(os.environ, PYTHONPATH=REPO)
+        done = subprocess.run(
+            [sys.executable, "-c", code, self.root], capture_output=True, text=True, env=env, timeout=120
+        )
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertEqual(done.stdout.split()[-1], "False")
+
+    def test_rebuild_keeps_last_use(self):
+        old, new = torch.arange(1000, 1032), torch.arange(2000, 2032)
+        vua = self.store(split_factor=16, namespace="lru-rebuild")
+        vua.put(old, prefix_kv(old))
+        time.sleep(0.01)
+        vua.put(new, prefix_kv(new))
+        time.sleep(0.01)
+        self.assertEqual(check_hit(vua.get_closest(old, device="cpu"), old), 32)  # old is now the recent one
+        vua.close()  # records pending hits, in the index and in the tree
+
+        def last_use(index_path: str) -> dict[str, int]:
+            index = _index.Index(index_path, self.root)
+            try:
+                return {k.hex(): r.last_used for k, r in index.items() if r is not None}
+            finally:
+                index.close()
+
+        index_path = os.path.join(self.root, _layout.DEFAULT_INDEX_DIR)
+        before = last_use(index_path)
+        self.assertEqual(run_cli("rebuild-index", self.root)[0], 0)
+        self.assertEqual(last_use(index_path), before)
+        # From the tree alone (another node's index, or a lost one) the order is the same.
+        shutil.rmtree(index_path)
+        self.assertEqual(run_cli("rebuild-index", self.root)[0], 0)
+        from_tree = last_use(index_path)
+        keys_old = VUAConfig(split_factor=16, namespace="lru-rebuild").tokens_to_paths(old)
+        keys_new = VUAConfig(split_factor=16, namespace="lru-rebuild").tokens_to_paths(new)
+        self.assertGreater(min(from_tree[k] for k in keys_old), max(from_tree[k] for k in keys_new))
+        # ...so gc takes the groups not used since.
+        one_prompt = sum(os.path.getsize(_layout.fragment_path(self.root, k)) for k in keys_old)
+        self.assertEqual(run_cli("gc", self.root, "--max-bytes", str(one_prompt))[0], 0)
+        survivors = set(last_use(index_path))
+        self.assertTrue(set(keys_old) <= survivors)
+        self.assertFalse(set(keys_new) & survivors)
+
     def test_human_size(self):
         self.assertEqual(
             [human_size(n) for n in (0, 1023, 1536, 5 * 2**20, 3 * 2**40)],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import sys
 import unittest
 
@@ -10,7 +11,14 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 
 from tests.helpers import TINY_DECODER, StoreTestCase
 from vua.core import VUAConfig
-from vua.integrations.transformers import cache_keyword, cache_to_kv, generate, model_namespace, prefill
+from vua.integrations.transformers import (
+    cache_keyword,
+    cache_to_kv,
+    generate,
+    model_namespace,
+    output_cache,
+    prefill,
+)
 
 SPLIT = 16
 SHAPE = TINY_DECODER
@@ -26,6 +34,12 @@ def build(kind: str, dtype: torch.dtype = torch.float32):
     else:
         model = Qwen2ForCausalLM(Qwen2Config(**SHAPE, attn_implementation="eager"))
     return model.to(dtype).eval()
+
+
+def own_cache_continuation(model, prompt: torch.Tensor, n: int) -> torch.Tensor:
+    """Logits of ``prompt[n:]`` computed from the model's own in-memory cache of ``prompt[:n]``."""
+    own = output_cache(model(prompt[None, :n], use_cache=True))
+    return model(prompt[None, n:], **{cache_keyword(model): own}).logits
 
 
 class RestoreTest(StoreTestCase):
@@ -46,8 +60,7 @@ class RestoreTest(StoreTestCase):
             n = result.cached_tokens
             # Bit for bit what the model computes from its own in-memory cache of the prefix:
             # the restored cache holds the same bits, and the continuation runs the same kernels.
-            own = model(query[None, :n], use_cache=True).past_key_values
-            self.assertTrue(torch.equal(result.logits, model(query[None, n:], past_key_values=own).logits))
+            self.assertTrue(torch.equal(result.logits, own_cache_continuation(model, query, n)))
             # Against a full recompute only up to rounding: a 4-query attention may sum in
             # another order than a 100-query one, and that order depends on the CPU's kernels
             # (seen: 1 fp32 ulp, 1.2e-7, on an Intel Xeon; 0 on an AMD EPYC). 1e-5 is ~100 ulps
@@ -92,9 +105,7 @@ class RestoreTest(StoreTestCase):
         for prompt, result in zip((a, b), results):
             n = result.cached_tokens
             # Bit for bit what the model gives from its own in-memory cache of the prefix...
-            own = model(prompt[None, :n], use_cache=True).past_key_values
-            expected = model(prompt[None, n:], past_key_values=own).logits
-            self.assertTrue(torch.equal(result.logits, expected))
+            self.assertTrue(torch.equal(result.logits, own_cache_continuation(model, prompt, n)))
             # ...and a full recompute up to float rounding: a 10-query attention matmul may
             # sum in another order than a 90-query one (seen: 1.8e-7).
             torch.testing.assert_close(result.logits, model(prompt[None]).logits[:, n:], atol=1e-5, rtol=0)
@@ -121,12 +132,24 @@ class RestoreTest(StoreTestCase):
 
     def test_cache_helpers(self):
         model = build("llama")
-        self.assertEqual(cache_keyword(model), "past_key_values")
-        out = model(torch.arange(20)[None], use_cache=True)
-        kv = cache_to_kv(out.past_key_values)
+        self.assertIn(cache_keyword(model), inspect.signature(model.forward).parameters)
+        cache = output_cache(model(torch.arange(20)[None], use_cache=True))
+        kv = cache_to_kv(cache)
         self.assertEqual(len(kv), 2)
         self.assertEqual(kv[0][0].shape, (1, 2, 20, 16))
-        self.assertEqual(kv[0][0].data_ptr(), out.past_key_values.layers[0].keys.data_ptr())  # no copy
+        self.assertEqual(kv[0][0].data_ptr(), cache.layers[0].keys.data_ptr())  # no copy
+
+    @torch.no_grad()
+    def test_no_transformers_warnings(self):
+        # transformers renames what VUA uses now and then (5.24: past_key_values -> cache)
+        # and warns through its loggers first; VUA follows a rename before the old name goes.
+        model = build("llama")
+        vua = self.store_for(model)
+        prompt = torch.randint(0, 512, (40,), generator=torch.Generator().manual_seed(6))
+        with self.assertNoLogs("transformers", level="WARNING"):
+            prefill(model, vua, prompt)
+            prefill(model, vua, prompt)
+            generate(model, vua, prompt, max_new_tokens=3)
 
 
 class LazyImportTest(unittest.TestCase):

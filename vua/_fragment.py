@@ -246,6 +246,20 @@ def publish_fragment(
     return True
 
 
+def mark_used(root: str, uses: dict[str, int]) -> None:
+    """Records uses in the tree: each group directory's mtime becomes its last use (key hex -> ns).
+
+    The tree is the truth, and it is what every node sharing a root sees, so a rebuilt
+    index (and eviction anywhere) keeps the LRU order. Best effort: a group evicted
+    meanwhile, or a read-only root, is skipped.
+    """
+    for key_hex, used_ns in uses.items():
+        try:
+            os.utime(_layout.group_dir(root, key_hex), ns=(used_ns, used_ns))
+        except OSError:
+            pass
+
+
 def quarantine_group(root: str, key_hex: str) -> bool:
     """Moves a damaged group out of the way, atomically, so a later put can rewrite it.
 

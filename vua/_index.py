@@ -199,6 +199,16 @@ class Index:
             for key, raw in txn.cursor():
                 yield bytes(key), GroupRecord.unpack(raw)
 
+    def namespaces(self) -> dict[int, str]:
+        """Every namespace recorded, by its 64-bit id (the id index records carry)."""
+        env, _, meta = self.env()
+        with env.begin(db=meta) as txn:
+            return {
+                struct.unpack("<Q", key[3:])[0]: bytes(value).decode("utf-8", "replace")
+                for key, value in txn.cursor()
+                if bytes(key).startswith(b"ns:") and len(key) == 11
+            }
+
     # -- writes -------------------------------------------------------------------------
 
     def add(
@@ -222,7 +232,7 @@ class Index:
                 if old is None or GroupRecord.unpack(old) is None:
                     added += record.nbytes
                 txn.put(key, record.pack(), db=groups)
-            _touch_in(txn, groups, touch, now)
+            _touch_in(txn, groups, {key: now for key in touch})
             for layout in layouts:
                 txn.put(b"layout:" + struct.pack("<Q", layout.id), layout.json.encode(), db=meta)
             for ns in namespaces:
@@ -250,11 +260,9 @@ class Index:
         self._write(apply)
         return removed[0]
 
-    def touch(self, keys: Iterable[bytes], now_ns: int) -> None:
-        """Marks groups as used now (a hit), for LRU eviction."""
-        keys = list(keys)
-
-        self._write(lambda txn, groups, meta: _touch_in(txn, groups, keys, now_ns))
+    def touch(self, uses: dict[bytes, int]) -> None:
+        """Records when groups were last used (key -> time.time_ns()), for LRU eviction."""
+        self._write(lambda txn, groups, meta: _touch_in(txn, groups, uses))
 
     def _write(self, apply: Callable[[lmdb.Transaction, lmdb._Database, lmdb._Database], None]) -> None:
         """Runs ``apply`` in a write transaction, growing the map when it is full."""
@@ -272,12 +280,12 @@ class Index:
                 raise StorageError(f"index {self.path} refused a write: {exc}") from exc
 
 
-def _touch_in(txn: lmdb.Transaction, groups: lmdb._Database, keys: Iterable[bytes], now_ns: int) -> None:
-    for key in keys:
+def _touch_in(txn: lmdb.Transaction, groups: lmdb._Database, uses: dict[bytes, int]) -> None:
+    for key, used_ns in uses.items():
         raw = txn.get(key, db=groups)
         record = None if raw is None else GroupRecord.unpack(raw)
-        if record is not None and record.last_used < now_ns:
-            txn.put(key, record._replace(last_used=now_ns).pack(), db=groups)
+        if record is not None and record.last_used < used_ns:
+            txn.put(key, record._replace(last_used=used_ns).pack(), db=groups)
 
 
 def _adjust_total(txn: lmdb.Transaction, meta: lmdb._Database, delta: int) -> None:
@@ -373,12 +381,24 @@ def read_group_record(root: str, key_hex: str) -> tuple[GroupRecord, Layout, str
                 layout.id,
                 fragment.file_size,
                 int(meta.get("group_index", "0")),
-                time.time_ns(),
+                tree_last_use(root, key_hex),
             )
             return record, layout, namespace
     except (FragmentError, ValueError) as exc:
         logger.warning("skipping damaged fragment %s: %s", key_hex, exc)
         return None
+
+
+def tree_last_use(root: str, key_hex: str) -> int:
+    """A group's last use as the tree records it: its directory's mtime (ns).
+
+    Publishing sets it; hits refresh it in batches (see ``_fragment.mark_used``), so a
+    rebuilt index, or another node, sees the same LRU order as this node's index.
+    """
+    try:
+        return os.stat(_layout.group_dir(root, key_hex)).st_mtime_ns
+    except OSError:
+        return time.time_ns()
 
 
 ScanEntry = tuple[bytes, GroupRecord, Layout, str]
@@ -464,7 +484,9 @@ def rebuild(
             return None
         generation = f"{_GEN_PREFIX}{time.time_ns()}-{os.getpid()}"
         state = ScanProgress()
-        seen, nbytes = _fill(index_path, generation, scan_tree(root, workers=workers, progress=progress, state=state))
+        previous = _live_generation(index_path)
+        entries = scan_tree(root, workers=workers, progress=progress, state=state)
+        seen, nbytes = _fill(index_path, generation, entries, previous=previous)
         tmp = current + f".tmp-{os.getpid()}"
         with open(tmp, "w") as f:
             f.write(generation + "\n")
@@ -474,7 +496,9 @@ def rebuild(
         fsync_dir(index_path)
         # Groups published while the tree was being walked; cheap, since most are known.
         late = [entry for entry in scan_tree(root, workers=workers) if entry[0] not in seen]
-        late_seen, late_bytes = _fill(index_path, generation, late)
+        late_seen, late_bytes = _fill(index_path, generation, late, previous=previous)
+        if previous is not None:
+            release_environment(previous[0])
         seen |= late_seen
         for name in os.listdir(index_path):
             if name.startswith(_GEN_PREFIX) and name != generation:
@@ -484,8 +508,29 @@ def rebuild(
         return RebuildSummary(len(seen), state.damaged, nbytes + late_bytes, time.perf_counter() - started)
 
 
-def _fill(index_path: str, generation: str, entries: Iterable[ScanEntry]) -> tuple[set[bytes], int]:
+def _live_generation(index_path: str) -> tuple[lmdb.Environment, lmdb._Database, lmdb._Database] | None:
+    """The generation a rebuild replaces, when there is a readable one: it may know later uses."""
+    try:
+        with open(os.path.join(index_path, CURRENT_FILE)) as f:
+            path = os.path.join(index_path, f.read().strip())
+        if not os.path.isdir(path):
+            return None
+        return acquire_environment(path)
+    except (OSError, UnicodeDecodeError, StorageError):
+        return None
+
+
+def _fill(
+    index_path: str,
+    generation: str,
+    entries: Iterable[ScanEntry],
+    *,
+    previous: tuple[lmdb.Environment, lmdb._Database, lmdb._Database] | None = None,
+) -> tuple[set[bytes], int]:
     """Writes entries straight into ``generation`` (not yet necessarily live), in batches.
+
+    Each group keeps the later of its last use in the tree and in ``previous`` (the index
+    being replaced), so a rebuild never resets the LRU order.
 
     Returns the keys written and their bytes.
     """
@@ -494,7 +539,20 @@ def _fill(index_path: str, generation: str, entries: Iterable[ScanEntry]) -> tup
     total = [0]
     batch: list[ScanEntry] = []
 
+    def later_use(key: bytes, record: GroupRecord) -> GroupRecord:
+        if previous is None:
+            return record
+        try:
+            with previous[0].begin(db=previous[1]) as old_txn:
+                raw = old_txn.get(key)
+        except lmdb.Error:
+            return record
+        old = None if raw is None else GroupRecord.unpack(raw)
+        return record if old is None or old.last_used <= record.last_used else record._replace(last_used=old.last_used)
+
     def flush() -> None:
+        nonlocal batch
+        batch = [(key, later_use(key, record), layout, ns) for key, record, layout, ns in batch]
         while True:
             try:
                 with env.begin(write=True) as txn:

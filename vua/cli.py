@@ -6,8 +6,9 @@
     vua gc ROOT --max-bytes N [--index-path DIR] [--json]
 
 Also ``python -m vua``. Every command needs only the fragment tree and the index, never a
-whole store object. Errors go to stderr with a non-zero status: 2 for a bad invocation or
-root, 1 for a store that ``verify`` found unclean.
+whole store object, and none imports torch, so each starts in a fraction of a second.
+Errors go to stderr (to stdout as a JSON object with ``--json``) with a non-zero status:
+2 for a bad invocation or root, 1 for a store that ``verify`` found unclean.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ import datetime
 import json
 import os
 import re
-import struct
 import sys
 from collections import Counter
 from collections.abc import Sequence
+from typing import NoReturn
 
 from vua import _evict, _layout
 from vua._index import CURRENT_FILE, Index, ScanProgress, rebuild
@@ -50,6 +51,8 @@ def human_size(n: int) -> str:
 
 
 def _check_root(root: str, index_path: str) -> None:
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise NotAStoreError(f"{root} is a file, not a directory; pass the directory a VUA store was created in")
     if not os.path.isdir(root):
         raise NotAStoreError(f"{root}: no such directory; pass the root a VUA store was created with")
     has_index = os.path.exists(os.path.join(index_path, CURRENT_FILE))
@@ -137,9 +140,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
         per_namespace[record.namespace_id] += 1
         oldest = record.last_used if oldest is None else min(oldest, record.last_used)
         newest = record.last_used if newest is None else max(newest, record.last_used)
-    env, _, meta = index.env()
-    with env.begin(db=meta) as txn:
-        names = {struct.unpack("<Q", k[3:])[0]: v.decode() for k, v in txn.cursor() if bytes(k).startswith(b"ns:")}
+    names = index.namespaces()
     index.close()
 
     def when(ns: int | None) -> str | None:
@@ -186,12 +187,32 @@ def cmd_gc(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vua", description="Maintain a VUA KV-cache store on disk.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+class _Parser(argparse.ArgumentParser):
+    """argparse, except that a bad invocation answers in JSON when the command line asked for JSON."""
+
+    def __init__(self, *args, json_errors: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.json_errors = json_errors
+
+    def error(self, message: str) -> NoReturn:
+        if self.json_errors:
+            print(json.dumps({"error": message, "usage": self.format_usage().strip()}, indent=2))
+            sys.exit(2)
+        super().error(message)
+
+
+def build_parser(*, json_errors: bool = False) -> argparse.ArgumentParser:
+    """The ``vua`` command's parser; ``json_errors`` makes usage errors JSON objects on stdout."""
+    parser = _Parser(
+        prog="vua",
+        json_errors=json_errors,
+        description="Maintain a VUA KV-cache store on disk.",
+        epilog="`vua COMMAND --help` describes one command. Exit status: 0 done, 1 store not clean (verify), 2 error.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     def command(name: str, func, help_text: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, json_errors=json_errors)
         p.add_argument("root", help="the store's fragment root")
         p.add_argument("--index-path", help="the index directory (default: ROOT/index.lmdb)")
         p.add_argument("--json", action="store_true", help="print a JSON document instead of text")
@@ -219,17 +240,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the command line; returns the exit status."""
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(json_errors="--json" in argv)
+    if not argv:  # bare `vua`: say what it can do
+        parser.print_help()
+        return 2
     args = parser.parse_args(argv)
     args.root = os.path.abspath(args.root)
     args.index_path = os.path.abspath(args.index_path or os.path.join(args.root, _layout.DEFAULT_INDEX_DIR))
     try:
         return args.func(args)
-    except VUAError as exc:
-        print(f"vua {args.command}: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(f"vua {args.command}: {exc}", file=sys.stderr)
+    except (VUAError, OSError) as exc:
+        if args.json:
+            print(json.dumps({"command": args.command, "root": args.root, "error": str(exc)}, indent=2))
+        else:
+            print(f"vua {args.command}: {exc}", file=sys.stderr)
         return 2
 
 

@@ -22,19 +22,19 @@ import types
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, NoReturn
 
 import numpy as np
 import torch
 
 from vua import _dtypes, _evict, _layout, _wordsum
-from vua._fragment import TOKENS, Fragment, Layout, publish_fragment, quarantine_group
+from vua._fragment import TOKENS, Fragment, Layout, mark_used, publish_fragment, quarantine_group
 from vua._index import RECORD_HEAD, GroupRecord, Index, namespace_id, read_group_record
 from vua._keys import group_keys, namespace_seed, tokens_as_int64
 from vua._reader import KVLoad
 from vua._staging import HostBlockPool, PinnedStaging
 from vua._writer import GroupSource, host_kv
-from vua.errors import FragmentError, InvalidInputError, SplitFactorError, StorageError, VUAError
+from vua.errors import FragmentError, InvalidInputError, NotAStoreError, SplitFactorError, StorageError, VUAError
 
 __all__ = ["VUA", "VUAConfig", "ClosestKV", "KVLoad", "SplitFactorError", "VUAError"]
 
@@ -100,18 +100,44 @@ class VUAConfig:
     gpu_checksums: bool | None = None
     gds: bool = False
 
+    def __call__(self) -> VUAConfig:
+        """Returns this config: ``vua.config()`` is the original project's accessor, and
+        ``vua.config.split_factor`` keeps working beside it."""
+        return self
+
     @_config_method
     def tokens_to_paths(self, tokens: torch.Tensor) -> list[str]:
-        """Returns the hex key of every whole group of ``tokens`` (``[n]`` or ``[1, n]``)."""
-        ids = tokens_as_int64(_single_row(tokens))
-        return [key.hex() for key in group_keys(ids, self.split_factor, namespace_seed(self.namespace))]
+        """Returns the hex key of every group of ``tokens`` (``[n]`` or ``[1, n]``).
+
+        Raises:
+            SplitFactorError: n is not a multiple of ``split_factor``; trim the tokens with
+                :meth:`trim_to_split_factor` first.
+        """
+        row = _single_row(tokens)
+        n, s = row.shape[0], self.split_factor
+        if n % s:
+            raise SplitFactorError(
+                f"tokens_to_paths got {n} tokens, not a multiple of split_factor={s}; "
+                f"cut them with VUAConfig.trim_to_split_factor(tokens) (here to {n - n % s})"
+            )
+        return [key.hex() for key in group_keys(_int64_ids(row), s, namespace_seed(self.namespace))]
+
+    tokens_to_path = tokens_to_paths  # the original project's other spelling
 
     @_config_method
     def trim_to_split_factor(self, tokens: torch.Tensor) -> torch.Tensor:
         """Cuts the last dimension of ``tokens`` down to a multiple of ``split_factor``.
 
         Keeps the rank: ``[n]`` stays 1-D and ``[1, n]`` stays 2-D. Returns a view.
+
+        Raises:
+            InvalidInputError: ``tokens`` is not a torch.Tensor.
         """
+        if not isinstance(tokens, torch.Tensor):
+            raise InvalidInputError(
+                f"trim_to_split_factor takes a torch.Tensor of token ids, got {type(tokens).__name__}; "
+                "wrap a list with torch.tensor(ids)"
+            )
         n = tokens.shape[-1]
         return tokens[..., : n - n % self.split_factor]
 
@@ -129,9 +155,21 @@ class ClosestKV(NamedTuple):
     data: list[tuple[torch.Tensor, torch.Tensor]]
 
 
+def _check_storage(t: torch.Tensor, what: str) -> None:
+    """Refuses tensors whose bytes cannot be read: sparse or other layouts, the meta device."""
+    if t.layout != torch.strided:
+        raise InvalidInputError(f"{what} is a {t.layout} tensor; pass a dense one (t.to_dense())")
+    if t.device.type == "meta":
+        raise InvalidInputError(f"{what} is on the meta device and holds no data; pass a materialised tensor")
+
+
 def _single_row(tokens: torch.Tensor) -> torch.Tensor:
     if not isinstance(tokens, torch.Tensor):
-        raise InvalidInputError(f"tokens must be a torch.Tensor of token ids, got {type(tokens).__name__}")
+        raise InvalidInputError(
+            f"tokens must be a torch.Tensor of token ids, got {type(tokens).__name__}; "
+            "wrap a list of ids with torch.tensor(ids)"
+        )
+    _check_storage(tokens, "tokens")
     if tokens.dim() == 2 and tokens.shape[0] == 1:
         return tokens[0]
     if tokens.dim() != 1:
@@ -140,6 +178,42 @@ def _single_row(tokens: torch.Tensor) -> torch.Tensor:
             "get_closest as a list of 1-D tensors"
         )
     return tokens
+
+
+def _check_config(config: VUAConfig) -> None:
+    """Refuses config values that would fail later, or quietly do harm, with what to pass instead."""
+
+    def fail(field: str, wanted: str) -> NoReturn:
+        value = getattr(config, field)
+        raise InvalidInputError(f"VUAConfig.{field} must be {wanted}, got {value!r} ({type(value).__name__})")
+
+    def is_int(value: object) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    if not is_int(config.split_factor) or config.split_factor <= 0:
+        fail("split_factor", "a positive integer (tokens per group), e.g. 256")
+    if not isinstance(config.namespace, str):
+        fail("namespace", "a str naming what the KV belongs to, e.g. 'llama-3.1-8b/bf16'")
+    try:
+        config.namespace.encode("utf-8")
+    except UnicodeEncodeError:
+        fail("namespace", "text that encodes as UTF-8 (no lone surrogates)")
+    if config.index_path is not None and not isinstance(config.index_path, (str, os.PathLike)):
+        fail("index_path", "None or a directory path")
+    if config.max_bytes is not None and (not is_int(config.max_bytes) or config.max_bytes < 0):
+        fail("max_bytes", "None or a number of bytes as an int, e.g. 500 << 30 for 500 GiB")
+    if config.file_mode is not None and (not is_int(config.file_mode) or not 0 <= config.file_mode <= 0o777):
+        fail("file_mode", "None or permission bits from 0o000 to 0o777 (no setuid, setgid or sticky bits), e.g. 0o640")
+    if not is_int(config.io_threads) or config.io_threads < 1:
+        fail("io_threads", "a positive integer")
+    for field in ("staging_bytes", "host_pool_bytes"):
+        if not is_int(getattr(config, field)) or getattr(config, field) < 0:
+            fail(field, "a non-negative number of bytes as an int")
+    for field in ("verify_checksums", "gds"):
+        if not isinstance(getattr(config, field), bool):
+            fail(field, "True or False")
+    if config.gpu_checksums is not None and not isinstance(config.gpu_checksums, bool):
+        fail("gpu_checksums", "None (automatic), True or False")
 
 
 def _int64_ids(row: torch.Tensor) -> np.ndarray:
@@ -154,22 +228,41 @@ class VUA:
 
     Args:
         config: a :class:`VUAConfig` instance, or the class itself for the defaults.
-        root_path: the fragment root; created if missing. It may be on a network file
-            system shared by many nodes, each with its own local ``index_path``.
+        root_path: the fragment root; created if missing (its parent must exist unless
+            ``create_parents``). It may be on a network file system shared by many nodes,
+            each with its own local ``index_path``.
+        create_parents: create missing parent directories of ``root_path`` too.
 
     Raises:
+        InvalidInputError: a config value is out of range (the message says what to pass).
+        NotAStoreError: the root's parent does not exist (a mistyped path, most likely).
         StorageError: the root or the index cannot be created or written.
     """
 
-    def __init__(self, config: VUAConfig | type[VUAConfig], root_path: str | os.PathLike[str]):
+    def __init__(
+        self,
+        config: VUAConfig | type[VUAConfig],
+        root_path: str | os.PathLike[str],
+        *,
+        create_parents: bool = False,
+    ):
         if isinstance(config, type) and issubclass(config, VUAConfig):
             config = config()
         if not isinstance(config, VUAConfig):
             raise InvalidInputError(f"config must be a VUAConfig, got {type(config).__name__}")
-        if not isinstance(config.split_factor, int) or config.split_factor <= 0:
-            raise InvalidInputError(f"split_factor must be a positive integer, got {config.split_factor!r}")
+        _check_config(config)
         self.config = config
-        self.root = os.fspath(root_path)
+        try:
+            self.root = os.fspath(root_path)
+        except TypeError:
+            raise InvalidInputError(f"root_path must be a path, got {type(root_path).__name__}") from None
+        parent = os.path.dirname(os.path.abspath(self.root))
+        if not os.path.isdir(self.root) and not os.path.isdir(parent) and not create_parents:
+            # A mistyped root would otherwise become a fresh, empty store somewhere unexpected.
+            raise NotAStoreError(
+                f"cannot create the VUA root {self.root!r}: its parent {parent!r} does not exist; "
+                "check the path, or pass VUA(..., create_parents=True) to create it all"
+            )
         try:
             os.makedirs(self.root, exist_ok=True)
         except OSError as exc:
@@ -188,7 +281,7 @@ class VUA:
         self._staging: dict[torch.device, PinnedStaging] = {}
         self._host_pool = HostBlockPool(config.host_pool_bytes) if config.host_pool_bytes else None
         self._touch_lock = threading.Lock()
-        self._pending_touches: set[bytes] = set()
+        self._pending_touches: dict[bytes, int] = {}  # key -> time of its last use (ns)
         self._last_touch_flush = time.monotonic()
 
     def __enter__(self) -> VUA:
@@ -286,6 +379,7 @@ class VUA:
         self._index.add(
             ((k, rec) for k, rec, _ in results), layouts=[layout], namespaces=[self.config.namespace], touch=every_key
         )
+        self._touch(every_key)  # in the tree too (batched), where rebuilds and other nodes see it
         written = sum(1 for *_, published in results if published)
         logger.debug(
             "put: %d rows, %d new groups, %d written in %.1f ms",
@@ -322,7 +416,11 @@ class VUA:
     ) -> tuple[list[torch.Tensor], Layout, list[tuple[torch.Tensor, torch.Tensor]]]:
         """Validates put's arguments; raises before anything touches the disk."""
         if not isinstance(tokens, torch.Tensor):
-            raise InvalidInputError(f"tokens must be a torch.Tensor of token ids, got {type(tokens).__name__}")
+            raise InvalidInputError(
+                f"tokens must be a torch.Tensor of token ids, got {type(tokens).__name__}; "
+                "wrap a list of ids with torch.tensor(ids)"
+            )
+        _check_storage(tokens, "tokens")
         if tokens.dim() == 1:
             rows = [tokens]
         elif tokens.dim() == 2:
@@ -349,6 +447,8 @@ class VUA:
             if not isinstance(pair, (list, tuple)) or len(pair) != 2:
                 raise InvalidInputError(f"data[{i}] must be a (key, value) pair, got {type(pair).__name__}")
             for name, t in zip(("key", "value"), pair):
+                if isinstance(t, torch.Tensor):
+                    _check_storage(t, f"data[{i}] {name}")
                 if not isinstance(t, torch.Tensor) or t.dim() != 4:
                     got = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
                     raise InvalidInputError(
@@ -359,8 +459,15 @@ class VUA:
                         f"data[{i}] {name} has batch {t.shape[0]} but tokens has {batch} rows; they must agree"
                     )
                 if t.shape[2] < n - offset:
+                    hint = (
+                        f"; it looks laid out [batch, seq, heads, head_dim] (dimension 1 has {t.shape[1]}): "
+                        "VUA takes [batch, kv_heads, seq, head_dim], so pass k.transpose(1, 2)"
+                        if t.shape[1] >= n - offset
+                        else "; pass the KV of every token"
+                    )
                     raise InvalidInputError(
-                        f"data[{i}] {name} covers {t.shape[2]} positions, fewer than the {n - offset} tokens; pass the KV of every token"
+                        f"data[{i}] {name} shaped {list(t.shape)} covers {t.shape[2]} positions in dimension 2, "
+                        f"fewer than the {n - offset} tokens{hint}"
                     )
                 if t.shape[1] == 0 or t.shape[3] == 0:
                     raise InvalidInputError(f"data[{i}] {name} has an empty head or head_dim dimension")
@@ -402,6 +509,11 @@ class VUA:
             A :class:`ClosestKV`, None when no group is stored, or a list of those for a list.
         """
         if isinstance(tokens, (list, tuple)):
+            if not all(isinstance(t, torch.Tensor) for t in tokens):
+                raise InvalidInputError(
+                    "a list passed to get_closest is a batch and must hold one 1-D tensor per prompt; "
+                    "for a single prompt given as a list of ids, pass torch.tensor(ids)"
+                )
             return [self.get_closest(t, device) for t in tokens]
         load = self.load(tokens, device)
         if load is None:
@@ -439,7 +551,12 @@ class VUA:
         Returns:
             A running :class:`KVLoad`, or None when no group of ``tokens`` is stored.
         """
-        device = torch.device(device)
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise InvalidInputError(
+                f"device {device!r} is not a torch device; pass 'cpu', 'cuda' or 'cuda:N'"
+            ) from None
         if device.type == "cuda":
             if not torch.cuda.is_available():
                 raise InvalidInputError(
@@ -594,16 +711,18 @@ class VUA:
     # -- LRU bookkeeping -----------------------------------------------------------------
 
     def _touch(self, keys: Sequence[bytes]) -> None:
-        """Notes a hit on a whole prefix; recorded in the index in batches (or at the next put)."""
+        """Notes a use of a whole prefix now; recorded in the index and the tree in batches."""
+        now = time.time_ns()
         with self._touch_lock:
-            self._pending_touches.update(keys)
+            self._pending_touches.update(dict.fromkeys(keys, now))
             due = time.monotonic() - self._last_touch_flush > _TOUCH_FLUSH_SECONDS
         if due:
             self._flush_touches()
 
     def _flush_touches(self) -> None:
         with self._touch_lock:
-            keys, self._pending_touches = self._pending_touches, set()
+            uses, self._pending_touches = self._pending_touches, {}
             self._last_touch_flush = time.monotonic()
-        if keys:
-            self._index.touch(keys, time.time_ns())
+        if uses:
+            self._index.touch(uses)
+            mark_used(self.root, {key.hex(): used for key, used in uses.items()})

@@ -13,6 +13,7 @@ __all__ = [
     "StorageError",
     "NotAStoreError",
     "FragmentError",
+    "missing_extra",
 ]
 
 
@@ -48,3 +49,13 @@ class FragmentError(VUAError):
     """
 
     damaged: bool = True
+
+
+def missing_extra(module: str, package: str, extra: str, exc: ImportError) -> ImportError:
+    """The error an integration raises when its framework is not installed, naming the fix."""
+    error = ImportError(
+        f"{module} needs {package}, which is not installed ({exc}); install it with "
+        f"`pip install 'vua[{extra}]'` or `uv add {package}` (in this repository: `uv run --group test ...`)"
+    )
+    error.name = exc.name
+    return error

@@ -15,15 +15,17 @@ from vua.errors import InvalidInputError
 __all__ = ["tensor_to_bytes", "bytes_to_tensor"]
 
 
-def tensor_to_bytes(t: torch.Tensor, name: str) -> bytes:
+def tensor_to_bytes(t: torch.Tensor, name: str = "tensor") -> bytes:
     """Serialises ``t`` as a one-tensor safetensors file. A CPU copy is made if needed."""
     if not isinstance(t, torch.Tensor):
         raise InvalidInputError(f"tensor_to_bytes takes a torch.Tensor, got {type(t).__name__}")
     return safetensors.torch.save({name: t.detach().to("cpu").contiguous()})
 
 
-def bytes_to_tensor(b: bytes, name: str) -> torch.Tensor:
+def bytes_to_tensor(b: bytes, name: str = "tensor") -> torch.Tensor:
     """Reads tensor ``name`` back from safetensors bytes (a CPU tensor).
+
+    ``name`` defaults to the one :func:`tensor_to_bytes` uses, as in the original project.
 
     Raises:
         InvalidInputError: the bytes are not safetensors, or hold no tensor ``name``.

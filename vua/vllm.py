@@ -36,14 +36,18 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
-from vllm.distributed.kv_transfer.kv_connector.v1.base import (
-    KVConnectorBase_V1,
-    KVConnectorMetadata,
-    KVConnectorRole,
-)
 
 from vua.core import VUA, KVLoad, VUAConfig
-from vua.errors import VUAError
+from vua.errors import VUAError, missing_extra
+
+try:
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+        KVConnectorBase_V1,
+        KVConnectorMetadata,
+        KVConnectorRole,
+    )
+except ImportError as exc:
+    raise missing_extra("vua.vllm", "vllm", "vllm", exc) from exc
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig

@@ -22,16 +22,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache, PreTrainedModel
 
 from vua.core import VUA, ClosestKV
-from vua.errors import InvalidInputError
+from vua.errors import InvalidInputError, missing_extra
+
+try:
+    from transformers import DynamicCache, PreTrainedModel
+except ImportError as exc:
+    raise missing_extra("vua.integrations.transformers", "transformers", "transformers", exc) from exc
 
 __all__ = [
     "PrefillResult",
     "restore",
     "cache_keyword",
     "cache_to_kv",
+    "output_cache",
     "closest_to_cache",
     "generate",
     "model_namespace",
@@ -57,6 +62,13 @@ def cache_keyword(model: PreTrainedModel) -> str:
     """The forward keyword that takes a cache: ``cache`` (transformers >= 5.24) or ``past_key_values``."""
     params = inspect.signature(model.forward).parameters
     return "cache" if "cache" in params and "past_key_values" not in params else "past_key_values"
+
+
+def output_cache(out: object) -> DynamicCache:
+    """The cache a forward returned: ``out.cache`` from transformers 5.24 on (where reading
+    ``past_key_values`` logs a deprecation warning), ``out.past_key_values`` before."""
+    fields = getattr(out, "__dataclass_fields__", {})
+    return out.cache if "cache" in fields else out.past_key_values  # type: ignore[attr-defined]
 
 
 def closest_to_cache(hit: ClosestKV | None, model: PreTrainedModel, *, tokens: int | None = None) -> DynamicCache:
@@ -159,8 +171,9 @@ def prefill(
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - started
-        stored = _store(vua, row, out.past_key_values) if store else 0
-        results.append(PrefillResult(out.past_key_values, out.logits, cached, stored, seconds))
+        returned = output_cache(out)
+        stored = _store(vua, row, returned) if store else 0
+        results.append(PrefillResult(returned, out.logits, cached, stored, seconds))
     return results
 
 
