@@ -485,20 +485,22 @@ def rebuild(
         generation = f"{_GEN_PREFIX}{time.time_ns()}-{os.getpid()}"
         state = ScanProgress()
         previous = _live_generation(index_path)
-        entries = scan_tree(root, workers=workers, progress=progress, state=state)
-        seen, nbytes = _fill(index_path, generation, entries, previous=previous)
-        tmp = current + f".tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.write(generation + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, current)
-        fsync_dir(index_path)
-        # Groups published while the tree was being walked; cheap, since most are known.
-        late = [entry for entry in scan_tree(root, workers=workers) if entry[0] not in seen]
-        late_seen, late_bytes = _fill(index_path, generation, late, previous=previous)
-        if previous is not None:
-            release_environment(previous[0])
+        try:
+            entries = scan_tree(root, workers=workers, progress=progress, state=state)
+            seen, nbytes = _fill(index_path, generation, entries, previous=previous)
+            tmp = current + f".tmp-{os.getpid()}"
+            with open(tmp, "w") as f:
+                f.write(generation + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, current)
+            fsync_dir(index_path)
+            # Groups published while the tree was being walked; cheap, since most are known.
+            late = [entry for entry in scan_tree(root, workers=workers) if entry[0] not in seen]
+            late_seen, late_bytes = _fill(index_path, generation, late, previous=previous)
+        finally:
+            if previous is not None:
+                release_environment(previous[0])
         seen |= late_seen
         for name in os.listdir(index_path):
             if name.startswith(_GEN_PREFIX) and name != generation:
@@ -539,20 +541,21 @@ def _fill(
     total = [0]
     batch: list[ScanEntry] = []
 
-    def later_use(key: bytes, record: GroupRecord) -> GroupRecord:
-        if previous is None:
-            return record
+    def keep_later_uses() -> None:
+        """Gives each entry of the batch the later of its two last uses; one read of ``previous``."""
         try:
             with previous[0].begin(db=previous[1]) as old_txn:
-                raw = old_txn.get(key)
+                for i, (key, record, layout, namespace) in enumerate(batch):
+                    raw = old_txn.get(key)
+                    old = None if raw is None else GroupRecord.unpack(raw)
+                    if old is not None and old.last_used > record.last_used:
+                        batch[i] = (key, record._replace(last_used=old.last_used), layout, namespace)
         except lmdb.Error:
-            return record
-        old = None if raw is None else GroupRecord.unpack(raw)
-        return record if old is None or old.last_used <= record.last_used else record._replace(last_used=old.last_used)
+            pass  # an unreadable old index knows nothing the tree does not
 
     def flush() -> None:
-        nonlocal batch
-        batch = [(key, later_use(key, record), layout, ns) for key, record, layout, ns in batch]
+        if previous is not None:
+            keep_later_uses()
         while True:
             try:
                 with env.begin(write=True) as txn:
