@@ -5,12 +5,16 @@ once, so a prefix is never older than any of its suffixes and is evicted after t
 
 A group leaves the index first and its files are unlinked afterwards (never truncated):
 a reader that already mapped the fragment keeps its pages until it closes it, and a
-reader that had not yet looked it up simply gets a shorter prefix.
+reader that had not yet looked it up simply gets a shorter prefix. The group directory is
+renamed aside before its files go, so a reader moving the same group aside at that moment
+(it found damage) and the eviction never leave a half-removed directory behind.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import secrets
 import shutil
 
 from vua import _layout
@@ -35,6 +39,19 @@ def enforce_capacity(index: Index, root: str, max_bytes: int) -> int:
         freed += nbytes
     index.remove(victims)
     for key in victims:
-        shutil.rmtree(_layout.group_dir(root, key.hex()), ignore_errors=True)
+        discard_group(root, key.hex())
     logger.debug("evicted %d groups (%d bytes) to stay under %d bytes", len(victims), freed, max_bytes)
     return freed
+
+
+def discard_group(root: str, key_hex: str) -> None:
+    """Removes a group: one atomic rename out of its place, then the files; a group already gone is fine."""
+    final = _layout.group_dir(root, key_hex)
+    doomed = os.path.join(
+        os.path.dirname(final), f"{_layout.TMP_PREFIX}{key_hex}-evicted-{os.getpid()}-{secrets.token_hex(4)}"
+    )
+    try:
+        os.rename(final, doomed)
+    except OSError:
+        return  # gone already (evicted or moved aside by another process)
+    shutil.rmtree(doomed, ignore_errors=True)

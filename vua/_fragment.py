@@ -30,6 +30,7 @@ import mmap
 import os
 import secrets
 import shutil
+import stat
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -54,6 +55,23 @@ _IOV_MAX = 1024  # Linux's limit on buffers per writev call
 TOKENS = "tokens"
 
 _BITS_BY_SIZE = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}
+
+
+def _loads(text: str | bytes) -> object:
+    """``json.loads`` for text read from a fragment: hostile nesting is a ValueError, like any malformed JSON.
+
+    A header of 100k ``[`` makes the parser recurse past Python's limit; that is damage,
+    not a reason to fail the caller.
+    """
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
+def _is_size(value: object) -> bool:
+    """A non-negative JSON integer (``true`` is a bool in JSON, not a size, though Python calls it an int)."""
+    return type(value) is int and value >= 0
 
 
 def bits_dtype(itemsize: int) -> type[np.generic]:
@@ -114,17 +132,13 @@ class Layout:
     def from_json(cls, text: str) -> Layout:
         """Parses a layout written by :attr:`json`; raises FragmentError when malformed."""
         try:
-            body = json.loads(text)
+            body = _loads(text)
             dtype = body["dtype"]
             if dtype not in _dtypes.ITEMSIZE:
                 raise ValueError(f"unknown dtype {dtype!r}")
-            layers = tuple(
-                (
-                    (int(k[0]), int(k[1])),
-                    (int(v[0]), int(v[1])),
-                )
-                for k, v in body["layers"]
-            )
+            layers = tuple(((k[0], k[1]), (v[0], v[1])) for k, v in body["layers"])
+            if not all(_is_size(n) for kv in layers for shape in kv for n in shape):
+                raise ValueError("a dimension is not a non-negative integer")
         except (ValueError, KeyError, TypeError, IndexError) as exc:
             raise FragmentError(f"malformed layout {text[:80]!r}: {exc}") from None
         if not layers or any(n <= 0 for kv in layers for shape in kv for n in shape):
@@ -276,8 +290,40 @@ def quarantine_group(root: str, key_hex: str) -> bool:
     try:
         os.rename(final, target)
         return True
-    except FileNotFoundError:
-        return False
+    except OSError:
+        return False  # gone already, or a root this process may not change: the read is cut either way
+
+
+def open_regular(path: str) -> int:
+    """Opens a fragment for reading: a descriptor of a regular file, never blocking.
+
+    Whatever else stands at a fragment's path (a directory, a FIFO, a device) is damage:
+    O_NONBLOCK keeps a FIFO from blocking the open, and the fstat turns it away.
+
+    Raises:
+        FragmentError: with ``damaged`` True when the path holds no regular file for good
+            (missing, or something else than a file); False for errors that may pass
+            (EIO, ESTALE, EACCES), so the group stays.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        error = FragmentError(f"cannot open fragment {path}: {exc.strerror}")
+        error.damaged = isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError))
+        raise error from None
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError as exc:
+        os.close(fd)
+        error = FragmentError(f"cannot stat fragment {path}: {exc.strerror}")
+        error.damaged = False
+        raise error from None
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        error = FragmentError(f"fragment {path} is not a regular file (mode {stat.filemode(mode)})")
+        error.damaged = True
+        raise error
+    return fd
 
 
 @dataclass(frozen=True)
@@ -302,20 +348,19 @@ class Fragment:
 
     def __init__(self, path: str):
         self.path = path
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError as exc:
-            error = FragmentError(f"cannot open fragment {path}: {exc.strerror}")
-            # A missing file is damage; EIO, ESTALE or EACCES may pass, so the group stays.
-            error.damaged = isinstance(exc, FileNotFoundError)
-            raise error from None
+        fd = open_regular(path)
         try:
             self.file_size = os.fstat(fd).st_size
             if self.file_size < 8:
                 raise FragmentError(f"fragment {path} is truncated ({self.file_size} bytes)")
             # Read-only and shared: the pages are the page cache's own, nothing is copied.
             # Pages are mapped as the copy touches them; prefetch() starts disk reads early.
-            self._map = mmap.mmap(fd, 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+            try:
+                self._map = mmap.mmap(fd, 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+            except (OSError, ValueError) as exc:
+                error = FragmentError(f"cannot map fragment {path}: {exc}")
+                error.damaged = False  # the file system's refusal, not the file's bytes
+                raise error from None
         finally:
             os.close(fd)  # a get may hold hundreds of fragments: the mapping needs no descriptor
         try:
@@ -352,7 +397,7 @@ class Fragment:
             FragmentError: the file is shorter than its header says.
         """
         begin = self.kv_range[0] + offset
-        fd = os.open(self.path, os.O_RDONLY)  # a file replaced since fails the checksum
+        fd = open_regular(self.path)  # a file replaced since fails the checksum
         try:
             got = 0
             while got < len(dest):
@@ -441,7 +486,7 @@ class Fragment:
         if raw is None:
             return None
         try:
-            stored = json.loads(raw)
+            stored = _loads(raw)
             return [int(stored[name], 16) for name in self.kv_names]
         except (KeyError, ValueError, TypeError) as exc:
             raise FragmentError(f"fragment {self.path}: malformed wordsums ({exc})") from None
@@ -476,7 +521,7 @@ class Fragment:
     @cached_property
     def checksums(self) -> dict[str, int]:
         try:
-            return {name: int(h, 16) for name, h in json.loads(self.metadata["checksums"]).items()}
+            return {name: int(h, 16) for name, h in _loads(self.metadata["checksums"]).items()}
         except (KeyError, ValueError, TypeError, AttributeError) as exc:
             raise FragmentError(f"fragment {self.path} has no valid checksums: {exc}") from None
 
@@ -543,7 +588,7 @@ def _parse_header(buf: mmap.mmap, file_size: int, path: str) -> tuple[dict[str, 
         cached = _validated_tables.get(table_key)
         if cached is not None:
             try:
-                metadata = json.loads(header[: mark + 1] + b"}").get("__metadata__")
+                metadata = _loads(header[: mark + 1] + b"}").get("__metadata__")
             except (UnicodeDecodeError, ValueError, AttributeError):
                 metadata = None
             if isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values()):
@@ -558,7 +603,7 @@ def _parse_full_header(
     header: bytes, header_len: int, file_size: int, path: str
 ) -> tuple[dict[str, str], dict[str, TensorEntry], int]:
     try:
-        body = json.loads(header)
+        body = _loads(header)
     except (UnicodeDecodeError, ValueError) as exc:
         raise FragmentError(f"fragment {path}: header is not valid JSON ({exc})") from None
     if not isinstance(body, dict):
@@ -569,14 +614,15 @@ def _parse_full_header(
     data_start = 8 + header_len
     data_len = file_size - data_start
     tensors: dict[str, TensorEntry] = {}
-    covered = 0
     for name, spec in body.items():
         try:
             dtype = spec["dtype"]
             itemsize = _dtypes.ITEMSIZE[dtype]
+            if not isinstance(spec["shape"], list):
+                raise ValueError("shape is not a list")
             shape = tuple(spec["shape"])
             begin, end = spec["data_offsets"]
-            if not all(isinstance(n, int) and n >= 0 for n in (*shape, begin, end)):
+            if not all(_is_size(n) for n in (*shape, begin, end)):
                 raise ValueError("negative or non-integer size")
         except (KeyError, TypeError, ValueError) as exc:
             raise FragmentError(f"fragment {path}: malformed entry for tensor {name!r} ({exc})") from None
@@ -585,8 +631,14 @@ def _parse_full_header(
             nbytes *= n
         if not begin <= end <= data_len or end - begin != nbytes:
             raise FragmentError(f"fragment {path}: tensor {name!r} lies outside the file or has the wrong size")
-        covered += nbytes
         tensors[name] = TensorEntry(dtype, shape, data_start + begin, data_start + end)
-    if covered != data_len:
-        raise FragmentError(f"fragment {path}: tensors cover {covered} of {data_len} data bytes")
+    # safetensors' rule: the tensors tile the data exactly, each byte in one tensor. Overlaps
+    # would let one tensor's bytes pass for another's (V aliasing K).
+    position = data_start
+    for entry in sorted(tensors.values(), key=lambda e: (e.begin, e.end)):
+        if entry.begin != position:
+            raise FragmentError(f"fragment {path}: tensor data overlaps or leaves a gap at byte {position}")
+        position = entry.end
+    if position != file_size:
+        raise FragmentError(f"fragment {path}: tensors cover {position - data_start} of {data_len} data bytes")
     return metadata, tensors, data_start

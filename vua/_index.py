@@ -12,6 +12,11 @@ the fragments sit on a network file system):
 A rebuild writes a new generation beside the live one and swaps CURRENT; every process
 notices the swap at its next operation (one stat) and reopens. The environment is also
 reopened after a fork, since an LMDB handle must not cross one.
+
+Since the index is only a cache, damage to it is never fatal: a CURRENT that does not name
+a generation, a data file shorter than its own meta page says (LMDB would map past its
+end and die of SIGBUS), or an environment LMDB calls corrupt is logged and rebuilt from
+the tree, and the operation goes on with the fresh generation.
 """
 
 from __future__ import annotations
@@ -19,7 +24,9 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import re
 import shutil
+import stat
 import struct
 import threading
 import time
@@ -27,7 +34,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import lmdb
 
@@ -36,12 +43,23 @@ from vua._fragment import Fragment, Layout, fsync_dir
 from vua.errors import FragmentError, StorageError
 
 logger = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 CURRENT_FILE = "CURRENT"
 LOCK_FILE = "rebuild.lock"
 _GEN_PREFIX = "gen-"
+_GEN_NAME = re.compile(r"gen-[0-9]{1,24}-[0-9]{1,12}")
 _INITIAL_MAP_SIZE = 1 << 30  # address space only; grown by doubling on MapFullError
 _MAX_READERS = 1024
+_LOCK_FILE_BYTES = 80 << 10  # LMDB's reader table for _MAX_READERS slots (64 bytes each) and its header
+
+# LMDB's errors that mean the environment's bytes are wrong; the cure is a rebuild.
+_CORRUPTION = (lmdb.CorruptedError, lmdb.InvalidError, lmdb.PageNotFoundError, lmdb.VersionMismatchError)
+
+
+class DamagedIndexError(StorageError):
+    """The index's files are damaged (a rebuild from the fragment tree replaces them)."""
+
 
 _RECORD = struct.Struct("<QQQIQ")
 RECORD_HEAD = 16  # namespace id and layout id: equal for every group of a usable prefix
@@ -83,9 +101,10 @@ class Index:
         root: the fragment root the index describes.
     """
 
-    def __init__(self, path: str, root: str):
+    def __init__(self, path: str, root: str, *, file_mode: int | None = None):
         self.path = path
         self.root = root
+        self.file_mode = file_mode
         self._env: lmdb.Environment | None = None
         self._pid = -1
         self._current_ino = -1
@@ -100,37 +119,78 @@ class Index:
         return os.path.join(self.path, CURRENT_FILE)
 
     def env(self) -> tuple[lmdb.Environment, lmdb._Database, lmdb._Database]:
-        """Returns the live environment and its databases, (re)opening it when needed."""
-        try:
-            ino = os.stat(self._current_path()).st_ino
-        except FileNotFoundError:
-            rebuild(self.root, self.path, only_if_missing=True)
-            ino = os.stat(self._current_path()).st_ino
-        if self._env is None or self._pid != os.getpid() or ino != self._current_ino:
-            self._open(ino)
-        return self._handles  # one tuple: a concurrent reopen never mixes generations
+        """Returns the live environment and its databases, (re)opening it when needed.
 
-    def _open(self, ino: int) -> None:
+        A missing index is built from the tree; a damaged one is rebuilt, with a warning.
+
+        Raises:
+            StorageError: the index cannot be created or opened even after a rebuild.
+        """
+        for _ in range(3):
+            try:
+                ino = os.stat(self._current_path()).st_ino
+            except FileNotFoundError:
+                rebuild(self.root, self.path, only_if_missing=True, file_mode=self.file_mode)
+                continue
+            if self._env is not None and self._pid == os.getpid() and ino == self._current_ino:
+                return self._handles  # one tuple: a concurrent reopen never mixes generations
+            generation = read_current(self.path)
+            if generation is None:
+                logger.warning("index %s: CURRENT names no generation; rebuilding it from the fragment tree", self.path)
+                rebuild(self.root, self.path, replacing="", file_mode=self.file_mode)
+                continue
+            try:
+                self._open(ino, generation)
+            except DamagedIndexError as exc:
+                self.recover(generation, exc)
+                continue
+            return self._handles
+        raise StorageError(
+            f"the index at {self.path} could not be opened even after rebuilding it; "
+            "check the directory's permissions and free space, or move it with VUAConfig(index_path=...)"
+        )
+
+    def recover(self, generation: str | None, cause: BaseException) -> None:
+        """Replaces a damaged generation by one rebuilt from the tree (once, whoever sees it first)."""
+        generation = generation or read_current(self.path) or ""
+        logger.warning("index %s is damaged (%s); rebuilding it from the fragment tree", self.path, cause)
+        rebuild(self.root, self.path, replacing=generation, file_mode=self.file_mode)
+
+    def _open(self, ino: int, generation: str) -> None:
         with self._open_lock:
             if self._env is not None and self._pid == os.getpid() and ino == self._current_ino:
                 return  # another thread reopened it meanwhile
-            if self._env is not None and self._pid == os.getpid():
-                # Another thread may be inside a transaction on the old generation: keep its
-                # handle open until this Index closes (one handle per rebuild seen).
-                self._retired.append(self._env)
-            elif self._pid != os.getpid():
+            if self._pid != os.getpid():
                 # The parent's handles are not ours to close; dropping them lets LMDB open the
                 # same environment afresh in this process.
                 self._retired = []
                 self._env = self._handles = None
-            with open(self._current_path()) as f:
-                generation = f.read().strip()
-            self._handles = acquire_environment(os.path.join(self.path, generation))
-            env = self._env = self._handles[0]
+            handles = acquire_environment(os.path.join(self.path, generation), file_mode=self.file_mode)
+            if self._env is not None:
+                # Another thread may be inside a transaction on the old generation: keep its
+                # handle open until this Index closes (one handle per rebuild seen).
+                self._retired.append(self._env)
+            self._handles = handles
+            env = self._env = handles[0]
             self._pid = os.getpid()
             self._current_ino = ino
             # Slots of readers that died without closing would otherwise pin old pages forever.
             env.reader_check()
+
+    def _read(self, read: Callable[[lmdb.Transaction, lmdb._Database, lmdb._Database], _T]) -> _T:
+        """Runs ``read`` in a read transaction, riding out another process's map growth and damage."""
+        for _ in range(3):
+            env, groups, meta = self.env()
+            try:
+                with env.begin() as txn:
+                    return read(txn, groups, meta)
+            except lmdb.MapResizedError:
+                env.set_mapsize(0)  # another process grew the map: adopt its size, then retry
+            except _CORRUPTION as exc:
+                self.recover(None, exc)
+            except lmdb.Error as exc:
+                raise StorageError(f"index {self.path} refused a read: {exc}") from exc
+        raise StorageError(f"index {self.path} kept failing reads; run `vua rebuild-index` on it")
 
     def close(self) -> None:
         with self._open_lock:
@@ -148,33 +208,38 @@ class Index:
         Records stay packed: comparing their leading bytes is what the hot path needs, and
         decoding 512 of them would cost more than the lookups.
         """
-        env, groups, _ = self.env()
-        found: list[bytes] = []
-        with env.begin(db=groups) as txn:
+        keys = list(keys)
+
+        def read(txn: lmdb.Transaction, groups: lmdb._Database, meta: lmdb._Database) -> list[bytes]:
+            found: list[bytes] = []
             get = txn.get
             for key in keys:
-                raw = get(key)
+                raw = get(key, db=groups)
                 if raw is None:
                     break
                 if len(raw) != _RECORD.size:
                     logger.warning("index entry %s is not a record; ignoring it", key.hex())
                     break
                 found.append(raw)
-        return found
+            return found
 
-    def contains(self, keys: Iterable[bytes]) -> list[bool]:
-        env, groups, _ = self.env()
-        with env.begin(db=groups) as txn:
-            return [txn.get(key) is not None for key in keys]
+        return self._read(read)
+
+    def records(self, keys: Iterable[bytes]) -> list[GroupRecord | None]:
+        """Each key's record; None where the key is absent or its entry is garbage."""
+        keys = list(keys)
+
+        def read(txn: lmdb.Transaction, groups: lmdb._Database, meta: lmdb._Database) -> list[GroupRecord | None]:
+            return [None if (raw := txn.get(key, db=groups)) is None else GroupRecord.unpack(raw) for key in keys]
+
+        return self._read(read)
 
     def layout(self, layout_id: int) -> Layout | None:
         # A layout id names its JSON for good, so a process may keep what it has read.
         known = self._layouts.get(layout_id)
         if known is not None:
             return known
-        env, _, meta = self.env()
-        with env.begin(db=meta) as txn:
-            raw = txn.get(b"layout:" + struct.pack("<Q", layout_id))
+        raw = self._read(lambda txn, groups, meta: txn.get(b"layout:" + struct.pack("<Q", layout_id), db=meta))
         if raw is None:
             return None
         try:
@@ -187,27 +252,27 @@ class Index:
         return layout
 
     def total_bytes(self) -> int:
-        env, _, meta = self.env()
-        with env.begin(db=meta) as txn:
-            raw = txn.get(_TOTAL_BYTES)
-        return 0 if raw is None else struct.unpack("<Q", raw)[0]
+        raw = self._read(lambda txn, groups, meta: txn.get(_TOTAL_BYTES, db=meta))
+        return 0 if raw is None or len(raw) != 8 else struct.unpack("<Q", raw)[0]
 
     def items(self) -> Iterator[tuple[bytes, GroupRecord | None]]:
         """Every (key, record) pair; record is None for garbage entries."""
-        env, groups, _ = self.env()
-        with env.begin(db=groups) as txn:
-            for key, raw in txn.cursor():
-                yield bytes(key), GroupRecord.unpack(raw)
+        entries = self._read(
+            lambda txn, groups, meta: [(bytes(key), GroupRecord.unpack(raw)) for key, raw in txn.cursor(db=groups)]
+        )
+        yield from entries
 
     def namespaces(self) -> dict[int, str]:
         """Every namespace recorded, by its 64-bit id (the id index records carry)."""
-        env, _, meta = self.env()
-        with env.begin(db=meta) as txn:
+
+        def read(txn: lmdb.Transaction, groups: lmdb._Database, meta: lmdb._Database) -> dict[int, str]:
             return {
                 struct.unpack("<Q", key[3:])[0]: bytes(value).decode("utf-8", "replace")
-                for key, value in txn.cursor()
+                for key, value in txn.cursor(db=meta)
                 if bytes(key).startswith(b"ns:") and len(key) == 11
             }
+
+        return self._read(read)
 
     # -- writes -------------------------------------------------------------------------
 
@@ -266,7 +331,7 @@ class Index:
 
     def _write(self, apply: Callable[[lmdb.Transaction, lmdb._Database, lmdb._Database], None]) -> None:
         """Runs ``apply`` in a write transaction, growing the map when it is full."""
-        while True:
+        for _ in range(64):
             env, groups, meta = self.env()
             try:
                 with env.begin(write=True) as txn:
@@ -276,8 +341,13 @@ class Index:
                 new_size = env.info()["map_size"] * 2
                 logger.info("index %s is full; growing its map to %d bytes", self.path, new_size)
                 env.set_mapsize(new_size)
+            except lmdb.MapResizedError:
+                env.set_mapsize(0)  # another process grew the map: adopt its size, then retry
+            except _CORRUPTION as exc:
+                self.recover(None, exc)
             except lmdb.Error as exc:
                 raise StorageError(f"index {self.path} refused a write: {exc}") from exc
+        raise StorageError(f"index {self.path} kept refusing a write; run `vua rebuild-index` on it")
 
 
 def _touch_in(txn: lmdb.Transaction, groups: lmdb._Database, uses: dict[bytes, int]) -> None:
@@ -301,11 +371,17 @@ _open_envs_lock = threading.Lock()
 _open_envs_pid = os.getpid()
 
 
-def acquire_environment(path: str) -> tuple[lmdb.Environment, lmdb._Database, lmdb._Database]:
+def acquire_environment(
+    path: str, *, file_mode: int | None = None
+) -> tuple[lmdb.Environment, lmdb._Database, lmdb._Database]:
     """This process's handle on the LMDB generation at ``path`` and its two databases.
 
     The databases are opened once, with the environment: ``open_db`` takes the write lock,
     and doing that while another thread of this process writes can deadlock on the GIL.
+
+    Raises:
+        DamagedIndexError: the generation's files are damaged.
+        StorageError: LMDB refused it for another reason.
     """
     global _open_envs_pid
     path = os.path.realpath(path)
@@ -315,8 +391,13 @@ def acquire_environment(path: str) -> tuple[lmdb.Environment, lmdb._Database, lm
             _open_envs_pid = os.getpid()
         entry = _open_envs.get(path)
         if entry is None:
-            env = open_environment(path)
-            entry = _open_envs[path] = [(env, env.open_db(b"groups"), env.open_db(b"meta")), 0]
+            env = open_environment(path, file_mode=file_mode)
+            try:
+                entry = _open_envs[path] = [(env, env.open_db(b"groups"), env.open_db(b"meta")), 0]
+            except lmdb.Error as exc:
+                env.close()
+                error = DamagedIndexError if isinstance(exc, _CORRUPTION) else StorageError
+                raise error(f"index generation {path}: {exc}") from exc
         entry[1] += 1
         return entry[0]
 
@@ -333,9 +414,17 @@ def release_environment(env: lmdb.Environment) -> None:
                 return
 
 
-def open_environment(path: str) -> lmdb.Environment:
-    """Opens (creating) one LMDB generation with VUA's settings; use acquire_environment."""
+def open_environment(path: str, *, file_mode: int | None = None) -> lmdb.Environment:
+    """Opens (creating) one LMDB generation with VUA's settings; use acquire_environment.
+
+    Raises:
+        DamagedIndexError: the data file is damaged (checked before LMDB maps it).
+        StorageError: LMDB refused for another reason (permissions, space, NFS).
+    """
+    check_data_file(os.path.join(path, "data.mdb"))
     try:
+        os.makedirs(path, exist_ok=True)
+        _preallocate_lock_file(os.path.join(path, "lock.mdb"), file_mode)
         return lmdb.open(
             path,
             map_size=_INITIAL_MAP_SIZE,
@@ -345,22 +434,134 @@ def open_environment(path: str) -> lmdb.Environment:
             # meta page; data pages are still synced, which keeps the file consistent.
             metasync=False,
             readahead=False,
+            mode=0o666 if file_mode is None else file_mode,  # the umask applies, as for fragments
         )
-    except lmdb.Error as exc:
+    except _CORRUPTION as exc:
+        raise DamagedIndexError(f"index generation {path}: {exc}") from exc
+    except (lmdb.Error, OSError) as exc:
         raise StorageError(
-            f"cannot open the index at {path}: {exc}. Check that the directory is writable and on "
-            "a local file system (LMDB does not work on NFS); set VUAConfig(index_path=...) to move it."
+            f"cannot open the index at {path}: {exc}. Check that the directory is writable, has free space "
+            "and is on a local file system (LMDB does not work on NFS); set VUAConfig(index_path=...) to move it."
         ) from exc
+
+
+def check_data_file(path: str) -> None:
+    """Refuses an LMDB data file whose size disagrees with its own meta pages.
+
+    LMDB maps the file and trusts its meta page's last page number; a truncated file
+    would be read past its end, and a page fault there is SIGBUS, not an error. Each meta
+    page (pages 0 and 1) holds a magic number, the page size, the last page in use and a
+    transaction id; LMDB uses the valid one with the higher id.
+
+    Raises:
+        DamagedIndexError: no valid meta page, or the file ends before the last page.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return  # a new generation: LMDB creates it
+    except OSError as exc:
+        raise StorageError(f"cannot read the index file {path}: {exc.strerror}") from exc
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise DamagedIndexError(f"index file {path} is not a regular file")
+        if info.st_size == 0:
+            return  # created but never written (a crash at creation): LMDB initialises it
+        head = os.pread(fd, 2 * _META_PAGE_MAX, 0)
+    finally:
+        os.close(fd)
+    best = None  # (txn id, last page, page size)
+    for offset in sorted({0, *_META_PAGE_SIZES}):
+        if len(head) < offset + _META.size:
+            continue
+        magic, version, page_size, last_page, txn_id = _META.unpack_from(head, offset)
+        if magic != _LMDB_MAGIC or version != 1 or page_size not in _META_PAGE_SIZES:
+            continue
+        if offset not in (0, page_size):
+            continue  # a meta page lies at page 0 or page 1 of the file's own page size
+        if best is None or txn_id > best[0]:
+            best = (txn_id, last_page, page_size)
+    if best is None:
+        raise DamagedIndexError(f"index file {path} has no valid LMDB meta page")
+    _, last_page, page_size = best
+    if (last_page + 1) * page_size > info.st_size:
+        raise DamagedIndexError(
+            f"index file {path} is {info.st_size} bytes but its meta page says {(last_page + 1) * page_size}"
+        )
+
+
+# An LMDB meta page (64-bit build): a 16-byte page header, then magic and version (u32 each),
+# address and map size (8 each), two 48-byte database records (the first one's leading u32
+# holds the page size), the last page number and the transaction id (8 each).
+_LMDB_MAGIC = 0xBEEFC0DE
+_META = struct.Struct("<16xII16xI92xQQ")
+_META_PAGE_SIZES = (4096, 8192, 16384, 32768, 65536)
+_META_PAGE_MAX = max(_META_PAGE_SIZES)
+
+
+def _preallocate_lock_file(path: str, file_mode: int | None) -> None:
+    """Creates LMDB's lock file with its blocks allocated, when it does not exist yet.
+
+    LMDB sizes the file with ftruncate and writes its reader table through a shared
+    mapping: on a full file system the first write to a page without a block is a SIGBUS.
+    Allocated here, a full file system is an ENOSPC error instead. An existing lock file is
+    left alone: other processes have it mapped, and its size sets their reader count.
+    """
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+    except FileExistsError:
+        return
+    try:
+        if file_mode is not None:
+            os.fchmod(fd, file_mode)
+        os.posix_fallocate(fd, 0, _LOCK_FILE_BYTES)
+    except OSError:
+        os.close(fd)
+        os.unlink(path)  # an unallocated lock file would bring the SIGBUS back
+        raise
+    os.close(fd)
+
+
+def read_current(index_path: str) -> str | None:
+    """The live generation's directory name, as CURRENT holds it; None when CURRENT is missing or damaged.
+
+    CURRENT's content names a directory inside the index, so it is checked against the
+    only form a rebuild writes (never a path: ``../../x`` would open an environment outside
+    the store), and read without blocking from a regular file only.
+    """
+    path = os.path.join(index_path, CURRENT_FILE)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        raw = os.read(fd, 256)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    try:
+        name = raw.decode("ascii").strip()
+    except UnicodeDecodeError:
+        return None
+    if not _GEN_NAME.fullmatch(name) or not os.path.isdir(os.path.join(index_path, name)):
+        return None
+    return name
 
 
 # -- rebuilding from the fragment tree ----------------------------------------------------
 
 
 @contextmanager
-def _rebuild_lock(index_path: str) -> Iterator[None]:
+def _rebuild_lock(index_path: str, file_mode: int | None = None) -> Iterator[None]:
     os.makedirs(index_path, exist_ok=True)
-    fd = os.open(os.path.join(index_path, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o666)
+    fd = os.open(os.path.join(index_path, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
     try:
+        if file_mode is not None and os.fstat(fd).st_uid == os.geteuid():
+            os.fchmod(fd, file_mode)
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
@@ -465,8 +666,10 @@ def rebuild(
     index_path: str,
     *,
     only_if_missing: bool = False,
+    replacing: str | None = None,
     workers: int = 8,
     progress: Callable[[ScanProgress], None] | None = None,
+    file_mode: int | None = None,
 ) -> RebuildSummary | None:
     """Builds a fresh index generation from the fragment tree and swaps it in atomically.
 
@@ -474,30 +677,36 @@ def rebuild(
     next operation, and a final pass over the tree picks up groups published meanwhile.
     Groups that still slip past are found by the lookup's tree probe, so none is lost.
 
+    Args:
+        only_if_missing: do nothing when CURRENT already names a generation.
+        replacing: the damaged generation's name ("" for a damaged CURRENT): do nothing
+            when CURRENT has moved on meanwhile (another process rebuilt it first).
+        file_mode: permission bits for the index's files (the umask decides when None).
+
     Returns:
-        A summary; None when ``only_if_missing`` and an index already existed.
+        A summary; None when there was nothing to do.
     """
     started = time.perf_counter()
-    with _rebuild_lock(index_path):
-        current = os.path.join(index_path, CURRENT_FILE)
-        if only_if_missing and os.path.exists(current):
+    with _rebuild_lock(index_path, file_mode):
+        live = read_current(index_path)
+        if only_if_missing and live is not None:
+            return None
+        if replacing is not None and live is not None and live != replacing:
             return None
         generation = f"{_GEN_PREFIX}{time.time_ns()}-{os.getpid()}"
         state = ScanProgress()
-        previous = _live_generation(index_path)
+        previous = _live_generation(index_path, live, file_mode)
         try:
-            entries = scan_tree(root, workers=workers, progress=progress, state=state)
-            seen, nbytes = _fill(index_path, generation, entries, previous=previous)
-            tmp = current + f".tmp-{os.getpid()}"
-            with open(tmp, "w") as f:
-                f.write(generation + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, current)
-            fsync_dir(index_path)
+            try:
+                entries = scan_tree(root, workers=workers, progress=progress, state=state)
+                seen, nbytes = _fill(index_path, generation, entries, previous=previous, file_mode=file_mode)
+                _write_current(index_path, generation, file_mode)
+            except BaseException:
+                shutil.rmtree(os.path.join(index_path, generation), ignore_errors=True)  # never went live
+                raise
             # Groups published while the tree was being walked; cheap, since most are known.
             late = [entry for entry in scan_tree(root, workers=workers) if entry[0] not in seen]
-            late_seen, late_bytes = _fill(index_path, generation, late, previous=previous)
+            late_seen, late_bytes = _fill(index_path, generation, late, previous=previous, file_mode=file_mode)
         finally:
             if previous is not None:
                 release_environment(previous[0])
@@ -510,16 +719,32 @@ def rebuild(
         return RebuildSummary(len(seen), state.damaged, nbytes + late_bytes, time.perf_counter() - started)
 
 
-def _live_generation(index_path: str) -> tuple[lmdb.Environment, lmdb._Database, lmdb._Database] | None:
+def _write_current(index_path: str, generation: str, file_mode: int | None) -> None:
+    """Points CURRENT at ``generation`` atomically (and durably)."""
+    current = os.path.join(index_path, CURRENT_FILE)
+    if os.path.isdir(current) and not os.path.islink(current):
+        shutil.rmtree(current)  # damage in CURRENT's place; a rename cannot replace a directory
+    tmp = current + f".tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        if file_mode is not None:
+            os.fchmod(f.fileno(), file_mode)
+        f.write(generation + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, current)
+    fsync_dir(index_path)
+
+
+def _live_generation(
+    index_path: str, live: str | None, file_mode: int | None
+) -> tuple[lmdb.Environment, lmdb._Database, lmdb._Database] | None:
     """The generation a rebuild replaces, when there is a readable one: it may know later uses."""
-    try:
-        with open(os.path.join(index_path, CURRENT_FILE)) as f:
-            path = os.path.join(index_path, f.read().strip())
-        if not os.path.isdir(path):
-            return None
-        return acquire_environment(path)
-    except (OSError, UnicodeDecodeError, StorageError):
+    if live is None:
         return None
+    try:
+        return acquire_environment(os.path.join(index_path, live), file_mode=file_mode)
+    except StorageError:
+        return None  # damaged: the tree's record of uses is what there is
 
 
 def _fill(
@@ -528,6 +753,7 @@ def _fill(
     entries: Iterable[ScanEntry],
     *,
     previous: tuple[lmdb.Environment, lmdb._Database, lmdb._Database] | None = None,
+    file_mode: int | None = None,
 ) -> tuple[set[bytes], int]:
     """Writes entries straight into ``generation`` (not yet necessarily live), in batches.
 
@@ -536,7 +762,7 @@ def _fill(
 
     Returns the keys written and their bytes.
     """
-    env, groups, meta = acquire_environment(os.path.join(index_path, generation))
+    env, groups, meta = acquire_environment(os.path.join(index_path, generation), file_mode=file_mode)
     seen: set[bytes] = set()
     total = [0]
     batch: list[ScanEntry] = []
@@ -572,11 +798,15 @@ def _fill(
                 env.set_mapsize(env.info()["map_size"] * 2)
         batch.clear()
 
-    for entry in entries:
-        seen.add(entry[0])
-        batch.append(entry)
-        if len(batch) >= 10_000:
-            flush()
-    flush()
-    release_environment(env)
+    try:
+        for entry in entries:
+            seen.add(entry[0])
+            batch.append(entry)
+            if len(batch) >= 10_000:
+                flush()
+        flush()
+    except lmdb.Error as exc:
+        raise StorageError(f"cannot write the index at {index_path}: {exc}") from exc
+    finally:
+        release_environment(env)
     return seen, total[0]

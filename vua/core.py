@@ -70,7 +70,7 @@ class VUAConfig:
             local disk when the root is on a network file system.
         max_bytes: capacity of the store; ``put`` evicts least recently used groups to stay
             below it. None: unbounded.
-        file_mode: permission bits of new fragment files; None follows the umask.
+        file_mode: permission bits of new fragment and index files; None follows the umask.
         io_threads: threads for parallel fragment reads and writes.
         verify_checksums: check every tensor read against its checksum from put time.
         staging_bytes: size of each of the two pinned buffers used for CUDA reads (grown
@@ -272,7 +272,7 @@ class VUA:
         if not os.access(self.root, os.W_OK | os.X_OK):
             raise StorageError(f"VUA root {self.root!r} is not writable; fix its permissions or pick another directory")
         self.index_path = config.index_path or os.path.join(self.root, _layout.DEFAULT_INDEX_DIR)
-        self._index = Index(self.index_path, self.root)
+        self._index = Index(self.index_path, self.root, file_mode=config.file_mode)
         self._index.env()  # fail now, not on the first put, when the index is unusable
         self._seed = namespace_seed(config.namespace)
         self._ns_id = namespace_id(config.namespace)
@@ -353,7 +353,7 @@ class VUA:
             ids = _int64_ids(row)
             keys = group_keys(ids, s, self._seed)
             every_key.extend(keys)
-            present = self._index.contains(keys)
+            present = self._stored_groups(keys, layout)
             parents = [self._seed, *keys[:-1]]
             work.extend((r, g, keys[g], parents[g], ids) for g in range(offset // s, len(keys)) if not present[g])
         unique: dict[bytes, tuple[int, int, bytes, bytes, np.ndarray]] = {}
@@ -603,34 +603,73 @@ class VUA:
             on_done=on_done,
         )
 
+    def _stored_groups(self, keys: list[bytes], layout: Layout) -> list[bool]:
+        """Which of ``keys`` are stored with this namespace and ``layout``, so a put may skip them.
+
+        An index record of another namespace or layout is garbage or stale: the fragment
+        decides. One that holds this namespace and layout stays (put rewrites the record);
+        anything else is moved aside, so the put publishes the group afresh.
+        """
+        present = []
+        for key, record in zip(keys, self._index.records(keys)):
+            if record is None:
+                present.append(False)
+                continue
+            if record.namespace_id == self._ns_id and record.layout_id == layout.id:
+                present.append(True)
+                continue
+            found = read_group_record(self.root, key.hex())
+            if found is None or found[0].namespace_id != self._ns_id or found[1] != layout:
+                logger.warning(
+                    "group %s holds another namespace or layout than its index record; replacing it", key.hex()
+                )
+                quarantine_group(self.root, key.hex())
+            present.append(False)
+        return present
+
     def _indexed_prefix(self, keys: list[bytes]) -> tuple[int, int]:
         """How many leading groups are stored, and their layout id, from the index.
 
-        Another node sharing the root may have written groups this node's index has not
-        seen; one probe per missing group finds them, and they are recorded for next time.
+        An index record that disagrees with the prefix (another namespace or layout) is
+        checked against its fragment and healed when the fragment fits. Another node sharing
+        the root may have written groups this node's index has not seen; one probe per
+        missing group finds them, and they are recorded for next time.
 
         Returns:
             (groups, layout id); (0, 0) when none is stored.
         """
         packed = self._index.lookup_prefix(keys)
-        discovered = []
-        for j in range(len(packed), len(keys)):
-            key_hex = keys[j].hex()
-            if not os.path.isdir(_layout.group_dir(self.root, key_hex)):
+        healed = []
+        count, layout_id = self._usable_run(packed)
+        while count < len(packed):
+            found = read_group_record(self.root, keys[count].hex())
+            if found is None or found[0].namespace_id != self._ns_id or (count and found[0].layout_id != layout_id):
                 break
-            found = read_group_record(self.root, key_hex)
-            if found is None or found[0].namespace_id != self._ns_id:
-                break
-            discovered.append((keys[j], *found))
-            packed.append(found[0].pack())
-        if discovered:
-            logger.debug("found %d groups in the tree that the index lacked", len(discovered))
-            self._index.add(
-                [(k, r) for k, r, _, _ in discovered],
-                layouts={d[2] for d in discovered},
-                namespaces={d[3] for d in discovered},
-            )
-        return self._usable_run(packed)
+            healed.append((keys[count], *found))
+            packed[count] = found[0].pack()
+            count, layout_id = self._usable_run(packed)
+        if count == len(packed):
+            for j in range(len(packed), len(keys)):
+                key_hex = keys[j].hex()
+                if not os.path.isdir(_layout.group_dir(self.root, key_hex)):
+                    break
+                found = read_group_record(self.root, key_hex)
+                if found is None or found[0].namespace_id != self._ns_id:
+                    break
+                healed.append((keys[j], *found))
+                packed.append(found[0].pack())
+            count, layout_id = self._usable_run(packed)
+        if healed:
+            logger.debug("found %d groups in the tree that the index lacked or misrecorded", len(healed))
+            try:
+                self._index.add(
+                    [(k, r) for k, r, _, _ in healed],
+                    layouts={d[2] for d in healed},
+                    namespaces={d[3] for d in healed},
+                )
+            except StorageError as exc:  # the data is good; recording it is for next time
+                logger.warning("could not record groups found in the tree: %s", exc)
+        return count, layout_id
 
     def _usable_run(self, packed: list[bytes]) -> tuple[int, int]:
         """The leading records of this namespace sharing the first one's layout: (count, layout id)."""
@@ -706,7 +745,10 @@ class VUA:
             return
         for key in keys:
             quarantine_group(self.root, key.hex())
-        self._index.remove(keys)
+        try:
+            self._index.remove(keys)
+        except StorageError as exc:  # the lookup's fragment checks still catch them
+            logger.warning("could not drop damaged groups from the index: %s", exc)
 
     # -- LRU bookkeeping -----------------------------------------------------------------
 
@@ -723,6 +765,12 @@ class VUA:
         with self._touch_lock:
             uses, self._pending_touches = self._pending_touches, {}
             self._last_touch_flush = time.monotonic()
-        if uses:
+        if not uses:
+            return
+        try:
             self._index.touch(uses)
-            mark_used(self.root, {key.hex(): used for key, used in uses.items()})
+        except StorageError as exc:
+            # Bookkeeping only: the read that made these uses succeeded, and eviction order
+            # is still kept by the tree's record below.
+            logger.warning("could not record %d uses in the index: %s", len(uses), exc)
+        mark_used(self.root, {key.hex(): used for key, used in uses.items()})

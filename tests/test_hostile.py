@@ -1,0 +1,352 @@
+"""Hostile and failing files: whatever stands in a fragment's or the index's place, reads end
+the prefix (or rebuild the index) and never raise, block or die of a signal.
+
+Each test reproduces one finding of the damage probes first (it fails against the code
+before the fix), then checks the fix. Cases that used to kill the process (SIGBUS) run in
+a child process, so a regression is a failed test rather than a dead test runner.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import textwrap
+from unittest import mock
+
+import lmdb
+import torch
+
+from tests.helpers import StoreTestCase, kv_slice, random_kv
+from vua import _evict, _index, _layout, core
+from vua._fragment import Fragment, quarantine_group
+from vua._verify import verify_store as verify
+from vua.core import VUAConfig
+from vua.errors import FragmentError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def rewrite_header(path: str, edit) -> None:
+    """Replaces a fragment's JSON header by ``edit(header dict)``, keeping the header's length."""
+    with open(path, "r+b") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        body = json.loads(f.read(length))
+        text = edit(body).encode() if callable(edit) else edit
+        if len(text) > length:
+            raise ValueError("edited header does not fit")
+        f.seek(8)
+        f.write(text + b" " * (length - len(text)))
+
+
+def run_child(script: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Runs ``script`` in a fresh Python with the repository importable; a signal shows in returncode."""
+    env = {**os.environ, "PYTHONPATH": REPO}
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+
+
+class HostileStoreTestCase(StoreTestCase):
+    """A store with three stored groups and a ``get`` that asserts the prefix it returns."""
+
+    def setUp(self):
+        super().setUp()
+        self.vua = self.store(split_factor=16, namespace="hostile")
+        self.tokens = torch.arange(700, 748)  # three groups
+        self.kv = random_kv(1, 48, heads=1)
+        self.vua.put(self.tokens, self.kv)
+        self.keys = self.vua.config.tokens_to_paths(self.tokens)
+
+    def path(self, group: int) -> str:
+        return _layout.fragment_path(self.root, self.keys[group])
+
+    def assertPrefix(self, groups: int, vua=None) -> None:
+        hit = (vua or self.vua).get_closest(self.tokens, device="cpu")
+        if groups == 0:
+            self.assertIsNone(hit)
+            return
+        self.assertIsNotNone(hit)
+        self.assertEqual(hit.tokens.numel(), groups * 16)
+        self.assertKVEqual(hit.data, kv_slice(self.kv, 0, groups * 16))
+
+
+class NonRegularFragmentTest(HostileStoreTestCase):
+    def test_directory_in_place_of_the_fragment(self):
+        os.unlink(self.path(1))
+        os.mkdir(self.path(1))
+        with self.assertLogs("vua", level="WARNING"):
+            self.assertPrefix(1)
+        # Moved aside as damage, so the next put writes the group again.
+        self.assertEqual(self.vua.put(self.tokens, self.kv), 1)
+        self.assertPrefix(3)
+
+    def test_fifo_in_place_of_the_fragment_does_not_block(self):
+        os.unlink(self.path(1))
+        os.mkfifo(self.path(1))
+
+        def stuck(signum, frame):
+            raise TimeoutError("get_closest blocked on a FIFO")
+
+        previous = signal.signal(signal.SIGALRM, stuck)
+        self.addCleanup(signal.signal, signal.SIGALRM, previous)
+        signal.alarm(20)
+        try:
+            with self.assertLogs("vua", level="WARNING"):
+                self.assertPrefix(1)
+            self.assertEqual(self.vua.prefix_length(self.tokens), 16)  # the FIFO group went aside
+        finally:
+            signal.alarm(0)
+
+    def test_verify_reports_and_removes_a_non_regular_fragment(self):
+        os.unlink(self.path(2))
+        os.mkfifo(self.path(2))
+        report = verify(self.root, self.vua.index_path)
+        self.assertEqual([p.kind for p in report.problems], ["damaged-fragment"])
+        self.assertTrue(verify(self.root, self.vua.index_path, fix=True).clean)
+        self.assertTrue(verify(self.root, self.vua.index_path).clean)
+
+
+class HostileHeaderTest(HostileStoreTestCase):
+    def nest(self, group: int) -> None:
+        with open(self.path(group), "wb") as f:
+            f.write(struct.pack("<Q", 100_000) + b"[" * 100_000)
+
+    def test_deeply_nested_header(self):
+        self.nest(1)
+        with self.assertLogs("vua", level="WARNING"):
+            self.assertPrefix(1)
+
+    def test_deeply_nested_header_in_the_cli_and_a_rebuild(self):
+        self.nest(2)
+        report = verify(self.root, self.vua.index_path)
+        self.assertEqual([p.kind for p in report.problems], ["damaged-fragment"])
+        self.assertIn("nested too deeply", report.problems[0].detail)
+        summary = _index.rebuild(self.root, self.vua.index_path)
+        self.assertEqual((summary.groups, summary.damaged), (2, 1))
+        # A store opened with no index at all builds it from the tree, skipping the damage.
+        fresh = self.store(VUAConfig(split_factor=16, namespace="hostile", index_path=self.root + "-idx"))
+        self.addCleanup(lambda: __import__("shutil").rmtree(self.root + "-idx", ignore_errors=True))
+        with self.assertLogs("vua", level="WARNING"):
+            self.assertPrefix(2, fresh)
+
+    def test_true_as_a_dimension(self):
+        def edit(body):
+            body["layers.0.key"]["shape"][0] = True  # heads == 1, so the byte count still adds up
+            return json.dumps(body, separators=(",", ":"))
+
+        rewrite_header(self.path(0), edit)
+        with self.assertRaisesRegex(FragmentError, "non-integer"):
+            Fragment(self.path(0))
+        with self.assertLogs("vua", level="WARNING"):
+            self.assertPrefix(0)
+
+    def test_overlapping_tensors_are_refused(self):
+        def edit(body):
+            body["layers.0.value"]["data_offsets"] = body["layers.0.key"]["data_offsets"]  # V aliases K
+            return json.dumps(body, separators=(",", ":"))
+
+        rewrite_header(self.path(0), edit)
+        with self.assertRaisesRegex(FragmentError, "overlaps"):
+            Fragment(self.path(0))
+
+
+# Run in a child: before the fix, LMDB mapped a truncated data.mdb and died of SIGBUS.
+_OPEN_AND_GET = """
+    import logging, sys, torch
+    logging.basicConfig(level=logging.WARNING)
+    from tests.helpers import check_hit
+    from vua.core import VUA, VUAConfig
+    vua = VUA(VUAConfig(split_factor=16, namespace="idx"), sys.argv[1])
+    print(check_hit(vua.get_closest(torch.arange(64), device="cpu"), torch.arange(64)))
+    vua.close()
+"""
+
+
+class DamagedIndexTest(StoreTestCase):
+    def setUp(self):
+        super().setUp()
+        from tests.helpers import prefix_kv
+
+        vua = self.store(split_factor=16, namespace="idx")
+        tokens = torch.arange(64)
+        vua.put(tokens, prefix_kv(tokens))
+        for i in range(200):  # enough records for a data file of many pages
+            other = torch.arange(i * 1000, i * 1000 + 32)
+            vua.put(other, prefix_kv(other))
+        vua.close()
+        generation = _index.read_current(vua.index_path)
+        self.data_file = os.path.join(vua.index_path, generation, "data.mdb")
+
+    def assertOpensAndReadsAll(self):
+        child = run_child(_OPEN_AND_GET, self.root)
+        self.assertEqual(child.returncode, 0, f"child died: {child.returncode}\n{child.stderr[-2000:]}")
+        self.assertEqual(child.stdout.strip(), "64")
+        self.assertIn("rebuilding it from the fragment tree", child.stderr)
+
+    def test_truncated_data_file(self):
+        size = os.path.getsize(self.data_file)
+        for fraction in (0.25, 0.5, 0.9):
+            with self.subTest(fraction=fraction):
+                with open(self.data_file, "r+b") as f:
+                    f.truncate(max(int(size * fraction) // 4096 * 4096, 8192))
+                self.assertOpensAndReadsAll()
+                generation = _index.read_current(os.path.join(self.root, "index.lmdb"))
+                self.data_file = os.path.join(self.root, "index.lmdb", generation, "data.mdb")
+                size = os.path.getsize(self.data_file)
+
+    def test_random_bytes_in_the_data_file(self):
+        with open(self.data_file, "r+b") as f:
+            f.write(os.urandom(os.path.getsize(self.data_file)))
+        self.assertOpensAndReadsAll()
+
+    def test_check_data_file_accepts_a_good_one_and_refuses_a_short_one(self):
+        _index.check_data_file(self.data_file)  # no exception
+        with open(self.data_file, "r+b") as f:
+            f.truncate(os.path.getsize(self.data_file) - 4096)
+        with self.assertRaises(_index.DamagedIndexError):
+            _index.check_data_file(self.data_file)
+
+
+class CurrentFileTest(StoreTestCase):
+    def setUp(self):
+        super().setUp()
+        self.vua = self.store(split_factor=16, namespace="cur")
+        self.tokens = torch.arange(32)
+        self.kv = random_kv(1, 32)
+        self.vua.put(self.tokens, self.kv)
+        self.vua.close()
+        self.current = os.path.join(self.vua.index_path, _index.CURRENT_FILE)
+
+    def assertStoreWorks(self):
+        with self.assertLogs("vua._index", level="WARNING"):
+            vua = self.store(split_factor=16, namespace="cur")
+        hit = vua.get_closest(self.tokens, device="cpu")
+        self.assertEqual(hit.tokens.numel(), 32)
+        self.assertKVEqual(hit.data, kv_slice(self.kv, 0, 32))
+        self.assertIsNotNone(_index.read_current(self.vua.index_path))
+
+    def test_a_path_outside_the_store(self):
+        outside = os.path.join(self.root, "..", os.path.basename(self.root) + "-outside")
+        self.addCleanup(lambda: __import__("shutil").rmtree(outside, ignore_errors=True))
+        with open(self.current, "w") as f:
+            f.write("../../" + os.path.basename(outside) + "\n")
+        self.assertStoreWorks()
+        self.assertFalse(os.path.exists(outside))
+
+    def test_binary_garbage(self):
+        with open(self.current, "wb") as f:
+            f.write(b"\xff\xfe\x00gen-\x80")
+        self.assertStoreWorks()
+
+    def test_a_directory(self):
+        os.unlink(self.current)
+        os.mkdir(self.current)
+        self.assertStoreWorks()
+
+
+class IndexFaultTest(HostileStoreTestCase):
+    def test_map_grown_by_another_process(self):
+        self.assertPrefix(3)
+        generation = _index.read_current(self.vua.index_path)
+        child = run_child(
+            """
+            import sys, lmdb
+            env = lmdb.open(sys.argv[1], max_dbs=4)
+            env.set_mapsize(env.info()["map_size"] * 4)
+            meta = env.open_db(b"meta")
+            with env.begin(write=True, db=meta) as txn:
+                txn.put(b"grown", b"1")
+            """,
+            os.path.join(self.vua.index_path, generation),
+        )
+        self.assertEqual(child.returncode, 0, child.stderr)
+        self.assertPrefix(3)
+        self.assertEqual(self.vua.prefix_length(self.tokens), 48)
+        self.assertEqual(self.vua.put(torch.arange(48), random_kv(1, 48)), 3)
+
+    def test_full_index_does_not_fail_reads(self):
+        # The fault: every write transaction of the index fails as on a full file system.
+        self.vua._index.remove([bytes.fromhex(self.keys[2])])  # so the get discovers it in the tree
+        full = mock.patch.object(_index, "_touch_in", side_effect=lmdb.DiskError("No space left on device"))
+        full_add = mock.patch.object(_index, "_adjust_total", side_effect=lmdb.DiskError("No space left on device"))
+        with full, full_add, mock.patch.object(core, "_TOUCH_FLUSH_SECONDS", 0.0):
+            with self.assertLogs("vua.core", level="WARNING") as logs:
+                self.assertPrefix(3)
+        self.assertTrue(any("could not record" in line for line in logs.output))
+
+    def test_new_index_on_a_full_file_system(self):
+        mount = os.path.join(self.root, "full")
+        os.mkdir(mount)
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", mount], capture_output=True)
+        if mounted.returncode != 0:
+            self.skipTest(f"cannot mount a small tmpfs here (needs root): {mounted.stderr.decode().strip()}")
+        self.addCleanup(subprocess.run, ["umount", "-l", mount])
+        with open(os.path.join(mount, "filler"), "wb") as f:
+            try:
+                f.write(b"\0" * (128 << 10))
+            except OSError:
+                pass
+        child = run_child(
+            """
+            import sys
+            from vua.core import VUA, VUAConfig
+            from vua.errors import StorageError
+            try:
+                VUA(VUAConfig(index_path=sys.argv[2]), sys.argv[1])
+            except StorageError as exc:
+                print("StorageError", exc)
+            """,
+            self.root,
+            os.path.join(mount, "index"),
+        )
+        self.assertEqual(child.returncode, 0, f"child died: {child.returncode}\n{child.stderr[-2000:]}")
+        self.assertIn("No space left on device", child.stdout)
+
+    def test_record_of_another_namespace_heals(self):
+        index = self.vua._index
+        key = bytes.fromhex(self.keys[1])
+        (record,) = index.records([key])
+        env, groups, _ = index.env()
+        with env.begin(write=True, db=groups) as txn:
+            txn.put(key, record._replace(namespace_id=record.namespace_id ^ 1).pack())
+        self.assertPrefix(3)  # the fragment agrees with the prefix: the record is healed
+        self.assertEqual(index.records([key]), [record._replace(last_used=index.records([key])[0].last_used)])
+
+    def test_record_of_another_layout_heals_on_put(self):
+        index = self.vua._index
+        key = bytes.fromhex(self.keys[0])
+        (record,) = index.records([key])
+        env, groups, _ = index.env()
+        with env.begin(write=True, db=groups) as txn:
+            txn.put(key, record._replace(layout_id=record.layout_id ^ 1).pack())
+        self.assertEqual(self.vua.put(self.tokens, self.kv), 0)  # the fragment fits: no rewrite
+        self.assertEqual(index.records([key])[0].layout_id, record.layout_id)
+        self.assertPrefix(3)
+
+    def test_fragment_of_another_layout_is_replaced_on_put(self):
+        other = random_kv(1, 48, heads=2)  # same namespace and tokens, another model's layout
+        self.assertEqual(self.vua.put(self.tokens, other), 3)
+        hit = self.vua.get_closest(self.tokens, device="cpu")
+        self.assertKVEqual(hit.data, kv_slice(other, 0, 48))
+
+    def test_eviction_racing_a_quarantine_leaves_no_temporaries(self):
+        real_rmtree = _evict.shutil.rmtree
+        key_hex = self.keys[2]
+
+        def racing_rmtree(path, **kwargs):
+            quarantine_group(self.root, key_hex)  # a reader found damage in the same group just now
+            real_rmtree(path, **kwargs)
+
+        with mock.patch.object(_evict.shutil, "rmtree", side_effect=racing_rmtree):
+            _evict.discard_group(self.root, key_hex)
+        fanout = _layout.fanout_dir(self.root, key_hex)
+        self.assertEqual(list(_layout.iter_temporaries(fanout)), [])
+        self.assertFalse(os.path.exists(_layout.group_dir(self.root, key_hex)))
