@@ -317,7 +317,10 @@ class IndexFaultTest(HostileStoreTestCase):
         env, groups, _ = index.env()
         with env.begin(write=True, db=groups) as txn:
             txn.put(key, record._replace(namespace_id=record.namespace_id ^ 1).pack())
+        report = verify(self.root, self.vua.index_path)
+        self.assertEqual([p.kind for p in report.problems], ["misrecorded-index-entry"])
         self.assertPrefix(3)  # the fragment agrees with the prefix: the record is healed
+        self.assertTrue(verify(self.root, self.vua.index_path).clean)
         self.assertEqual(index.records([key]), [record._replace(last_used=index.records([key])[0].last_used)])
 
     def test_record_of_another_layout_heals_on_put(self):
@@ -350,3 +353,17 @@ class IndexFaultTest(HostileStoreTestCase):
         fanout = _layout.fanout_dir(self.root, key_hex)
         self.assertEqual(list(_layout.iter_temporaries(fanout)), [])
         self.assertFalse(os.path.exists(_layout.group_dir(self.root, key_hex)))
+
+
+class IndexFileModeTest(StoreTestCase):
+    def test_file_mode_applies_to_the_index_files(self):
+        vua = self.store(split_factor=16, namespace="mode", file_mode=0o600)
+        vua.put(torch.arange(16), random_kv(1, 16))
+        generation = os.path.join(vua.index_path, _index.read_current(vua.index_path))
+        for path in (
+            os.path.join(generation, "data.mdb"),
+            os.path.join(generation, "lock.mdb"),
+            os.path.join(vua.index_path, _index.CURRENT_FILE),
+            _layout.fragment_path(self.root, vua.config.tokens_to_paths(torch.arange(16))[0]),
+        ):
+            self.assertEqual(os.stat(path).st_mode & 0o7777, 0o600, path)

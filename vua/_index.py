@@ -54,7 +54,15 @@ _MAX_READERS = 1024
 _LOCK_FILE_BYTES = 80 << 10  # LMDB's reader table for _MAX_READERS slots (64 bytes each) and its header
 
 # LMDB's errors that mean the environment's bytes are wrong; the cure is a rebuild.
-_CORRUPTION = (lmdb.CorruptedError, lmdb.InvalidError, lmdb.PageNotFoundError, lmdb.VersionMismatchError)
+_CORRUPTION = (
+    lmdb.CorruptedError,
+    lmdb.InvalidError,
+    lmdb.PageNotFoundError,
+    lmdb.VersionMismatchError,
+    lmdb.PageFullError,  # a page whose free-space counters are garbage
+    lmdb.BadTxnError,
+    lmdb.CursorFullError,  # a cycle of garbage page numbers
+)
 
 
 class DamagedIndexError(StorageError):

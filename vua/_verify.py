@@ -33,7 +33,9 @@ DEFAULT_GRACE_SECONDS = 3600.0
 class Problem:
     """One thing wrong with a store."""
 
-    kind: str  # damaged-fragment, stale-temporary, unindexed-group, dangling-index-entry, garbage-index-entry
+    # damaged-fragment, stale-temporary, unindexed-group, misrecorded-index-entry,
+    # dangling-index-entry, garbage-index-entry, missing-index
+    kind: str
     key: str | None
     detail: str
     fixed: bool = False
@@ -141,9 +143,15 @@ def verify_store(
             report.problems.append(Problem("garbage-index-entry", key.hex(), "value is not a record"))
         elif key not in valid and key not in damaged_keys:
             report.problems.append(Problem("dangling-index-entry", key.hex(), "indexed, but no fragment in the tree"))
-    for key in valid:
+    for key, (record, _, _) in valid.items():
         if key not in indexed:
             report.problems.append(Problem("unindexed-group", key.hex(), "valid fragment missing from the index"))
+        elif indexed[key] is not None and indexed[key][:2] != record[:2]:
+            report.problems.append(
+                Problem(
+                    "misrecorded-index-entry", key.hex(), "index names another namespace or layout than the fragment"
+                )
+            )
 
     if fix:
         _repair(root, index, report, valid)
@@ -164,7 +172,7 @@ def _repair(root: str, index: Index, report: VerifyReport, valid: dict[bytes, tu
             shutil.rmtree(problem.detail.rsplit(" (", 1)[0], ignore_errors=True)
         elif problem.kind in ("dangling-index-entry", "garbage-index-entry"):
             drop.append(bytes.fromhex(problem.key))
-        elif problem.kind == "unindexed-group":
+        elif problem.kind in ("unindexed-group", "misrecorded-index-entry"):
             add.append(bytes.fromhex(problem.key))
         elif problem.kind == "missing-index":
             rebuild(root, index.path)
