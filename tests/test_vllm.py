@@ -6,12 +6,25 @@ forward pass is simulated by writing known KV into a request's blocks before sav
 
 from __future__ import annotations
 
+import logging
+import os
 import shutil
 import sys
 import tempfile
 import unittest
 
 import torch
+
+from tests.helpers import TINY_DECODER, flip_byte
+from vua import _layout
+from vua.errors import VUAError
+
+# vLLM reports its own choices at INFO and WARNING (the hybrid KV cache manager turned off,
+# the connector API being experimental, no compiled CUDA ops on a CPU machine); those are
+# facts about vLLM, not test results, so the suite's output keeps only failures.
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+for _name in ("vllm", "torch"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
 
 try:
     from transformers import LlamaConfig
@@ -23,13 +36,10 @@ try:
     from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec, MLAAttentionSpec
     from vllm.v1.request import Request
     from vllm.v1.structured_output import StructuredOutputManager
+
+    from vua.vllm import PagedLayer, VUAConnector
 except ImportError as exc:  # vllm installs on Linux with Python >= 3.11 only
     raise unittest.SkipTest(f"vllm is not installed here: {exc}") from None
-
-from tests.helpers import TINY_DECODER, flip_byte
-from vua import _layout
-from vua.errors import VUAError
-from vua.vllm import PagedLayer, VUAConnector
 
 BLOCK = 16
 SPLIT = 32
