@@ -51,9 +51,21 @@ class ConnectorHarness:
     """A real vLLM scheduler (which builds the scheduler-side connector through vLLM's
     factory) and a worker-side connector over CPU paged caches."""
 
-    def __init__(self, root: str, model_dir: str, *, dtype=torch.bfloat16, mla=False, physical_bnhc=False, split=SPLIT):
+    def __init__(
+        self,
+        root: str,
+        model_dir: str,
+        *,
+        dtype=torch.bfloat16,
+        mla=False,
+        physical_bnhc=False,
+        split=SPLIT,
+        auth_key_file=None,
+    ):
         heads, head = (1, 576) if mla else (2, 16)
         extra = {"vua_root": root, "split_factor": split}
+        if auth_key_file:
+            extra["auth_key_file"] = auth_key_file
         self.vllm_config = VllmConfig(
             model_config=ModelConfig(model=model_dir, skip_tokenizer_init=True, dtype="bfloat16", max_model_len=1024),
             cache_config=CacheConfig(block_size=BLOCK, enable_prefix_caching=False),
@@ -155,6 +167,19 @@ class VLLMConnectorTest(unittest.TestCase):
         ns = h.worker.vua.config.namespace
         for part in ("vua-tiny-llama-", "bfloat16", "tp0-of-1", "FullAttentionSpec-h2-d16"):
             self.assertIn(part, ns)
+
+    def test_auth_key_file_seals_the_store(self):
+        key_file, other_file = os.path.join(self.root, "secret"), os.path.join(self.root, "other")
+        with open(key_file, "wb") as f:
+            f.write(b"0123456789abcdef0123456789abcdef\n")
+        with open(other_file, "wb") as f:
+            f.write(b"another secret, sixteen bytes or more")
+        self.check_round_trip(auth_key_file=key_file)  # stores, then loads through vLLM with the key
+        other = self.harness(auth_key_file=other_file)
+        with self.assertLogs("vua", level="WARNING"):
+            self.assertIsNone(other.worker.vua.get_closest(torch.arange(100, 196), device="cpu"))
+        with self.assertRaisesRegex(VUAError, "auth_key_file"):
+            self.harness(auth_key_file=os.path.join(self.root, "missing"))
 
     def check_round_trip(self, **kwargs):
         h = self.harness(**kwargs)

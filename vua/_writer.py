@@ -55,6 +55,7 @@ class GroupSource:
         first_group: int = 0,
         wordsums: np.ndarray | None = None,
         host_wordsums: bool = False,
+        mac_key: bytes | None = None,
     ):
         self._tensors = [t for kv in layers for t in kv]  # keep alive while views exist
         self._raw_arrays = [np.frombuffer(_raw_bytes(t), dtype=np.uint8) for t in self._tensors]
@@ -68,6 +69,7 @@ class GroupSource:
         # first_group, tensors), or to compute here from the host bytes, or neither.
         self._wordsums = wordsums
         self._host_wordsums = host_wordsums
+        self._mac_key = mac_key  # the store's MAC key (see _fragment.mac_key), or None
 
     def _tensor_piece(self, i: int, row: int, group: int) -> np.ndarray:
         """Tensor ``i``'s bytes in group ``group`` of batch row ``row``: uint8 ``(heads, run)``, a view.
@@ -128,7 +130,11 @@ class GroupSource:
             metadata["wordsums"] = _fragment.json.dumps(
                 {name: format(value, "016x") for name, value in zip(self._kv_names, sums)}, separators=(",", ":")
             )
-        return _fragment.encode_header(metadata, self._specs), buffers
+        if self._mac_key is None:
+            return _fragment.encode_header(metadata, self._specs), buffers
+        metadata[_fragment.MAC_FIELD] = _fragment.MAC_PLACEHOLDER
+        header = _fragment.encode_header(metadata, self._specs)
+        return _fragment.seal_header(header, self._mac_key, buffers), buffers
 
     def record(self, header: bytes, buffers: Sequence[memoryview], group: int) -> GroupRecord:
         nbytes = len(header) + sum(len(b) for b in buffers)

@@ -21,14 +21,14 @@ import time
 import types
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple, NoReturn
 
 import numpy as np
 import torch
 
 from vua import _dtypes, _evict, _layout, _wordsum
-from vua._fragment import TOKENS, Fragment, Layout, mark_used, publish_fragment, quarantine_group
+from vua._fragment import TOKENS, Fragment, Layout, mac_key, mark_used, publish_fragment, quarantine_group
 from vua._index import RECORD_HEAD, GroupRecord, Index, namespace_id, read_group_record
 from vua._keys import group_keys, namespace_seed, tokens_as_int64
 from vua._reader import KVLoad
@@ -83,6 +83,11 @@ class VUAConfig:
             on the host for CPU tensors only where torch sees a CUDA device (it costs
             about a tenth of put throughput on a small CPU). True: always; False: never.
             Groups without one are still verified, with xxh3 on the host.
+        auth_key: a secret (16 to 64 bytes, e.g. ``secrets.token_bytes(32)``) shared by every
+            process that may write the store. Put then seals each fragment with a keyed MAC
+            (keyed BLAKE3, the ``auth`` extra) over its header and data, and get refuses any group whose MAC does not
+            verify, so a writer without the key cannot make a reader accept its KV. None
+            (default): no MAC; checksums then catch accidents, not forgeries.
         gds: read fragments for CUDA devices straight into GPU memory with GPUDirect
             Storage (``torch.cuda.gds``). Off by default; where the platform cannot, the
             first failure is logged and reads go through pinned staging as usual.
@@ -99,6 +104,7 @@ class VUAConfig:
     host_pool_bytes: int = 2 << 30
     gpu_checksums: bool | None = None
     gds: bool = False
+    auth_key: bytes | None = field(default=None, repr=False)  # a secret: kept out of reprs and logs
 
     def __call__(self) -> VUAConfig:
         """Returns this config: ``vua.config()`` is the original project's accessor, and
@@ -206,14 +212,21 @@ def _check_config(config: VUAConfig) -> None:
         fail("file_mode", "None or permission bits from 0o000 to 0o777 (no setuid, setgid or sticky bits), e.g. 0o640")
     if not is_int(config.io_threads) or config.io_threads < 1:
         fail("io_threads", "a positive integer")
-    for field in ("staging_bytes", "host_pool_bytes"):
-        if not is_int(getattr(config, field)) or getattr(config, field) < 0:
-            fail(field, "a non-negative number of bytes as an int")
-    for field in ("verify_checksums", "gds"):
-        if not isinstance(getattr(config, field), bool):
-            fail(field, "True or False")
+    for name in ("staging_bytes", "host_pool_bytes"):
+        if not is_int(getattr(config, name)) or getattr(config, name) < 0:
+            fail(name, "a non-negative number of bytes as an int")
+    for name in ("verify_checksums", "gds"):
+        if not isinstance(getattr(config, name), bool):
+            fail(name, "True or False")
     if config.gpu_checksums is not None and not isinstance(config.gpu_checksums, bool):
         fail("gpu_checksums", "None (automatic), True or False")
+    key = config.auth_key
+    if key is not None and (not isinstance(key, bytes) or not 16 <= len(key) <= 64):
+        # Never echo the value: it is a secret.
+        raise InvalidInputError(
+            "VUAConfig.auth_key must be None or 16 to 64 bytes of secret, e.g. secrets.token_bytes(32); "
+            f"got a {type(key).__name__}" + (f" of length {len(key)}" if isinstance(key, (bytes, str)) else "")
+        )
 
 
 def _int64_ids(row: torch.Tensor) -> np.ndarray:
@@ -275,6 +288,7 @@ class VUA:
         self._index = Index(self.index_path, self.root, file_mode=config.file_mode)
         self._index.env()  # fail now, not on the first put, when the index is unusable
         self._seed = namespace_seed(config.namespace)
+        self._mac_key = None if config.auth_key is None else mac_key(config.auth_key)
         self._ns_id = namespace_id(config.namespace)
         self._pid = os.getpid()
         self._executor = ThreadPoolExecutor(max_workers=max(1, config.io_threads), thread_name_prefix="vua-io")
@@ -345,6 +359,7 @@ class VUA:
             first_group=offset // s,
             wordsums=wordsums,
             host_wordsums=host_wordsums,
+            mac_key=self._mac_key,
         )
 
         work = []  # (row, group, key, parent, ids)
@@ -597,7 +612,9 @@ class VUA:
             self._pool(),
             staging=staging,
             host_pool=self._host_pool,
-            verify_checksums=self.config.verify_checksums,
+            # A group whose MAC verified at open needs no second hash of the same bytes: the
+            # MAC is the stronger check, and one pass fewer is what makes authentication cheap.
+            verify_checksums=self.config.verify_checksums and self._mac_key is None,
             gds=self.config.gds,
             background=layerwise,
             on_done=on_done,
@@ -713,6 +730,8 @@ class VUA:
                     raise FragmentError(
                         f"fragment {fragment.path}: stored tokens differ from the query (hash collision or damage)"
                     )
+                if self._mac_key is not None:
+                    fragment.verify_mac(self._mac_key)
                 return fragment
             except FragmentError as exc:
                 logger.warning("stored prefix ends before group %d: %s", j, exc)

@@ -182,12 +182,15 @@ class VUAConnector(KVConnectorBase_V1):
         self.tp_size = parallel.tensor_parallel_size
         self.tp_rank = self._tp_rank() if role == KVConnectorRole.WORKER else 0
 
+        auth_key = _read_auth_key(extra.get("auth_key_file"))
+
         def store(rank: int) -> VUA:
             config = VUAConfig(
                 split_factor=split_factor,
                 namespace=self.namespace(vllm_config, spec, rank, extra.get("namespace", "")),
                 index_path=extra.get("index_path"),
                 max_bytes=int(extra["max_bytes"]) if extra.get("max_bytes") else None,
+                auth_key=auth_key,
             )
             return VUA(config, root)
 
@@ -427,3 +430,17 @@ class VUAConnector(KVConnectorBase_V1):
         self._writer.shutdown(wait=True)
         for vua in getattr(self, "rank_stores", [self.vua]):
             vua.close()
+
+
+def _read_auth_key(path: str | None) -> bytes | None:
+    """The store's MAC secret from a file (``auth_key_file``): a secret never goes in a command line."""
+    if not path:
+        return None
+    try:
+        with open(path, "rb") as f:
+            return f.read().strip()
+    except OSError as exc:
+        raise VUAError(
+            f"VUAConnector cannot read auth_key_file {path!r}: {exc.strerror}; "
+            "point it at a file holding the store's secret (16 to 64 bytes)"
+        ) from None

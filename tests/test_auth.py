@@ -1,0 +1,106 @@
+"""Authenticated fragments (VUAConfig.auth_key): a writer without the key cannot make a reader accept its KV."""
+
+from __future__ import annotations
+
+import os
+import secrets
+
+import torch
+
+from tests.helpers import StoreTestCase, kv_slice, random_kv
+from vua import _layout
+from vua._fragment import Fragment, mac_key, publish_fragment
+from vua._keys import tokens_as_int64
+from vua._writer import GroupSource
+from vua.core import VUAConfig
+from vua.errors import InvalidInputError
+
+KEY = secrets.token_bytes(32)
+
+
+class AuthTest(StoreTestCase):
+    def setUp(self):
+        super().setUp()
+        self.vua = self.store(VUAConfig(split_factor=16, namespace="auth", auth_key=KEY))
+        self.tokens = torch.arange(900, 948)  # three groups
+        self.kv = random_kv(1, 48)
+        self.vua.put(self.tokens, self.kv)
+        self.keys = self.vua.config.tokens_to_paths(self.tokens)
+
+    def forge_group(self, group: int, *, key: bytes | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Replaces a group by one holding other K/V with valid xxh3 sums, sealed with ``key`` (None: unsealed)."""
+        forged = [(k + 1, v - 1) for k, v in self.kv]
+        layout = self.vua._check_put(self.tokens, forged)[1]
+        source = GroupSource(
+            [(k, v) for k, v in forged], layout, 16, "auth", mac_key=None if key is None else mac_key(key)
+        )
+        parent = self.keys[group - 1] if group else self.vua._seed.hex()
+        header, buffers = source.fragment(tokens_as_int64(self.tokens), 0, group, self.keys[group], parent)
+        os.rename(_layout.group_dir(self.root, self.keys[group]), os.path.join(self.root, f"moved-{group}"))
+        self.assertTrue(publish_fragment(self.root, self.keys[group], header, buffers))
+        with Fragment(_layout.fragment_path(self.root, self.keys[group])) as fragment:
+            for name in fragment.kv_names:
+                fragment.verify_checksum(name)  # the forgery passes every checksum
+        return forged
+
+    def assertPrefix(self, groups: int, vua=None) -> None:
+        hit = (vua or self.vua).get_closest(self.tokens, device="cpu")
+        if groups == 0:
+            self.assertIsNone(hit)
+            return
+        self.assertEqual(hit.tokens.numel(), groups * 16)
+        self.assertKVEqual(hit.data, kv_slice(self.kv, 0, groups * 16))
+
+    def test_round_trip_with_the_key(self):
+        self.assertPrefix(3)
+        with Fragment(_layout.fragment_path(self.root, self.keys[0])) as fragment:
+            self.assertEqual(len(fragment.metadata["mac"]), 64)
+
+    def test_forgery_without_a_mac_is_refused(self):
+        self.forge_group(1, key=None)
+        with self.assertLogs("vua", level="WARNING") as logs:
+            self.assertPrefix(1)
+        self.assertTrue(any("no MAC" in line for line in logs.output))
+
+    def test_forgery_sealed_with_another_key_is_refused(self):
+        self.forge_group(2, key=secrets.token_bytes(32))
+        with self.assertLogs("vua", level="WARNING") as logs:
+            self.assertPrefix(2)
+        self.assertTrue(any("MAC does not verify" in line for line in logs.output))
+        # Refused groups are moved aside: a key holder's next put writes the real KV again.
+        self.assertEqual(self.vua.put(self.tokens, self.kv), 1)
+        self.assertPrefix(3)
+
+    def test_a_stolen_mac_does_not_carry_over(self):
+        with Fragment(_layout.fragment_path(self.root, self.keys[0])) as fragment:
+            stolen = fragment.metadata["mac"]
+        self.forge_group(0, key=b"attacker-key-of-sixteen+")
+        path = _layout.fragment_path(self.root, self.keys[0])
+        with open(path, "r+b") as f:
+            head = f.read(4096)
+            start = head.index(b'"mac":"') + 7
+            f.seek(start)
+            f.write(stolen.encode())  # the real group's MAC on forged data
+        with self.assertLogs("vua", level="WARNING"):
+            self.assertPrefix(0)
+
+    def test_another_key_sees_nothing(self):
+        other = self.store(VUAConfig(split_factor=16, namespace="auth", auth_key=secrets.token_bytes(32)))
+        with self.assertLogs("vua", level="WARNING"):
+            self.assertPrefix(0, other)
+
+    def test_unsealed_store_is_not_trusted_by_a_sealed_reader(self):
+        plain = self.store(VUAConfig(split_factor=16, namespace="plain"))
+        plain.put(self.tokens, self.kv)
+        sealed = self.store(VUAConfig(split_factor=16, namespace="plain", auth_key=KEY))
+        with self.assertLogs("vua", level="WARNING"):
+            self.assertIsNone(sealed.get_closest(self.tokens, device="cpu"))
+
+    def test_key_is_validated_and_never_shown(self):
+        for bad in ("a string key of some length", b"short", b"x" * 65, 12345):
+            with self.subTest(bad=bad):
+                with self.assertRaises(InvalidInputError) as caught:
+                    self.store(VUAConfig(split_factor=16, auth_key=bad))
+                self.assertIn("secrets.token_bytes(32)", str(caught.exception))
+                self.assertNotIn(str(bad), str(caught.exception))
+        self.assertNotIn(repr(KEY), repr(self.vua.config))
