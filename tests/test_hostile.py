@@ -310,13 +310,18 @@ class IndexFaultTest(HostileStoreTestCase):
         self.assertEqual(child.returncode, 0, f"child died: {child.returncode}\n{child.stderr[-2000:]}")
         self.assertIn("No space left on device", child.stdout)
 
-    def test_record_of_another_namespace_heals(self):
+    def misrecord(self, group: int, field: str):
+        """Rewrites one group's index record with another namespace or layout id; returns the true record."""
         index = self.vua._index
-        key = bytes.fromhex(self.keys[1])
+        key = bytes.fromhex(self.keys[group])
         (record,) = index.records([key])
         env, groups, _ = index.env()
         with env.begin(write=True, db=groups) as txn:
-            txn.put(key, record._replace(namespace_id=record.namespace_id ^ 1).pack())
+            txn.put(key, record._replace(**{field: getattr(record, field) ^ 1}).pack())
+        return index, key, record
+
+    def test_record_of_another_namespace_heals(self):
+        index, key, record = self.misrecord(1, "namespace_id")
         report = verify(self.root, self.vua.index_path)
         self.assertEqual([p.kind for p in report.problems], ["misrecorded-index-entry"])
         self.assertPrefix(3)  # the fragment agrees with the prefix: the record is healed
@@ -324,12 +329,7 @@ class IndexFaultTest(HostileStoreTestCase):
         self.assertEqual(index.records([key]), [record._replace(last_used=index.records([key])[0].last_used)])
 
     def test_record_of_another_layout_heals_on_put(self):
-        index = self.vua._index
-        key = bytes.fromhex(self.keys[0])
-        (record,) = index.records([key])
-        env, groups, _ = index.env()
-        with env.begin(write=True, db=groups) as txn:
-            txn.put(key, record._replace(layout_id=record.layout_id ^ 1).pack())
+        index, key, record = self.misrecord(0, "layout_id")
         self.assertEqual(self.vua.put(self.tokens, self.kv), 0)  # the fragment fits: no rewrite
         self.assertEqual(index.records([key])[0].layout_id, record.layout_id)
         self.assertPrefix(3)

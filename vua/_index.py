@@ -186,19 +186,8 @@ class Index:
             env.reader_check()
 
     def _read(self, read: Callable[[lmdb.Transaction, lmdb._Database, lmdb._Database], _T]) -> _T:
-        """Runs ``read`` in a read transaction, riding out another process's map growth and damage."""
-        for _ in range(3):
-            env, groups, meta = self.env()
-            try:
-                with env.begin() as txn:
-                    return read(txn, groups, meta)
-            except lmdb.MapResizedError:
-                env.set_mapsize(0)  # another process grew the map: adopt its size, then retry
-            except _CORRUPTION as exc:
-                self.recover(None, exc)
-            except lmdb.Error as exc:
-                raise StorageError(f"index {self.path} refused a read: {exc}") from exc
-        raise StorageError(f"index {self.path} kept failing reads; run `vua rebuild-index` on it")
+        """Runs ``read`` in a read transaction (see :meth:`_transact`)."""
+        return self._transact(read, write=False)
 
     def close(self) -> None:
         with self._open_lock:
@@ -338,13 +327,21 @@ class Index:
         self._write(lambda txn, groups, meta: _touch_in(txn, groups, uses))
 
     def _write(self, apply: Callable[[lmdb.Transaction, lmdb._Database, lmdb._Database], None]) -> None:
-        """Runs ``apply`` in a write transaction, growing the map when it is full."""
-        for _ in range(64):
+        """Runs ``apply`` in a write transaction (see :meth:`_transact`)."""
+        self._transact(apply, write=True)
+
+    def _transact(self, body: Callable[[lmdb.Transaction, lmdb._Database, lmdb._Database], _T], *, write: bool) -> _T:
+        """Runs ``body`` in one transaction, riding out a full map, another process's map growth and damage.
+
+        A write that fills the map doubles it and runs again; a map another process grew is
+        adopted; an environment LMDB calls corrupt is rebuilt from the tree first.
+        """
+        what = "write" if write else "read"
+        for _ in range(64 if write else 3):  # a write may double the map many times
             env, groups, meta = self.env()
             try:
-                with env.begin(write=True) as txn:
-                    apply(txn, groups, meta)
-                return
+                with env.begin(write=write) as txn:
+                    return body(txn, groups, meta)
             except lmdb.MapFullError:
                 new_size = env.info()["map_size"] * 2
                 logger.info("index %s is full; growing its map to %d bytes", self.path, new_size)
@@ -354,8 +351,8 @@ class Index:
             except _CORRUPTION as exc:
                 self.recover(None, exc)
             except lmdb.Error as exc:
-                raise StorageError(f"index {self.path} refused a write: {exc}") from exc
-        raise StorageError(f"index {self.path} kept refusing a write; run `vua rebuild-index` on it")
+                raise StorageError(f"index {self.path} refused a {what}: {exc}") from exc
+        raise StorageError(f"index {self.path} kept failing a {what}; run `vua rebuild-index` on it")
 
 
 def _touch_in(txn: lmdb.Transaction, groups: lmdb._Database, uses: dict[bytes, int]) -> None:
