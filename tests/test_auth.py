@@ -71,6 +71,18 @@ class AuthTest(StoreTestCase):
         self.assertEqual(self.vua.put(self.tokens, self.kv), 1)
         self.assertPrefix(3)
 
+    def test_layerwise_loads_check_macs_before_handing_out_layers(self):
+        # Layer-wise loads hand layer 0 out before the last layer is read, so the MAC must be
+        # checked before the copy starts (it is, for every load, when the group is opened).
+        self.forge_group(1, key=secrets.token_bytes(32))
+        with self.assertLogs("vua", level="WARNING") as logs:
+            load = self.vua.load(self.tokens, "cpu", layerwise=True)
+            k, v = load.wait_layer(0)
+            self.assertEqual(load.wait(), 1)
+        self.assertTrue(any("MAC does not verify" in line for line in logs.output))
+        self.assertEqual(k.shape[2], 16)
+        self.assertTrue(torch.equal(k, self.kv[0][0][:, :, :16]))
+
     def test_a_stolen_mac_does_not_carry_over(self):
         with Fragment(_layout.fragment_path(self.root, self.keys[0])) as fragment:
             stolen = fragment.metadata["mac"]
