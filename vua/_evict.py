@@ -13,11 +13,9 @@ renamed aside before its files go, so a reader moving the same group aside at th
 from __future__ import annotations
 
 import logging
-import os
-import secrets
 import shutil
 
-from vua import _layout
+from vua._fragment import move_group_aside
 from vua._index import Index
 
 logger = logging.getLogger(__name__)
@@ -46,12 +44,6 @@ def enforce_capacity(index: Index, root: str, max_bytes: int) -> int:
 
 def discard_group(root: str, key_hex: str) -> None:
     """Removes a group: one atomic rename out of its place, then the files; a group already gone is fine."""
-    final = _layout.group_dir(root, key_hex)
-    doomed = os.path.join(
-        os.path.dirname(final), f"{_layout.TMP_PREFIX}{key_hex}-evicted-{os.getpid()}-{secrets.token_hex(4)}"
-    )
-    try:
-        os.rename(final, doomed)
-    except OSError:
-        return  # gone already (evicted or moved aside by another process)
-    shutil.rmtree(doomed, ignore_errors=True)
+    doomed = move_group_aside(root, key_hex, "evicted")
+    if doomed is not None:
+        shutil.rmtree(doomed, ignore_errors=True)

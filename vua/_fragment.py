@@ -275,24 +275,35 @@ def mark_used(root: str, uses: dict[str, int]) -> None:
             pass
 
 
-def quarantine_group(root: str, key_hex: str) -> bool:
-    """Moves a damaged group out of the way, atomically, so a later put can rewrite it.
+def move_group_aside(root: str, key_hex: str, why: str) -> str | None:
+    """Renames a group's directory out of its place, atomically, to a temporary name saying ``why``.
 
-    The directory is renamed to a temporary name (``vua verify --fix`` removes those once
-    they are old); a reader that already mapped the fragment keeps working.
+    Readers that already mapped its fragment keep working; later lookups no longer find it.
 
     Returns:
-        True if this call moved it.
+        The new path, or None when the group was gone already (moved by another process)
+        or the root may not be changed by this process.
     """
     final = _layout.group_dir(root, key_hex)
     target = os.path.join(
-        os.path.dirname(final), f"{_layout.TMP_PREFIX}{key_hex}-damaged-{os.getpid()}-{secrets.token_hex(4)}"
+        os.path.dirname(final), f"{_layout.TMP_PREFIX}{key_hex}-{why}-{os.getpid()}-{secrets.token_hex(4)}"
     )
     try:
         os.rename(final, target)
-        return True
     except OSError:
-        return False  # gone already, or a root this process may not change: the read is cut either way
+        return None
+    return target
+
+
+def quarantine_group(root: str, key_hex: str) -> bool:
+    """Moves a damaged group out of the way, so a later put can rewrite it.
+
+    ``vua verify --fix`` removes the moved directory once it is old.
+
+    Returns:
+        True if this call moved it (when it did not, the read is cut either way).
+    """
+    return move_group_aside(root, key_hex, "damaged") is not None
 
 
 def open_regular(path: str) -> int:
