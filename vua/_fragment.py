@@ -306,11 +306,34 @@ def quarantine_group(root: str, key_hex: str) -> bool:
     return move_group_aside(root, key_hex, "damaged") is not None
 
 
-def open_regular(path: str) -> int:
-    """Opens a fragment for reading: a descriptor of a regular file, never blocking.
+class NotRegularFileError(OSError):
+    """A path holds something else than a regular file (a directory, a FIFO, a device)."""
 
-    Whatever else stands at a fragment's path (a directory, a FIFO, a device) is damage:
-    O_NONBLOCK keeps a FIFO from blocking the open, and the fstat turns it away.
+
+def open_regular_file(path: str) -> int:
+    """Opens ``path`` read-only, never blocking, and only if it is a regular file.
+
+    O_NONBLOCK keeps a FIFO in a file's place from blocking the open; the fstat turns away
+    anything that is not a regular file. Used for every file VUA reads that someone else
+    could have replaced: fragments, the index's CURRENT and data file.
+
+    Raises:
+        NotRegularFileError: something else stands at ``path``.
+        OSError: the open or fstat failed (FileNotFoundError, PermissionError, EIO, ...).
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise NotRegularFileError(errno.EINVAL, f"not a regular file (mode {stat.filemode(mode)})", path)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def open_regular(path: str) -> int:
+    """Opens a fragment for reading (see :func:`open_regular_file`).
 
     Raises:
         FragmentError: with ``damaged`` True when the path holds no regular file for good
@@ -318,24 +341,11 @@ def open_regular(path: str) -> int:
             (EIO, ESTALE, EACCES), so the group stays.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        return open_regular_file(path)
     except OSError as exc:
         error = FragmentError(f"cannot open fragment {path}: {exc.strerror}")
-        error.damaged = isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError))
+        error.damaged = isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError, NotRegularFileError))
         raise error from None
-    try:
-        mode = os.fstat(fd).st_mode
-    except OSError as exc:
-        os.close(fd)
-        error = FragmentError(f"cannot stat fragment {path}: {exc.strerror}")
-        error.damaged = False
-        raise error from None
-    if not stat.S_ISREG(mode):
-        os.close(fd)
-        error = FragmentError(f"fragment {path} is not a regular file (mode {stat.filemode(mode)})")
-        error.damaged = True
-        raise error
-    return fd
 
 
 # Authenticated fragments (VUAConfig.auth_key): the metadata's "mac" is keyed BLAKE3 over

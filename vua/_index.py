@@ -26,7 +26,6 @@ import logging
 import os
 import re
 import shutil
-import stat
 import struct
 import threading
 import time
@@ -39,7 +38,7 @@ from typing import NamedTuple, TypeVar
 import lmdb
 
 from vua import _layout
-from vua._fragment import Fragment, Layout, fsync_dir
+from vua._fragment import Fragment, Layout, NotRegularFileError, fsync_dir, open_regular_file
 from vua.errors import FragmentError, StorageError
 
 logger = logging.getLogger(__name__)
@@ -185,10 +184,6 @@ class Index:
             # Slots of readers that died without closing would otherwise pin old pages forever.
             env.reader_check()
 
-    def _read(self, read: Callable[[lmdb.Transaction, lmdb._Database, lmdb._Database], _T]) -> _T:
-        """Runs ``read`` in a read transaction (see :meth:`_transact`)."""
-        return self._transact(read, write=False)
-
     def close(self) -> None:
         with self._open_lock:
             if self._pid == os.getpid():
@@ -326,6 +321,10 @@ class Index:
         """Records when groups were last used (key -> time.time_ns()), for LRU eviction."""
         self._write(lambda txn, groups, meta: _touch_in(txn, groups, uses))
 
+    def _read(self, read: Callable[[lmdb.Transaction, lmdb._Database, lmdb._Database], _T]) -> _T:
+        """Runs ``read`` in a read transaction (see :meth:`_transact`)."""
+        return self._transact(read, write=False)
+
     def _write(self, apply: Callable[[lmdb.Transaction, lmdb._Database, lmdb._Database], None]) -> None:
         """Runs ``apply`` in a write transaction (see :meth:`_transact`)."""
         self._transact(apply, write=True)
@@ -462,15 +461,15 @@ def check_data_file(path: str) -> None:
         DamagedIndexError: no valid meta page, or the file ends before the last page.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = open_regular_file(path)
     except FileNotFoundError:
         return  # a new generation: LMDB creates it
+    except NotRegularFileError as exc:
+        raise DamagedIndexError(f"index file {path}: {exc.strerror}") from None
     except OSError as exc:
         raise StorageError(f"cannot read the index file {path}: {exc.strerror}") from exc
     try:
         info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise DamagedIndexError(f"index file {path} is not a regular file")
         if info.st_size == 0:
             return  # created but never written (a crash at creation): LMDB initialises it
         head = os.pread(fd, 2 * _META_PAGE_MAX, 0)
@@ -535,14 +534,11 @@ def read_current(index_path: str) -> str | None:
     only form a rebuild writes (never a path: ``../../x`` would open an environment outside
     the store), and read without blocking from a regular file only.
     """
-    path = os.path.join(index_path, CURRENT_FILE)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = open_regular_file(os.path.join(index_path, CURRENT_FILE))
     except OSError:
         return None
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
         raw = os.read(fd, 256)
     except OSError:
         return None
