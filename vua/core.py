@@ -656,26 +656,25 @@ class VUA:
             (groups, layout id); (0, 0) when none is stored.
         """
         packed = self._index.lookup_prefix(keys)
-        healed = []
         count, layout_id = self._usable_run(packed)
-        while count < len(packed):
-            found = read_group_record(self.root, keys[count].hex())
+        healed = []  # (key, record, layout, namespace) the index misrecorded or lacked
+        # Past the usable run the fragment decides: a record that disagrees is checked, and
+        # so is a group the index lacks but the tree holds (another node may have written it).
+        while count < len(keys):
+            key_hex = keys[count].hex()
+            indexed = count < len(packed)
+            if not indexed and not os.path.isdir(_layout.group_dir(self.root, key_hex)):
+                break
+            found = read_group_record(self.root, key_hex)
             if found is None or found[0].namespace_id != self._ns_id or (count and found[0].layout_id != layout_id):
                 break
             healed.append((keys[count], *found))
-            packed[count] = found[0].pack()
-            count, layout_id = self._usable_run(packed)
-        if count == len(packed):
-            for j in range(len(packed), len(keys)):
-                key_hex = keys[j].hex()
-                if not os.path.isdir(_layout.group_dir(self.root, key_hex)):
-                    break
-                found = read_group_record(self.root, key_hex)
-                if found is None or found[0].namespace_id != self._ns_id:
-                    break
-                healed.append((keys[j], *found))
+            if indexed:  # the healed record may join the run to the records after it
+                packed[count] = found[0].pack()
+                count, layout_id = self._usable_run(packed)
+            else:
                 packed.append(found[0].pack())
-            count, layout_id = self._usable_run(packed)
+                count, layout_id = count + 1, layout_id if count else found[0].layout_id
         if healed:
             logger.debug("found %d groups in the tree that the index lacked or misrecorded", len(healed))
             try:
