@@ -91,6 +91,15 @@ class StoreTestCase(unittest.TestCase):
         self.addCleanup(vua.close)
         return vua
 
+    def assertHit(self, hit, groups: int, kv, split: int = 16) -> None:
+        """Asserts ``hit`` holds exactly the first ``groups`` groups of ``kv`` (None when 0)."""
+        if groups == 0:
+            self.assertIsNone(hit)
+            return
+        self.assertIsNotNone(hit)
+        self.assertEqual(hit.tokens.numel(), groups * split)
+        self.assertKVEqual(hit.data, kv_slice(kv, 0, groups * split))
+
     def assertKVEqual(self, got, expected) -> None:
         self.assertEqual(len(got), len(expected))
         for i, ((gk, gv), (ek, ev)) in enumerate(zip(got, expected)):

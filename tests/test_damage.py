@@ -7,7 +7,7 @@ import struct
 
 import torch
 
-from tests.helpers import StoreTestCase, flip_byte, kv_slice, random_kv
+from tests.helpers import StoreTestCase, flip_byte, random_kv
 from vua import _layout
 from vua._fragment import publish_fragment
 from vua._keys import group_keys, tokens_as_int64
@@ -37,11 +37,7 @@ class DamageTest(StoreTestCase):
             self.assertTrue(logs.output)
         else:
             hit = get()
-        if groups == 0:
-            self.assertIsNone(hit)
-            return
-        self.assertEqual(hit.tokens.numel(), groups * 16)
-        self.assertKVEqual(hit.data, kv_slice(self.kv, 0, groups * 16))
+        self.assertHit(hit, groups, self.kv)
 
     def test_truncated_fragment(self):
         with open(self.path(1), "r+b") as f:

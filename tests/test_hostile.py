@@ -69,13 +69,7 @@ class HostileStoreTestCase(StoreTestCase):
         return _layout.fragment_path(self.root, self.keys[group])
 
     def assertPrefix(self, groups: int, vua=None) -> None:
-        hit = (vua or self.vua).get_closest(self.tokens, device="cpu")
-        if groups == 0:
-            self.assertIsNone(hit)
-            return
-        self.assertIsNotNone(hit)
-        self.assertEqual(hit.tokens.numel(), groups * 16)
-        self.assertKVEqual(hit.data, kv_slice(self.kv, 0, groups * 16))
+        self.assertHit((vua or self.vua).get_closest(self.tokens, device="cpu"), groups, self.kv)
 
 
 class NonRegularFragmentTest(HostileStoreTestCase):
