@@ -1,14 +1,23 @@
-"""Shared test helpers: temporary stores and random KV in the transformers legacy layout."""
+"""Shared test helpers: temporary stores, random KV in the transformers legacy layout, and the
+few looks inside a store that tests need (its index, its layout), in one place."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import shutil
 import tempfile
 import unittest
 
+import lmdb
 import torch
 
+from vua._index import Index
+from vua._inputs import checked_put
+from vua._kv_layout import Layout
+from vua._record import GroupRecord
+from vua.cli import main
 from vua.core import VUA, VUAConfig
 
 # A decoder small enough to build from a config in milliseconds (no hub, random weights),
@@ -138,3 +147,48 @@ def check_hit(hit, query: torch.Tensor) -> int:
     for (k, v), (ek, ev) in zip(hit.data, expected):
         assert torch.equal(k, ek) and torch.equal(v, ev), "hit data differs from what was put"
     return n
+
+
+def run_cli(*argv: str) -> tuple[int, str, str]:
+    """Runs ``vua ARGV`` in this process: (exit status, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = main(list(argv))
+    return status, out.getvalue(), err.getvalue()
+
+
+def layout_of(kv: list[tuple[torch.Tensor, torch.Tensor]], split: int = 16) -> Layout:
+    """The layout a put of ``kv`` (batch 1) stores."""
+    tokens = torch.zeros(kv[0][0].shape[2] // split * split, dtype=torch.long)
+    return checked_put(tokens, kv, 0, split)[1]
+
+
+# -- the store's index, which tests inspect and damage -----------------------------------
+
+
+def index_of(store: VUA) -> Index:
+    return store._index
+
+
+def index_records(store: VUA) -> dict[bytes, GroupRecord | None]:
+    """Every index entry of the store: key -> record (None for garbage)."""
+    return dict(store._index.items())
+
+
+def index_total_bytes(store: VUA) -> int:
+    return store._index.total_bytes()
+
+
+def indexed_groups(store: VUA, keys: list[bytes]) -> int:
+    """How many leading groups of ``keys`` the store's index itself records (no tree probe)."""
+    return len(store._index.lookup_prefix(keys))
+
+
+def forget_in_index(store: VUA, keys: list[bytes]) -> None:
+    """Drops groups from the index only, as if another node had written them."""
+    store._index.remove(keys)
+
+
+def index_env(store: VUA) -> tuple[lmdb.Environment, lmdb._Database, lmdb._Database]:
+    """The index's LMDB environment and its groups and meta databases, for injecting damage."""
+    return store._index.env()

@@ -7,10 +7,12 @@ import secrets
 
 import torch
 
-from tests.helpers import StoreTestCase, random_kv
+from tests.helpers import StoreTestCase, layout_of, random_kv
 from vua import _layout
-from vua._fragment import Fragment, mac_key, publish_fragment
+from vua._fragment import Fragment
 from vua._keys import tokens_as_int64
+from vua._mac import mac_key
+from vua._publish import publish_fragment
 from vua._writer import GroupSource
 from vua.core import VUAConfig
 from vua.errors import InvalidInputError
@@ -30,7 +32,7 @@ class AuthTest(StoreTestCase):
     def forge_group(self, group: int, *, key: bytes | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Replaces a group by one holding other K/V with valid xxh3 sums, sealed with ``key`` (None: unsealed)."""
         forged = [(k + 1, v - 1) for k, v in self.kv]
-        layout = self.vua._check_put(self.tokens, forged)[1]
+        layout = layout_of(forged)
         source = GroupSource(
             [(k, v) for k, v in forged], layout, 16, "auth", mac_key=None if key is None else mac_key(key)
         )

@@ -7,10 +7,10 @@ import struct
 
 import torch
 
-from tests.helpers import StoreTestCase, flip_byte, random_kv
+from tests.helpers import StoreTestCase, flip_byte, index_env, indexed_groups, layout_of, random_kv
 from vua import _layout
-from vua._fragment import publish_fragment
 from vua._keys import group_keys, tokens_as_int64
+from vua._publish import publish_fragment
 from vua._writer import GroupSource
 from vua.core import VUAConfig
 
@@ -63,7 +63,7 @@ class DamageTest(StoreTestCase):
         forged = self.tokens.clone()
         forged[20] = 7
         ids = tokens_as_int64(forged)
-        layout = self.vua._check_put(forged, self.kv)[1]
+        layout = layout_of(self.kv)
         source = GroupSource([(k, v) for k, v in self.kv], layout, 16, "dmg")
         header, buffers = source.fragment(ids, 0, 1, self.keys[1], self.keys[0])
         os.rename(_layout.group_dir(self.root, self.keys[1]), os.path.join(self.root, "moved-away"))
@@ -79,12 +79,11 @@ class DamageTest(StoreTestCase):
         self.assertPrefix(1)
 
     def test_garbage_in_the_index_heals_from_the_tree(self):
-        index = self.vua._index
-        env, groups, _ = index.env()
+        env, groups, _ = index_env(self.vua)
         with env.begin(write=True, db=groups) as txn:
             txn.put(bytes.fromhex(self.keys[0]), b"garbage")
         self.assertPrefix(3, warns="vua._index")
-        self.assertEqual(len(index.lookup_prefix([bytes.fromhex(k) for k in self.keys])), 3)
+        self.assertEqual(indexed_groups(self.vua, [bytes.fromhex(k) for k in self.keys]), 3)
         self.assertPrefix(3, warns=None)
 
     def test_group_of_other_namespace_is_refused(self):

@@ -12,9 +12,8 @@ from unittest import mock
 
 import torch
 
-from tests.helpers import StoreTestCase, check_hit, listing, prefix_kv
-from tests.test_maintenance import run_cli
-from vua import _fragment, _layout
+from tests.helpers import StoreTestCase, check_hit, index_records, listing, prefix_kv, run_cli
+from vua import _layout, _publish
 from vua.core import VUA, VUAConfig
 from vua.errors import StorageError
 
@@ -44,7 +43,7 @@ class DiskFaultTest(StoreTestCase):
             real_writev(fd, buffers[:1])  # part of the file lands, then the disk is full
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-        with mock.patch.object(_fragment.os, "writev", full):
+        with mock.patch.object(_publish.os, "writev", full):
             with self.assertRaises(StorageError) as ctx:
                 self.vua.put(self.tokens, prefix_kv(self.tokens))
         self.assertIn("No space left on device", str(ctx.exception))
@@ -52,13 +51,13 @@ class DiskFaultTest(StoreTestCase):
         self.assertUnchangedAndUsable()
 
     def test_disk_full_at_fsync(self):
-        with mock.patch.object(_fragment.os, "fsync", side_effect=OSError(errno.ENOSPC, "No space left on device")):
+        with mock.patch.object(_publish.os, "fsync", side_effect=OSError(errno.ENOSPC, "No space left on device")):
             with self.assertRaisesRegex(StorageError, "No space left on device"):
                 self.vua.put(self.tokens, prefix_kv(self.tokens))
         self.assertUnchangedAndUsable()
 
     def test_permission_denied(self):
-        with mock.patch.object(_fragment.os, "mkdir", side_effect=PermissionError(errno.EACCES, "Permission denied")):
+        with mock.patch.object(_publish.os, "mkdir", side_effect=PermissionError(errno.EACCES, "Permission denied")):
             with self.assertRaisesRegex(StorageError, "Permission denied.*fix permissions"):
                 self.vua.put(self.tokens, prefix_kv(self.tokens))
         self.assertUnchangedAndUsable()
@@ -74,7 +73,7 @@ class DiskFaultTest(StoreTestCase):
             return real_rename(src, dst)
 
         vua = self.store(VUAConfig(split_factor=16, namespace="faults", io_threads=1))
-        with mock.patch.object(_fragment.os, "rename", rename_twice):
+        with mock.patch.object(_publish.os, "rename", rename_twice):
             with self.assertRaises(StorageError):
                 vua.put(self.tokens, prefix_kv(self.tokens))
         self.assertEqual(temporaries(self.root), [])
@@ -126,9 +125,9 @@ class CrashTest(StoreTestCase):
         self.assertEqual(temporaries(self.root), [])
         status, out, _ = run_cli("verify", self.root, "--grace", "0")
         self.assertEqual(status, 0, out)
-        live = {k: (r.namespace_id, r.layout_id, r.nbytes, r.group_index) for k, r in vua._index.items()}
+        live = {k: (r.namespace_id, r.layout_id, r.nbytes, r.group_index) for k, r in index_records(vua).items()}
         self.assertEqual(run_cli("rebuild-index", self.root)[0], 0)
-        rebuilt = {k: (r.namespace_id, r.layout_id, r.nbytes, r.group_index) for k, r in vua._index.items()}
+        rebuilt = {k: (r.namespace_id, r.layout_id, r.nbytes, r.group_index) for k, r in index_records(vua).items()}
         self.assertEqual(rebuilt, live)
 
 

@@ -170,7 +170,7 @@ _INDEX_TRIALS = """
     import torch
     logging.disable(logging.CRITICAL)
     from tests.helpers import check_hit, prefix_kv
-    from vua import _index
+    from vua import _generations
     from vua._verify import verify_store
     from vua.core import VUA, VUAConfig
 
@@ -184,7 +184,7 @@ _INDEX_TRIALS = """
             other = torch.arange(i * 1000, i * 1000 + 32)
             vua.put(other, prefix_kv(other))
         vua.close()
-        generation = os.path.join(vua.index_path, _index.read_current(vua.index_path))
+        generation = os.path.join(vua.index_path, _generations.read_current(vua.index_path))
         data = os.path.join(generation, "data.mdb")
         size = os.path.getsize(data)
         way = rng.choice(["truncate", "random-bytes", "meta-bytes", "current", "lock-file"])

@@ -20,9 +20,18 @@ from unittest import mock
 import lmdb
 import torch
 
-from tests.helpers import StoreTestCase, kv_slice, random_kv
-from vua import _evict, _index, _layout, core
-from vua._fragment import Fragment, quarantine_group
+from tests.helpers import (
+    StoreTestCase,
+    forget_in_index,
+    index_env,
+    index_records,
+    kv_slice,
+    prefix_kv,
+    random_kv,
+)
+from vua import _catalog, _evict, _generations, _index, _layout, _rebuild
+from vua._fragment import Fragment
+from vua._publish import quarantine_group
 from vua._verify import verify_store as verify
 from vua.core import VUAConfig
 from vua.errors import FragmentError
@@ -123,7 +132,7 @@ class HostileHeaderTest(HostileStoreTestCase):
         report = verify(self.root, self.vua.index_path)
         self.assertEqual([p.kind for p in report.problems], ["damaged-fragment"])
         self.assertIn("nested too deeply", report.problems[0].detail)
-        summary = _index.rebuild(self.root, self.vua.index_path)
+        summary = _rebuild.rebuild(self.root, self.vua.index_path)
         self.assertEqual((summary.groups, summary.damaged), (2, 1))
         # A store opened with no index at all builds it from the tree, skipping the damage.
         fresh = self.store(VUAConfig(split_factor=16, namespace="hostile", index_path=self.root + "-idx"))
@@ -167,7 +176,6 @@ _OPEN_AND_GET = """
 class DamagedIndexTest(StoreTestCase):
     def setUp(self):
         super().setUp()
-        from tests.helpers import prefix_kv
 
         vua = self.store(split_factor=16, namespace="idx")
         tokens = torch.arange(64)
@@ -176,7 +184,7 @@ class DamagedIndexTest(StoreTestCase):
             other = torch.arange(i * 1000, i * 1000 + 32)
             vua.put(other, prefix_kv(other))
         vua.close()
-        generation = _index.read_current(vua.index_path)
+        generation = _generations.read_current(vua.index_path)
         self.data_file = os.path.join(vua.index_path, generation, "data.mdb")
 
     def assertOpensAndReadsAll(self):
@@ -192,7 +200,7 @@ class DamagedIndexTest(StoreTestCase):
                 with open(self.data_file, "r+b") as f:
                     f.truncate(max(int(size * fraction) // 4096 * 4096, 8192))
                 self.assertOpensAndReadsAll()
-                generation = _index.read_current(os.path.join(self.root, "index.lmdb"))
+                generation = _generations.read_current(os.path.join(self.root, "index.lmdb"))
                 self.data_file = os.path.join(self.root, "index.lmdb", generation, "data.mdb")
                 size = os.path.getsize(self.data_file)
 
@@ -202,11 +210,11 @@ class DamagedIndexTest(StoreTestCase):
         self.assertOpensAndReadsAll()
 
     def test_check_data_file_accepts_a_good_one_and_refuses_a_short_one(self):
-        _index.check_data_file(self.data_file)  # no exception
+        _generations.check_data_file(self.data_file)  # no exception
         with open(self.data_file, "r+b") as f:
             f.truncate(os.path.getsize(self.data_file) - 4096)
-        with self.assertRaises(_index.DamagedIndexError):
-            _index.check_data_file(self.data_file)
+        with self.assertRaises(_generations.DamagedIndexError):
+            _generations.check_data_file(self.data_file)
 
 
 class CurrentFileTest(StoreTestCase):
@@ -217,7 +225,7 @@ class CurrentFileTest(StoreTestCase):
         self.kv = random_kv(1, 32)
         self.vua.put(self.tokens, self.kv)
         self.vua.close()
-        self.current = os.path.join(self.vua.index_path, _index.CURRENT_FILE)
+        self.current = os.path.join(self.vua.index_path, _generations.CURRENT_FILE)
 
     def assertStoreWorks(self):
         with self.assertLogs("vua._index", level="WARNING"):
@@ -225,7 +233,7 @@ class CurrentFileTest(StoreTestCase):
         hit = vua.get_closest(self.tokens, device="cpu")
         self.assertEqual(hit.tokens.numel(), 32)
         self.assertKVEqual(hit.data, kv_slice(self.kv, 0, 32))
-        self.assertIsNotNone(_index.read_current(self.vua.index_path))
+        self.assertIsNotNone(_generations.read_current(self.vua.index_path))
 
     def test_a_path_outside_the_store(self):
         outside = os.path.join(self.root, "..", os.path.basename(self.root) + "-outside")
@@ -249,7 +257,7 @@ class CurrentFileTest(StoreTestCase):
 class IndexFaultTest(HostileStoreTestCase):
     def test_map_grown_by_another_process(self):
         self.assertPrefix(3)
-        generation = _index.read_current(self.vua.index_path)
+        generation = _generations.read_current(self.vua.index_path)
         child = run_child(
             """
             import sys, lmdb
@@ -268,11 +276,11 @@ class IndexFaultTest(HostileStoreTestCase):
 
     def test_full_index_does_not_fail_reads(self):
         # The fault: every write transaction of the index fails as on a full file system.
-        self.vua._index.remove([bytes.fromhex(self.keys[2])])  # so the get discovers it in the tree
+        forget_in_index(self.vua, [bytes.fromhex(self.keys[2])])  # so the get discovers it in the tree
         full = mock.patch.object(_index, "_touch_in", side_effect=lmdb.DiskError("No space left on device"))
-        full_add = mock.patch.object(_index, "_adjust_total", side_effect=lmdb.DiskError("No space left on device"))
-        with full, full_add, mock.patch.object(core, "_TOUCH_FLUSH_SECONDS", 0.0):
-            with self.assertLogs("vua.core", level="WARNING") as logs:
+        full_add = mock.patch.object(_index, "adjust_total", side_effect=lmdb.DiskError("No space left on device"))
+        with full, full_add, mock.patch.object(_catalog, "_TOUCH_FLUSH_SECONDS", 0.0):
+            with self.assertLogs("vua", level="WARNING") as logs:
                 self.assertPrefix(3)
         self.assertTrue(any("could not record" in line for line in logs.output))
 
@@ -306,26 +314,26 @@ class IndexFaultTest(HostileStoreTestCase):
 
     def misrecord(self, group: int, field: str):
         """Rewrites one group's index record with another namespace or layout id; returns the true record."""
-        index = self.vua._index
         key = bytes.fromhex(self.keys[group])
-        (record,) = index.records([key])
-        env, groups, _ = index.env()
+        record = index_records(self.vua)[key]
+        env, groups, _ = index_env(self.vua)
         with env.begin(write=True, db=groups) as txn:
             txn.put(key, record._replace(**{field: getattr(record, field) ^ 1}).pack())
-        return index, key, record
+        return key, record
 
     def test_record_of_another_namespace_heals(self):
-        index, key, record = self.misrecord(1, "namespace_id")
+        key, record = self.misrecord(1, "namespace_id")
         report = verify(self.root, self.vua.index_path)
         self.assertEqual([p.kind for p in report.problems], ["misrecorded-index-entry"])
         self.assertPrefix(3)  # the fragment agrees with the prefix: the record is healed
         self.assertTrue(verify(self.root, self.vua.index_path).clean)
-        self.assertEqual(index.records([key]), [record._replace(last_used=index.records([key])[0].last_used)])
+        healed = index_records(self.vua)[key]
+        self.assertEqual(healed, record._replace(last_used=healed.last_used))
 
     def test_record_of_another_layout_heals_on_put(self):
-        index, key, record = self.misrecord(0, "layout_id")
+        key, record = self.misrecord(0, "layout_id")
         self.assertEqual(self.vua.put(self.tokens, self.kv), 0)  # the fragment fits: no rewrite
-        self.assertEqual(index.records([key])[0].layout_id, record.layout_id)
+        self.assertEqual(index_records(self.vua)[key].layout_id, record.layout_id)
         self.assertPrefix(3)
 
     def test_fragment_of_another_layout_is_replaced_on_put(self):
@@ -353,11 +361,11 @@ class IndexFileModeTest(StoreTestCase):
     def test_file_mode_applies_to_the_index_files(self):
         vua = self.store(split_factor=16, namespace="mode", file_mode=0o600)
         vua.put(torch.arange(16), random_kv(1, 16))
-        generation = os.path.join(vua.index_path, _index.read_current(vua.index_path))
+        generation = os.path.join(vua.index_path, _generations.read_current(vua.index_path))
         for path in (
             os.path.join(generation, "data.mdb"),
             os.path.join(generation, "lock.mdb"),
-            os.path.join(vua.index_path, _index.CURRENT_FILE),
+            os.path.join(vua.index_path, _generations.CURRENT_FILE),
             _layout.fragment_path(self.root, vua.config.tokens_to_paths(torch.arange(16))[0]),
         ):
             self.assertEqual(os.stat(path).st_mode & 0o7777, 0o600, path)

@@ -16,19 +16,22 @@ from unittest import mock
 
 import torch
 
-from tests.helpers import StoreTestCase, check_hit, prefix_kv, random_kv
-from vua import _index, _layout
+from tests.helpers import (
+    StoreTestCase,
+    check_hit,
+    index_env,
+    index_records,
+    index_total_bytes,
+    indexed_groups,
+    prefix_kv,
+    random_kv,
+    run_cli,
+)
+from vua import _generations, _index, _layout
 from vua.cli import human_size, main, parse_size
 from vua.core import VUA, VUAConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def run_cli(*argv: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        status = main(list(argv))
-    return status, out.getvalue(), err.getvalue()
 
 
 class CommandTest(StoreTestCase):
@@ -80,7 +83,7 @@ class CommandTest(StoreTestCase):
     def test_verify_finds_index_disagreements(self):
         keys = self.vua.config.tokens_to_paths(torch.arange(48))
         shutil.rmtree(_layout.group_dir(self.root, keys[2]))  # indexed, gone from the tree
-        env, groups, _ = self.vua._index.env()
+        env, groups, _ = index_env(self.vua)
         with env.begin(write=True, db=groups) as txn:
             txn.delete(bytes.fromhex(keys[0]))  # in the tree, not indexed
             txn.put(b"\x01" * 16, b"junk")
@@ -92,13 +95,15 @@ class CommandTest(StoreTestCase):
         self.assertEqual(self.vua.get_closest(torch.arange(48), device="cpu").tokens.numel(), 32)
 
     def test_rebuild_index_equals_live_index(self):
-        live = {k: (r.namespace_id, r.layout_id, r.nbytes, r.group_index) for k, r in self.vua._index.items()}
+        live = {k: (r.namespace_id, r.layout_id, r.nbytes, r.group_index) for k, r in index_records(self.vua).items()}
         status, out, _ = run_cli("rebuild-index", self.root, "--json")
         self.assertEqual(status, 0)
         self.assertEqual(json.loads(out)["groups"], 4)
-        rebuilt = {k: (r.namespace_id, r.layout_id, r.nbytes, r.group_index) for k, r in self.vua._index.items()}
+        rebuilt = {
+            k: (r.namespace_id, r.layout_id, r.nbytes, r.group_index) for k, r in index_records(self.vua).items()
+        }
         self.assertEqual(rebuilt, live)
-        self.assertEqual(self.vua._index.total_bytes(), sum(r[2] for r in live.values()))
+        self.assertEqual(index_total_bytes(self.vua), sum(r[2] for r in live.values()))
         # The open store switched to the new generation and still serves.
         self.assertEqual(self.vua.get_closest(torch.arange(48), device="cpu").tokens.numel(), 48)
 
@@ -113,12 +118,12 @@ class CommandTest(StoreTestCase):
             self.assertIn("4 groups", done.stdout)
 
     def test_gc(self):
-        total = self.vua._index.total_bytes()
+        total = index_total_bytes(self.vua)
         status, out, _ = run_cli("gc", self.root, "--max-bytes", str(total // 2), "--json")
         self.assertEqual(status, 0)
         result = json.loads(out)
         self.assertLessEqual(result["bytes_after"], total // 2)
-        self.assertEqual(len(self.fragment_files()), len(list(self.vua._index.items())))
+        self.assertEqual(len(self.fragment_files()), len(list(index_records(self.vua).items())))
 
     def test_errors(self):
         status, _, err = run_cli("stats", os.path.join(self.root, "missing"))
@@ -236,7 +241,7 @@ class CapacityTest(StoreTestCase):
         self.assertEqual(check_hit(vua.get_closest(a, device="cpu"), a), 32)
         self.assertEqual(check_hit(vua.get_closest(c, device="cpu"), c), 32)
         self.assertIsNone(vua.get_closest(b, device="cpu"))
-        self.assertLessEqual(vua._index.total_bytes(), vua.config.max_bytes)
+        self.assertLessEqual(index_total_bytes(vua), vua.config.max_bytes)
 
     def test_suffix_goes_before_its_prefix(self):
         tokens = torch.arange(64)
@@ -256,7 +261,7 @@ class CapacityTest(StoreTestCase):
         from vua._keys import group_keys, tokens_as_int64
 
         ids = tokens_as_int64(tokens)
-        fragments, _ = vua._open_prefix(group_keys(ids, 16, vua._seed), ids)
+        fragments, _ = vua._catalog.open_prefix(group_keys(ids, 16, vua._seed), ids)
         self.assertEqual(len(fragments), 2)
         self.assertEqual(run_cli("gc", self.root, "--max-bytes", "0")[0], 0)
         self.assertIsNone(vua.get_closest(tokens, device="cpu"))
@@ -292,21 +297,19 @@ class SharedStorageTest(StoreTestCase):
         self.assertEqual(done.stdout.split(), ["2", "2"])
         self.assertEqual(check_hit(node_b.get_closest(tokens, device="cpu"), tokens), 64)
         keys = [bytes.fromhex(k) for k in node_b.config.tokens_to_paths(tokens)]
-        self.assertEqual(len(node_b._index.lookup_prefix(keys)), 4)  # recorded in b's own index
+        self.assertEqual(indexed_groups(node_b, keys), 4)  # recorded in b's own index
         self.assertFalse(os.path.exists(os.path.join(self.root, "index.lmdb")))
 
 
 class IndexUpkeepTest(StoreTestCase):
     def test_map_full_grows_the_map(self):
-        with mock.patch.object(_index, "_INITIAL_MAP_SIZE", 64 * 1024):
+        with mock.patch.object(_generations, "_INITIAL_MAP_SIZE", 64 * 1024):
             vua = self.store(split_factor=1, namespace="grow")
             tokens = torch.arange(3000)
             vua.put(tokens, [(torch.zeros(1, 1, 3000, 1), torch.zeros(1, 1, 3000, 1))])
-            env, _, _ = vua._index.env()
+            env, _, _ = index_env(vua)
             self.assertGreater(env.info()["map_size"], 64 * 1024)
-            self.assertEqual(
-                len(vua._index.lookup_prefix([bytes.fromhex(k) for k in vua.config.tokens_to_paths(tokens)])), 3000
-            )
+            self.assertEqual(indexed_groups(vua, [bytes.fromhex(k) for k in vua.config.tokens_to_paths(tokens)]), 3000)
 
     def test_index_is_reopened_after_fork(self):
         vua = self.store(split_factor=16, namespace="fork")
@@ -374,7 +377,7 @@ class IndexUpkeepTest(StoreTestCase):
             env=dict(os.environ, PYTHONPATH=REPO),
         )
         child_pid = int(child.stdout.readline())
-        env, _, _ = vua._index.env()
+        env, _, _ = index_env(vua)
         self.assertIn(str(child_pid), env.readers())
         child.kill()
         child.wait()

@@ -17,10 +17,9 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from tests.helpers import check_hit, prefix_kv
-from tests.test_maintenance import run_cli
+from tests.helpers import check_hit, index_records, index_total_bytes, prefix_kv, run_cli
 from vua import _layout
-from vua._index import rebuild
+from vua._rebuild import rebuild
 from vua.core import VUA, VUAConfig
 
 SPLIT = 4
@@ -80,7 +79,7 @@ class StoreMachine(RuleBasedStateMachine):
 
     @rule(fraction=st.sampled_from([0, 0.3, 0.7]))
     def evict(self, fraction):
-        limit = int(self.vua._index.total_bytes() * fraction)
+        limit = int(index_total_bytes(self.vua) * fraction)
         run_cli("gc", self.root, "--max-bytes", str(limit))
         self.certain.clear()  # which groups went is the LRU's business; data must stay exact
 
@@ -108,8 +107,8 @@ class StoreMachine(RuleBasedStateMachine):
 
     @invariant()
     def index_total_matches_records(self):
-        records = [r for _, r in self.vua._index.items() if r is not None]
-        assert self.vua._index.total_bytes() == sum(r.nbytes for r in records)
+        records = [r for _, r in index_records(self.vua).items() if r is not None]
+        assert index_total_bytes(self.vua) == sum(r.nbytes for r in records)
 
 
 StoreMachine.TestCase.settings = settings(

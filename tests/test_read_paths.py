@@ -8,7 +8,8 @@ import unittest
 import torch
 
 from tests.helpers import StoreTestCase, flip_byte, kv_slice, random_kv
-from vua import _gds, _layout
+from vua import _layout
+from vua._read import _gds
 
 
 class GroupCopiesTest(StoreTestCase):

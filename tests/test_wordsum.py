@@ -8,10 +8,11 @@ import unittest
 import numpy as np
 import torch
 
-from tests.helpers import StoreTestCase, random_kv
+from tests.helpers import StoreTestCase, layout_of, random_kv
 from vua import _layout
-from vua._fragment import Fragment, publish_fragment
+from vua._fragment import Fragment
 from vua._keys import tokens_as_int64
+from vua._publish import publish_fragment
 from vua._verify import verify_store
 from vua._wordsum import as_words, device_wordsums, host_wordsum, matches, tensor_wordsums
 from vua._writer import GroupSource
@@ -132,7 +133,7 @@ class StoredSumTest(StoreTestCase):
         keys = vua.config.tokens_to_paths(tokens)
         self.assertTrue(verify_store(self.root, vua.index_path).clean)
         # Group 1 again, byte for byte, but for a stored sum one off.
-        layout = vua._check_put(tokens, kv)[1]
+        layout = layout_of(kv)
         header, buffers = GroupSource(kv, layout, 16, "forged", host_wordsums=True).fragment(
             tokens_as_int64(tokens), 0, 1, keys[1], keys[0]
         )

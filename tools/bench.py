@@ -39,11 +39,9 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from vua import _layout  # noqa: E402
-from vua._keys import group_keys, namespace_seed, tokens_as_int64  # noqa: E402
-from vua.core import VUA, VUAConfig  # noqa: E402
+from vua import _layout
+from vua._keys import group_keys, namespace_seed, tokens_as_int64
+from vua.core import VUA, VUAConfig
 
 GB = 1e9
 LAYERS, HEADS, HEAD_DIM, DTYPE = 32, 8, 128, torch.bfloat16
@@ -336,9 +334,9 @@ def bench_keys_and_lookup(workdir: str, repeat: int) -> dict[str, float]:
     other = tokens.clone()
     other[0] += 1
     miss_keys = group_keys(tokens_as_int64(other), SPLIT, seed)
-    assert vua._indexed_prefix(keys)[0] == 512 and vua._indexed_prefix(miss_keys)[0] == 0
-    r["lookup_hit_131k_ms"] = 1e3 * statistics.median(timed(lambda: vua._indexed_prefix(keys), 50))
-    r["lookup_miss_131k_ms"] = 1e3 * statistics.median(timed(lambda: vua._indexed_prefix(miss_keys), 50))
+    assert vua._catalog.usable_groups(keys)[0] == 512 and vua._catalog.usable_groups(miss_keys)[0] == 0
+    r["lookup_hit_131k_ms"] = 1e3 * statistics.median(timed(lambda: vua._catalog.usable_groups(keys), 50))
+    r["lookup_miss_131k_ms"] = 1e3 * statistics.median(timed(lambda: vua._catalog.usable_groups(miss_keys), 50))
     r["get_miss_131k_ms"] = 1e3 * statistics.median(timed(lambda: vua.get_closest(other, device="cpu"), 20))
     vua.close()
     shutil.rmtree(root)
@@ -368,7 +366,7 @@ def bench_small(workdir: str, groups: int) -> dict[str, float]:
     lookups = [vua.config.tokens_to_paths(t) for t in sample]
     start = time.perf_counter()
     for keys in lookups:
-        vua._indexed_prefix([bytes.fromhex(k) for k in keys])
+        vua._catalog.usable_groups([bytes.fromhex(k) for k in keys])
     lookup_s = time.perf_counter() - start
     vua.close()
     shutil.rmtree(root)

@@ -1,4 +1,4 @@
-"""Runs VUA's CUDA read logic on the CPU, with CUDA's streams, events and pinning made no-ops.
+"""Runs VUA's CUDA read logic on the CPU, through a stand-in for CUDA's streams, events and pinning.
 
     uv run tools/cuda_dry_run.py
 
@@ -14,20 +14,18 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
-import os
 import sys
 import tempfile
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-# The stand-ins below replace torch attributes that VUA looks up at call time.
-from vua import _gds, _layout, _reader, _staging  # noqa: E402
-from vua._fragment import Fragment  # noqa: E402
-from vua._keys import group_keys  # noqa: E402
-from vua.core import VUA, VUAConfig  # noqa: E402
+from vua import _layout
+from vua._fragment import Fragment
+from vua._keys import group_keys
+from vua._read import CudaPlatform, KVLoad, PinnedStaging, start_load
+from vua.core import VUA, VUAConfig
 
 CPU = torch.device("cpu")
 
@@ -51,34 +49,67 @@ class _Stream:
         pass
 
 
-def _no_cuda() -> None:
-    """CPU stand-ins for what the CUDA paths call; tensors and arithmetic stay real."""
-    torch.cuda.stream = lambda stream: contextlib.nullcontext()
-    torch.cuda.current_stream = lambda device=None: _Stream()
-    torch.cuda.Stream = lambda device=None: _Stream()
-    empty = torch.empty
+class CpuStandIn(CudaPlatform):
+    """CUDA as the read paths see it, played by the CPU: streams and events do nothing, the
+    "device" and "pinned" memory are host memory, and direct reads are plain reads (or refused)."""
 
-    def unpinned_empty(*args, pin_memory=False, **kwargs):
-        return empty(*args, **kwargs)
+    def __init__(self, *, refuse_direct: bool = False):
+        super().__init__(CPU)
+        self.refuse_direct = refuse_direct
+        self.direct_attempts: list[str] = []
+        self.disabled_reason: str | None = None
 
-    torch.empty = unpinned_empty
+    def new_stream(self) -> _Stream:  # type: ignore[override]
+        return _Stream()
+
+    def current_stream(self) -> _Stream:  # type: ignore[override]
+        return _Stream()
+
+    @contextlib.contextmanager
+    def on(self, stream: object) -> Iterator[None]:
+        yield
+
+    def pinned(self, nbytes: int) -> torch.Tensor:
+        return torch.empty(nbytes, dtype=torch.uint8)
+
+    def direct_reads_usable(self) -> bool:
+        return self.disabled_reason is None
+
+    def direct_read(self, path: str, dest: torch.Tensor, offset: int) -> None:
+        self.direct_attempts.append(path)
+        if self.refuse_direct:
+            raise OSError(errno.EINVAL, "O_DIRECT refused (as tmpfs does)")
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read(dest.numel())
+        dest[: len(data)].copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+
+    def disable_direct_reads(self, reason: str) -> None:
+        self.disabled_reason = reason
 
 
-def _plain_read(path: str, dest: torch.Tensor, offset: int) -> None:
-    with open(path, "rb") as f:
-        f.seek(offset)
-        data = f.read(dest.numel())
-    dest[: len(data)].copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
-
-
-def staged_load(store: VUA, tokens: torch.Tensor, staging: _staging.PinnedStaging, **options: bool) -> _reader.KVLoad:
+def staged_load(
+    store: VUA, tokens: torch.Tensor, platform: CpuStandIn, staging: PinnedStaging, *, gds: bool, layerwise: bool
+) -> KVLoad:
     """A load of ``tokens`` down the CUDA paths (a CPU load would take the CPU path)."""
     ids = tokens.numpy().astype(np.int64)
-    fragments, layout = store._open_prefix(group_keys(ids, 16, store._seed), ids)
-    return _reader.KVLoad(fragments, layout, 16, CPU, store._pool(), staging=staging, verify_checksums=True, **options)
+    fragments, layout = store._catalog.open_prefix(group_keys(ids, 16, store._seed), ids)
+    assert layout is not None
+    return start_load(
+        fragments,
+        layout,
+        16,
+        CPU,
+        store._pool(),
+        verify_checksums=True,
+        layerwise=layerwise,
+        platform=platform,
+        staging=staging,
+        gds=gds,
+    )
 
 
-def exact(load: _reader.KVLoad, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> bool:
+def exact(load: KVLoad, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> bool:
     """Whether the load's data are the stored KV, bit for bit, over the prefix it found."""
     tokens = load.wait() * 16
     return all(
@@ -89,9 +120,6 @@ def exact(load: _reader.KVLoad, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> 
 
 
 def main() -> int:
-    _no_cuda()
-    _gds.usable = lambda: True
-    _gds.read_into = _plain_read
     failures = 0
     cases = [
         (heads, sums, gds, layerwise, damage)
@@ -127,8 +155,9 @@ def main() -> int:
                         byte = f.read(1)
                         f.seek(at)
                         f.write(bytes([byte[0] ^ 1]))
-                staging = _staging.PinnedStaging(CPU, config.staging_bytes)
-                load = staged_load(store, tokens, staging, gds=gds, background=layerwise)
+                platform = CpuStandIn()
+                staging = PinnedStaging(platform, config.staging_bytes)
+                load = staged_load(store, tokens, platform, staging, gds=gds, layerwise=layerwise)
                 if layerwise:
                     for layer in range(len(kv)):
                         load.wait_layer(layer)
@@ -144,28 +173,22 @@ def main() -> int:
                 )
 
     # A platform that refuses direct reads: the first load falls back, later ones skip GDS.
-    attempts = []
-
-    def refuse(path: str, dest: torch.Tensor, offset: int) -> None:
-        attempts.append(path)
-        raise OSError(errno.EINVAL, "O_DIRECT refused (as tmpfs does)")
-
-    _gds.usable = lambda: _gds._disabled_reason is None
-    _gds.read_into = refuse
     logging.getLogger("vua").setLevel(logging.ERROR)  # the one fallback warning is expected
     with tempfile.TemporaryDirectory() as root:
         with VUA(VUAConfig(split_factor=16, gds=True, gpu_checksums=True), root) as store:
             tokens = torch.arange(160)
             kv = [tuple(torch.randn(1, 2, 160, 128).to(torch.bfloat16) for _ in range(2)) for _ in range(3)]
             store.put(tokens, kv)
-            staging = _staging.PinnedStaging(CPU, 1 << 20)
-            loads = [staged_load(store, tokens, staging, gds=True, background=False) for _ in range(2)]
+            platform = CpuStandIn(refuse_direct=True)
+            staging = PinnedStaging(platform, 1 << 20)
+            loads = [staged_load(store, tokens, platform, staging, gds=True, layerwise=False) for _ in range(2)]
             same = all(load.wait() == 10 and exact(load, kv) for load in loads)
-    ok = same and len(attempts) == 1 and _gds._disabled_reason is not None
+    attempts = platform.direct_attempts
+    ok = same and len(attempts) == 1 and platform.disabled_reason is not None
     failures += not ok
     print(
         f"{'ok  ' if ok else 'FAIL'} refused direct reads: {len(attempts)} attempt(s) over two loads, "
-        f"fallback reason recorded: {_gds._disabled_reason is not None}, data exact: {same}",
+        f"fallback reason recorded: {platform.disabled_reason is not None}, data exact: {same}",
         flush=True,
     )
     return 1 if failures else 0

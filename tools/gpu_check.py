@@ -29,11 +29,10 @@ from collections.abc import Callable
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from vua import _gds, _layout  # noqa: E402
-from vua._fragment import Fragment  # noqa: E402
-from vua.core import VUA, VUAConfig  # noqa: E402
+from vua import _layout
+from vua._fragment import Fragment
+from vua._read import _gds
+from vua.core import VUA, VUAConfig
 
 results: list[tuple[str, bool, str]] = []
 

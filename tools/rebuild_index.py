@@ -3,12 +3,9 @@
 uv run tools/rebuild_index.py ROOT [--index-path DIR] [--workers N] [--json]
 """
 
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from vua.cli import main  # noqa: E402
+from vua.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["rebuild-index", *sys.argv[1:]]))

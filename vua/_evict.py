@@ -15,8 +15,8 @@ from __future__ import annotations
 import logging
 import shutil
 
-from vua._fragment import move_group_aside
 from vua._index import Index
+from vua._publish import move_group_aside
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Fragment files: one group's tokens and K/V slices, in the safetensors format.
+"""Fragment files: one group's tokens and K/V slices, in the safetensors format, read and validated.
 
 A fragment is an ordinary safetensors file, so ``safetensors.safe_open`` reads it:
 
@@ -8,328 +8,39 @@ A fragment is an ordinary safetensors file, so ``safetensors.safe_open`` reads i
     __metadata__        format, version, namespace, key, parent, group_index,
                         split_factor, layout (JSON), per-tensor xxh3-64 checksums,
                         and, where the writer stored them, wordsums: per K and V
-                        tensor a sum that a GPU checks (see _wordsum). Files from
-                        before 2026-11-28 carry kv_checksum (xxh3-64 over all K and
-                        V bytes) too, which `vua verify` checks; reads need only the
-                        per-tensor sums.
+                        tensor a sum that a GPU checks (see _wordsum), and a keyed
+                        MAC (see _mac). Older files carry kv_checksum (xxh3-64 over
+                        all K and V bytes) too, which `vua verify` checks; reads need
+                        only the per-tensor sums.
 
 The header is padded with spaces (which the format allows) so tensor data starts on a
-4 KiB boundary, as direct and GPUDirect reads want.
-
-Writing goes through one ``writev`` of the header and the caller's tensor buffers (no
-intermediate bytes object), into a temporary directory that is fsynced and renamed into
-place: a reader sees a whole fragment or none. Reading memory-maps the file and validates
-the header completely before any tensor is looked at.
+4 KiB boundary, as direct and GPUDirect reads want. Writing is ``_publish``'s job.
+Reading memory-maps the file and validates the header completely before any tensor is
+looked at.
 """
 
 from __future__ import annotations
 
-import errno
 import hmac
-import json
 import mmap
 import os
-import secrets
-import shutil
-import stat
 import struct
-from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import TYPE_CHECKING
 
 import numpy as np
 import xxhash
 
-from vua import _dtypes, _layout, _wordsum
-from vua.errors import FragmentError, missing_extra
-
-if TYPE_CHECKING:
-    import torch
+from vua import _dtypes, _wordsum
+from vua._files import NotRegularFileError, open_regular_file
+from vua._kv_layout import TOKENS, Layout, bits_dtype, is_size, key_name, loads_untrusted, value_name
+from vua._mac import MAC_FIELD, MAC_PLACEHOLDER, fragment_mac, mac_marker
+from vua._record import GroupRecord, StoredGroup
+from vua.errors import FragmentError
 
 FORMAT = "vua.fragment"
 FORMAT_VERSION = "1"
-HEADER_ALIGN = 4096
 MAX_HEADER_BYTES = 16 << 20  # a 1000-layer model's header is far below this
-_IOV_MAX = 1024  # Linux's limit on buffers per writev call
-
-TOKENS = "tokens"
-
-_BITS_BY_SIZE = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}
-
-
-def _loads(text: str | bytes) -> object:
-    """``json.loads`` for text read from a fragment: hostile nesting is a ValueError, like any malformed JSON.
-
-    A header of 100k ``[`` makes the parser recurse past Python's limit; that is damage,
-    not a reason to fail the caller.
-    """
-    try:
-        return json.loads(text)
-    except RecursionError:
-        raise ValueError("JSON nested too deeply") from None
-
-
-def _is_size(value: object) -> bool:
-    """A non-negative JSON integer (``true`` is a bool in JSON, not a size, though Python calls it an int)."""
-    return type(value) is int and value >= 0
-
-
-def bits_dtype(itemsize: int) -> type[np.generic]:
-    """The numpy integer type ``itemsize`` bytes wide: the carrier for copying a dtype's bit patterns."""
-    return _BITS_BY_SIZE[itemsize]
-
-
-def as_bits(t: torch.Tensor) -> np.ndarray:
-    """A zero-copy numpy view of a CPU tensor's bit patterns (see :func:`bits_dtype`)."""
-    import torch
-
-    carrier = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
-    return t.view(carrier).numpy()
-
-
-def key_name(layer: int) -> str:
-    return f"layers.{layer}.key"
-
-
-def value_name(layer: int) -> str:
-    return f"layers.{layer}.value"
-
-
-@dataclass(frozen=True)
-class Layout:
-    """The shape of one group's KV: a dtype and each layer's (heads, head_dim) for K and V.
-
-    Every group of a stored prefix must share one layout; its JSON form is written in each
-    fragment and its 64-bit id in each index record, so a lookup can tell without reading
-    files whether groups fit together.
-    """
-
-    dtype_name: str  # safetensors' name: "BF16", "F32", ...
-    layers: tuple[tuple[tuple[int, int], tuple[int, int]], ...]
-
-    @classmethod
-    def of(cls, dtype: torch.dtype, layers: tuple[tuple[tuple[int, int], tuple[int, int]], ...]) -> Layout:
-        """The layout of KV in ``dtype`` (one safetensors can store) with per-layer (heads, head_dim)."""
-        name = _dtypes.name_of(dtype)
-        if name is None:
-            raise ValueError(f"safetensors cannot store {dtype}")
-        return cls(name, layers)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return _dtypes.to_torch(self.dtype_name)
-
-    @cached_property
-    def json(self) -> str:
-        body = {"dtype": self.dtype_name, "layers": [list(map(list, kv)) for kv in self.layers]}
-        return json.dumps(body, separators=(",", ":"))
-
-    @cached_property
-    def id(self) -> int:
-        return xxhash.xxh3_64_intdigest(self.json.encode())
-
-    @classmethod
-    def from_json(cls, text: str) -> Layout:
-        """Parses a layout written by :attr:`json`; raises FragmentError when malformed."""
-        try:
-            body = _loads(text)
-            dtype = body["dtype"]
-            if dtype not in _dtypes.ITEMSIZE:
-                raise ValueError(f"unknown dtype {dtype!r}")
-            layers = tuple(((k[0], k[1]), (v[0], v[1])) for k, v in body["layers"])
-            if not all(_is_size(n) for kv in layers for shape in kv for n in shape):
-                raise ValueError("a dimension is not a non-negative integer")
-        except (ValueError, KeyError, TypeError, IndexError) as exc:
-            raise FragmentError(f"malformed layout {text[:80]!r}: {exc}") from None
-        if not layers or any(n <= 0 for kv in layers for shape in kv for n in shape):
-            raise FragmentError(f"layout {text[:80]!r} has no layers or an empty dimension")
-        return cls(dtype, layers)
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.layers)
-
-    def tensor_specs(self, split_factor: int) -> list[tuple[str, str, tuple[int, ...]]]:
-        """(name, safetensors dtype name, shape) of every tensor of a fragment, in file order."""
-        specs = [(TOKENS, "I64", (split_factor,))]
-        for i, ((kh, kd), (vh, vd)) in enumerate(self.layers):
-            specs.append((key_name(i), self.dtype_name, (kh, split_factor, kd)))
-            specs.append((value_name(i), self.dtype_name, (vh, split_factor, vd)))
-        return specs
-
-    def kv_bytes(self, split_factor: int) -> int:
-        """Bytes of K and V data in one group (tokens excluded)."""
-        elems = sum(kh * kd + vh * vd for (kh, kd), (vh, vd) in self.layers)
-        return elems * split_factor * _dtypes.ITEMSIZE[self.dtype_name]
-
-
-def encode_header(
-    metadata: dict[str, str],
-    specs: Sequence[tuple[str, str, tuple[int, ...]]],
-) -> bytes:
-    """Returns the 8-byte length prefix plus the JSON header, padded to HEADER_ALIGN."""
-    body: dict[str, object] = {"__metadata__": metadata}
-    offset = 0
-    for name, dtype, shape in specs:
-        nbytes = _dtypes.ITEMSIZE[dtype]
-        for n in shape:
-            nbytes *= n
-        body[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    text = json.dumps(body, separators=(",", ":")).encode()
-    padded = -(-(8 + len(text)) // HEADER_ALIGN) * HEADER_ALIGN - 8
-    return struct.pack("<Q", padded) + text + b" " * (padded - len(text))
-
-
-def _writev_all(fd: int, buffers: Sequence[memoryview]) -> None:
-    """Writes every buffer, in order, retrying short writes."""
-    pending = [b for b in buffers if len(b)]
-    while pending:
-        batch = pending[:_IOV_MAX]
-        written = os.writev(fd, batch)
-        consumed = 0
-        for buf in batch:
-            if written >= len(buf):
-                written -= len(buf)
-                consumed += 1
-            else:
-                pending[consumed] = buf[written:]
-                break
-        del pending[:consumed]
-
-
-def fsync_dir(path: str) -> None:
-    """Makes a directory's entries (a rename into it) durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def publish_fragment(
-    root: str,
-    key_hex: str,
-    header: bytes,
-    buffers: Sequence[memoryview],
-    *,
-    file_mode: int | None = None,
-) -> bool:
-    """Writes a fragment durably and atomically under ``root``.
-
-    The file is written into a temporary directory beside its final place, fsynced and
-    renamed; the fan-out directory is fsynced afterwards. A group that already exists is
-    never rewritten: if another writer published it first, this one removes its temporary
-    copy and counts as having succeeded.
-
-    Returns:
-        True if this call published the group, False if it already existed.
-
-    Raises:
-        OSError: the file system refused (ENOSPC, EACCES, ...); nothing partial is left.
-    """
-    final = _layout.group_dir(root, key_hex)
-    if os.path.isdir(final):
-        return False
-    parent = os.path.dirname(final)
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f"{_layout.TMP_PREFIX}{key_hex}-{os.getpid()}-{secrets.token_hex(4)}")
-    os.mkdir(tmp)
-    try:
-        # 0o666 lets the umask decide, as for any file a program creates; file_mode overrides.
-        fd = os.open(os.path.join(tmp, _layout.FRAGMENT_FILE), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        try:
-            if file_mode is not None:
-                os.fchmod(fd, file_mode)
-            _writev_all(fd, [memoryview(header), *buffers])
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        fsync_dir(tmp)
-        try:
-            os.rename(tmp, final)
-        except OSError as exc:
-            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
-                shutil.rmtree(tmp, ignore_errors=True)  # first writer won; same bytes by construction
-                return False
-            raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    fsync_dir(parent)
-    return True
-
-
-def mark_used(root: str, uses: dict[str, int]) -> None:
-    """Records uses in the tree: each group directory's mtime becomes its last use (key hex -> ns).
-
-    The tree is the truth, and it is what every node sharing a root sees, so a rebuilt
-    index (and eviction anywhere) keeps the LRU order. Best effort: a group evicted
-    meanwhile, or a read-only root, is skipped.
-    """
-    for key_hex, used_ns in uses.items():
-        try:
-            os.utime(_layout.group_dir(root, key_hex), ns=(used_ns, used_ns))
-        except OSError:
-            pass
-
-
-def move_group_aside(root: str, key_hex: str, why: str) -> str | None:
-    """Renames a group's directory out of its place, atomically, to a temporary name saying ``why``.
-
-    Readers that already mapped its fragment keep working; later lookups no longer find it.
-
-    Returns:
-        The new path, or None when the group was gone already (moved by another process)
-        or the root may not be changed by this process.
-    """
-    final = _layout.group_dir(root, key_hex)
-    target = os.path.join(
-        os.path.dirname(final), f"{_layout.TMP_PREFIX}{key_hex}-{why}-{os.getpid()}-{secrets.token_hex(4)}"
-    )
-    try:
-        os.rename(final, target)
-    except OSError:
-        return None
-    return target
-
-
-def quarantine_group(root: str, key_hex: str) -> bool:
-    """Moves a damaged group out of the way, so a later put can rewrite it.
-
-    ``vua verify --fix`` removes the moved directory once it is old.
-
-    Returns:
-        True if this call moved it (when it did not, the read is cut either way).
-    """
-    return move_group_aside(root, key_hex, "damaged") is not None
-
-
-class NotRegularFileError(OSError):
-    """A path holds something else than a regular file (a directory, a FIFO, a device)."""
-
-
-def open_regular_file(path: str) -> int:
-    """Opens ``path`` read-only, never blocking, and only if it is a regular file.
-
-    O_NONBLOCK keeps a FIFO in a file's place from blocking the open; the fstat turns away
-    anything that is not a regular file. Used for every file VUA reads that someone else
-    could have replaced: fragments, the index's CURRENT and data file.
-
-    Raises:
-        NotRegularFileError: something else stands at ``path``.
-        OSError: the open or fstat failed (FileNotFoundError, PermissionError, EIO, ...).
-    """
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise NotRegularFileError(errno.EINVAL, f"not a regular file (mode {stat.filemode(mode)})", path)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
 
 
 def open_regular(path: str) -> int:
@@ -343,55 +54,10 @@ def open_regular(path: str) -> int:
     try:
         return open_regular_file(path)
     except OSError as exc:
-        error = FragmentError(f"cannot open fragment {path}: {exc.strerror}")
-        error.damaged = isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError, NotRegularFileError))
-        raise error from None
-
-
-# Authenticated fragments (VUAConfig.auth_key): the metadata's "mac" is keyed BLAKE3 over
-# the whole file as written, with the MAC's own 64 hex digits read as zeros. Keyed BLAKE3 is
-# a MAC by design, and its 32-byte key comes from the store's secret through BLAKE3's own
-# key derivation mode, so no construction of our own is involved. BLAKE3 runs at about
-# memcpy's speed per core (AVX2/AVX-512) and releases the GIL, so groups verify in parallel.
-MAC_FIELD = "mac"
-MAC_PLACEHOLDER = "0" * 64
-_MAC_CONTEXT = "vua.fragment 2026-11-28 MAC key"
-
-
-def _mac_marker(value: str) -> bytes:
-    return f'"{MAC_FIELD}":"{value}"'.encode()
-
-
-def mac_key(secret: bytes) -> bytes:
-    """The 32-byte BLAKE3 key of a store's secret (BLAKE3's key derivation mode).
-
-    Raises:
-        ImportError: blake3 is not installed (the ``auth`` extra).
-    """
-    try:
-        import blake3
-    except ImportError as exc:
-        raise missing_extra("VUAConfig(auth_key=...)", "blake3", "auth", exc) from exc
-    return blake3.blake3(secret, derive_key_context=_MAC_CONTEXT).digest()
-
-
-def fragment_mac(key: bytes, header: bytes, data: Sequence[memoryview | bytes | np.ndarray]) -> str:
-    """Keyed BLAKE3-256 of a fragment: its header (MAC digits zeroed) and every data byte, in file order."""
-    import blake3
-
-    mac = blake3.blake3(key=key)
-    mac.update(header)
-    for buffer in data:
-        mac.update(buffer)
-    return mac.hexdigest()
-
-
-def seal_header(header: bytes, key: bytes, buffers: Sequence[memoryview]) -> bytes:
-    """Writes the MAC into a header encoded with ``MAC_PLACEHOLDER`` as its "mac" (same length)."""
-    placeholder = _mac_marker(MAC_PLACEHOLDER)
-    if header.count(placeholder) != 1:
-        raise ValueError("header has no unique MAC placeholder")
-    return header.replace(placeholder, _mac_marker(fragment_mac(key, header, buffers)))
+        missing_for_good = (FileNotFoundError, IsADirectoryError, NotADirectoryError, NotRegularFileError)
+        raise FragmentError(
+            f"cannot open fragment {path}: {exc.strerror}", damaged=isinstance(exc, missing_for_good)
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -426,9 +92,8 @@ class Fragment:
             try:
                 self._map = mmap.mmap(fd, 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
             except (OSError, ValueError) as exc:
-                error = FragmentError(f"cannot map fragment {path}: {exc}")
-                error.damaged = False  # the file system's refusal, not the file's bytes
-                raise error from None
+                # The file system's refusal, not the file's bytes.
+                raise FragmentError(f"cannot map fragment {path}: {exc}", damaged=False) from None
         finally:
             os.close(fd)  # a get may hold hundreds of fragments: the mapping needs no descriptor
         try:
@@ -554,7 +219,7 @@ class Fragment:
         if raw is None:
             return None
         try:
-            stored = _loads(raw)
+            stored = loads_untrusted(raw)
             return [int(stored[name], 16) for name in self.kv_names]
         except (KeyError, ValueError, TypeError) as exc:
             raise FragmentError(f"fragment {self.path}: malformed wordsums ({exc})") from None
@@ -579,17 +244,10 @@ class Fragment:
             if not _wordsum.whole_rows(piece.shape[1]) or _wordsum.host_wordsum(piece) != stored:
                 raise FragmentError(f"fragment {self.path}: wordsums mismatch in {name} (damaged data or metadata)")
 
-    def tensor(self, name: str) -> torch.Tensor:
-        """A copy of one stored tensor (for tools and tests; the read path uses :meth:`array`)."""
-        import torch
-
-        entry = self.tensors[name]
-        return torch.from_numpy(self.array(name).copy()).view(_dtypes.to_torch(entry.dtype))
-
     @cached_property
     def checksums(self) -> dict[str, int]:
         try:
-            return {name: int(h, 16) for name, h in _loads(self.metadata["checksums"]).items()}
+            return {name: int(h, 16) for name, h in loads_untrusted(self.metadata["checksums"]).items()}
         except (KeyError, ValueError, TypeError, AttributeError) as exc:
             raise FragmentError(f"fragment {self.path} has no valid checksums: {exc}") from None
 
@@ -607,9 +265,9 @@ class Fragment:
         if not isinstance(stored, str) or len(stored) != 64 or stored.strip("0123456789abcdef"):
             raise FragmentError(f"fragment {self.path} has no MAC, and this store requires one (auth_key)")
         header = self._map[: self.data_start]
-        if header.count(_mac_marker(stored)) != 1:
+        if header.count(mac_marker(stored)) != 1:
             raise FragmentError(f"fragment {self.path}: MAC field is not where a writer puts it")
-        blank = header.replace(_mac_marker(stored), _mac_marker(MAC_PLACEHOLDER))
+        blank = header.replace(mac_marker(stored), mac_marker(MAC_PLACEHOLDER))
         data = memoryview(self._map)[self.data_start :]
         try:
             expected = fragment_mac(key, blank, [data])
@@ -660,6 +318,26 @@ class Fragment:
                 raise FragmentError(f"fragment {self.path}: tensor {name} missing or misshapen")
         return layout
 
+    def stored_group(self, key_hex: str, *, last_used: int) -> StoredGroup:
+        """Validates the header as group ``key_hex`` of the namespace it names; its index record, layout, namespace.
+
+        For discovery and rebuilds, where nothing but the file says what the group is.
+
+        Raises:
+            FragmentError: the header is malformed or names another key.
+        """
+        meta = self.metadata
+        namespace = meta.get("namespace", "")
+        try:
+            split_factor = int(meta.get("split_factor", ""))
+            group_index = int(meta.get("group_index", ""))
+        except ValueError as exc:
+            raise FragmentError(f"fragment {self.path}: malformed metadata ({exc})") from None
+        layout = self.validate(
+            key_hex=key_hex, namespace=namespace, split_factor=split_factor, layout=None, group_index=group_index
+        )
+        return StoredGroup(GroupRecord.of(namespace, layout, self.file_size, group_index, last_used), layout, namespace)
+
 
 # Fragments of one layout share their tensor table byte for byte; only __metadata__ (which
 # VUA writes first) differs. A table validated once is reused: (table bytes, file size) ->
@@ -681,7 +359,7 @@ def _parse_header(buf: mmap.mmap, file_size: int, path: str) -> tuple[dict[str, 
         cached = _validated_tables.get(table_key)
         if cached is not None:
             try:
-                metadata = _loads(header[: mark + 1] + b"}").get("__metadata__")
+                metadata = loads_untrusted(header[: mark + 1] + b"}").get("__metadata__")
             except (UnicodeDecodeError, ValueError, AttributeError):
                 metadata = None
             if isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values()):
@@ -696,7 +374,7 @@ def _parse_full_header(
     header: bytes, header_len: int, file_size: int, path: str
 ) -> tuple[dict[str, str], dict[str, TensorEntry], int]:
     try:
-        body = _loads(header)
+        body = loads_untrusted(header)
     except (UnicodeDecodeError, ValueError) as exc:
         raise FragmentError(f"fragment {path}: header is not valid JSON ({exc})") from None
     if not isinstance(body, dict):
@@ -715,7 +393,7 @@ def _parse_full_header(
                 raise ValueError("shape is not a list")
             shape = tuple(spec["shape"])
             begin, end = spec["data_offsets"]
-            if not all(_is_size(n) for n in (*shape, begin, end)):
+            if not all(is_size(n) for n in (*shape, begin, end)):
                 raise ValueError("negative or non-integer size")
         except (KeyError, TypeError, ValueError) as exc:
             raise FragmentError(f"fragment {path}: malformed entry for tensor {name!r} ({exc})") from None

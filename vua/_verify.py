@@ -22,8 +22,13 @@ from dataclasses import asdict, dataclass, field
 import xxhash
 
 from vua import _layout
-from vua._fragment import TOKENS, Fragment, quarantine_group
-from vua._index import CURRENT_FILE, GroupRecord, Index, ScanProgress, namespace_id, rebuild
+from vua._fragment import Fragment
+from vua._generations import CURRENT_FILE
+from vua._index import Index
+from vua._kv_layout import TOKENS
+from vua._publish import quarantine_group
+from vua._rebuild import ScanProgress, rebuild
+from vua._record import GroupRecord, StoredGroup
 from vua.errors import FragmentError
 
 DEFAULT_GRACE_SECONDS = 3600.0
@@ -57,31 +62,24 @@ class VerifyReport:
         return {**asdict(self), "clean": self.clean}
 
 
-def check_fragment(root: str, key_hex: str) -> tuple[GroupRecord, object, str]:
-    """Fully checks one group; returns its index record, layout and namespace.
+def check_fragment(root: str, key_hex: str) -> StoredGroup:
+    """Fully checks one group; returns what it is (its index record, layout and namespace).
 
     Raises:
         FragmentError: what is wrong with it.
     """
     with Fragment(_layout.fragment_path(root, key_hex)) as fragment:
-        meta = fragment.metadata
-        namespace = meta.get("namespace", "")
+        stored = fragment.stored_group(key_hex, last_used=time.time_ns())
         try:
-            split_factor = int(meta.get("split_factor", ""))
-            group_index = int(meta.get("group_index", ""))
-            parent = bytes.fromhex(meta.get("parent", ""))
+            parent = bytes.fromhex(fragment.metadata.get("parent", ""))
         except ValueError as exc:
             raise FragmentError(f"malformed metadata: {exc}") from None
-        layout = fragment.validate(
-            key_hex=key_hex, namespace=namespace, split_factor=split_factor, layout=None, group_index=group_index
-        )
         for name in fragment.tensors:
             fragment.verify_checksum(name)
         fragment.verify_group_sums()
         if xxhash.xxh3_128_digest(parent + bytes(fragment.raw(TOKENS))).hex() != key_hex:
             raise FragmentError("stored tokens do not hash to the group's key")
-        record = GroupRecord(namespace_id(namespace), layout.id, fragment.file_size, group_index, time.time_ns())
-        return record, layout, namespace
+        return stored
 
 
 def verify_store(
@@ -99,7 +97,7 @@ def verify_store(
     state = ScanProgress(fanouts_total=len(fanouts))
     now = time.time()
 
-    def scan(fanout: str) -> tuple[dict[bytes, tuple], list[Problem], int]:
+    def scan(fanout: str) -> tuple[dict[bytes, StoredGroup], list[Problem], int]:
         valid, problems, young = {}, [], 0
         for key_hex, _ in _layout.iter_groups(fanout):
             try:
@@ -117,7 +115,7 @@ def verify_store(
                 young += 1
         return valid, problems, young
 
-    valid: dict[bytes, tuple] = {}
+    valid: dict[bytes, StoredGroup] = {}
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         for found, problems, young in pool.map(scan, fanouts):
             valid.update(found)
@@ -129,7 +127,7 @@ def verify_store(
             if progress is not None:
                 progress(state)
     report.fragments = len(valid)
-    report.bytes = sum(entry[0].nbytes for entry in valid.values())
+    report.bytes = sum(entry.record.nbytes for entry in valid.values())
 
     index = Index(index_path, root)
     indexed: dict[bytes, GroupRecord | None] = {}
@@ -143,10 +141,11 @@ def verify_store(
             report.problems.append(Problem("garbage-index-entry", key.hex(), "value is not a record"))
         elif key not in valid and key not in damaged_keys:
             report.problems.append(Problem("dangling-index-entry", key.hex(), "indexed, but no fragment in the tree"))
-    for key, (record, _, _) in valid.items():
+    for key, stored in valid.items():
+        old = indexed.get(key)
         if key not in indexed:
             report.problems.append(Problem("unindexed-group", key.hex(), "valid fragment missing from the index"))
-        elif indexed[key] is not None and indexed[key][:2] != record[:2]:
+        elif old is not None and old[:2] != stored.record[:2]:
             report.problems.append(
                 Problem(
                     "misrecorded-index-entry", key.hex(), "index names another namespace or layout than the fragment"
@@ -159,21 +158,22 @@ def verify_store(
     return report
 
 
-def _repair(root: str, index: Index, report: VerifyReport, valid: dict[bytes, tuple]) -> None:
+def _repair(root: str, index: Index, report: VerifyReport, valid: dict[bytes, StoredGroup]) -> None:
     drop, add = [], []
     for problem in report.problems:
+        key_hex = problem.key or ""  # set for every kind but stale-temporary and missing-index
         if problem.kind == "damaged-fragment":
-            quarantine_group(root, problem.key)  # out of readers' way at once...
-            for tmp in _layout.iter_temporaries(_layout.fanout_dir(root, problem.key)):
-                if os.path.basename(tmp).startswith(f"{_layout.TMP_PREFIX}{problem.key}-damaged-"):
+            quarantine_group(root, key_hex)  # out of readers' way at once...
+            for tmp in _layout.iter_temporaries(_layout.fanout_dir(root, key_hex)):
+                if os.path.basename(tmp).startswith(f"{_layout.TMP_PREFIX}{key_hex}-damaged-"):
                     shutil.rmtree(tmp, ignore_errors=True)  # ...then gone
-            drop.append(bytes.fromhex(problem.key))
+            drop.append(bytes.fromhex(key_hex))
         elif problem.kind == "stale-temporary":
             shutil.rmtree(problem.detail.rsplit(" (", 1)[0], ignore_errors=True)
         elif problem.kind in ("dangling-index-entry", "garbage-index-entry"):
-            drop.append(bytes.fromhex(problem.key))
+            drop.append(bytes.fromhex(key_hex))
         elif problem.kind in ("unindexed-group", "misrecorded-index-entry"):
-            add.append(bytes.fromhex(problem.key))
+            add.append(bytes.fromhex(key_hex))
         elif problem.kind == "missing-index":
             rebuild(root, index.path)
         problem.fixed = True
@@ -182,7 +182,7 @@ def _repair(root: str, index: Index, report: VerifyReport, valid: dict[bytes, tu
     if add:
         entries = [valid[key] for key in add]
         index.add(
-            [(key, entry[0]) for key, entry in zip(add, entries)],
-            layouts={e[1] for e in entries},
-            namespaces={e[2] for e in entries},
+            [(key, entry.record) for key, entry in zip(add, entries)],
+            layouts={e.layout for e in entries},
+            namespaces={e.namespace for e in entries},
         )

@@ -10,6 +10,7 @@ caller's memory.
 from __future__ import annotations
 
 import ctypes
+import json
 import time
 from collections.abc import Sequence
 
@@ -17,9 +18,12 @@ import numpy as np
 import torch
 import xxhash
 
-from vua import _fragment, _wordsum
-from vua._fragment import Layout
-from vua._index import GroupRecord, namespace_id
+from vua import _wordsum
+from vua._fragment import FORMAT, FORMAT_VERSION
+from vua._kv_layout import TOKENS, Layout
+from vua._mac import MAC_FIELD, MAC_PLACEHOLDER, seal_header
+from vua._publish import encode_header
+from vua._record import GroupRecord
 
 
 def host_kv(t: torch.Tensor, n: int) -> torch.Tensor:
@@ -69,7 +73,7 @@ class GroupSource:
         # first_group, tensors), or to compute here from the host bytes, or neither.
         self._wordsums = wordsums
         self._host_wordsums = host_wordsums
-        self._mac_key = mac_key  # the store's MAC key (see _fragment.mac_key), or None
+        self._mac_key = mac_key  # the store's MAC key (see _mac.mac_key), or None
 
     def _tensor_piece(self, i: int, row: int, group: int) -> np.ndarray:
         """Tensor ``i``'s bytes in group ``group`` of batch row ``row``: uint8 ``(heads, run)``, a view.
@@ -105,7 +109,7 @@ class GroupSource:
         s = self._split
         token_bytes = memoryview(ids[group * s : (group + 1) * s]).cast("B")
         buffers = [token_bytes]
-        checksums = {_fragment.TOKENS: format(xxhash.xxh3_64_intdigest(token_bytes), "016x")}
+        checksums = {TOKENS: format(xxhash.xxh3_64_intdigest(token_bytes), "016x")}
         pieces = [self._tensor_piece(i, row, group) for i in range(len(self._tensors))]
         for name, piece in zip(self._kv_names, pieces):
             chunks = [memoryview(run) for run in piece]  # zero-copy
@@ -115,27 +119,27 @@ class GroupSource:
             checksums[name] = hasher.hexdigest()
             buffers.extend(chunks)
         metadata = {
-            "format": _fragment.FORMAT,
-            "version": _fragment.FORMAT_VERSION,
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
             "namespace": self._namespace,
             "key": key_hex,
             "parent": parent_hex,
             "group_index": str(group),
             "split_factor": str(s),
             "layout": self._layout.json,
-            "checksums": _fragment.json.dumps(checksums, separators=(",", ":")),
+            "checksums": json.dumps(checksums, separators=(",", ":")),
         }
         sums = self._group_wordsums(row, group, pieces)
         if sums is not None:  # what a GPU checks after its copy
-            metadata["wordsums"] = _fragment.json.dumps(
+            metadata["wordsums"] = json.dumps(
                 {name: format(value, "016x") for name, value in zip(self._kv_names, sums)}, separators=(",", ":")
             )
         if self._mac_key is None:
-            return _fragment.encode_header(metadata, self._specs), buffers
-        metadata[_fragment.MAC_FIELD] = _fragment.MAC_PLACEHOLDER
-        header = _fragment.encode_header(metadata, self._specs)
-        return _fragment.seal_header(header, self._mac_key, buffers), buffers
+            return encode_header(metadata, self._specs), buffers
+        metadata[MAC_FIELD] = MAC_PLACEHOLDER
+        header = encode_header(metadata, self._specs)
+        return seal_header(header, self._mac_key, buffers), buffers
 
     def record(self, header: bytes, buffers: Sequence[memoryview], group: int) -> GroupRecord:
         nbytes = len(header) + sum(len(b) for b in buffers)
-        return GroupRecord(namespace_id(self._namespace), self._layout.id, nbytes, group, time.time_ns())
+        return GroupRecord.of(self._namespace, self._layout, nbytes, group, time.time_ns())

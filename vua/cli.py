@@ -24,7 +24,9 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from vua import _evict, _layout
-from vua._index import CURRENT_FILE, Index, ScanProgress, rebuild
+from vua._generations import CURRENT_FILE
+from vua._index import Index
+from vua._rebuild import ScanProgress, rebuild
 from vua._verify import DEFAULT_GRACE_SECONDS, verify_store
 from vua.errors import NotAStoreError, VUAError
 
@@ -89,6 +91,7 @@ def _emit(args: argparse.Namespace, payload: dict, text: str) -> None:
 def cmd_rebuild_index(args: argparse.Namespace) -> int:
     _check_root(args.root, args.index_path)
     summary = rebuild(args.root, args.index_path, workers=args.workers, progress=_Progress("scanning", not args.json))
+    assert summary is not None  # only conditional rebuilds (only_if_missing, replacing) may do nothing
     payload = {"root": args.root, "index_path": args.index_path, **vars(summary)}
     _emit(
         args,

@@ -48,7 +48,9 @@ class FragmentError(VUAError):
             it failed in a way that may pass (an I/O error, say).
     """
 
-    damaged: bool = True
+    def __init__(self, message: str, *, damaged: bool = True):
+        super().__init__(message)
+        self.damaged = damaged
 
 
 def missing_extra(module: str, package: str, extra: str, exc: ImportError) -> ImportError:

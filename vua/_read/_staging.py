@@ -13,9 +13,13 @@ from __future__ import annotations
 import logging
 import threading
 import weakref
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from vua._read._platform import CudaPlatform
 
 logger = logging.getLogger(__name__)
 
@@ -77,10 +81,10 @@ class PinnedStaging:
     uses the staging at a time (``lock``).
     """
 
-    def __init__(self, device: torch.device, slot_bytes: int):
-        self.device = device
+    def __init__(self, platform: CudaPlatform, slot_bytes: int):
+        self.platform = platform
         self.slot_bytes = slot_bytes
-        self.stream = torch.cuda.Stream(device)
+        self.stream = platform.new_stream()
         self.lock = threading.Lock()
         self._slots: list[torch.Tensor | None] = [None, None]
         self._events: list[torch.cuda.Event | None] = [None, None]
@@ -99,7 +103,7 @@ class PinnedStaging:
             size = max(nbytes, self.slot_bytes)
             logger.debug("allocating a %d-byte pinned staging buffer", size)
             self._slots[i] = slot = None  # free the old one before taking more pinned memory
-            slot = torch.empty(size, dtype=torch.uint8, pin_memory=True)
+            slot = self.platform.pinned(size)
             self._slots[i] = slot
         return i, slot
 

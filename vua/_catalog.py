@@ -1,0 +1,260 @@
+"""The catalog: which groups of a prompt are usable here, and with what layout.
+
+One unit answers that question for ``get_closest``, ``load``, ``prefix_length`` and ``put``,
+from the index first, then the tree (groups another node wrote, index records that
+disagree with their fragment), then the fragments themselves (open and validate). It also
+keeps the store's bookkeeping of what it learnt: uses for LRU eviction, batched; groups
+found in the tree, recorded; damaged groups, moved aside and forgotten.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Executor
+
+import numpy as np
+
+from vua import _layout
+from vua._fragment import Fragment
+from vua._index import Index
+from vua._kv_layout import TOKENS, Layout
+from vua._publish import mark_used, quarantine_group
+from vua._rebuild import read_stored_group
+from vua._record import RECORD_HEAD, GroupRecord, StoredGroup, namespace_id
+from vua.errors import FragmentError, StorageError
+
+logger = logging.getLogger(__name__)
+
+_TOUCH_FLUSH_SECONDS = 5.0
+
+
+class Catalog:
+    """The groups of one namespace in a store: the index, the fragment tree and the fragments.
+
+    Args:
+        root: the fragment root.
+        index: the store's index.
+        namespace: the namespace whose groups count.
+        split_factor: tokens per group.
+        mac_key: the store's MAC key; fragments must carry a MAC made with it (None: no MAC).
+        executor: where fragments are opened in parallel (a callable, since it is rebuilt after a fork).
+    """
+
+    def __init__(
+        self,
+        root: str,
+        index: Index,
+        *,
+        namespace: str,
+        split_factor: int,
+        mac_key: bytes | None,
+        executor: Callable[[], Executor],
+    ):
+        self.root = root
+        self.index = index
+        self.namespace = namespace
+        self._ns_id = namespace_id(namespace)
+        self._split = split_factor
+        self._mac_key = mac_key
+        self._executor = executor
+        self._touch_lock = threading.Lock()
+        self._pending_touches: dict[bytes, int] = {}  # key -> time of its last use (ns)
+        self._last_touch_flush = time.monotonic()
+
+    # -- which groups are usable ------------------------------------------------------------
+
+    def usable_groups(self, keys: list[bytes], *, read_headers: bool = True) -> tuple[int, int]:
+        """How many leading groups of ``keys`` are stored for this namespace in one layout, and its id.
+
+        The index answers first. Past its usable run the tree decides: a group the index lacks
+        but the tree holds (another node may have written it) and a record that disagrees
+        with the prefix (another namespace or layout) are checked against their fragment's
+        header, and recorded for next time when the fragment fits. Without ``read_headers``
+        (schedulers that must not read files) a group directory the index lacks counts as
+        stored, and a disagreeing record ends the run.
+
+        Returns:
+            (groups, layout id); (0, 0) when none is stored.
+        """
+        packed = self.index.lookup_prefix(keys)
+        count, layout_id = self._usable_run(packed)
+        found: list[tuple[bytes, StoredGroup]] = []  # groups the index lacked or misrecorded
+        while count < len(keys):
+            key_hex = keys[count].hex()
+            indexed = count < len(packed)
+            if not indexed and not os.path.isdir(_layout.group_dir(self.root, key_hex)):
+                break
+            if not read_headers:
+                if indexed:
+                    break  # a disagreeing record: only the fragment can tell
+                count += 1
+                continue
+            stored = read_stored_group(self.root, key_hex)
+            if stored is None or stored.namespace != self.namespace or (count and stored.layout.id != layout_id):
+                break
+            found.append((keys[count], stored))
+            if indexed:  # the healed record may join the run to the records after it
+                packed[count] = stored.record.pack()
+                count, layout_id = self._usable_run(packed)
+            else:
+                packed.append(stored.record.pack())
+                count, layout_id = count + 1, layout_id if count else stored.layout.id
+        if found:
+            logger.debug("found %d groups in the tree that the index lacked or misrecorded", len(found))
+            self._record_found(found)
+        return count, layout_id
+
+    def _usable_run(self, packed: list[bytes]) -> tuple[int, int]:
+        """The leading records of this namespace sharing the first one's layout: (count, layout id)."""
+        first = GroupRecord.unpack(packed[0]) if packed else None
+        if first is None or first.namespace_id != self._ns_id:
+            return 0, 0
+        head = packed[0][:RECORD_HEAD]
+        groups = 0
+        for raw in packed:  # a group of another layout ends the usable prefix
+            if raw[:RECORD_HEAD] != head:
+                break
+            groups += 1
+        return groups, first.layout_id
+
+    def _record_found(self, found: list[tuple[bytes, StoredGroup]]) -> None:
+        try:
+            self.index.add(
+                [(key, stored.record) for key, stored in found],
+                layouts={stored.layout for _, stored in found},
+                namespaces={stored.namespace for _, stored in found},
+            )
+        except StorageError as exc:  # the data is good; recording it is for next time
+            logger.warning("could not record groups found in the tree: %s", exc)
+
+    def open_prefix(self, keys: list[bytes], ids: np.ndarray) -> tuple[list[Fragment], Layout | None]:
+        """Opens and validates the fragments of the stored prefix of ``keys`` (token ids ``ids``); cut at the first bad one.
+
+        Each fragment's header must name this group, namespace and layout; its stored tokens
+        must be the query's; with a MAC key, its MAC must verify. A group that fails is moved
+        aside when its file is damaged.
+
+        Returns:
+            (open fragments of groups 0..n-1, their layout); ([], None) when none is usable.
+        """
+        count, layout_id = self.usable_groups(keys)
+        if not count:
+            return [], None
+        layout = self.index.layout(layout_id)
+        if layout is None:  # the index lost its layout entry: take it from the first fragment
+            first = read_stored_group(self.root, keys[0].hex())
+            if first is None:
+                return [], None
+            layout = first.layout
+        damaged: list[bytes] = []
+
+        def open_group(j: int) -> Fragment | None:
+            try:
+                return self._open_group(keys[j].hex(), j, layout, ids)
+            except FragmentError as exc:
+                logger.warning("stored prefix ends before group %d: %s", j, exc)
+                if exc.damaged:
+                    damaged.append(keys[j])
+                return None
+
+        opened = (
+            list(self._executor().map(open_group, range(count))) if count > 4 else [open_group(j) for j in range(count)]
+        )
+        fragments: list[Fragment] = []
+        for fragment in opened:
+            if fragment is None:
+                break
+            fragments.append(fragment)
+        for fragment in opened[len(fragments) :]:
+            if fragment is not None:
+                fragment.close()
+        self.quarantine(damaged)
+        return fragments, layout
+
+    def _open_group(self, key_hex: str, j: int, layout: Layout, ids: np.ndarray) -> Fragment:
+        s = self._split
+        fragment = Fragment(_layout.fragment_path(self.root, key_hex))
+        try:
+            fragment.validate(key_hex=key_hex, namespace=self.namespace, split_factor=s, layout=layout, group_index=j)
+            if bytes(fragment.raw(TOKENS)) != ids[j * s : (j + 1) * s].tobytes():
+                raise FragmentError(
+                    f"fragment {fragment.path}: stored tokens differ from the query (hash collision or damage)"
+                )
+            if self._mac_key is not None:
+                fragment.verify_mac(self._mac_key)
+        except FragmentError:
+            fragment.close()
+            raise
+        return fragment
+
+    def stored_for_put(self, keys: list[bytes], layout: Layout) -> list[bool]:
+        """Which of ``keys`` are stored with this namespace and ``layout``, so a put may skip them.
+
+        An index record of another namespace or layout is garbage or stale: the fragment
+        decides. One that holds this namespace and layout stays (put rewrites the record);
+        anything else is moved aside, so the put publishes the group afresh.
+        """
+        present = []
+        for key, record in zip(keys, self.index.records(keys)):
+            if record is None:
+                present.append(False)
+                continue
+            if record.namespace_id == self._ns_id and record.layout_id == layout.id:
+                present.append(True)
+                continue
+            stored = read_stored_group(self.root, key.hex())
+            if stored is None or stored.namespace != self.namespace or stored.layout != layout:
+                logger.warning(
+                    "group %s holds another namespace or layout than its index record; replacing it", key.hex()
+                )
+                quarantine_group(self.root, key.hex())
+            present.append(False)
+        return present
+
+    def record_put(self, written: Iterable[tuple[bytes, GroupRecord]], layout: Layout, used: Sequence[bytes]) -> None:
+        """Records groups a put published, and marks every group it covered used now, in one transaction.
+
+        A prefix is then never older than its suffix, so LRU eviction takes suffixes first.
+        """
+        self.index.add(written, layouts=[layout], namespaces=[self.namespace], touch=used)
+        self.touch(used)  # in the tree too (batched), where rebuilds and other nodes see it
+
+    # -- bookkeeping ------------------------------------------------------------------------
+
+    def quarantine(self, keys: Sequence[bytes]) -> None:
+        """Takes damaged groups out of the tree and the index, so the next put rewrites them."""
+        if not keys:
+            return
+        for key in keys:
+            quarantine_group(self.root, key.hex())
+        try:
+            self.index.remove(keys)
+        except StorageError as exc:  # the lookup's fragment checks still catch them
+            logger.warning("could not drop damaged groups from the index: %s", exc)
+
+    def touch(self, keys: Sequence[bytes]) -> None:
+        """Notes a use of a whole prefix now; recorded in the index and the tree in batches."""
+        now = time.time_ns()
+        with self._touch_lock:
+            self._pending_touches.update(dict.fromkeys(keys, now))
+            due = time.monotonic() - self._last_touch_flush > _TOUCH_FLUSH_SECONDS
+        if due:
+            self.flush_touches()
+
+    def flush_touches(self) -> None:
+        with self._touch_lock:
+            uses, self._pending_touches = self._pending_touches, {}
+            self._last_touch_flush = time.monotonic()
+        if not uses:
+            return
+        try:
+            self.index.touch(uses)
+        except StorageError as exc:
+            # Bookkeeping only: the read that made these uses succeeded, and eviction order
+            # is still kept by the tree's record below.
+            logger.warning("could not record %d uses in the index: %s", len(uses), exc)
+        mark_used(self.root, {key.hex(): used for key, used in uses.items()})

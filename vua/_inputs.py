@@ -1,0 +1,143 @@
+"""Checks of what callers pass in: each failure is an InvalidInputError saying what to pass instead.
+
+Everything here runs before anything touches the disk, so bad input leaves the store as it was.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from vua import _dtypes
+from vua._keys import tokens_as_int64
+from vua._kv_layout import Layout
+from vua.errors import InvalidInputError, SplitFactorError
+
+KVData = Sequence[tuple[torch.Tensor, torch.Tensor]]
+
+
+def check_storage(t: torch.Tensor, what: str) -> None:
+    """Refuses tensors whose bytes cannot be read: sparse or other layouts, the meta device."""
+    if t.layout != torch.strided:
+        raise InvalidInputError(f"{what} is a {t.layout} tensor; pass a dense one (t.to_dense())")
+    if t.device.type == "meta":
+        raise InvalidInputError(f"{what} is on the meta device and holds no data; pass a materialised tensor")
+
+
+def single_row(tokens: torch.Tensor) -> torch.Tensor:
+    if not isinstance(tokens, torch.Tensor):
+        raise InvalidInputError(
+            f"tokens must be a torch.Tensor of token ids, got {type(tokens).__name__}; "
+            "wrap a list of ids with torch.tensor(ids)"
+        )
+    check_storage(tokens, "tokens")
+    if tokens.dim() == 2 and tokens.shape[0] == 1:
+        return tokens[0]
+    if tokens.dim() != 1:
+        raise InvalidInputError(
+            f"tokens must be shaped [n] or [1, n], got {list(tokens.shape)}; pass a batch to "
+            "get_closest as a list of 1-D tensors"
+        )
+    return tokens
+
+
+def int64_ids(row: torch.Tensor) -> np.ndarray:
+    try:
+        return tokens_as_int64(row)
+    except TypeError as exc:
+        raise InvalidInputError(f"{exc}; convert with tokens.long()") from None
+
+
+def checked_put(
+    tokens: torch.Tensor, data: KVData, offset: int, split_factor: int
+) -> tuple[list[torch.Tensor], Layout, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Validates put's arguments; raises before anything touches the disk."""
+    if not isinstance(tokens, torch.Tensor):
+        raise InvalidInputError(
+            f"tokens must be a torch.Tensor of token ids, got {type(tokens).__name__}; "
+            "wrap a list of ids with torch.tensor(ids)"
+        )
+    check_storage(tokens, "tokens")
+    if tokens.dim() == 1:
+        rows = [tokens]
+    elif tokens.dim() == 2:
+        rows = list(tokens)
+    else:
+        raise InvalidInputError(f"tokens must be shaped [n], [1, n] or [B, n], got {list(tokens.shape)}")
+    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+        raise InvalidInputError(f"tokens must hold integer ids, got dtype {tokens.dtype}; convert with tokens.long()")
+    n, s = tokens.shape[-1], split_factor
+    if n % s:
+        raise SplitFactorError(
+            f"put got {n} tokens, not a multiple of split_factor={s}; cut them with "
+            f"VUAConfig.trim_to_split_factor(tokens) (here to {n - n % s}) and the KV to match"
+        )
+    if not isinstance(offset, int) or offset % s or not 0 <= offset <= n:
+        raise InvalidInputError(f"offset must be a multiple of split_factor={s} between 0 and {n}, got {offset!r}")
+    batch = len(rows)
+    if not isinstance(data, (list, tuple)) or not data:
+        raise InvalidInputError("data must be a non-empty list over layers of (key, value) tensor pairs")
+    layers, shapes, dtypes = [], [], set()
+    for i, pair in enumerate(data):
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            raise InvalidInputError(f"data[{i}] must be a (key, value) pair, got {type(pair).__name__}")
+        for name, t in zip(("key", "value"), pair):
+            if isinstance(t, torch.Tensor):
+                check_storage(t, f"data[{i}] {name}")
+            if not isinstance(t, torch.Tensor) or t.dim() != 4:
+                got = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise InvalidInputError(
+                    f"data[{i}] {name} must be a 4-D tensor [batch, kv_heads, seq, head_dim], got {got}"
+                )
+            if t.shape[0] != batch:
+                raise InvalidInputError(
+                    f"data[{i}] {name} has batch {t.shape[0]} but tokens has {batch} rows; they must agree"
+                )
+            if t.shape[2] < n - offset:
+                hint = (
+                    f"; it looks laid out [batch, seq, heads, head_dim] (dimension 1 has {t.shape[1]}): "
+                    "VUA takes [batch, kv_heads, seq, head_dim], so pass k.transpose(1, 2)"
+                    if t.shape[1] >= n - offset
+                    else "; pass the KV of every token"
+                )
+                raise InvalidInputError(
+                    f"data[{i}] {name} shaped {list(t.shape)} covers {t.shape[2]} positions in dimension 2, "
+                    f"fewer than the {n - offset} tokens{hint}"
+                )
+            if t.shape[1] == 0 or t.shape[3] == 0:
+                raise InvalidInputError(f"data[{i}] {name} has an empty head or head_dim dimension")
+            dtypes.add(t.dtype)
+        k, v = pair
+        layers.append((k, v))
+        shapes.append(((k.shape[1], k.shape[3]), (v.shape[1], v.shape[3])))
+    if len(dtypes) != 1:
+        raise InvalidInputError(
+            f"all layers must share one dtype, got {sorted(map(str, dtypes))}; cast them with .to(dtype)"
+        )
+    dtype = dtypes.pop()
+    if _dtypes.name_of(dtype) is None:
+        raise InvalidInputError(f"dtype {dtype} cannot be stored in safetensors; cast the KV to a supported dtype")
+    return rows, Layout.of(dtype, tuple(shapes)), layers
+
+
+# -- get ----------------------------------------------------------------------------
+
+
+def checked_device(device: str | torch.device) -> torch.device:
+    """The device a load writes to: the CPU or a CUDA device with its index filled in."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InvalidInputError(f"device {device!r} is not a torch device; pass 'cpu', 'cuda' or 'cuda:N'") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InvalidInputError(
+                f"device {str(device)!r} asked for, but torch sees no CUDA device; pass device='cpu'"
+            )
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+    elif device.type != "cpu":
+        raise InvalidInputError(f"device {str(device)!r} is not supported; pass 'cpu' or a CUDA device")
+    return device

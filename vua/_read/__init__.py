@@ -1,0 +1,109 @@
+"""The read path: copy verified fragments into output tensors.
+
+A load is a :class:`KVLoad` handle (outputs, groups verified so far, per-layer readiness)
+filled by one copy strategy, picked in :func:`choose_copy` from the device, the layout and
+whether the consumer takes layers as they land:
+
+- host outputs (``_cpu``): straight from the memory map, each byte copied once;
+  :class:`HostGroups` hashes and copies whole groups per thread, :class:`HostLayers` goes
+  layer-major (layer-wise consumers, layouts whose layers differ in shape);
+- a CUDA device (``_staged``): ``preadv`` into pinned staging, non-blocking DMAs on a side
+  stream, checked on the GPU by word sums (``_device_check``), whole groups or layer by
+  layer; with ``gds`` (``_direct``) files go straight into GPU memory instead.
+
+Every strategy runs over a :class:`ReadJob` (the open fragments, their layout, the host-side
+read and check of a group) and reports a failed check to the handle, which ends the prefix
+before the damaged group (with a warning): the result is only ever shorter, never wrong.
+CUDA is reached only through a :class:`CudaPlatform`, which a dry run replaces.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from typing import Protocol
+
+import torch
+
+from vua._fragment import Fragment
+from vua._kv_layout import Layout
+from vua._read._cpu import HostGroups, HostLayers
+from vua._read._direct import DirectGroups
+from vua._read._job import ReadJob, allocate_outputs
+from vua._read._load import KVLoad
+from vua._read._platform import CudaPlatform
+from vua._read._staged import StagedGroups, StagedLayers
+from vua._read._staging import HostBlockPool, PinnedStaging
+
+__all__ = ["KVLoad", "CudaPlatform", "HostBlockPool", "PinnedStaging", "start_load"]
+
+
+class CopyStrategy(Protocol):
+    def run(self, job: ReadJob) -> None:
+        """Fills the job's outputs for its groups (stopping at ``job.valid``) and marks every layer landed."""
+
+
+def choose_copy(
+    job: ReadJob, *, layerwise: bool, platform: CudaPlatform | None, staging: PinnedStaging | None, gds: bool
+) -> CopyStrategy:
+    """The one place a load's copy path is picked."""
+    whole_groups = job.uniform and not layerwise
+    if platform is None or staging is None:
+        return HostGroups() if whole_groups else HostLayers(layerwise=layerwise)
+    if not whole_groups:
+        return StagedLayers(platform, staging)
+    staged = StagedGroups(platform, staging)
+    return DirectGroups(platform, staged) if gds else staged
+
+
+def start_load(
+    fragments: Sequence[Fragment],
+    layout: Layout,
+    split_factor: int,
+    device: torch.device,
+    executor: Executor,
+    *,
+    verify_checksums: bool,
+    layerwise: bool,
+    platform: CudaPlatform | None = None,
+    staging: PinnedStaging | None = None,
+    host_pool: HostBlockPool | None = None,
+    gds: bool = False,
+    on_done: Callable[[KVLoad], None] | None = None,
+) -> KVLoad:
+    """Starts copying the open fragments of groups 0..n-1 into fresh outputs on ``device``.
+
+    Args:
+        fragments: open, header-validated fragments, in order; closed when the copy is over.
+        layout: their common layout.
+        verify_checksums: check every tensor (on the GPU where it can, else on the host).
+        layerwise: run on a thread of its own and hand out layers as they land.
+        platform, staging: CUDA's streams and pinned buffers (CUDA devices only).
+        host_pool: recycled host memory for CPU outputs (None: fresh memory).
+        gds: read whole groups with GPUDirect Storage where the platform allows (CUDA only).
+        on_done: called with the load once it has finished without error.
+
+    Returns:
+        The load: already finished unless ``layerwise``.
+    """
+    block, outputs = allocate_outputs(layout, len(fragments) * split_factor, device, host_pool)
+    load = KVLoad(outputs, split_factor, platform=platform)
+    job = ReadJob(fragments, layout, split_factor, block, executor, verify_checksums=verify_checksums, load=load)
+    copy = choose_copy(job, layerwise=layerwise, platform=platform, staging=staging, gds=gds)
+    if staging is not None and platform is not None:
+        # The outputs' memory may have been freed by work still queued on the caller's
+        # stream; the side stream must not write it before that work is done.
+        staging.stream.wait_stream(platform.current_stream())
+
+    def run() -> None:
+        try:
+            if staging is None:
+                copy.run(job)
+            else:
+                with staging.lock:  # one load uses the staging buffers at a time
+                    copy.run(job)
+        finally:
+            job.close()
+
+    load.start(run, background=layerwise, on_done=on_done)
+    return load

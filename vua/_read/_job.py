@@ -1,0 +1,188 @@
+"""One load's work: the open fragments, where their bytes go, and the host-side read and check of a group.
+
+Every copy strategy takes a :class:`ReadJob`. It owns the fragments (and closes them when
+the copy is over) and reports failures to the :class:`KVLoad` handle, which cuts the
+prefix; strategies stop at ``job.valid`` groups.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+
+import numpy as np
+import torch
+import xxhash
+
+from vua._fragment import Fragment
+from vua._kv_layout import Layout, as_bits
+from vua._read._load import KVLoad, KVPairs
+from vua._read._staging import HostBlockPool
+from vua.errors import FragmentError
+
+_INLINE_BYTES = 4 << 20  # below this a range is copied on the calling thread: fan-out costs more
+
+
+class ReadJob:
+    """The fragments of groups 0..n-1 (open, header-validated, in order) and the outputs they fill.
+
+    Args:
+        fragments: the open fragments; the job closes them when the copy is over.
+        layout: their common layout.
+        split_factor: tokens per group.
+        outputs: per layer (K, V), views of ``block`` (see :func:`allocate_outputs`).
+        block: the outputs' one uint8 block.
+        executor: threads for parallel copies.
+        verify_checksums: check tensors on the host against their xxh3 sums (where the GPU does not).
+        load: the handle to report to.
+    """
+
+    def __init__(
+        self,
+        fragments: Sequence[Fragment],
+        layout: Layout,
+        split_factor: int,
+        block: torch.Tensor,
+        executor: Executor,
+        *,
+        verify_checksums: bool,
+        load: KVLoad,
+    ):
+        self.fragments = list(fragments)
+        self.layout = layout
+        self.split = split_factor
+        self.executor = executor
+        self.verify = verify_checksums
+        self.load = load
+        self.outputs = load.outputs
+        self.total_bytes = layout.kv_bytes(split_factor) * len(self.fragments)
+        heads, dim = layout.layers[0][0]
+        # Every layer's K and V of one shape: the outputs are one (layers, 2, heads, tokens, dim)
+        # block and a fragment's data one (layers, 2, heads, split, dim) array, so a group is
+        # one verified copy instead of one per tensor (far fewer GIL round trips per byte).
+        self.uniform = all(kv == (heads, dim) for pair in layout.layers for kv in pair)
+        tokens = len(self.fragments) * split_factor
+        self.block5 = block.view(layout.dtype).view(layout.num_layers, 2, heads, tokens, dim) if self.uniform else None
+
+    @property
+    def valid(self) -> int:
+        """Groups still in the prefix: a failed check lowers it, and work past it is skipped."""
+        return self.load.num_groups
+
+    def fail(self, group: int, exc: FragmentError) -> None:
+        self.load.cut(group, exc)
+
+    def close(self) -> None:
+        for fragment in self.fragments:
+            fragment.close()
+        self.fragments = []
+
+    def prefetch_all(self) -> None:
+        """Starts every file's disk reads at once (for layer-major copies, which touch every file)."""
+        for fragment in self.fragments:
+            fragment.prefetch()
+
+    def parallel(self, work: Callable[[int, int], None], first: int, last: int, nbytes: int) -> None:
+        """Runs ``work(lo, hi)`` over [first, last) split into one range per thread.
+
+        numpy copies and xxhash release the GIL, so the threads really run at once.
+        """
+        workers = getattr(self.executor, "_max_workers", 1)
+        if nbytes < _INLINE_BYTES or workers <= 1 or last - first < 2:
+            work(first, last)
+            return
+        step = -(-(last - first) // workers)
+        futures = [self.executor.submit(work, lo, min(lo + step, last)) for lo in range(first, last, step)]
+        for future in futures:
+            future.result()
+
+    def copy_group_layer(
+        self, group: int, layer: int, dest_k: np.ndarray, dest_v: np.ndarray, *, check: bool = True
+    ) -> None:
+        """Verifies and copies one group's K and V of one layer into numpy views of the destination.
+
+        ``check=False`` copies only: the GPU checks these bytes after its copy.
+        """
+        fragment = self.fragments[group]
+        try:
+            source_k, source_v, sum_k, sum_v = fragment.layers[layer]
+        except (FragmentError, IndexError) as exc:
+            self.fail(group, exc if isinstance(exc, FragmentError) else FragmentError(str(exc)))
+            return
+        for source, dest, expected, name in ((source_k, dest_k, sum_k, "key"), (source_v, dest_v, sum_v, "value")):
+            # Hash first: it pulls the bytes into cache, so the copy reads them from there.
+            if check and self.verify and xxhash.xxh3_64_intdigest(memoryview(source)) != expected:
+                self.fail(
+                    group,
+                    FragmentError(
+                        f"fragment {fragment.path}: checksum mismatch in layer {layer} {name} (damaged data)"
+                    ),
+                )
+                return
+            np.copyto(dest, source)
+
+    def read_group(self, group: int, dest: np.ndarray, *, offset: int = 0, check: bool = False) -> None:
+        """Reads one group's K and V bytes (file order) from ``offset`` on into ``dest``.
+
+        ``check``: verify them here, tensor by tensor (for groups the GPU cannot check;
+        ``dest`` is then the whole group). A failure ends the prefix before the group.
+        """
+        fragment = self.fragments[group]
+        try:
+            fragment.read_kv_into(memoryview(dest), offset)  # type: ignore[arg-type]  # numpy arrays are buffers
+            if check and self.verify:
+                for name, begin, end in fragment.kv_offsets():
+                    fragment.verify_checksum(name, dest[begin:end])
+        except (FragmentError, OSError) as exc:
+            self.fail(
+                group,
+                exc
+                if isinstance(exc, FragmentError)
+                else FragmentError(f"reading {fragment.path}: {exc}", damaged=False),
+            )
+
+
+def allocate_outputs(
+    layout: Layout, tokens: int, device: torch.device, host_pool: HostBlockPool | None
+) -> tuple[torch.Tensor, KVPairs]:
+    """One uint8 block for every layer's K and V of ``tokens`` tokens, and the per-layer views of it.
+
+    Host outputs come from the pool of recycled blocks where there is one (fresh pages cost
+    a page fault and zeroing each).
+
+    Returns:
+        (block, [(K, V) per layer]), each K and V ``(1, kv_heads, tokens, head_dim)``.
+    """
+    nbytes = layout.kv_bytes(1) * tokens
+    if device.type == "cpu" and host_pool is not None:
+        block = torch.from_numpy(host_pool.take(nbytes))
+    else:
+        block = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    return block, _carve(
+        block, [((1, kh, tokens, kd), (1, vh, tokens, vd)) for (kh, kd), (vh, vd) in layout.layers], layout.dtype
+    )
+
+
+def _carve(
+    base: torch.Tensor, shapes: Sequence[tuple[tuple[int, ...], tuple[int, ...]]], dtype: torch.dtype
+) -> KVPairs:
+    """Output tensors of the given (K shape, V shape) per layer, in order, as views of one uint8 block.
+
+    A block made from a pooled numpy array stays alive as long as any of the views; the
+    pool sees when the last one dies.
+    """
+    pairs, offset = [], 0
+    for k_shape, v_shape in shapes:
+        views = []
+        for shape in (k_shape, v_shape):
+            size = math.prod(shape) * dtype.itemsize
+            views.append(base[offset : offset + size].view(dtype).view(shape))
+            offset += size
+        pairs.append((views[0], views[1]))
+    return pairs
+
+
+def host_views(outputs: KVPairs) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(layers) x (K, V) as (kv_heads, tokens, head_dim) integer numpy views of host outputs."""
+    return [(as_bits(k)[0], as_bits(v)[0]) for k, v in outputs]

@@ -1,0 +1,259 @@
+"""Rebuilding an index from the fragment tree, which is the truth the index caches.
+
+A rebuild writes a new generation beside the live one and swaps CURRENT; every process
+notices the swap at its next operation (one stat) and reopens (see ``_index``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import lmdb
+
+from vua import _layout
+from vua._fragment import Fragment
+from vua._generations import (
+    GEN_PREFIX,
+    Handles,
+    acquire_environment,
+    adjust_total,
+    read_current,
+    rebuild_lock,
+    record_names,
+    release_environment,
+    write_current,
+)
+from vua._kv_layout import Layout
+from vua._record import GroupRecord, StoredGroup
+from vua.errors import FragmentError, StorageError
+
+logger = logging.getLogger(__name__)
+
+
+def read_stored_group(root: str, key_hex: str) -> StoredGroup | None:
+    """What group ``key_hex``'s fragment says it is (header validated); None (with a warning) when it is damaged.
+
+    Its last use is the tree's record of it (the directory's mtime).
+    """
+    try:
+        with Fragment(_layout.fragment_path(root, key_hex)) as fragment:
+            return fragment.stored_group(key_hex, last_used=tree_last_use(root, key_hex))
+    except FragmentError as exc:
+        logger.warning("skipping damaged fragment %s: %s", key_hex, exc)
+        return None
+
+
+def tree_last_use(root: str, key_hex: str) -> int:
+    """A group's last use as the tree records it: its directory's mtime (ns).
+
+    Publishing sets it; hits refresh it in batches (see ``_fragment.mark_used``), so a
+    rebuilt index, or another node, sees the same LRU order as this node's index.
+    """
+    try:
+        return os.stat(_layout.group_dir(root, key_hex)).st_mtime_ns
+    except OSError:
+        return time.time_ns()
+
+
+class ScanEntry(NamedTuple):
+    """A valid group found in the tree."""
+
+    key: bytes
+    record: GroupRecord
+    layout: Layout
+    namespace: str
+
+
+@dataclass
+class ScanProgress:
+    """Where a walk of the fragment tree stands; handed to progress callbacks."""
+
+    fanouts_done: int = 0
+    fanouts_total: int = 0
+    groups: int = 0
+    damaged: int = 0
+
+
+def scan_tree(
+    root: str,
+    *,
+    workers: int = 8,
+    progress: Callable[[ScanProgress], None] | None = None,
+    state: ScanProgress | None = None,
+) -> Iterator[ScanEntry]:
+    """Yields (key, record, layout, namespace) for every valid fragment under ``root``.
+
+    Fan-out directories are read in parallel; damaged fragments are logged, counted in
+    ``state.damaged`` and skipped.
+    """
+    state = state if state is not None else ScanProgress()
+
+    def scan(fanout: str) -> tuple[list[ScanEntry], int]:
+        found, damaged = [], 0
+        for key_hex, _ in _layout.iter_groups(fanout):
+            result = read_stored_group(root, key_hex)
+            if result is None:
+                damaged += 1
+            else:
+                found.append(ScanEntry(bytes.fromhex(key_hex), *result))
+        return found, damaged
+
+    fanouts = list(_layout.iter_fanout_dirs(root)) if os.path.isdir(root) else []
+    state.fanouts_total = len(fanouts)
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for found, damaged in pool.map(scan, fanouts):
+            state.fanouts_done += 1
+            state.groups += len(found)
+            state.damaged += damaged
+            if progress is not None:
+                progress(state)
+            yield from found
+
+
+@dataclass
+class RebuildSummary:
+    """What a rebuild found."""
+
+    groups: int
+    damaged: int
+    bytes: int
+    seconds: float
+
+
+def rebuild(
+    root: str,
+    index_path: str,
+    *,
+    only_if_missing: bool = False,
+    replacing: str | None = None,
+    workers: int = 8,
+    progress: Callable[[ScanProgress], None] | None = None,
+    file_mode: int | None = None,
+) -> RebuildSummary | None:
+    """Builds a fresh index generation from the fragment tree and swaps it in atomically.
+
+    Safe while other processes read and write: they switch to the new generation at their
+    next operation, and a final pass over the tree picks up groups published meanwhile.
+    Groups that still slip past are found by the lookup's tree probe, so none is lost.
+
+    Args:
+        only_if_missing: do nothing when CURRENT already names a generation.
+        replacing: the damaged generation's name ("" for a damaged CURRENT): do nothing
+            when CURRENT has moved on meanwhile (another process rebuilt it first).
+        file_mode: permission bits for the index's files (the umask decides when None).
+
+    Returns:
+        A summary; None when there was nothing to do.
+    """
+    started = time.perf_counter()
+    with rebuild_lock(index_path, file_mode):
+        live = read_current(index_path)
+        if only_if_missing and live is not None:
+            return None
+        if replacing is not None and live is not None and live != replacing:
+            return None
+        generation = f"{GEN_PREFIX}{time.time_ns()}-{os.getpid()}"
+        state = ScanProgress()
+        previous = _live_generation(index_path, live, file_mode)
+        try:
+            try:
+                entries = scan_tree(root, workers=workers, progress=progress, state=state)
+                seen, nbytes = _fill(index_path, generation, entries, previous=previous, file_mode=file_mode)
+                write_current(index_path, generation, file_mode)
+            except BaseException:
+                shutil.rmtree(os.path.join(index_path, generation), ignore_errors=True)  # never went live
+                raise
+            # Groups published while the tree was being walked; cheap, since most are known.
+            late = [entry for entry in scan_tree(root, workers=workers) if entry.key not in seen]
+            late_seen, late_bytes = _fill(index_path, generation, late, previous=previous, file_mode=file_mode)
+        finally:
+            if previous is not None:
+                release_environment(previous[0])
+        seen |= late_seen
+        for name in os.listdir(index_path):
+            if name.startswith(GEN_PREFIX) and name != generation:
+                # Other processes holding it open keep their mapping until they reopen.
+                shutil.rmtree(os.path.join(index_path, name), ignore_errors=True)
+        logger.info("rebuilt index %s from %s: %d groups", index_path, root, len(seen))
+        return RebuildSummary(len(seen), state.damaged, nbytes + late_bytes, time.perf_counter() - started)
+
+
+def _live_generation(index_path: str, live: str | None, file_mode: int | None) -> Handles | None:
+    """The generation a rebuild replaces, when there is a readable one: it may know later uses."""
+    if live is None:
+        return None
+    try:
+        return acquire_environment(os.path.join(index_path, live), file_mode=file_mode)
+    except StorageError:
+        return None  # damaged: the tree's record of uses is what there is
+
+
+def _fill(
+    index_path: str,
+    generation: str,
+    entries: Iterable[ScanEntry],
+    *,
+    previous: Handles | None = None,
+    file_mode: int | None = None,
+) -> tuple[set[bytes], int]:
+    """Writes entries straight into ``generation`` (not yet necessarily live), in batches.
+
+    Each group keeps the later of its last use in the tree and in ``previous`` (the index
+    being replaced), so a rebuild never resets the LRU order.
+
+    Returns the keys written and their bytes.
+    """
+    env, groups, meta = acquire_environment(os.path.join(index_path, generation), file_mode=file_mode)
+    seen: set[bytes] = set()
+    total = [0]
+    batch: list[ScanEntry] = []
+
+    def keep_later_uses() -> None:
+        """Gives each entry of the batch the later of its two last uses; one read of ``previous``."""
+        try:
+            with previous[0].begin(db=previous[1]) as old_txn:
+                for i, (key, record, layout, namespace) in enumerate(batch):
+                    raw = old_txn.get(key)
+                    old = None if raw is None else GroupRecord.unpack(raw)
+                    if old is not None and old.last_used > record.last_used:
+                        batch[i] = ScanEntry(key, record._replace(last_used=old.last_used), layout, namespace)
+        except lmdb.Error:
+            pass  # an unreadable old index knows nothing the tree does not
+
+    def flush() -> None:
+        if previous is not None:
+            keep_later_uses()
+        while True:
+            try:
+                with env.begin(write=True) as txn:
+                    added = 0
+                    for key, record, layout, namespace in batch:
+                        if txn.put(key, record.pack(), db=groups, overwrite=False):
+                            added += record.nbytes
+                        record_names(txn, meta, [layout], {record.namespace_id: namespace})
+                    adjust_total(txn, meta, added)
+                total[0] += added
+                break
+            except lmdb.MapFullError:
+                env.set_mapsize(env.info()["map_size"] * 2)
+        batch.clear()
+
+    try:
+        for entry in entries:
+            seen.add(entry.key)
+            batch.append(entry)
+            if len(batch) >= 10_000:
+                flush()
+        flush()
+    except lmdb.Error as exc:
+        raise StorageError(f"cannot write the index at {index_path}: {exc}") from exc
+    finally:
+        release_environment(env)
+    return seen, total[0]
