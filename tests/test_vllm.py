@@ -17,7 +17,7 @@ import torch
 
 from tests.helpers import TINY_DECODER, flip_byte
 from vua import _layout
-from vua.errors import VUAError
+from vua.errors import InvalidInputError, VUAError
 
 # vLLM reports its own choices at INFO and WARNING (the hybrid KV cache manager turned off,
 # the connector API being experimental, no compiled CUDA ops on a CPU machine); those are
@@ -61,11 +61,13 @@ class ConnectorHarness:
         physical_bnhc=False,
         split=SPLIT,
         auth_key_file=None,
+        extra_config=None,
     ):
         heads, head = (1, 576) if mla else (2, 16)
         extra = {"vua_root": root, "split_factor": split}
         if auth_key_file:
             extra["auth_key_file"] = auth_key_file
+        extra.update(extra_config or {})
         self.vllm_config = VllmConfig(
             model_config=ModelConfig(model=model_dir, skip_tokenizer_init=True, dtype="bfloat16", max_model_len=1024),
             cache_config=CacheConfig(block_size=BLOCK, enable_prefix_caching=False),
@@ -235,6 +237,17 @@ class VLLMConnectorTest(unittest.TestCase):
     def test_split_factor_must_be_a_multiple_of_the_block_size(self):
         with self.assertRaisesRegex(VUAError, "not a multiple of vLLM's block size 16"):
             ConnectorHarness(self.root, self.model_dir, split=24)
+
+    def test_config_errors_say_what_to_set(self):
+        cases = [
+            ({"vua_root": ""}, 'needs "vua_root"'),
+            ({"split_factor": "many"}, "split_factor must be an integer, got 'many'"),
+            ({"max_bytes": "1G"}, "max_bytes must be an integer, got '1G'"),
+            ({"auth_key_file": os.path.join(self.root, "missing")}, "cannot read auth_key_file"),
+        ]
+        for extra, message in cases:
+            with self.subTest(extra=extra), self.assertRaisesRegex(InvalidInputError, message):
+                ConnectorHarness(self.root, self.model_dir, extra_config=extra)
 
     def test_damaged_fragment_is_reported_as_load_error(self):
         h, prompt = self.check_round_trip()

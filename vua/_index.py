@@ -93,19 +93,19 @@ class Index:
             except FileNotFoundError:
                 rebuild(self.root, self.path, only_if_missing=True, file_mode=self.file_mode)
                 continue
-            if self._env is not None and self._pid == os.getpid() and ino == self._current_ino:
-                return self._handles  # one tuple: a concurrent reopen never mixes generations
+            # One tuple: a concurrent reopen never mixes generations. (No local copy: after a
+            # fork the parent's handles must be unreferenced before the reopen, see _open.)
+            if self._handles is not None and self._pid == os.getpid() and ino == self._current_ino:
+                return self._handles
             generation = read_current(self.path)
             if generation is None:
                 logger.warning("index %s: CURRENT names no generation; rebuilding it from the fragment tree", self.path)
                 rebuild(self.root, self.path, replacing="", file_mode=self.file_mode)
                 continue
             try:
-                self._open(ino, generation)
+                return self._open(ino, generation)
             except DamagedIndexError as exc:
                 self.recover(generation, exc)
-                continue
-            return self._handles
         raise StorageError(
             f"the index at {self.path} could not be opened even after rebuilding it; "
             "check the directory's permissions and free space, or move it with VUAConfig(index_path=...)"
@@ -117,10 +117,10 @@ class Index:
         logger.warning("index %s is damaged (%s); rebuilding it from the fragment tree", self.path, cause)
         rebuild(self.root, self.path, replacing=generation, file_mode=self.file_mode)
 
-    def _open(self, ino: int, generation: str) -> None:
+    def _open(self, ino: int, generation: str) -> Handles:
         with self._open_lock:
-            if self._env is not None and self._pid == os.getpid() and ino == self._current_ino:
-                return  # another thread reopened it meanwhile
+            if self._handles is not None and self._pid == os.getpid() and ino == self._current_ino:
+                return self._handles  # another thread reopened it meanwhile
             if self._pid != os.getpid():
                 # The parent's handles are not ours to close; dropping them lets LMDB open the
                 # same environment afresh in this process.
@@ -137,6 +137,7 @@ class Index:
             self._current_ino = ino
             # Slots of readers that died without closing would otherwise pin old pages forever.
             env.reader_check()
+            return handles
 
     def close(self) -> None:
         with self._open_lock:
@@ -144,7 +145,7 @@ class Index:
                 for env in [*self._retired, *([self._env] if self._env is not None else [])]:
                     release_environment(env)
             self._retired = []
-            self._env = None
+            self._env = self._handles = None
 
     # -- reads --------------------------------------------------------------------------
 
@@ -166,7 +167,7 @@ class Index:
                 if GroupRecord.unpack(raw) is None:
                     logger.warning("index entry %s is not a record; ignoring it", key.hex())
                     break
-                found.append(raw)
+                found.append(bytes(raw))
             return found
 
         return self._read(read)

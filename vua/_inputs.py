@@ -26,7 +26,7 @@ def check_storage(t: torch.Tensor, what: str) -> None:
         raise InvalidInputError(f"{what} is on the meta device and holds no data; pass a materialised tensor")
 
 
-def single_row(tokens: torch.Tensor) -> torch.Tensor:
+def single_row(tokens: object) -> torch.Tensor:
     if not isinstance(tokens, torch.Tensor):
         raise InvalidInputError(
             f"tokens must be a torch.Tensor of token ids, got {type(tokens).__name__}; "

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from functools import cached_property
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import xxhash
@@ -23,10 +23,10 @@ if TYPE_CHECKING:
 
 TOKENS = "tokens"
 
-_BITS_BY_SIZE = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}
+_BITS_BY_SIZE: dict[int, type[np.generic]] = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}
 
 
-def loads_untrusted(text: str | bytes) -> object:
+def loads_untrusted(text: str | bytes) -> Any:
     """``json.loads`` for text read from a fragment: hostile nesting is a ValueError, like any malformed JSON.
 
     A header of 100k ``[`` makes the parser recurse past Python's limit; that is damage,
@@ -120,7 +120,7 @@ class Layout:
 
     def tensor_specs(self, split_factor: int) -> list[tuple[str, str, tuple[int, ...]]]:
         """(name, safetensors dtype name, shape) of every tensor of a fragment, in file order."""
-        specs = [(TOKENS, "I64", (split_factor,))]
+        specs: list[tuple[str, str, tuple[int, ...]]] = [(TOKENS, "I64", (split_factor,))]
         for i, ((kh, kd), (vh, vd)) in enumerate(self.layers):
             specs.append((key_name(i), self.dtype_name, (kh, split_factor, kd)))
             specs.append((value_name(i), self.dtype_name, (vh, split_factor, vd)))

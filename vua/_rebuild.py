@@ -215,7 +215,7 @@ def _fill(
     total = [0]
     batch: list[ScanEntry] = []
 
-    def keep_later_uses() -> None:
+    def keep_later_uses(previous: Handles) -> None:
         """Gives each entry of the batch the later of its two last uses; one read of ``previous``."""
         try:
             with previous[0].begin(db=previous[1]) as old_txn:
@@ -229,7 +229,7 @@ def _fill(
 
     def flush() -> None:
         if previous is not None:
-            keep_later_uses()
+            keep_later_uses(previous)
         while True:
             try:
                 with env.begin(write=True) as txn:

@@ -35,7 +35,7 @@ class GroupRecord(NamedTuple):
         return _RECORD.pack(*self)
 
     @classmethod
-    def unpack(cls, raw: bytes) -> GroupRecord | None:
+    def unpack(cls, raw: bytes | memoryview) -> GroupRecord | None:
         """Decodes a record; None when the bytes are not one (garbage in the index)."""
         if len(raw) != _RECORD.size:
             return None

@@ -135,7 +135,7 @@ def verify_store(
         indexed = dict(index.items())
     else:
         report.problems.append(Problem("missing-index", None, f"no index at {index_path}"))
-    damaged_keys = {bytes.fromhex(p.key) for p in report.problems if p.kind == "damaged-fragment"}
+    damaged_keys = {bytes.fromhex(p.key or "") for p in report.problems if p.kind == "damaged-fragment"}
     for key, record in indexed.items():
         if record is None:
             report.problems.append(Problem("garbage-index-entry", key.hex(), "value is not a record"))

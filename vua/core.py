@@ -265,7 +265,7 @@ class VUA:
                 )
             return [self._get_one(t, device) for t in tokens]
         if not isinstance(tokens, torch.Tensor):
-            single_row(tokens)  # raises the error that says what to pass
+            tokens = single_row(tokens)  # not a tensor: raises the error that says what to pass
         return self._get_one(tokens, device)
 
     def _get_one(self, tokens: torch.Tensor, device: str | torch.device) -> ClosestKV | None:

@@ -58,6 +58,6 @@ def read_into(path: str, dest: torch.Tensor, offset: int) -> None:
     """
     file = torch.cuda.gds.GdsFile(path, os.O_RDONLY)
     try:
-        file.load_storage(dest.untyped_storage(), offset)
+        file.load_storage(dest.untyped_storage(), offset)  # type: ignore[arg-type]  # torch's stub names TypedStorage; it takes either
     finally:
         file.deregister_handle()  # now, not at garbage collection; the descriptor closes with the object

@@ -130,7 +130,7 @@ class ReadJob:
         """
         fragment = self.fragments[group]
         try:
-            fragment.read_kv_into(memoryview(dest), offset)  # type: ignore[arg-type]  # numpy arrays are buffers
+            fragment.read_kv_into(memoryview(dest), offset)
             if check and self.verify:
                 for name, begin, end in fragment.kv_offsets():
                     fragment.verify_checksum(name, dest[begin:end])

@@ -1,0 +1,159 @@
+"""VUA as a vLLM KV connector: prompts' KV stored on a (shared) file system, restored by any node.
+
+    vllm serve MODEL --kv-transfer-config '{"kv_connector": "VUAConnector", "kv_role": "kv_both",
+        "kv_connector_module_path": "vua.vllm",
+        "kv_connector_extra_config": {"vua_root": "/mnt/kv"}}'
+
+Extra config keys: ``vua_root`` (required), ``index_path`` (keep it on local disk when
+the root is on NFS), ``split_factor`` (default 256; a multiple of vLLM's block size),
+``max_bytes`` (capacity, LRU eviction), ``namespace`` (appended to the derived one).
+
+The connector only dispatches, by role, as vLLM's larger connectors do:
+
+Scheduler side (``_scheduler``): ``get_num_new_matched_tokens`` answers from the index
+alone; the metadata of each step (``_metadata``) tells workers which requests to load
+(tokens, block ids, token range) and which finished prompts to save.
+
+Worker side (``_worker``): ``start_load_kv`` starts a layer-wise :class:`vua.KVLoad` per request;
+``wait_for_layer_load`` waits for one layer and scatters it into the paged blocks;
+``save_kv_layer`` gathers a finished prompt's new groups from each layer to host memory;
+``wait_for_save`` hands them to a background writer once the copies are done, so vLLM
+may reuse the blocks at once. Groups that fail verification are reported through
+``get_block_ids_with_load_errors`` and vLLM recomputes them.
+
+Paged layouts: vLLM >= 0.33 hands connectors a standardized per-layer view
+``[blocks, heads, block_size, content]`` (FlashAttention-style K and V concatenated in
+``content``; MLA's single latent with heads = 1), in whatever physical order it chose;
+indexing the view follows that order. Older 5-D ``[2, blocks, block_size, heads, dim]``
+and 3-D MLA ``[blocks, block_size, dim]`` tensors work too.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from vua.errors import missing_extra
+
+try:
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+        KVConnectorBase_V1,
+        KVConnectorMetadata,
+        KVConnectorRole,
+    )
+except ImportError as exc:
+    raise missing_extra("vua.vllm", "vllm", "vllm", exc) from exc
+
+from vua.core import VUA
+from vua.vllm._metadata import LoadSpec, SaveSpec, VUAConnectorMetadata
+from vua.vllm._paged import PagedLayer
+from vua.vllm._scheduler import SchedulerSide
+from vua.vllm._settings import ConnectorSettings
+from vua.vllm._worker import WorkerSide
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.request import Request
+
+__all__ = ["VUAConnector", "VUAConnectorMetadata", "LoadSpec", "SaveSpec", "PagedLayer"]
+
+
+class VUAConnector(KVConnectorBase_V1):
+    """vLLM's KV connector for a VUA store; see the module documentation.
+
+    Builds a :class:`SchedulerSide` or a :class:`WorkerSide` by role and hands each of
+    vLLM's calls to it.
+
+    Raises:
+        InvalidInputError: a missing or malformed setting in ``kv_connector_extra_config``.
+    """
+
+    def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig):
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        settings = ConnectorSettings.from_vllm(vllm_config, kv_cache_config)
+        self._scheduler: SchedulerSide | None = None
+        self._worker: WorkerSide | None = None
+        if role == KVConnectorRole.SCHEDULER:
+            self._scheduler = SchedulerSide(settings)
+        else:
+            self._worker = WorkerSide(settings, _tp_rank(), self._get_connector_metadata)
+
+    @property
+    def scheduler_side(self) -> SchedulerSide:
+        if self._scheduler is None:
+            raise RuntimeError("VUAConnector: a scheduler-side call reached the worker-side connector")
+        return self._scheduler
+
+    @property
+    def worker_side(self) -> WorkerSide:
+        if self._worker is None:
+            raise RuntimeError("VUAConnector: a worker-side call reached the scheduler-side connector")
+        return self._worker
+
+    @property
+    def vua(self) -> VUA:
+        """This connector's store (the worker's rank, or rank 0 on the scheduler)."""
+        return self._worker.vua if self._worker is not None else self.scheduler_side.rank_stores[0]
+
+    # -- scheduler side -------------------------------------------------------------------
+
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
+        return self.scheduler_side.get_num_new_matched_tokens(request, num_computed_tokens)
+
+    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
+        self.scheduler_side.update_state_after_alloc(request, blocks, num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        return self.scheduler_side.build_connector_meta(scheduler_output)
+
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        return self.scheduler_side.request_finished(request, block_ids)
+
+    # -- worker side ----------------------------------------------------------------------
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        self.worker_side.register_kv_caches(kv_caches)
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        self.worker_side.start_load_kv(forward_context, **kwargs)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        self.worker_side.wait_for_layer_load(layer_name)
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
+        self.worker_side.save_kv_layer(layer_name, kv_layer, attn_metadata, **kwargs)
+
+    def wait_for_save(self) -> None:
+        self.worker_side.wait_for_save()
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        return self.worker_side.get_finished(finished_req_ids)
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        return self.worker_side.get_block_ids_with_load_errors()
+
+    def flush(self) -> None:
+        """Waits for background writes (tests and shutdown)."""
+        if self._worker is not None:
+            self._worker.flush()
+
+    def shutdown(self) -> None:
+        if self._worker is not None:
+            self._worker.shutdown()
+        if self._scheduler is not None:
+            self._scheduler.shutdown()
+
+
+def _tp_rank() -> int:
+    """This worker's tensor-parallel rank (0 where vLLM set up no model-parallel group)."""
+    try:
+        from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+        return get_tensor_model_parallel_rank()
+    except (AssertionError, ImportError, RuntimeError):
+        return 0

@@ -1,0 +1,66 @@
+"""vLLM's paged KV caches, read and written per token position."""
+
+from __future__ import annotations
+
+import torch
+
+from vua.errors import InvalidInputError
+
+
+class PagedLayer:
+    """One layer's paged KV tensor, read and written per token position.
+
+    Knows the layouts vLLM gives connectors and splits each token's content into the
+    (key, value) pair a fragment stores: K and V for attention, the latent's two parts
+    for MLA. Everything is indexing on the tensor vLLM handed over, so any physical
+    order (stride permutation) is respected.
+    """
+
+    def __init__(self, kv: torch.Tensor, block_size: int, key_width: int | None):
+        self.kv = kv
+        self.block_size = block_size
+        if kv.dim() == 5 and kv.shape[0] == 2:  # legacy FlashAttention [2, blocks, block, heads, dim]
+            self.kind, self.heads, width = "split", kv.shape[3], kv.shape[4]
+            self.key_width = width
+        elif kv.dim() == 4:  # standardized [blocks, heads, block, content]
+            self.kind, self.heads, width = "bhnc", kv.shape[1], kv.shape[3]
+            self.key_width = key_width if key_width and 0 < key_width < width else width - width // 2
+        elif kv.dim() == 3:  # legacy MLA [blocks, block, latent]
+            self.kind, self.heads, width = "mla", 1, kv.shape[2]
+            self.key_width = key_width if key_width and 0 < key_width < width else width - width // 2
+        else:
+            raise InvalidInputError(
+                f"unsupported paged KV tensor of shape {tuple(kv.shape)}; VUAConnector knows vLLM's "
+                "[blocks, heads, block_size, content] views and the older 5-D and MLA layouts"
+            )
+
+    def _slots(self, block_ids: list[int], start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        positions = torch.arange(start, end)
+        blocks = torch.tensor(block_ids, dtype=torch.long)[positions // self.block_size]
+        return blocks.to(self.kv.device), (positions % self.block_size).to(self.kv.device)
+
+    def gather(self, block_ids: list[int], start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(K, V) of positions [start, end), each ``(1, heads, end - start, width)``."""
+        blocks, offsets = self._slots(block_ids, start, end)
+        if self.kind == "split":
+            k, v = self.kv[0][blocks, offsets], self.kv[1][blocks, offsets]  # (n, heads, dim)
+        elif self.kind == "bhnc":
+            content = self.kv[blocks, :, offsets]  # (n, heads, content): advanced indices go first
+            k, v = content[..., : self.key_width], content[..., self.key_width :]
+        else:
+            content = self.kv[blocks, offsets][:, None]  # (n, 1, latent)
+            k, v = content[..., : self.key_width], content[..., self.key_width :]
+        return k.transpose(0, 1)[None], v.transpose(0, 1)[None]
+
+    def scatter(self, block_ids: list[int], start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Writes (K, V) of shape ``(1, heads, n, width)`` at positions [start, start + n)."""
+        n = k.shape[2]
+        blocks, offsets = self._slots(block_ids, start, start + n)
+        k, v = k[0].transpose(0, 1), v[0].transpose(0, 1)  # (n, heads, width)
+        if self.kind == "split":
+            self.kv[0][blocks, offsets] = k
+            self.kv[1][blocks, offsets] = v
+        elif self.kind == "bhnc":
+            self.kv[blocks, :, offsets] = torch.cat([k, v], dim=-1)
+        else:
+            self.kv[blocks, offsets] = torch.cat([k, v], dim=-1)[:, 0]

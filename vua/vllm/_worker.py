@@ -1,0 +1,178 @@
+"""The worker side: layer-wise loads into the paged blocks, and saves gathered to host and written in the background."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from vua.core import VUA, KVLoad
+from vua.errors import InvalidInputError, VUAError
+from vua.vllm._metadata import LoadSpec, SaveSpec, VUAConnectorMetadata
+from vua.vllm._paged import PagedLayer
+from vua.vllm._settings import ConnectorSettings
+
+if TYPE_CHECKING:
+    from vllm.forward_context import ForwardContext
+
+logger = logging.getLogger(__name__)
+
+
+class WorkerSide:
+    """One tensor-parallel rank's loads and saves, driven by the step's metadata.
+
+    Args:
+        settings: the connector's settings.
+        rank: this worker's tensor-parallel rank (its shard's store).
+        metadata: returns the current step's metadata (vLLM binds it to the connector).
+    """
+
+    def __init__(self, settings: ConnectorSettings, rank: int, metadata: Any):
+        self.settings = settings
+        self.vua: VUA = settings.open_store(rank)
+        self._metadata = metadata
+        self._layers: dict[str, PagedLayer] = {}
+        self._loads: list[tuple[LoadSpec, KVLoad | None]] = []
+        self._gathered: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._save_starts: dict[str, int] = {}
+        self._load_errors: set[int] = set()
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vua-save")
+        self._writes: list[Future[None]] = []
+        self._lock = threading.Lock()
+
+    def _step(self) -> VUAConnectorMetadata:
+        meta = self._metadata()
+        assert isinstance(meta, VUAConnectorMetadata)
+        return meta
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        block_size, key_width = self.settings.block_size, self.settings.key_width
+        self._layers = {name: PagedLayer(kv, block_size, key_width) for name, kv in kv_caches.items()}
+        missing = [n for n in self.settings.layer_names if n not in self._layers]
+        if missing:
+            raise InvalidInputError(f"VUAConnector: no KV cache registered for layers {missing[:3]}...")
+
+    def _layer_index(self, layer_name: str) -> int:
+        try:
+            return self.settings.layer_names.index(layer_name)
+        except ValueError:
+            raise InvalidInputError(f"VUAConnector: unknown layer {layer_name!r}") from None
+
+    # -- loads ------------------------------------------------------------------------------
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        device = next(iter(self._layers.values())).kv.device
+        for spec in self._step().loads:
+            tokens = torch.tensor(spec.token_ids[: spec.end], dtype=torch.long)
+            load = self.vua.load(tokens, device, layerwise=True)
+            if load is None:
+                self._fail_blocks(spec, spec.start)
+            self._loads.append((spec, load))
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        if not self._loads:
+            return
+        layer = self._layers[layer_name]
+        index = self._layer_index(layer_name)
+        for spec, load in self._loads:
+            if load is None:
+                continue
+            k, v = load.wait_layer(index)  # (1, heads, verified tokens, width)
+            end = min(spec.end, k.shape[2])
+            if end > spec.start:
+                layer.scatter(spec.block_ids, spec.start, k[:, :, spec.start : end], v[:, :, spec.start : end])
+        if index == len(self.settings.layer_names) - 1:
+            self._finish_loads()
+
+    def _fail_blocks(self, spec: LoadSpec, first_bad: int) -> None:
+        block_size = self.settings.block_size
+        with self._lock:
+            self._load_errors.update(
+                spec.block_ids[p // block_size] for p in range(max(first_bad, spec.start), spec.end)
+            )
+
+    def _finish_loads(self) -> None:
+        for spec, load in self._loads:
+            if load is not None:
+                verified = load.wait() * self.settings.split_factor
+                if verified < spec.end:
+                    self._fail_blocks(spec, verified)
+        self._loads = []
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        if self._loads:
+            self._finish_loads()
+        with self._lock:
+            errors, self._load_errors = self._load_errors, set()
+        return errors
+
+    # -- saves ------------------------------------------------------------------------------
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
+        saves = self._step().saves
+        if not saves:
+            return
+        layer = self._layers.get(layer_name) or PagedLayer(kv_layer, self.settings.block_size, self.settings.key_width)
+        for spec in saves:
+            start = self._save_start(spec)
+            if start >= len(spec.token_ids):
+                continue
+            k, v = layer.gather(spec.block_ids, start, len(spec.token_ids))
+            # Copy to host now: once the step ends vLLM may reuse these blocks.
+            gathered = self._gathered.setdefault(spec.req_id, [])
+            gathered.append((k.to("cpu", non_blocking=True), v.to("cpu", non_blocking=True)))
+
+    def _save_start(self, spec: SaveSpec) -> int:
+        """The first token to gather this step: the groups before it are already stored."""
+        start = self._save_starts.get(spec.req_id)
+        if start is None:
+            tokens = torch.tensor(spec.token_ids, dtype=torch.long)
+            start = self._save_starts[spec.req_id] = self.vua.prefix_length(tokens)
+        return start
+
+    def wait_for_save(self) -> None:
+        if self._loads:
+            self._finish_loads()
+        if not self._gathered:
+            self._save_starts = {}
+            return
+        if any(layer.kv.is_cuda for layer in self._layers.values()):
+            torch.cuda.current_stream().synchronize()  # the host copies of the blocks are complete
+        specs = {spec.req_id: spec for spec in self._step().saves}
+        layers = len(self.settings.layer_names)
+        for req_id, gathered in self._gathered.items():
+            spec = specs[req_id]
+            if len(gathered) != layers:
+                logger.warning(
+                    "VUAConnector: request %s gathered %d of %d layers; not saved", req_id, len(gathered), layers
+                )
+                continue
+            tokens = torch.tensor(spec.token_ids, dtype=torch.long)
+            self._writes.append(self._writer.submit(self._write, tokens, gathered, self._save_start(spec)))
+        self._gathered = {}
+        self._save_starts = {}
+
+    def _write(self, tokens: torch.Tensor, layers: list[tuple[torch.Tensor, torch.Tensor]], offset: int) -> None:
+        try:
+            self.vua.put(tokens, layers, offset=offset)
+        except VUAError as exc:  # a failed save is a future miss, never a wrong answer
+            logger.warning("VUAConnector: storing %d tokens failed: %s", tokens.numel(), exc)
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        # Loads finish within their step and saves hold no blocks: nothing is pending.
+        self._writes = [w for w in self._writes if not w.done()]
+        return None, None
+
+    def flush(self) -> None:
+        """Waits for background writes (tests and shutdown)."""
+        for write in self._writes:
+            write.result()
+        self._writes = []
+
+    def shutdown(self) -> None:
+        self.flush()
+        self._writer.shutdown(wait=True)
+        self.vua.close()
