@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import shutil
+import struct
 import tempfile
 import unittest
+from collections.abc import Callable
 
 import lmdb
 import torch
 
-from vua._index import Index
 from vua._inputs import checked_put
 from vua._kv_layout import Layout
 from vua._record import GroupRecord
@@ -61,13 +63,36 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
 
 
-def flip_byte(path: str, offset: int, mask: int = 0x01) -> None:
-    """Damages one byte of a file in place: XORs ``mask`` into the byte at ``offset`` (negative: from the end)."""
+def overwrite(path: str, offset: int, data: bytes) -> None:
+    """Damages a file in place: writes ``data`` at ``offset`` (negative: from the end). Every test's byte damage goes through here."""
     with open(path, "r+b") as f:
         f.seek(offset, os.SEEK_SET if offset >= 0 else os.SEEK_END)
-        byte = f.read(1)
-        f.seek(-1, os.SEEK_CUR)
-        f.write(bytes([byte[0] ^ mask]))
+        f.write(data)
+
+
+def flip_byte(path: str, offset: int, mask: int = 0x01) -> None:
+    """XORs ``mask`` into the byte at ``offset`` (negative: from the end)."""
+    with open(path, "rb") as f:
+        f.seek(offset, os.SEEK_SET if offset >= 0 else os.SEEK_END)
+        byte = f.read(1)[0]
+    overwrite(path, offset, bytes([byte ^ mask]))
+
+
+def rewrite_header(path: str, edit: Callable[[dict], object]) -> None:
+    """Replaces a fragment's JSON header by ``edit(header dict)``, keeping the header's length.
+
+    ``edit`` changes the dict in place (returning None) or returns the new header as text or
+    bytes. Raises ValueError when the new header does not fit the old one's length.
+    """
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        body = json.loads(f.read(length))
+    result = edit(body)
+    text = json.dumps(body, separators=(",", ":")) if result is None else result
+    raw = text.encode() if isinstance(text, str) else bytes(text)  # type: ignore[arg-type]
+    if len(raw) > length:
+        raise ValueError("edited header does not fit")
+    overwrite(path, 8, raw + b" " * (length - len(raw)))
 
 
 def kv_slice(kv, row: int, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -164,10 +189,6 @@ def layout_of(kv: list[tuple[torch.Tensor, torch.Tensor]], split: int = 16) -> L
 
 
 # -- the store's index, which tests inspect and damage -----------------------------------
-
-
-def index_of(store: VUA) -> Index:
-    return store._index
 
 
 def index_records(store: VUA) -> dict[bytes, GroupRecord | None]:

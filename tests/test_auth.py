@@ -7,7 +7,7 @@ import secrets
 
 import torch
 
-from tests.helpers import StoreTestCase, layout_of, random_kv
+from tests.helpers import StoreTestCase, layout_of, overwrite, random_kv
 from vua import _layout
 from vua._fragment import Fragment
 from vua._keys import tokens_as_int64
@@ -85,11 +85,9 @@ class AuthTest(StoreTestCase):
             stolen = fragment.metadata["mac"]
         self.forge_group(0, key=b"attacker-key-of-sixteen+")
         path = _layout.fragment_path(self.root, self.keys[0])
-        with open(path, "r+b") as f:
-            head = f.read(4096)
-            start = head.index(b'"mac":"') + 7
-            f.seek(start)
-            f.write(stolen.encode())  # the real group's MAC on forged data
+        with open(path, "rb") as f:
+            start = f.read(4096).index(b'"mac":"') + 7
+        overwrite(path, start, stolen.encode())  # the real group's MAC on forged data
         with self.assertLogs("vua", level="WARNING"):
             self.assertPrefix(0)
 

@@ -7,7 +7,7 @@ import struct
 
 import torch
 
-from tests.helpers import StoreTestCase, flip_byte, index_env, indexed_groups, layout_of, random_kv
+from tests.helpers import StoreTestCase, flip_byte, index_env, indexed_groups, layout_of, overwrite, random_kv
 from vua import _layout
 from vua._keys import group_keys, tokens_as_int64
 from vua._publish import publish_fragment
@@ -40,8 +40,7 @@ class DamageTest(StoreTestCase):
         self.assertHit(hit, groups, self.kv)
 
     def test_truncated_fragment(self):
-        with open(self.path(1), "r+b") as f:
-            f.truncate(os.path.getsize(self.path(1)) - 100)
+        os.truncate(self.path(1), os.path.getsize(self.path(1)) - 100)
         self.assertPrefix(1)
 
     def test_flipped_header_byte(self):
@@ -49,8 +48,7 @@ class DamageTest(StoreTestCase):
         self.assertPrefix(2)
 
     def test_header_length_out_of_range(self):
-        with open(self.path(0), "r+b") as f:
-            f.write(struct.pack("<Q", 1 << 40))
+        overwrite(self.path(0), 0, struct.pack("<Q", 1 << 40))
         self.assertPrefix(0)
 
     def test_flipped_data_byte_fails_the_checksum(self):
@@ -101,17 +99,13 @@ class DamageTest(StoreTestCase):
         self.assertEqual(hits, [None, None])
 
     def test_damaged_group_is_rewritten_by_the_next_put(self):
-        with open(self.path(1), "r+b") as f:
-            f.truncate(100)
+        os.truncate(self.path(1), 100)
         self.assertPrefix(1)
         self.assertEqual(self.vua.put(self.tokens, self.kv), 1)
         self.assertPrefix(3, warns=None)
 
     def test_layerwise_load_reports_the_shorter_prefix(self):
-        size = os.path.getsize(self.path(2))
-        with open(self.path(2), "r+b") as f:
-            f.seek(size - 1)
-            f.write(b"\x00" if f.read(1) != b"\x00" else b"\x01")
+        flip_byte(self.path(2), -1)
         with self.assertLogs("vua", level="WARNING"):
             load = self.vua.load(self.tokens, "cpu", layerwise=True)
             groups = load.wait()

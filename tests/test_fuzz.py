@@ -11,7 +11,6 @@ CI runs a few seconds' worth. For a longer hand run:
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -23,7 +22,7 @@ import textwrap
 
 import torch
 
-from tests.helpers import StoreTestCase, check_hit, prefix_kv
+from tests.helpers import StoreTestCase, check_hit, flip_byte, overwrite, prefix_kv, rewrite_header
 from vua import _layout
 from vua._verify import verify_store
 from vua.core import VUA, VUAConfig
@@ -32,17 +31,6 @@ TRIALS = int(os.environ.get("VUA_FUZZ_TRIALS", "40"))
 SEED = int(os.environ.get("VUA_FUZZ_SEED", "20261128"))
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENS = torch.arange(3000, 3064)  # four groups of 16
-
-
-def _edit_header(path: str, edit) -> None:
-    with open(path, "r+b") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        body = json.loads(f.read(length))
-        edit(body)
-        text = json.dumps(body, separators=(",", ":")).encode()
-        if len(text) <= length:
-            f.seek(8)
-            f.write(text + b" " * (length - len(text)))
 
 
 def _alias_value_to_key(body: dict) -> None:
@@ -74,11 +62,7 @@ def damage_fragment(rng: random.Random, path: str, donors: list[str], outside: s
         ]
     )
     if way == "flip":
-        with open(path, "r+b") as f:
-            f.seek(rng.randrange(size))
-            byte = f.read(1)
-            f.seek(-1, os.SEEK_CUR)
-            f.write(bytes([byte[0] ^ (1 << rng.randrange(8))]))
+        flip_byte(path, rng.randrange(size), 1 << rng.randrange(8))
     elif way == "truncate":
         os.truncate(path, rng.randrange(size))
     elif way == "extend":
@@ -86,9 +70,7 @@ def damage_fragment(rng: random.Random, path: str, donors: list[str], outside: s
             f.write(os.urandom(rng.randrange(1, 5000)))
     elif way == "zero-fill":
         begin = rng.randrange(size)
-        with open(path, "r+b") as f:
-            f.seek(begin)
-            f.write(b"\0" * rng.randrange(1, size - begin + 1))
+        overwrite(path, begin, b"\0" * rng.randrange(1, size - begin + 1))
     elif way == "other-file":
         shutil.copyfile(rng.choice(donors), path)
     elif way in ("dangling-symlink", "outside-symlink"):
@@ -106,9 +88,9 @@ def damage_fragment(rng: random.Random, path: str, donors: list[str], outside: s
         with open(path, "wb") as f:
             f.write(struct.pack("<Q", 50_000) + b"[" * 50_000)
     elif way == "overlap":
-        _edit_header(path, _alias_value_to_key)
+        rewrite_header(path, _alias_value_to_key)
     elif way == "true-dimension":
-        _edit_header(path, _true_dimension)
+        rewrite_header(path, _true_dimension)
     return way
 
 
@@ -169,7 +151,7 @@ _INDEX_TRIALS = """
     import logging, os, random, shutil, sys, tempfile
     import torch
     logging.disable(logging.CRITICAL)
-    from tests.helpers import check_hit, prefix_kv
+    from tests.helpers import check_hit, overwrite, prefix_kv
     from vua import _generations
     from vua._verify import verify_store
     from vua.core import VUA, VUAConfig
@@ -192,9 +174,7 @@ _INDEX_TRIALS = """
             os.truncate(data, rng.randrange(size))
         elif way in ("random-bytes", "meta-bytes"):
             offset = rng.randrange(8192) if way == "meta-bytes" else rng.randrange(size)
-            with open(data, "r+b") as f:
-                f.seek(offset)
-                f.write(os.urandom(rng.choice([1, 8, 64, 4096])))
+            overwrite(data, offset, os.urandom(rng.choice([1, 8, 64, 4096])))
         elif way == "current":
             with open(os.path.join(vua.index_path, "CURRENT"), "wb") as f:
                 f.write(rng.choice([b"../../elsewhere", os.urandom(40), b"gen-1-1", b""]))

@@ -26,8 +26,10 @@ from tests.helpers import (
     index_env,
     index_records,
     kv_slice,
+    overwrite,
     prefix_kv,
     random_kv,
+    rewrite_header,
 )
 from vua import _catalog, _evict, _generations, _index, _layout, _rebuild
 from vua._fragment import Fragment
@@ -37,18 +39,6 @@ from vua.core import VUAConfig
 from vua.errors import FragmentError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def rewrite_header(path: str, edit) -> None:
-    """Replaces a fragment's JSON header by ``edit(header dict)``, keeping the header's length."""
-    with open(path, "r+b") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        body = json.loads(f.read(length))
-        text = edit(body).encode() if callable(edit) else edit
-        if len(text) > length:
-            raise ValueError("edited header does not fit")
-        f.seek(8)
-        f.write(text + b" " * (length - len(text)))
 
 
 def run_child(script: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -197,22 +187,19 @@ class DamagedIndexTest(StoreTestCase):
         size = os.path.getsize(self.data_file)
         for fraction in (0.25, 0.5, 0.9):
             with self.subTest(fraction=fraction):
-                with open(self.data_file, "r+b") as f:
-                    f.truncate(max(int(size * fraction) // 4096 * 4096, 8192))
+                os.truncate(self.data_file, max(int(size * fraction) // 4096 * 4096, 8192))
                 self.assertOpensAndReadsAll()
                 generation = _generations.read_current(os.path.join(self.root, "index.lmdb"))
                 self.data_file = os.path.join(self.root, "index.lmdb", generation, "data.mdb")
                 size = os.path.getsize(self.data_file)
 
     def test_random_bytes_in_the_data_file(self):
-        with open(self.data_file, "r+b") as f:
-            f.write(os.urandom(os.path.getsize(self.data_file)))
+        overwrite(self.data_file, 0, os.urandom(os.path.getsize(self.data_file)))
         self.assertOpensAndReadsAll()
 
     def test_check_data_file_accepts_a_good_one_and_refuses_a_short_one(self):
         _generations.check_data_file(self.data_file)  # no exception
-        with open(self.data_file, "r+b") as f:
-            f.truncate(os.path.getsize(self.data_file) - 4096)
+        os.truncate(self.data_file, os.path.getsize(self.data_file) - 4096)
         with self.assertRaises(_generations.DamagedIndexError):
             _generations.check_data_file(self.data_file)
 

@@ -19,6 +19,7 @@ import torch
 from tests.helpers import (
     StoreTestCase,
     check_hit,
+    flip_byte,
     index_env,
     index_records,
     index_total_bytes,
@@ -60,9 +61,7 @@ class CommandTest(StoreTestCase):
     def test_verify_clean_then_damaged_then_fixed(self):
         self.assertEqual(run_cli("verify", self.root)[0], 0)
         victim = self.fragment_files()[0]
-        with open(victim, "r+b") as f:
-            f.seek(-1, os.SEEK_END)
-            f.write(b"\xff")
+        flip_byte(victim, -1)
         stale = os.path.join(self.root, "00", ".tmp-abandoned")
         os.makedirs(stale)
         os.utime(stale, (time.time() - 7200, time.time() - 7200))

@@ -100,8 +100,7 @@ class StoreMachine(RuleBasedStateMachine):
         path = _layout.fragment_path(self.root, key)
         if not os.path.exists(path):
             return
-        with open(path, "r+b") as f:
-            f.truncate(os.path.getsize(path) // 2)
+        os.truncate(path, os.path.getsize(path) // 2)
         self.certain.discard(group)
         self.tainted.add(group)
 

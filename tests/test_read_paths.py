@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import unittest
 
 import torch
 
-from tests.helpers import StoreTestCase, flip_byte, kv_slice, random_kv
+from tests.helpers import StoreTestCase, flip_byte, kv_slice, overwrite, random_kv
 from vua import _layout
 from vua._read import _gds
 
@@ -22,9 +24,7 @@ class GroupCopiesTest(StoreTestCase):
         vua.put(tokens, kv)
         self.assertKVEqual(vua.get_closest(tokens, device="cpu").data, kv)
         path = _layout.fragment_path(self.root, vua.config.tokens_to_paths(tokens)[2])
-        with open(path, "r+b") as f:
-            f.seek(-5, os.SEEK_END)
-            f.write(b"\x00\x01\x02")
+        overwrite(path, -5, b"\x00\x01\x02")
         with self.assertLogs("vua", level="WARNING"):
             hit = vua.get_closest(tokens, device="cpu")
         self.assertKVEqual(hit.data, kv_slice(kv, 0, 32))
@@ -90,3 +90,16 @@ class CudaReadTest(StoreTestCase):
         for _ in range(2):  # the second read runs after any fallback decision
             hit = vua.get_closest(tokens, device="cuda")
             self.assertKVEqual([(k.cpu(), v.cpu()) for k, v in hit.data], kv)
+
+
+class CudaDryRunTest(unittest.TestCase):
+    """Every CUDA read path's logic (staged whole groups, layer-wise, GPUDirect with its fallback),
+    run on the CPU through tools/cuda_dry_run.py's stand-in platform: exact data, damage cut."""
+
+    def test_cuda_paths_on_a_stand_in_platform(self):
+        script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "cuda_dry_run.py")
+        run = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=600)
+        self.assertEqual(run.returncode, 0, run.stdout + run.stderr[-3000:])
+        cases = run.stdout.splitlines()
+        self.assertEqual(len(cases), 31, run.stdout)  # 30 loads and the refused-GDS fallback
+        self.assertTrue(all(line.startswith("ok ") for line in cases), run.stdout)

@@ -47,12 +47,6 @@ GB = 1e9
 LAYERS, HEADS, HEAD_DIM, DTYPE = 32, 8, 128, torch.bfloat16
 SPLIT = 256
 
-TARGETS = {
-    "warm_get_vs_memcpy": 0.6,
-    "put_vs_raw_write": 0.7,
-    "cold_get_vs_raw_read": 0.7,
-}
-
 
 def timed(fn: Callable[[], object], repeat: int, setup: Callable[[], object] | None = None) -> list[float]:
     """Wall times of ``repeat`` calls of ``fn`` (``setup`` runs untimed before each)."""

@@ -31,7 +31,7 @@ from functools import cached_property
 import numpy as np
 import xxhash
 
-from vua import _dtypes, _wordsum
+from vua import _dtypes
 from vua._files import NotRegularFileError, open_regular_file
 from vua._kv_layout import TOKENS, Layout, bits_dtype, is_size, key_name, loads_untrusted, value_name
 from vua._mac import MAC_FIELD, MAC_PLACEHOLDER, fragment_mac, mac_marker
@@ -110,7 +110,7 @@ class Fragment:
 
     def close(self) -> None:
         self.__dict__.pop("layers", None)
-        self.__dict__.pop("_region", None)
+        self.__dict__.pop("region", None)
         try:
             self._map.close()
         except BufferError:
@@ -147,8 +147,9 @@ class Fragment:
         return [(name, e.begin - base, e.end - base) for name, e in self.tensors.items() if name != TOKENS]
 
     @cached_property
-    def _region(self) -> np.ndarray:
-        return np.frombuffer(self._map, dtype=np.uint8)  # read-only, zero-copy
+    def region(self) -> np.ndarray:
+        """The whole file as read-only uint8 numpy, zero-copy."""
+        return np.frombuffer(self._map, dtype=np.uint8)
 
     def raw(self, name: str) -> memoryview:
         entry = self.tensors[name]
@@ -161,9 +162,7 @@ class Fragment:
         also release the GIL, so several threads copy at once.
         """
         entry = self.tensors[name]
-        return (
-            self._region[entry.begin : entry.end].view(bits_dtype(_dtypes.ITEMSIZE[entry.dtype])).reshape(entry.shape)
-        )
+        return self.region[entry.begin : entry.end].view(bits_dtype(_dtypes.ITEMSIZE[entry.dtype])).reshape(entry.shape)
 
     @cached_property
     def layers(self) -> list[tuple[np.ndarray, np.ndarray, int | None, int | None]]:
@@ -189,7 +188,7 @@ class Fragment:
         first = self.tensors[key_name(0)]
         kh, split, kd = first.shape
         begin, end = self.kv_range
-        data = self._region[begin:end].view(bits_dtype(_dtypes.ITEMSIZE[first.dtype]))
+        data = self.region[begin:end].view(bits_dtype(_dtypes.ITEMSIZE[first.dtype]))
         try:
             return data.reshape(len(self.kv_names) // 2, 2, kh, split, kd)
         except ValueError:
@@ -223,26 +222,6 @@ class Fragment:
             return [int(stored[name], 16) for name in self.kv_names]
         except (KeyError, ValueError, TypeError) as exc:
             raise FragmentError(f"fragment {self.path}: malformed wordsums ({exc})") from None
-
-    def verify_group_sums(self) -> None:
-        """Checks the sums over K and V bytes beyond the per-tensor xxh3 (wordsums, kv_checksum).
-
-        Raises:
-            FragmentError: a sum does not match (damaged data or metadata).
-        """
-        begin, end = self.kv_range
-        expected = self.metadata.get("kv_checksum")
-        if expected is not None and xxhash.xxh3_64_hexdigest(self._region[begin:end]) != expected:
-            raise FragmentError(f"fragment {self.path}: kv_checksum mismatch (damaged data or metadata)")
-        sums = self.wordsums
-        if sums is None:
-            return
-        for name, stored in zip(self.kv_names, sums):
-            entry = self.tensors[name]
-            heads = entry.shape[0]
-            piece = self._region[entry.begin : entry.end].reshape(heads, -1)
-            if not _wordsum.whole_rows(piece.shape[1]) or _wordsum.host_wordsum(piece) != stored:
-                raise FragmentError(f"fragment {self.path}: wordsums mismatch in {name} (damaged data or metadata)")
 
     @cached_property
     def checksums(self) -> dict[str, int]:

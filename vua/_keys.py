@@ -14,7 +14,6 @@ import numpy as np
 import torch
 import xxhash
 
-KEY_BYTES = 16  # xxh3-128 digest length
 TOKEN_DTYPE = np.dtype("<i8")  # the canonical on-disk and hashing form of token ids
 
 _ROOT_DOMAIN = b"vua/group-key/v1\x00"

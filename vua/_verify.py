@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 
 import xxhash
 
-from vua import _layout
+from vua import _layout, _wordsum
 from vua._fragment import Fragment
 from vua._generations import CURRENT_FILE
 from vua._index import Index
@@ -76,10 +76,33 @@ def check_fragment(root: str, key_hex: str) -> StoredGroup:
             raise FragmentError(f"malformed metadata: {exc}") from None
         for name in fragment.tensors:
             fragment.verify_checksum(name)
-        fragment.verify_group_sums()
+        _verify_group_sums(fragment)
         if xxhash.xxh3_128_digest(parent + bytes(fragment.raw(TOKENS))).hex() != key_hex:
             raise FragmentError("stored tokens do not hash to the group's key")
         return stored
+
+
+def _verify_group_sums(fragment: Fragment) -> None:
+    """Checks the sums over K and V bytes beyond the per-tensor xxh3 (wordsums, kv_checksum).
+
+    Reads check only the per-tensor sums (and the word sums on a GPU); this checks every
+    sum a fragment carries, on the host.
+
+    Raises:
+        FragmentError: a sum does not match (damaged data or metadata).
+    """
+    begin, end = fragment.kv_range
+    expected = fragment.metadata.get("kv_checksum")
+    if expected is not None and xxhash.xxh3_64_hexdigest(fragment.region[begin:end]) != expected:
+        raise FragmentError(f"fragment {fragment.path}: kv_checksum mismatch (damaged data or metadata)")
+    sums = fragment.wordsums
+    if sums is None:
+        return
+    for name, stored in zip(fragment.kv_names, sums):
+        entry = fragment.tensors[name]
+        piece = fragment.region[entry.begin : entry.end].reshape(entry.shape[0], -1)  # (heads, bytes)
+        if not _wordsum.whole_rows(piece.shape[1]) or _wordsum.host_wordsum(piece) != stored:
+            raise FragmentError(f"fragment {fragment.path}: wordsums mismatch in {name} (damaged data or metadata)")
 
 
 def verify_store(

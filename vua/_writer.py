@@ -12,7 +12,9 @@ from __future__ import annotations
 import ctypes
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from concurrent.futures import Executor
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -22,7 +24,7 @@ from vua import _wordsum
 from vua._fragment import FORMAT, FORMAT_VERSION
 from vua._kv_layout import TOKENS, Layout
 from vua._mac import MAC_FIELD, MAC_PLACEHOLDER, seal_header
-from vua._publish import encode_header
+from vua._publish import encode_header, publish_fragment
 from vua._record import GroupRecord
 
 
@@ -74,6 +76,44 @@ class GroupSource:
         self._wordsums = wordsums
         self._host_wordsums = host_wordsums
         self._mac_key = mac_key  # the store's MAC key (see _mac.mac_key), or None
+
+    @classmethod
+    def of_put(
+        cls,
+        layers: list[tuple[torch.Tensor, torch.Tensor]],
+        layout: Layout,
+        split_factor: int,
+        namespace: str,
+        *,
+        tokens: int,
+        offset: int,
+        gpu_checksums: bool | None,
+        mac_key: bytes | None,
+    ) -> GroupSource:
+        """The source of a put of ``tokens`` tokens whose KV (``layers``, on any device) starts at ``offset``.
+
+        Word sums come from the GPU for CUDA tensors (nearly free there), else from the host
+        where ``gpu_checksums`` asks or torch sees a CUDA device (see ``VUAConfig``).
+        """
+        n = tokens - offset
+        wordsums, host_wordsums = None, False
+        if gpu_checksums is not False:
+            devices = {t.device for kv in layers for t in kv}
+            if len(devices) == 1 and devices.pop().type == "cuda":
+                sums = _wordsum.tensor_wordsums(layers, n, split_factor)
+                wordsums = None if sums is None else sums.cpu().numpy().view(np.uint64)
+            else:
+                host_wordsums = bool(gpu_checksums) or torch.cuda.is_available()
+        return cls(
+            [(host_kv(k, n), host_kv(v, n)) for k, v in layers],
+            layout,
+            split_factor,
+            namespace,
+            first_group=offset // split_factor,
+            wordsums=wordsums,
+            host_wordsums=host_wordsums,
+            mac_key=mac_key,
+        )
 
     def _tensor_piece(self, i: int, row: int, group: int) -> np.ndarray:
         """Tensor ``i``'s bytes in group ``group`` of batch row ``row``: uint8 ``(heads, run)``, a view.
@@ -143,3 +183,43 @@ class GroupSource:
     def record(self, header: bytes, buffers: Sequence[memoryview], group: int) -> GroupRecord:
         nbytes = len(header) + sum(len(b) for b in buffers)
         return GroupRecord.of(self._namespace, self._layout, nbytes, group, time.time_ns())
+
+
+class GroupToWrite(NamedTuple):
+    """One group a put writes."""
+
+    row: int  # of the batch
+    group: int  # index in the row
+    key: bytes
+    parent: bytes  # the previous group's key (the namespace seed for group 0)
+    ids: np.ndarray  # the row's token ids
+
+
+class Written(NamedTuple):
+    key: bytes
+    record: GroupRecord
+    published: bool  # False: another writer published the same group first
+
+
+def write_groups(
+    root: str, source: GroupSource, groups: Iterable[GroupToWrite], executor: Executor, *, file_mode: int | None
+) -> tuple[list[Written], OSError | None]:
+    """Builds and publishes each group's fragment, in parallel; every one is durable when this returns.
+
+    Returns:
+        (the groups published or found published, the first error), so a caller records the
+        groups that are whole even when another failed.
+    """
+
+    def write(item: GroupToWrite) -> Written:
+        header, buffers = source.fragment(item.ids, item.row, item.group, item.key.hex(), item.parent.hex())
+        published = publish_fragment(root, item.key.hex(), header, buffers, file_mode=file_mode)
+        return Written(item.key, source.record(header, buffers, item.group), published)
+
+    results, failure = [], None
+    for future in [executor.submit(write, item) for item in groups]:
+        try:
+            results.append(future.result())
+        except OSError as exc:
+            failure = failure or exc
+    return results, failure

@@ -24,17 +24,15 @@ from typing import NamedTuple, overload
 import numpy as np
 import torch
 
-from vua import _evict, _layout, _wordsum
+from vua import _evict, _layout
 from vua._catalog import Catalog
 from vua._config import VUAConfig, check_config
 from vua._index import Index
 from vua._inputs import KVData, checked_device, checked_put, int64_ids, single_row
 from vua._keys import group_keys, namespace_seed
 from vua._mac import mac_key
-from vua._publish import publish_fragment
 from vua._read import CudaPlatform, HostBlockPool, KVLoad, PinnedStaging, start_load
-from vua._record import GroupRecord
-from vua._writer import GroupSource, host_kv
+from vua._writer import GroupSource, GroupToWrite, write_groups
 from vua.errors import InvalidInputError, NotAStoreError, SplitFactorError, StorageError, VUAError
 
 __all__ = ["VUA", "VUAConfig", "ClosestKV", "KVLoad", "SplitFactorError", "VUAError"]
@@ -158,18 +156,17 @@ class VUA:
         if not rows or rows[0].numel() == 0:
             return 0
         n = rows[0].numel()
-        wordsums, host_wordsums = self._gpu_checksums(layers, n - offset)
-        source = GroupSource(
-            [(host_kv(k, n - offset), host_kv(v, n - offset)) for k, v in layers],
+        source = GroupSource.of_put(
+            layers,
             layout,
             s,
             self.config.namespace,
-            first_group=offset // s,
-            wordsums=wordsums,
-            host_wordsums=host_wordsums,
+            tokens=n,
+            offset=offset,
+            gpu_checksums=self.config.gpu_checksums,
             mac_key=self._mac_key,
         )
-        todo: dict[bytes, _GroupToWrite] = {}  # a batch may repeat a prefix: its first row is written
+        todo: dict[bytes, GroupToWrite] = {}  # a batch may repeat a prefix: its first row is written
         every_key: list[bytes] = []
         for r, row in enumerate(rows):
             ids, keys = self._keys(row)
@@ -178,30 +175,14 @@ class VUA:
             parents = [self._seed, *keys[:-1]]
             for g in range(offset // s, len(keys)):
                 if not present[g]:
-                    todo.setdefault(keys[g], _GroupToWrite(r, g, keys[g], parents[g], ids))
-
-        def write(item: _GroupToWrite) -> tuple[bytes, GroupRecord, bool]:
-            header, buffers = source.fragment(item.ids, item.row, item.group, item.key.hex(), item.parent.hex())
-            published = publish_fragment(self.root, item.key.hex(), header, buffers, file_mode=self.config.file_mode)
-            return item.key, source.record(header, buffers, item.group), published
-
+                    todo.setdefault(keys[g], GroupToWrite(r, g, keys[g], parents[g], ids))
         started = time.perf_counter()
-        results, failure = [], None
-        for future in [self._pool().submit(write, item) for item in todo.values()]:
-            try:
-                results.append(future.result())
-            except OSError as exc:
-                failure = failure or exc
+        results, failure = write_groups(self.root, source, todo.values(), self._pool(), file_mode=self.config.file_mode)
         # Record what did get published even when another group failed: those are whole.
-        self._catalog.record_put(((k, rec) for k, rec, _ in results), layout, every_key)
-        written = sum(1 for *_, published in results if published)
-        logger.debug(
-            "put: %d rows, %d new groups, %d written in %.1f ms",
-            len(rows),
-            len(todo),
-            written,
-            1e3 * (time.perf_counter() - started),
-        )
+        self._catalog.record_put(((r.key, r.record) for r in results), layout, every_key)
+        written = sum(r.published for r in results)
+        elapsed_ms = 1e3 * (time.perf_counter() - started)
+        logger.debug("put: %d rows, %d new groups, %d written in %.1f ms", len(rows), len(todo), written, elapsed_ms)
         if failure is not None:
             raise StorageError(
                 f"writing a fragment under {self.root!r} failed: {failure.strerror or failure}; "
@@ -211,19 +192,6 @@ class VUA:
             self._catalog.flush_touches()
             _evict.enforce_capacity(self._index, self.root, self.config.max_bytes)
         return written
-
-    def _gpu_checksums(
-        self, layers: list[tuple[torch.Tensor, torch.Tensor]], tokens: int
-    ) -> tuple[np.ndarray | None, bool]:
-        """Where a put's word sums come from: (sums computed on the GPU, compute on the host)."""
-        wanted = self.config.gpu_checksums
-        if wanted is False:
-            return None, False
-        devices = {t.device for kv in layers for t in kv}
-        if len(devices) == 1 and devices.pop().type == "cuda":
-            sums = _wordsum.tensor_wordsums(layers, tokens, self.config.split_factor)
-            return (None if sums is None else sums.cpu().numpy().view(np.uint64)), False
-        return None, bool(wanted) or torch.cuda.is_available()
 
     # -- get ----------------------------------------------------------------------------
 
@@ -339,14 +307,6 @@ class VUA:
             gds=self.config.gds,
             on_done=on_done,
         )
-
-
-class _GroupToWrite(NamedTuple):
-    row: int  # of the batch
-    group: int  # index in the row
-    key: bytes
-    parent: bytes  # the previous group's key (the namespace seed for group 0)
-    ids: np.ndarray  # the row's token ids
 
 
 def _open_root(root_path: str | os.PathLike[str], create_parents: bool) -> str:

@@ -69,8 +69,8 @@ class HostLayers:
 def _copy_group(job: ReadJob, group: int, dest: np.ndarray) -> None:
     """Verifies and copies one group's whole KV into ``dest``, a (layers, 2, heads, split, dim) integer view.
 
-    Tensor by tensor, hash then copy: the copy reads what the hash just pulled into cache
-    (one hash and one copy per group measured no faster, even on 16 cores).
+    Tensor by tensor, hash then copy: the copy reads what the hash just pulled into cache,
+    which beats one hash and one copy of the whole group (see the README's design notes).
     """
     if job.verify:
         for layer in range(dest.shape[0]):

@@ -3,9 +3,8 @@
 Two costs dominate a large read besides the copy itself: first-touch page faults on fresh
 output memory (the kernel zeroes every page before the copy overwrites it), and, on the
 way to a GPU, pageable memory, which CUDA must bounce through its own pinned buffer. The
-pool and the staging buffers here remove both. (Transparent huge pages for fresh outputs
-were tried and gave no consistent gain on the development VM, where touching memory for
-the first time is slow whatever the page size; recycling avoids fresh memory instead.)
+pool and the staging buffers here remove both (see the README's design notes for the
+figures, and why huge pages are not used instead).
 """
 
 from __future__ import annotations
@@ -30,9 +29,8 @@ class HostBlockPool:
     A CPU read returns all its layers as views of one block. The pool remembers the block
     and a weak reference to the numpy view the result's tensors were made from; once the
     caller drops every tensor of that result, the view dies and the block is free for the
-    next read, without the kernel zeroing and faulting in fresh pages again (a 128 MiB read
-    took about 33 ms into a recycled block and 85 to 160 ms into fresh memory on the
-    development VM). At most ``max_free_bytes`` of free blocks are kept.
+    next read, without the kernel zeroing and faulting in fresh pages again (two to five
+    times faster for large reads). At most ``max_free_bytes`` of free blocks are kept.
     """
 
     def __init__(self, max_free_bytes: int):
