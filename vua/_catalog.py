@@ -25,11 +25,13 @@ from vua._kv_layout import TOKENS, Layout
 from vua._publish import mark_used, quarantine_group
 from vua._rebuild import read_stored_group
 from vua._record import RECORD_HEAD, GroupRecord, StoredGroup, namespace_id
+from vua._verify import check_fragment
 from vua.errors import FragmentError, StorageError
 
 logger = logging.getLogger(__name__)
 
 _TOUCH_FLUSH_SECONDS = 5.0
+_MISSING_RETRY_SECONDS = (0.05, 0.1, 0.2)  # a group directory without its file, on a second look and later
 
 
 class Catalog:
@@ -42,6 +44,7 @@ class Catalog:
         split_factor: tokens per group.
         mac_key: the store's MAC key; fragments must carry a MAC made with it (None: no MAC).
         executor: where fragments are opened in parallel (a callable, since it is rebuilt after a fork).
+        shared: the root is a network or FUSE file system other nodes write (see ``VUAConfig.network_fs``).
     """
 
     def __init__(
@@ -53,6 +56,7 @@ class Catalog:
         split_factor: int,
         mac_key: bytes | None,
         executor: Callable[[], Executor],
+        shared: bool = False,
     ):
         self.root = root
         self.index = index
@@ -61,6 +65,7 @@ class Catalog:
         self._split = split_factor
         self._mac_key = mac_key
         self._executor = executor
+        self.shared = shared  # a network or FUSE root other nodes write: pread reads, damage confirmed
         self._touch_lock = threading.Lock()
         self._pending_touches: dict[bytes, int] = {}  # key -> time of its last use (ns)
         self._last_touch_flush = time.monotonic()
@@ -151,6 +156,7 @@ class Catalog:
                 return [], None
             layout = first.layout
         damaged: list[bytes] = []
+        missing: list[bytes] = []
 
         def open_group(j: int) -> Fragment | None:
             try:
@@ -159,6 +165,8 @@ class Catalog:
                 logger.warning("stored prefix ends before group %d: %s", j, exc)
                 if exc.damaged:
                     damaged.append(keys[j])
+                elif exc.missing:
+                    missing.append(keys[j])
                 return None
 
         opened = (
@@ -173,11 +181,12 @@ class Catalog:
             if fragment is not None:
                 fragment.close()
         self.quarantine(damaged)
+        self._forget(missing)
         return fragments, layout
 
     def _open_group(self, key_hex: str, j: int, layout: Layout, ids: np.ndarray) -> Fragment:
         s = self._split
-        fragment = Fragment(_layout.fragment_path(self.root, key_hex))
+        fragment = self._open_fragment(key_hex)
         try:
             fragment.validate(key_hex=key_hex, namespace=self.namespace, split_factor=s, layout=layout, group_index=j)
             if bytes(fragment.raw(TOKENS)) != ids[j * s : (j + 1) * s].tobytes():
@@ -190,6 +199,31 @@ class Catalog:
             fragment.close()
             raise
         return fragment
+
+    def _open_fragment(self, key_hex: str) -> Fragment:
+        """Opens a group's fragment, riding out a file that is not there yet.
+
+        A group directory without its file is a publish another node is finishing (on a
+        network file system the rename shows before the file does, briefly) or damage: a
+        few short retries tell which. With no directory either, the group is gone (evicted).
+
+        Raises:
+            FragmentError: ``missing`` when the group is gone; ``damaged`` when its directory
+                stays without a fragment file or holds something else.
+        """
+        path = _layout.fragment_path(self.root, key_hex)
+        for pause in (*_MISSING_RETRY_SECONDS, None):
+            try:
+                return Fragment(path, mapped=not self.shared)
+            except FragmentError as exc:
+                if not exc.missing:
+                    raise
+                if not os.path.isdir(os.path.dirname(path)):
+                    raise  # gone: evicted or moved aside meanwhile, not damage
+                if pause is None:
+                    raise FragmentError(f"group directory {os.path.dirname(path)} has no fragment file") from None
+                time.sleep(pause)
+        raise AssertionError("unreachable")
 
     def stored_for_put(self, keys: list[bytes], layout: Layout) -> list[bool]:
         """Which of ``keys`` are stored with this namespace and ``layout``, so a put may skip them.
@@ -226,15 +260,35 @@ class Catalog:
     # -- bookkeeping ------------------------------------------------------------------------
 
     def quarantine(self, keys: Sequence[bytes]) -> None:
-        """Takes damaged groups out of the tree and the index, so the next put rewrites them."""
+        """Takes damaged groups out of the tree and the index, so the next put rewrites them.
+
+        On a shared (network) root a group is moved aside only when a second, full read
+        shows the damage again: another node may have replaced the file under the first
+        read, and moving a good group aside would take it from every node.
+        """
+        confirmed = [key for key in keys if not self.shared or self._still_damaged(key.hex())]
+        for key in confirmed:
+            quarantine_group(self.root, key.hex())
+        self._forget(confirmed)
+
+    def _still_damaged(self, key_hex: str) -> bool:
+        try:
+            check_fragment(self.root, key_hex)
+        except FragmentError as exc:
+            if exc.missing:  # a directory without its file (the first open already waited) is damage
+                return os.path.isdir(_layout.group_dir(self.root, key_hex))
+            return exc.damaged
+        logger.warning("group %s read whole and valid on a second look (replaced meanwhile?); keeping it", key_hex)
+        return False
+
+    def _forget(self, keys: Sequence[bytes]) -> None:
+        """Drops groups from this node's index (their files are gone or moved aside)."""
         if not keys:
             return
-        for key in keys:
-            quarantine_group(self.root, key.hex())
         try:
             self.index.remove(keys)
         except StorageError as exc:  # the lookup's fragment checks still catch them
-            logger.warning("could not drop damaged groups from the index: %s", exc)
+            logger.warning("could not drop groups from the index: %s", exc)
 
     def touch(self, keys: Sequence[bytes]) -> None:
         """Notes a use of a whole prefix now; recorded in the index and the tree in batches."""

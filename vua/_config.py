@@ -62,6 +62,13 @@ class VUAConfig:
         gds: read fragments for CUDA devices straight into GPU memory with GPUDirect
             Storage (``torch.cuda.gds``). Off by default; where the platform cannot, the
             first failure is logged and reads go through pinned staging as usual.
+        network_fs: whether the root is on a network or FUSE file system that other nodes
+            write (NFS, GlusterFS, CephFS, Lustre, ...). None (default): decided from the
+            root's file system type in /proc/self/mounts. True: fragments are read with
+            ``pread`` instead of a memory map (a file another node removes mid-read is then
+            an error and a shorter prefix, not SIGBUS), damage is confirmed by a second read
+            before a group is moved aside, and capacity is the whole store's (``vua gc``).
+            False: a local file system; reads use the memory map.
     """
 
     split_factor: int = 256
@@ -75,6 +82,7 @@ class VUAConfig:
     host_pool_bytes: int = 2 << 30
     gpu_checksums: bool | None = None
     gds: bool = False
+    network_fs: bool | None = None
     auth_key: bytes | None = field(default=None, repr=False)  # a secret: kept out of reprs and logs
 
     def __call__(self) -> VUAConfig:
@@ -148,6 +156,8 @@ def check_config(config: VUAConfig) -> None:
     for name in ("staging_bytes", "host_pool_bytes"):
         if not is_int(getattr(config, name)) or getattr(config, name) < 0:
             fail(name, "a non-negative number of bytes as an int")
+    if config.network_fs is not None and not isinstance(config.network_fs, bool):
+        fail("network_fs", "None (detect from the file system type), True or False")
     for name in ("verify_checksums", "gds"):
         if not isinstance(getattr(config, name), bool):
             fail(name, "True or False")

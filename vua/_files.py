@@ -60,3 +60,82 @@ def fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def read_all(fd: int, buffers: list[memoryview], offset: int) -> int:
+    """Fills ``buffers``, in order, from ``fd`` at ``offset`` with ``preadv``, retrying short reads.
+
+    The kernel copies straight into the buffers; an unlink, a stale handle or an I/O error
+    on a network file system comes back as an OSError (a memory map would take a signal).
+
+    Returns:
+        The bytes read: less than the buffers hold only where the file ended.
+    """
+    pending = [b for b in buffers if len(b)]
+    total = 0
+    while pending:
+        batch = pending[:_IOV_MAX]
+        got = os.preadv(fd, batch, offset + total)
+        if got == 0:
+            break
+        total += got
+        consumed = 0
+        for buf in batch:
+            if got >= len(buf):
+                got -= len(buf)
+                consumed += 1
+            else:
+                pending[consumed] = buf[got:]
+                break
+        del pending[:consumed]
+    return total
+
+
+# File system types whose pages can vanish under a memory map (another client unlinks or
+# replaces the file, the server goes away), so a page fault there is SIGBUS, not an error.
+_NETWORK_TYPES = frozenset(
+    {
+        "nfs",
+        "nfs4",
+        "cifs",
+        "smb3",
+        "smbfs",
+        "ceph",
+        "glusterfs",
+        "lustre",
+        "gpfs",
+        "beegfs",
+        "9p",
+        "afs",
+        "ocfs2",
+        "gfs2",
+        "panfs",
+        "wekafs",
+        "orangefs",
+        "pvfs2",
+    }
+)
+
+
+def file_system_type(path: str) -> str:
+    """The type of the file system ``path`` is on, as /proc/self/mounts names it ("" where unknown)."""
+    target = os.path.realpath(path)
+    best, kind = "", ""
+    try:
+        with open("/proc/self/mounts", encoding="utf-8", errors="replace") as mounts:
+            for line in mounts:
+                fields = line.split()
+                if len(fields) < 3:
+                    continue
+                point = fields[1].replace("\\040", " ")
+                inside = target == point or target.startswith(point.rstrip("/") + "/")
+                if inside and len(point) >= len(best):
+                    best, kind = point, fields[2]
+    except OSError:
+        return ""
+    return kind
+
+
+def is_network_file_system(kind: str) -> bool:
+    """Whether a file system type is a network or FUSE one (see :func:`file_system_type`)."""
+    return kind in _NETWORK_TYPES or kind.split(".")[0] == "fuse"

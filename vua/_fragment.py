@@ -32,7 +32,7 @@ import numpy as np
 import xxhash
 
 from vua import _dtypes
-from vua._files import NotRegularFileError, open_regular_file
+from vua._files import NotRegularFileError, open_regular_file, read_all
 from vua._kv_layout import TOKENS, Layout, bits_dtype, is_size, key_name, loads_untrusted, value_name
 from vua._mac import MAC_FIELD, MAC_PLACEHOLDER, fragment_mac, mac_marker
 from vua._record import GroupRecord, StoredGroup
@@ -41,22 +41,25 @@ from vua.errors import FragmentError
 FORMAT = "vua.fragment"
 FORMAT_VERSION = "1"
 MAX_HEADER_BYTES = 16 << 20  # a 1000-layer model's header is far below this
+_FIRST_READ = 64 << 10  # pread mode: one read takes a typical header and the tokens
 
 
 def open_regular(path: str) -> int:
     """Opens a fragment for reading (see :func:`open_regular_file`).
 
     Raises:
-        FragmentError: with ``damaged`` True when the path holds no regular file for good
-            (missing, or something else than a file); False for errors that may pass
-            (EIO, ESTALE, EACCES), so the group stays.
+        FragmentError: with ``damaged`` True when something else than a regular file stands
+            there; ``missing`` when nothing does (the catalog decides whether that is damage);
+            neither for errors that may pass (EIO, ESTALE, EACCES), so the group stays.
     """
     try:
         return open_regular_file(path)
+    except FileNotFoundError:
+        raise FragmentError(f"cannot open fragment {path}: no such file", damaged=False, missing=True) from None
     except OSError as exc:
-        missing_for_good = (FileNotFoundError, IsADirectoryError, NotADirectoryError, NotRegularFileError)
+        something_else = (IsADirectoryError, NotADirectoryError, NotRegularFileError)
         raise FragmentError(
-            f"cannot open fragment {path}: {exc.strerror}", damaged=isinstance(exc, missing_for_good)
+            f"cannot open fragment {path}: {exc.strerror}", damaged=isinstance(exc, something_else)
         ) from None
 
 
@@ -80,27 +83,60 @@ class Fragment:
         FragmentError: the file is missing, truncated, or its header is malformed.
     """
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, *, mapped: bool = True):
         self.path = path
+        self._map: mmap.mmap | None = None
+        self._fd: int | None = None
         fd = open_regular(path)
         try:
             self.file_size = os.fstat(fd).st_size
             if self.file_size < 8:
                 raise FragmentError(f"fragment {path} is truncated ({self.file_size} bytes)")
-            # Read-only and shared: the pages are the page cache's own, nothing is copied.
-            # Pages are mapped as the copy touches them; prefetch() starts disk reads early.
-            try:
-                self._map = mmap.mmap(fd, 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
-            except (OSError, ValueError) as exc:
-                # The file system's refusal, not the file's bytes.
-                raise FragmentError(f"cannot map fragment {path}: {exc}", damaged=False) from None
-        finally:
-            os.close(fd)  # a get may hold hundreds of fragments: the mapping needs no descriptor
-        try:
-            self.metadata, self.tensors, self.data_start = _parse_header(self._map, self.file_size, path)
+            if mapped:
+                # Read-only and shared: the pages are the page cache's own, nothing is copied.
+                # Pages are mapped as the copy touches them; prefetch() starts disk reads early.
+                try:
+                    self._map = mmap.mmap(fd, 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+                except (OSError, ValueError) as exc:
+                    # The file system's refusal, not the file's bytes.
+                    raise FragmentError(f"cannot map fragment {path}: {exc}", damaged=False) from None
+                head: bytes | mmap.mmap = self._map
+            else:
+                # Kept open, so every later read sees this file even if another node replaces it.
+                self._fd, fd = fd, -1
+                head = self._pread(0, min(self.file_size, _FIRST_READ))
+                if len(head) < 8:
+                    raise FragmentError(f"fragment {path} is truncated ({len(head)} bytes read)")
+                (header_len,) = struct.unpack_from("<Q", head, 0)
+                if len(head) < 8 + header_len <= min(self.file_size, 8 + MAX_HEADER_BYTES):
+                    head += self._pread(len(head), 8 + header_len - len(head))
+            self.metadata, self.tensors, self.data_start = _parse_header(head, self.file_size, path)
+            if self._map is None:
+                # The tokens come first in the data: keep them with the header, for validation.
+                tokens = self.tensors.get(TOKENS)
+                end = tokens.end if tokens is not None and tokens.end <= len(head) + _FIRST_READ else len(head)
+                self._head = bytes(head) + self._pread(len(head), max(0, end - len(head)))
         except BaseException:
             self.close()
             raise
+        finally:
+            if fd >= 0 and self._fd is None:
+                os.close(fd)  # a get may hold hundreds of fragments: the mapping needs no descriptor
+
+    def _pread(self, offset: int, length: int) -> bytes:
+        """``length`` bytes at ``offset`` of the open file (pread mode); fewer only where the file ended."""
+        assert self._fd is not None
+        chunks, got = [], 0
+        try:
+            while got < length:
+                chunk = os.pread(self._fd, length - got, offset + got)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                got += len(chunk)
+        except OSError as exc:  # an I/O error, a stale handle: not the file's bytes
+            raise FragmentError(f"reading fragment {self.path} failed: {exc.strerror or exc}", damaged=False) from None
+        return b"".join(chunks)
 
     def __enter__(self) -> Fragment:
         return self
@@ -111,35 +147,52 @@ class Fragment:
     def close(self) -> None:
         self.__dict__.pop("layers", None)
         self.__dict__.pop("region", None)
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
         try:
-            self._map.close()
+            if self._map is not None:
+                self._map.close()
         except BufferError:
             pass  # a view is still alive; the mapping goes when the last one does
 
+    @property
+    def mapped(self) -> bool:
+        """Whether the file is memory-mapped (else read with pread: network and FUSE file systems)."""
+        return self._map is not None
+
     def prefetch(self) -> None:
         """Asks the kernel to start reading the whole file in the background (cold reads)."""
-        self._map.madvise(mmap.MADV_WILLNEED)
+        if self._map is not None:
+            self._map.madvise(mmap.MADV_WILLNEED)
+        elif self._fd is not None:
+            os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_WILLNEED)
+
+    def read_into(self, buffers: list[memoryview], offset: int) -> None:
+        """Fills ``buffers``, in order, with the file's bytes from ``offset`` on (one ``preadv`` where it can).
+
+        Raises:
+            FragmentError: the file is shorter than its header says (damaged), or the read
+                failed (an I/O error or a vanished file on a network file system: not damaged).
+        """
+        fd = self._fd if self._fd is not None else open_regular(self.path)  # a file replaced since fails the checksum
+        try:
+            got = read_all(fd, buffers, offset)
+        except OSError as exc:
+            raise FragmentError(f"reading fragment {self.path} failed: {exc.strerror or exc}", damaged=False) from None
+        finally:
+            if fd != self._fd:
+                os.close(fd)
+        if got < sum(len(b) for b in buffers):
+            raise FragmentError(f"fragment {self.path} ended early while reading its data")
 
     def read_kv_into(self, dest: memoryview, offset: int = 0) -> None:
-        """Reads K and V bytes (file order) from ``offset`` on into ``dest`` with one ``preadv``.
+        """Reads K and V bytes (file order) from ``offset`` on into ``dest`` (see :meth:`read_into`).
 
         The kernel copies from the page cache straight into ``dest`` (pinned staging, say),
         without mapping the pages into this process first.
-
-        Raises:
-            FragmentError: the file is shorter than its header says.
         """
-        begin = self.kv_range[0] + offset
-        fd = open_regular(self.path)  # a file replaced since fails the checksum
-        try:
-            got = 0
-            while got < len(dest):
-                n = os.preadv(fd, [dest[got:]], begin + got)
-                if n == 0:
-                    raise FragmentError(f"fragment {self.path} ended early while reading its data")
-                got += n
-        finally:
-            os.close(fd)
+        self.read_into([dest], self.kv_range[0] + offset)
 
     def kv_offsets(self) -> list[tuple[str, int, int]]:
         """(name, begin, end) of every K and V tensor, relative to the first K."""
@@ -148,12 +201,22 @@ class Fragment:
 
     @cached_property
     def region(self) -> np.ndarray:
-        """The whole file as read-only uint8 numpy, zero-copy."""
-        return np.frombuffer(self._map, dtype=np.uint8)
+        """The whole file as read-only uint8 numpy: zero-copy when mapped, else read into memory once."""
+        if self._map is not None:
+            return np.frombuffer(self._map, dtype=np.uint8)
+        whole = np.empty(self.file_size, dtype=np.uint8)
+        self.read_into([memoryview(whole)], 0)
+        whole.flags.writeable = False
+        return whole
 
     def raw(self, name: str) -> memoryview:
+        """One tensor's bytes (the tokens come from memory in pread mode: read with the header)."""
         entry = self.tensors[name]
-        return memoryview(self._map)[entry.begin : entry.end]
+        if self._map is not None:
+            return memoryview(self._map)[entry.begin : entry.end]
+        if entry.end <= len(self._head):
+            return memoryview(self._head)[entry.begin : entry.end]
+        return memoryview(self.region)[entry.begin : entry.end]
 
     def array(self, name: str) -> np.ndarray:
         """A read-only, zero-copy numpy view of one stored tensor's bytes, as same-width integers.
@@ -243,11 +306,11 @@ class Fragment:
         stored = self.metadata.get(MAC_FIELD)
         if not isinstance(stored, str) or len(stored) != 64 or stored.strip("0123456789abcdef"):
             raise FragmentError(f"fragment {self.path} has no MAC, and this store requires one (auth_key)")
-        header = self._map[: self.data_start]
+        header = bytes(self._map[: self.data_start] if self._map is not None else self._head[: self.data_start])
         if header.count(mac_marker(stored)) != 1:
             raise FragmentError(f"fragment {self.path}: MAC field is not where a writer puts it")
         blank = header.replace(mac_marker(stored), mac_marker(MAC_PLACEHOLDER))
-        data = memoryview(self._map)[self.data_start :]
+        data = memoryview(self._map if self._map is not None else self.region)[self.data_start :]
         try:
             expected = fragment_mac(key, blank, [data])
         finally:
@@ -291,10 +354,15 @@ class Fragment:
         specs = layout.tensor_specs(split_factor)
         if len(specs) != len(self.tensors):
             raise FragmentError(f"fragment {self.path}: {len(self.tensors)} tensors, expected {len(specs)}")
+        position = self.data_start
         for name, dtype, shape in specs:
             entry = self.tensors.get(name)
             if entry is None or entry.dtype != dtype or entry.shape != shape:
                 raise FragmentError(f"fragment {self.path}: tensor {name} missing or misshapen")
+            # In the writer's order (tokens, K0, V0, K1, ...): reads take runs of tensors as one range.
+            if entry.begin != position:
+                raise FragmentError(f"fragment {self.path}: tensor {name} is out of the writer's order")
+            position = entry.end
         return layout
 
     def stored_group(self, key_hex: str, *, last_used: int) -> StoredGroup:
@@ -326,7 +394,9 @@ _validated_tables: dict[tuple[bytes, int, int], dict[str, TensorEntry]] = {}
 _MAX_TABLES = 64
 
 
-def _parse_header(buf: mmap.mmap, file_size: int, path: str) -> tuple[dict[str, str], dict[str, TensorEntry], int]:
+def _parse_header(
+    buf: bytes | mmap.mmap, file_size: int, path: str
+) -> tuple[dict[str, str], dict[str, TensorEntry], int]:
     """Validates a safetensors header completely: sizes, offsets inside the file, dtypes, shapes."""
     (header_len,) = struct.unpack_from("<Q", buf, 0)
     if header_len > MAX_HEADER_BYTES or 8 + header_len > file_size:

@@ -46,7 +46,7 @@ from vua._generations import (
 )
 from vua._kv_layout import Layout
 from vua._rebuild import rebuild
-from vua._record import GroupRecord, namespace_id
+from vua._record import RECORD_SIZE, GroupRecord, namespace_id
 from vua.errors import FragmentError, StorageError
 
 logger = logging.getLogger(__name__)
@@ -164,7 +164,7 @@ class Index:
                 raw = get(key, db=groups)
                 if raw is None:
                     break
-                if GroupRecord.unpack(raw) is None:
+                if len(raw) != RECORD_SIZE:
                     logger.warning("index entry %s is not a record; ignoring it", key.hex())
                     break
                 found.append(bytes(raw))

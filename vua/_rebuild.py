@@ -43,7 +43,8 @@ def read_stored_group(root: str, key_hex: str) -> StoredGroup | None:
     Its last use is the tree's record of it (the directory's mtime).
     """
     try:
-        with Fragment(_layout.fragment_path(root, key_hex)) as fragment:
+        # pread, not a memory map: on a network file system the file may vanish mid-read.
+        with Fragment(_layout.fragment_path(root, key_hex), mapped=False) as fragment:
             return fragment.stored_group(key_hex, last_used=tree_last_use(root, key_hex))
     except FragmentError as exc:
         logger.warning("skipping damaged fragment %s: %s", key_hex, exc)

@@ -10,6 +10,7 @@ import xxhash
 from vua._kv_layout import Layout
 
 _RECORD = struct.Struct("<QQQIQ")
+RECORD_SIZE = _RECORD.size
 RECORD_HEAD = 16  # namespace id and layout id: equal for every group of a usable prefix
 
 

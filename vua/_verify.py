@@ -68,7 +68,8 @@ def check_fragment(root: str, key_hex: str) -> StoredGroup:
     Raises:
         FragmentError: what is wrong with it.
     """
-    with Fragment(_layout.fragment_path(root, key_hex)) as fragment:
+    # pread, not a memory map: on a network file system the file may vanish mid-read.
+    with Fragment(_layout.fragment_path(root, key_hex), mapped=False) as fragment:
         stored = fragment.stored_group(key_hex, last_used=time.time_ns())
         try:
             parent = bytes.fromhex(fragment.metadata.get("parent", ""))

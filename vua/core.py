@@ -27,6 +27,7 @@ import torch
 from vua import _evict, _layout
 from vua._catalog import Catalog
 from vua._config import VUAConfig, check_config
+from vua._files import file_system_type, is_network_file_system
 from vua._index import Index
 from vua._inputs import KVData, checked_device, checked_put, int64_ids, single_row
 from vua._keys import group_keys, namespace_seed
@@ -83,6 +84,7 @@ class VUA:
         check_config(config)
         self.config = config
         self.root = _open_root(root_path, create_parents)
+        self.network_fs = _is_network_root(self.root, config)
         self.index_path = config.index_path or os.path.join(self.root, _layout.DEFAULT_INDEX_DIR)
         self._index = Index(self.index_path, self.root, file_mode=config.file_mode)
         self._index.env()  # fail now, not on the first put, when the index is unusable
@@ -99,6 +101,7 @@ class VUA:
             split_factor=config.split_factor,
             mac_key=self._mac_key,
             executor=self._pool,
+            shared=self.network_fs,
         )
 
     def __enter__(self) -> VUA:
@@ -307,6 +310,19 @@ class VUA:
             gds=self.config.gds,
             on_done=on_done,
         )
+
+
+def _is_network_root(root: str, config: VUAConfig) -> bool:
+    """Whether ``root`` is a network or FUSE file system (``config.network_fs``, else detected)."""
+    kind = file_system_type(root)
+    network = config.network_fs if config.network_fs is not None else is_network_file_system(kind)
+    if network and config.max_bytes is not None:
+        raise InvalidInputError(
+            f"VUAConfig.max_bytes bounds one node's index, but the root {root!r} is a shared "
+            f"{kind or 'network'} file system whose capacity is the whole store's: leave max_bytes None "
+            "and run `vua gc ROOT --max-bytes N` on one node, on a timer (see the README)"
+        )
+    return network
 
 
 def _open_root(root_path: str | os.PathLike[str], create_parents: bool) -> str:

@@ -46,11 +46,13 @@ class FragmentError(VUAError):
     Attributes:
         damaged: True when the file itself is wrong (a rewrite is due), False when reading
             it failed in a way that may pass (an I/O error, say).
+        missing: the file was not there (evicted, or not yet visible on a network file system).
     """
 
-    def __init__(self, message: str, *, damaged: bool = True):
+    def __init__(self, message: str, *, damaged: bool = True, missing: bool = False):
         super().__init__(message)
         self.damaged = damaged
+        self.missing = missing
 
 
 def missing_extra(module: str, package: str, extra: str, exc: ImportError) -> ImportError:

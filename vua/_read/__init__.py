@@ -27,7 +27,7 @@ import torch
 
 from vua._fragment import Fragment
 from vua._kv_layout import Layout
-from vua._read._cpu import HostGroups, HostLayers
+from vua._read._cpu import HostGroups, HostLayers, HostPreads
 from vua._read._direct import DirectGroups
 from vua._read._job import ReadJob, allocate_outputs
 from vua._read._load import KVLoad
@@ -49,6 +49,8 @@ def choose_copy(
     """The one place a load's copy path is picked."""
     whole_groups = job.uniform and not layerwise
     if platform is None or staging is None:
+        if not job.mapped:
+            return HostPreads(layerwise=layerwise)
         return HostGroups() if whole_groups else HostLayers(layerwise=layerwise)
     if not whole_groups:
         return StagedLayers(platform, staging)

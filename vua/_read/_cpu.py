@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
+import xxhash
 
-from vua._kv_layout import as_bits
+from vua._kv_layout import as_bits, key_name, value_name
 from vua._read._job import ReadJob, host_views
 from vua.errors import FragmentError
 
@@ -84,3 +85,61 @@ def _copy_group(job: ReadJob, group: int, dest: np.ndarray) -> None:
         job.fail(group, exc)
         return
     np.copyto(dest, source)
+
+
+class HostPreads:
+    """Host outputs filled with ``preadv`` straight from each file, no memory map: for network and FUSE
+    file systems, where a file another node removes mid-read must be an error, not SIGBUS.
+
+    A group's K and V for a run of layers lie contiguously in its file, and each head's tokens
+    are a contiguous run of the outputs, so one ``preadv`` per group lands every byte in place;
+    each tensor is then hashed from where it landed.
+    """
+
+    def __init__(self, *, layerwise: bool):
+        self.layerwise = layerwise
+
+    def run(self, job: ReadJob) -> None:
+        job.prefetch_all()
+        dests = host_views(job.outputs)
+        layers = len(dests)
+
+        def read(first: int, last: int) -> Callable[[int, int], None]:
+            def work(lo: int, hi: int) -> None:
+                for g in range(lo, min(hi, job.valid)):
+                    _read_group_layers(job, dests, g, range(first, last))
+
+            return work
+
+        if not self.layerwise:
+            job.parallel(read(0, layers), 0, job.valid, job.total_bytes)
+            job.load.all_landed()
+            return
+        for layer in range(layers):
+            job.parallel(read(layer, layer + 1), 0, job.valid, job.total_bytes // layers)
+            job.load.layer_landed(layer)
+
+
+def _read_group_layers(job: ReadJob, dests: list[tuple[np.ndarray, np.ndarray]], group: int, layers: range) -> None:
+    """Reads group ``group``'s K and V of ``layers`` into the outputs' runs, then checks each tensor there."""
+    fragment = job.fragments[group]
+    s = job.split
+    tensors: list[tuple[str, list[memoryview]]] = []  # in file order: K, V of each layer
+    for layer in layers:
+        for dest, name in zip(dests[layer], (key_name(layer), value_name(layer))):
+            # dest: (kv_heads, tokens, head_dim); one head's tokens of this group are contiguous
+            tensors.append(
+                (name, [memoryview(dest[h, group * s : (group + 1) * s]).cast("B") for h in range(dest.shape[0])])
+            )
+    try:
+        fragment.read_into([run for _, runs in tensors for run in runs], fragment.tensors[tensors[0][0]].begin)
+        if job.verify:
+            expected = fragment.checksums
+            for name, runs in tensors:
+                digest = xxhash.xxh3_64()
+                for run in runs:
+                    digest.update(run)
+                if digest.intdigest() != expected.get(name):
+                    raise FragmentError(f"fragment {fragment.path}: checksum mismatch in {name} (damaged data)")
+    except FragmentError as exc:
+        job.fail(group, exc)

@@ -57,6 +57,7 @@ class ReadJob:
         self.load = load
         self.outputs = load.outputs
         self.total_bytes = layout.kv_bytes(split_factor) * len(self.fragments)
+        self.mapped = all(fragment.mapped for fragment in self.fragments)  # else read with pread
         heads, dim = layout.layers[0][0]
         # Every layer's K and V of one shape: the outputs are one (layers, 2, heads, tokens, dim)
         # block and a fragment's data one (layers, 2, heads, split, dim) array, so a group is
