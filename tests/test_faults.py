@@ -63,17 +63,17 @@ class DiskFaultTest(StoreTestCase):
         self.assertUnchangedAndUsable()
 
     def test_failure_after_some_groups_keeps_the_whole_ones(self):
-        real_rename = os.rename
+        real_link = os.link
         calls = []
 
-        def rename_twice(src, dst):
+        def link_twice(src, dst):
             calls.append(dst)
             if len(calls) > 2:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            return real_rename(src, dst)
+            return real_link(src, dst)
 
         vua = self.store(VUAConfig(split_factor=16, namespace="faults", io_threads=1))
-        with mock.patch.object(_publish.os, "rename", rename_twice):
+        with mock.patch.object(_publish.os, "link", link_twice):
             with self.assertRaises(StorageError):
                 vua.put(self.tokens, prefix_kv(self.tokens))
         self.assertEqual(temporaries(self.root), [])

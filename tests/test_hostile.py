@@ -330,14 +330,14 @@ class IndexFaultTest(HostileStoreTestCase):
         self.assertKVEqual(hit.data, kv_slice(other, 0, 48))
 
     def test_eviction_racing_a_quarantine_leaves_no_temporaries(self):
-        real_rmtree = _evict.shutil.rmtree
+        real_remove = _evict.remove_entry
         key_hex = self.keys[2]
 
-        def racing_rmtree(path, **kwargs):
+        def racing_remove(path):
             quarantine_group(self.root, key_hex)  # a reader found damage in the same group just now
-            real_rmtree(path, **kwargs)
+            real_remove(path)
 
-        with mock.patch.object(_evict.shutil, "rmtree", side_effect=racing_rmtree):
+        with mock.patch.object(_evict, "remove_entry", side_effect=racing_remove):
             _evict.discard_group(self.root, key_hex)
         fanout = _layout.fanout_dir(self.root, key_hex)
         self.assertEqual(list(_layout.iter_temporaries(fanout)), [])

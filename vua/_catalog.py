@@ -32,6 +32,8 @@ logger = logging.getLogger(__name__)
 
 _TOUCH_FLUSH_SECONDS = 5.0
 _MISSING_RETRY_SECONDS = (0.05, 0.1, 0.2)  # a group directory without its file, on a second look and later
+_SHARED_MISSING_RETRY_SECONDS = (0.05, 0.1, 0.2, 0.4, 0.8, 1.0)  # FUSE caches a lookup for a second
+_RECENT_NS = 30 * 10**9  # a group used this recently by this node should exist
 
 
 class Catalog:
@@ -91,7 +93,7 @@ class Catalog:
         while count < len(keys):
             key_hex = keys[count].hex()
             indexed = count < len(packed)
-            if not indexed and not os.path.isdir(_layout.group_dir(self.root, key_hex)):
+            if not indexed and not os.path.lexists(_layout.fragment_path(self.root, key_hex)):
                 break
             if not read_headers:
                 if indexed:
@@ -201,29 +203,41 @@ class Catalog:
         return fragment
 
     def _open_fragment(self, key_hex: str) -> Fragment:
-        """Opens a group's fragment, riding out a file that is not there yet.
+        """Opens a group's fragment, riding out a file that is not visible yet.
 
-        A group directory without its file is a publish another node is finishing (on a
-        network file system the rename shows before the file does, briefly) or damage: a
-        few short retries tell which. With no directory either, the group is gone (evicted).
+        A group directory without its file is a publish in its last step (the directory is
+        made just before the file is linked in), so a few short retries tell. On a shared
+        root a group this node put or read moments ago can also look missing for a while
+        (GlusterFS heals a directory two nodes made at once on a later lookup), so there the
+        retries run longer for a group its index saw used recently. Still missing then, the
+        group ends the prefix as missing, not damaged: the next put publishes it again.
 
         Raises:
-            FragmentError: ``missing`` when the group is gone; ``damaged`` when its directory
-                stays without a fragment file or holds something else.
+            FragmentError: ``missing`` when there is no file; ``damaged`` when something
+                else stands in its place.
         """
         path = _layout.fragment_path(self.root, key_hex)
-        for pause in (*_MISSING_RETRY_SECONDS, None):
+        pauses: tuple[float, ...] | None = None
+        while True:
             try:
                 return Fragment(path, mapped=not self.shared)
             except FragmentError as exc:
                 if not exc.missing:
                     raise
-                if not os.path.isdir(os.path.dirname(path)):
-                    raise  # gone: evicted or moved aside meanwhile, not damage
-                if pause is None:
-                    raise FragmentError(f"group directory {os.path.dirname(path)} has no fragment file") from None
-                time.sleep(pause)
-        raise AssertionError("unreachable")
+                if pauses is None:
+                    pauses = self._missing_retries(key_hex, os.path.isdir(os.path.dirname(path)))
+                if not pauses:
+                    raise
+                time.sleep(pauses[0])
+                pauses = pauses[1:]
+
+    def _missing_retries(self, key_hex: str, directory_there: bool) -> tuple[float, ...]:
+        """Pauses before giving up on a missing fragment file (see :meth:`_open_fragment`)."""
+        if self.shared:
+            (record,) = self.index.records([bytes.fromhex(key_hex)])
+            if record is not None and time.time_ns() - record.last_used < _RECENT_NS:
+                return _SHARED_MISSING_RETRY_SECONDS
+        return _MISSING_RETRY_SECONDS if directory_there else ()
 
     def stored_for_put(self, keys: list[bytes], layout: Layout) -> list[bool]:
         """Which of ``keys`` are stored with this namespace and ``layout``, so a put may skip them.
@@ -275,8 +289,6 @@ class Catalog:
         try:
             check_fragment(self.root, key_hex)
         except FragmentError as exc:
-            if exc.missing:  # a directory without its file (the first open already waited) is damage
-                return os.path.isdir(_layout.group_dir(self.root, key_hex))
             return exc.damaged
         logger.warning("group %s read whole and valid on a second look (replaced meanwhile?); keeping it", key_hex)
         return False

@@ -3,22 +3,35 @@
 Order is (last used, then deepest group first). Puts and hits refresh a whole prefix at
 once, so a prefix is never older than any of its suffixes and is evicted after them.
 
-A group leaves the index first and its files are unlinked afterwards (never truncated):
-a reader that already mapped the fragment keeps its pages until it closes it, and a
-reader that had not yet looked it up simply gets a shorter prefix. The group directory is
-renamed aside before its files go, so a reader moving the same group aside at that moment
-(it found damage) and the eviction never leave a half-removed directory behind.
+Two scopes:
+- ``enforce_capacity``: after a put on a local store, over the groups its index knows.
+- ``collect_garbage`` (``vua gc``): over the whole fragment tree, which is what every node
+  of a shared store sees; a group's last use is its directory's mtime, which every node
+  refreshes on hits. Run it on one node.
+
+A group leaves the index first, then its directory is renamed aside (atomically, so a
+reader moving the same group aside as damaged never races a half-removed directory), then
+its files are unlinked, never truncated. On a local file system a reader that already
+mapped the fragment keeps its pages. On a shared (network) root another node may be
+reading the file right now, so the moved-aside directory stays for a grace period (the
+trash) and a later gc deletes it; a reader that still loses gets a shorter prefix.
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
+import os
+import time
+from dataclasses import dataclass
 
+from vua import _layout
 from vua._index import Index
-from vua._publish import move_group_aside
+from vua._publish import move_group_aside, remove_entry
 
 logger = logging.getLogger(__name__)
+
+EVICTED = "evicted"  # the word in a moved-aside directory's name
+DEFAULT_TRASH_GRACE_SECONDS = 600.0
 
 
 def enforce_capacity(index: Index, root: str, max_bytes: int) -> int:
@@ -42,8 +55,101 @@ def enforce_capacity(index: Index, root: str, max_bytes: int) -> int:
     return freed
 
 
-def discard_group(root: str, key_hex: str) -> None:
-    """Removes a group: one atomic rename out of its place, then the files; a group already gone is fine."""
-    doomed = move_group_aside(root, key_hex, "evicted")
-    if doomed is not None:
-        shutil.rmtree(doomed, ignore_errors=True)
+@dataclass
+class GarbageSummary:
+    """What a tree-wide gc found and did."""
+
+    groups: int  # in the tree before
+    bytes_before: int
+    groups_evicted: int
+    bytes_freed: int
+    trash_deleted: int  # moved-aside directories older than the grace period, now deleted
+
+    @property
+    def bytes_after(self) -> int:
+        return self.bytes_before - self.bytes_freed
+
+
+def collect_garbage(
+    root: str, index: Index, max_bytes: int, *, shared: bool, grace_seconds: float = DEFAULT_TRASH_GRACE_SECONDS
+) -> GarbageSummary:
+    """Evicts the least recently used groups of the whole tree until it holds at most ``max_bytes``.
+
+    Sizes and last uses come from the tree (one stat per group), so every node's puts and
+    hits count; ties go deepest group first where this node's index knows the group.
+
+    Args:
+        shared: the root is shared by nodes (a network file system): evicted groups stay in
+            the trash for ``grace_seconds`` before a later gc deletes them.
+    """
+    groups = tree_groups(root)
+    total = sum(nbytes for _, _, nbytes in groups)
+    depth = {
+        key: record.group_index
+        for key, record in zip([key for key, _, _ in groups], index.records([key for key, _, _ in groups]))
+        if record is not None
+    }
+    order = sorted(groups, key=lambda g: (g[1], -depth.get(g[0], 0)))
+    victims, freed = [], 0
+    for key, _, nbytes in order:
+        if total - freed <= max_bytes:
+            break
+        victims.append(key)
+        freed += nbytes
+    index.remove(victims)
+    for key in victims:
+        discard_group(root, key.hex(), keep=shared)
+    deleted = _empty_trash(root, 0.0 if not shared else grace_seconds)
+    logger.info(
+        "gc: evicted %d of %d groups (%d bytes), deleted %d from the trash", len(victims), len(groups), freed, deleted
+    )
+    return GarbageSummary(len(groups), total, len(victims), freed, deleted)
+
+
+def discard_group(root: str, key_hex: str, *, keep: bool = False) -> None:
+    """Removes a group: one atomic rename out of its place, then the files; a group already gone is fine.
+
+    ``keep``: leave the moved-aside directory in the trash (shared roots); its mtime becomes
+    the time of eviction, from which the grace period runs.
+    """
+    doomed = move_group_aside(root, key_hex, EVICTED)
+    if doomed is None:
+        return
+    if keep:
+        try:
+            os.utime(doomed)
+        except OSError:
+            pass
+    else:
+        remove_entry(doomed)
+
+
+def tree_groups(root: str) -> list[tuple[bytes, int, int]]:
+    """(key, last use in ns, fragment bytes) of every group in the tree; groups that vanish meanwhile are skipped."""
+    found = []
+    for fanout in _layout.iter_fanout_dirs(root):
+        for key_hex, group_dir in _layout.iter_groups(fanout):
+            try:
+                used = os.stat(group_dir).st_mtime_ns
+                nbytes = os.stat(os.path.join(group_dir, _layout.FRAGMENT_FILE)).st_size
+            except OSError:
+                continue
+            found.append((bytes.fromhex(key_hex), used, nbytes))
+    return found
+
+
+def _empty_trash(root: str, grace_seconds: float) -> int:
+    """Deletes evicted groups' directories moved aside more than ``grace_seconds`` ago."""
+    deleted, now = 0, time.time()
+    for fanout in _layout.iter_fanout_dirs(root):
+        for tmp in _layout.iter_temporaries(fanout):
+            if f"-{EVICTED}-" not in os.path.basename(tmp):
+                continue
+            try:
+                if now - os.stat(tmp).st_mtime < grace_seconds:
+                    continue
+            except OSError:
+                continue
+            remove_entry(tmp)
+            deleted += 1
+    return deleted

@@ -13,11 +13,15 @@ import os
 import secrets
 import shutil
 import struct
+import time
 from collections.abc import Sequence
 
 from vua import _dtypes, _layout
 from vua._files import fsync_dir, write_all
 
+_LINK_RETRY_SECONDS = (0.01, 0.05, 0.1)
+_RACE_RETRY_SECONDS = (0.05, 0.1, 0.2, 0.4, 0.8)
+_MKDIR_WAIT_SECONDS = 5.0  # a directory maker holds its lock for two metadata operations
 HEADER_ALIGN = 4096  # tensor data starts on a block boundary, as direct and GPUDirect reads want
 
 
@@ -49,10 +53,13 @@ def publish_fragment(
 ) -> bool:
     """Writes a fragment durably and atomically under ``root``.
 
-    The file is written into a temporary directory beside its final place, fsynced and
-    renamed; the fan-out directory is fsynced afterwards. A group that already exists is
-    never rewritten: if another writer published it first, this one removes its temporary
-    copy and counts as having succeeded.
+    The file is written to a temporary name in the fan-out directory and fsynced; then the
+    group's directory is made (if missing) and the file hard-linked into it, which creates
+    the fragment atomically or fails because it exists: a reader sees a whole fragment or
+    none, and two writers of one group (same bytes by construction) never mix. Only files
+    are renamed or linked, never directories: a distributed file system (GlusterFS's DHT)
+    renames a directory on each server in turn, and two nodes renaming onto the same group
+    at once left it on one server only, invisible to both.
 
     Returns:
         True if this call published the group, False if it already existed.
@@ -60,16 +67,30 @@ def publish_fragment(
     Raises:
         OSError: the file system refused (ENOSPC, EACCES, ...); nothing partial is left.
     """
-    final = _layout.group_dir(root, key_hex)
-    if os.path.isdir(final):
+    for pause in (*_RACE_RETRY_SECONDS, None):
+        try:
+            return _publish_once(root, key_hex, header, buffers, file_mode)
+        except OSError as exc:
+            # Two nodes making the same directories at once on a distributed file system:
+            # the loser's handles can go stale (ESTALE) or its view miss them (ENOENT) until
+            # the file system heals them, a moment later. Start over then.
+            if exc.errno not in (errno.ESTALE, errno.ENOENT) or pause is None:
+                raise
+            time.sleep(pause)
+    raise AssertionError("unreachable")
+
+
+def _publish_once(root: str, key_hex: str, header: bytes, buffers: Sequence[memoryview], file_mode: int | None) -> bool:
+    group = _layout.group_dir(root, key_hex)
+    final = os.path.join(group, _layout.FRAGMENT_FILE)
+    if os.path.lexists(final):
         return False
-    parent = os.path.dirname(final)
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f"{_layout.TMP_PREFIX}{key_hex}-{os.getpid()}-{secrets.token_hex(4)}")
-    os.mkdir(tmp)
+    parent = os.path.dirname(group)
+    _make_dir(parent)
+    tmp = temporary_name(root, key_hex, "new")
     try:
         # 0o666 lets the umask decide, as for any file a program creates; file_mode overrides.
-        fd = os.open(os.path.join(tmp, _layout.FRAGMENT_FILE), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         try:
             if file_mode is not None:
                 os.fchmod(fd, file_mode)
@@ -77,19 +98,113 @@ def publish_fragment(
             os.fsync(fd)
         finally:
             os.close(fd)
-        fsync_dir(tmp)
+        for pause in (*_LINK_RETRY_SECONDS, None):
+            try:
+                _make_dir(group)
+                os.link(tmp, final)
+                break
+            except FileExistsError:
+                return False  # another writer published it first
+            except FileNotFoundError:
+                # The group directory went between the mkdir and the link (evicted, or moved
+                # aside as damaged, by another process): make it again.
+                if pause is None:
+                    raise
+                time.sleep(pause)
+            except OSError:
+                _remove_if_empty(group)
+                raise
+        fsync_dir(group)
+        fsync_dir(parent)
+        return True
+    finally:
+        remove_entry(tmp)
+
+
+def _make_dir(path: str) -> None:
+    """Makes a directory under the store root unless it exists, one maker at a time.
+
+    Two nodes making the same directory at the same instant on GlusterFS left it with an
+    inconsistent layout (each server claiming the same half of the hash range), so files
+    hashed to the other half were invisible to the node whose view was wrong. A lock file
+    beside the directory (see :func:`_lock_dir`) lets one node make it while the others
+    wait to see it.
+    """
+    parent = os.path.dirname(path)
+    if os.path.isdir(path):
+        return
+    if not os.path.isdir(parent):
+        _make_dir(parent)
+    deadline = time.monotonic() + _MKDIR_WAIT_SECONDS
+    while True:
+        lock = _lock_dir(path)
+        if lock is None:
+            if os.path.isdir(path):
+                return
+            if time.monotonic() > deadline:  # its holder died: take the lock over
+                remove_entry(_lock_path(path))
+                deadline = time.monotonic() + _MKDIR_WAIT_SECONDS
+            time.sleep(0.01)
+            continue
         try:
-            os.rename(tmp, final)
-        except OSError as exc:
-            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
-                shutil.rmtree(tmp, ignore_errors=True)  # first writer won; same bytes by construction
-                return False
-            raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    fsync_dir(parent)
-    return True
+            os.mkdir(path)
+        except FileExistsError:
+            pass
+        finally:
+            remove_entry(lock)
+        return
+
+
+def _remove_if_empty(group: str) -> None:
+    """Removes an emptied group directory, unless another node is making it right now."""
+    try:
+        lock = _lock_dir(group)
+    except OSError:  # a read-only root, say: the empty directory is harmless
+        return
+    if lock is None:
+        return
+    try:
+        os.rmdir(group)
+    except OSError:
+        pass  # not empty (a fragment was published into it meanwhile) or gone
+    finally:
+        remove_entry(lock)
+
+
+def _lock_path(path: str) -> str:
+    parent, name = os.path.split(path)
+    return os.path.join(parent, f"{_layout.TMP_PREFIX}{name}-mkdir")
+
+
+def _lock_dir(path: str) -> str | None:
+    """Takes the lock on making or removing directory ``path``: a file created with O_EXCL
+    (atomic on any file system, GlusterFS's DHT included). Returns its path, or None when
+    another process holds it."""
+    lock = _lock_path(path)
+    try:
+        os.close(os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    except FileExistsError:
+        return None
+    return lock
+
+
+def temporary_name(root: str, key_hex: str, why: str) -> str:
+    """A fresh temporary path in a group's fan-out directory, saying which group and why."""
+    return os.path.join(
+        _layout.fanout_dir(root, key_hex),
+        f"{_layout.TMP_PREFIX}{key_hex}-{why}-{os.getpid()}-{secrets.token_hex(4)}",
+    )
+
+
+def remove_entry(path: str) -> None:
+    """Removes a temporary: a file (or, from older writers and damage, a directory); gone already is fine."""
+    try:
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.unlink(path)
+    except OSError:
+        pass
 
 
 def mark_used(root: str, uses: dict[str, int]) -> None:
@@ -107,23 +222,31 @@ def mark_used(root: str, uses: dict[str, int]) -> None:
 
 
 def move_group_aside(root: str, key_hex: str, why: str) -> str | None:
-    """Renames a group's directory out of its place, atomically, to a temporary name saying ``why``.
+    """Moves a group's fragment out of its place, atomically, to a temporary name saying ``why``.
 
-    Readers that already mapped its fragment keep working; later lookups no longer find it.
+    The file is renamed (not the directory: see :func:`publish_fragment`), then the empty
+    group directory removed. Readers that already opened the file keep reading it; later
+    lookups no longer find the group.
 
     Returns:
         The new path, or None when the group was gone already (moved by another process)
         or the root may not be changed by this process.
     """
-    final = _layout.group_dir(root, key_hex)
-    target = os.path.join(
-        os.path.dirname(final), f"{_layout.TMP_PREFIX}{key_hex}-{why}-{os.getpid()}-{secrets.token_hex(4)}"
-    )
+    group = _layout.group_dir(root, key_hex)
+    target = temporary_name(root, key_hex, why)
+    moved: str | None = target
     try:
-        os.rename(final, target)
+        os.rename(os.path.join(group, _layout.FRAGMENT_FILE), target)
+    except NotADirectoryError:  # damage: something else than a directory stands for the group
+        try:
+            os.rename(group, target)
+        except OSError:
+            return None
+        return target
     except OSError:
-        return None
-    return target
+        moved = None
+    _remove_if_empty(group)  # a new fragment may have been published into it meanwhile
+    return moved
 
 
 def quarantine_group(root: str, key_hex: str) -> bool:

@@ -13,7 +13,6 @@ index in line with the tree, which stays the truth.
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -26,7 +25,7 @@ from vua._fragment import Fragment
 from vua._generations import CURRENT_FILE
 from vua._index import Index
 from vua._kv_layout import TOKENS
-from vua._publish import quarantine_group
+from vua._publish import quarantine_group, remove_entry
 from vua._rebuild import ScanProgress, rebuild
 from vua._record import GroupRecord, StoredGroup
 from vua.errors import FragmentError
@@ -39,7 +38,7 @@ class Problem:
     """One thing wrong with a store."""
 
     # damaged-fragment, stale-temporary, unindexed-group, misrecorded-index-entry,
-    # dangling-index-entry, garbage-index-entry, missing-index
+    # dangling-index-entry, garbage-index-entry, missing-index, empty-group-directory
     kind: str
     key: str | None
     detail: str
@@ -50,7 +49,8 @@ class Problem:
 class VerifyReport:
     fragments: int = 0
     bytes: int = 0
-    young_temporaries: int = 0  # probably writers at work: reported, not a problem
+    young_temporaries: int = 0  # probably writers at work (temporaries, empty group directories): not problems
+    other_nodes_groups: int = 0  # valid groups a node-local index does not know: the store's, not a problem
     problems: list[Problem] = field(default_factory=list)
 
     @property
@@ -114,8 +114,14 @@ def verify_store(
     grace_seconds: float = DEFAULT_GRACE_SECONDS,
     workers: int = 8,
     progress: Callable[[ScanProgress], None] | None = None,
+    node_local_index: bool = False,
 ) -> VerifyReport:
-    """Checks (and with ``fix``, repairs) the store at ``root`` with its index at ``index_path``."""
+    """Checks (and with ``fix``, repairs) the store at ``root`` with its index at ``index_path``.
+
+    ``node_local_index``: the index is one node's own beside a shared root, so valid groups it
+    does not know are other nodes' (counted, not problems, and not added by ``fix``: this
+    node's capacity accounting must not take them over).
+    """
     report = VerifyReport()
     fanouts = list(_layout.iter_fanout_dirs(root))
     state = ScanProgress(fanouts_total=len(fanouts))
@@ -123,11 +129,23 @@ def verify_store(
 
     def scan(fanout: str) -> tuple[dict[bytes, StoredGroup], list[Problem], int]:
         valid, problems, young = {}, [], 0
-        for key_hex, _ in _layout.iter_groups(fanout):
+        for key_hex, group_dir in _layout.iter_groups(fanout):
             try:
                 valid[bytes.fromhex(key_hex)] = check_fragment(root, key_hex)
             except FragmentError as exc:
-                problems.append(Problem("damaged-fragment", key_hex, str(exc)))
+                if not exc.missing:
+                    problems.append(Problem("damaged-fragment", key_hex, str(exc)))
+                    continue
+                # A group directory without its file: a publish between its two steps (mkdir,
+                # link), or one whose writer died there. Harmless: the next put fills it.
+                try:
+                    age = now - os.stat(group_dir).st_mtime
+                except FileNotFoundError:
+                    continue
+                if age > grace_seconds:
+                    problems.append(Problem("empty-group-directory", key_hex, f"{group_dir} ({age:.0f} s old)"))
+                else:
+                    young += 1
         for tmp in _layout.iter_temporaries(fanout):
             try:
                 age = now - os.stat(tmp).st_mtime
@@ -157,7 +175,7 @@ def verify_store(
     indexed: dict[bytes, GroupRecord | None] = {}
     if os.path.exists(os.path.join(index_path, CURRENT_FILE)):
         indexed = dict(index.items())
-    else:
+    elif not node_local_index:  # a node-local index is made when that node opens the store
         report.problems.append(Problem("missing-index", None, f"no index at {index_path}"))
     damaged_keys = {bytes.fromhex(p.key or "") for p in report.problems if p.kind == "damaged-fragment"}
     for key, record in indexed.items():
@@ -167,7 +185,9 @@ def verify_store(
             report.problems.append(Problem("dangling-index-entry", key.hex(), "indexed, but no fragment in the tree"))
     for key, stored in valid.items():
         old = indexed.get(key)
-        if key not in indexed:
+        if key not in indexed and node_local_index:
+            report.other_nodes_groups += 1
+        elif key not in indexed:
             report.problems.append(Problem("unindexed-group", key.hex(), "valid fragment missing from the index"))
         elif old is not None and old[:2] != stored.record[:2]:
             report.problems.append(
@@ -190,10 +210,15 @@ def _repair(root: str, index: Index, report: VerifyReport, valid: dict[bytes, St
             quarantine_group(root, key_hex)  # out of readers' way at once...
             for tmp in _layout.iter_temporaries(_layout.fanout_dir(root, key_hex)):
                 if os.path.basename(tmp).startswith(f"{_layout.TMP_PREFIX}{key_hex}-damaged-"):
-                    shutil.rmtree(tmp, ignore_errors=True)  # ...then gone
+                    remove_entry(tmp)  # ...then gone
             drop.append(bytes.fromhex(key_hex))
+        elif problem.kind == "empty-group-directory":
+            try:
+                os.rmdir(_layout.group_dir(root, key_hex))
+            except OSError:
+                pass  # filled meanwhile, or gone
         elif problem.kind == "stale-temporary":
-            shutil.rmtree(problem.detail.rsplit(" (", 1)[0], ignore_errors=True)
+            remove_entry(problem.detail.rsplit(" (", 1)[0])
         elif problem.kind in ("dangling-index-entry", "garbage-index-entry"):
             drop.append(bytes.fromhex(key_hex))
         elif problem.kind in ("unindexed-group", "misrecorded-index-entry"):

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from vua import _evict, _layout
+from vua._files import file_system_type, is_network_file_system
 from vua._generations import CURRENT_FILE
 from vua._index import Index
 from vua._rebuild import ScanProgress, rebuild
@@ -111,10 +112,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
         grace_seconds=args.grace,
         workers=args.workers,
         progress=_Progress("verifying", not args.json),
+        node_local_index=_node_local_index(args),
     )
     lines = [f"{report.fragments} valid fragments, {human_size(report.bytes)}"]
     for p in report.problems:
         lines.append(f"{'fixed' if p.fixed else 'PROBLEM'}: {p.kind} {p.key or ''} {p.detail}".rstrip())
+    if report.other_nodes_groups:
+        lines.append(f"{report.other_nodes_groups} valid groups this node's index does not know (other nodes')")
     if report.young_temporaries:
         lines.append(
             f"{report.young_temporaries} temporary directories younger than {args.grace:.0f} s (writers at work?)"
@@ -163,31 +167,54 @@ def cmd_stats(args: argparse.Namespace) -> int:
         f"least recently used: {payload['oldest_use']}, most recently used: {payload['newest_use']}",
     ]
     text += [f"  {n:>8} groups  {name!r}" for name, n in namespaces.items()]
+    if _node_local_index(args):
+        # This node's index knows the groups it wrote or read; the store is the whole tree.
+        tree = _evict.tree_groups(args.root)
+        payload["store"] = {"fragments": len(tree), "bytes": sum(nbytes for _, _, nbytes in tree)}
+        text.insert(0, f"store (the whole tree): {len(tree)} fragments, {human_size(payload['store']['bytes'])}")
+        text[1] = "this node's index: " + text[1]
     _emit(args, payload, "\n".join(text))
     return 0
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
     _check_root(args.root, args.index_path)
+    shared = _is_shared(args)
     index = Index(args.index_path, args.root)
-    before = index.total_bytes()
-    freed = _evict.enforce_capacity(index, args.root, args.max_bytes)
-    after = index.total_bytes()
-    index.close()
+    try:
+        summary = _evict.collect_garbage(args.root, index, args.max_bytes, shared=shared, grace_seconds=args.grace)
+    finally:
+        index.close()
     payload = {
         "root": args.root,
         "max_bytes": args.max_bytes,
-        "bytes_before": before,
-        "bytes_freed": freed,
-        "bytes_after": after,
+        "shared": shared,
+        "groups_before": summary.groups,
+        "groups_evicted": summary.groups_evicted,
+        "bytes_before": summary.bytes_before,
+        "bytes_freed": summary.bytes_freed,
+        "bytes_after": summary.bytes_after,
+        "trash_deleted": summary.trash_deleted,
     }
     _emit(
         args,
         payload,
-        f"evicted {human_size(freed)}: {human_size(before)} -> {human_size(after)} "
-        f"(limit {human_size(args.max_bytes)})",
+        f"evicted {summary.groups_evicted} groups, {human_size(summary.bytes_freed)}: "
+        f"{human_size(summary.bytes_before)} -> {human_size(summary.bytes_after)} (limit {human_size(args.max_bytes)})"
+        + (f"; {summary.trash_deleted} evicted groups past their grace period deleted" if shared else ""),
     )
     return 0
+
+
+def _is_shared(args: argparse.Namespace) -> bool:
+    """Whether the root is a store other nodes share: a network or FUSE file system (or --shared)."""
+    return bool(args.shared) or is_network_file_system(file_system_type(args.root))
+
+
+def _node_local_index(args: argparse.Namespace) -> bool:
+    """Whether the index is one node's own, outside a (shared) root: groups it lacks are other nodes'."""
+    root = os.path.join(args.root, "")
+    return not os.path.join(args.index_path, "").startswith(root)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -235,9 +262,27 @@ def build_parser(*, json_errors: bool = False) -> argparse.ArgumentParser:
         help=f"seconds before a writer's temporary directory counts as abandoned (default {DEFAULT_GRACE_SECONDS:.0f})",
     )
     p.add_argument("--workers", type=int, default=8, help="parallel directory scanners (default 8)")
-    command("stats", cmd_stats, "Fragments, bytes, namespaces and last-use times, from the index.")
-    p = command("gc", cmd_gc, "Evict least recently used groups until the store fits --max-bytes.")
+    command(
+        "stats",
+        cmd_stats,
+        "Fragments, bytes, namespaces and last-use times, from the index (and the whole tree's size "
+        "when the index is a node's own, outside the root).",
+    )
+    p = command("gc", cmd_gc, "Evict the least recently used groups of the whole tree until it fits --max-bytes.")
     p.add_argument("--max-bytes", type=parse_size, required=True, help="capacity, e.g. 500G or 2T")
+    p.add_argument(
+        "--shared",
+        action="store_true",
+        help="treat the root as shared by nodes even where its file system type does not say so "
+        "(evicted groups then wait out --grace in the trash)",
+    )
+    p.add_argument(
+        "--grace",
+        type=float,
+        default=_evict.DEFAULT_TRASH_GRACE_SECONDS,
+        help="on a shared root, seconds an evicted group stays in the trash for readers on other nodes "
+        f"(default {_evict.DEFAULT_TRASH_GRACE_SECONDS:.0f})",
+    )
     return parser
 
 

@@ -1,0 +1,115 @@
+"""A real GlusterFS volume on this machine for the multi-node tests: two FUSE mounts of one volume.
+
+Two bricks on loopback form one distributed volume (files are spread over both by hash, as
+on a real cluster), mounted twice: each mount plays one node, with its own FUSE client and
+caches, and each node keeps its own LMDB index on local disk. The gluster CLI refuses
+127.0.0.1 for bricks; 127.0.0.2 is loopback too and works. Needs root, /dev/fuse and
+Debian's glusterfs-server and glusterfs-client (installed here with apt-get when missing).
+
+    volume = GlusterVolume.create()   # or raises unittest.SkipTest saying why not
+    ...volume.node_a, volume.node_b...
+    volume.destroy()
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import unittest
+
+_PACKAGES = ["glusterfs-server", "glusterfs-client"]
+_HOST = "127.0.0.2"
+
+
+def _run(*argv: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    if check and done.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed ({done.returncode}): {done.stdout}{done.stderr}")
+    return done
+
+
+def install() -> str | None:
+    """Installs GlusterFS from Debian's packages where missing; returns why it cannot run here, or None."""
+    if not sys.platform.startswith("linux"):
+        return "GlusterFS tests need Linux"
+    if os.geteuid() != 0:
+        return "GlusterFS tests need root (glusterd, FUSE mounts)"
+    if not os.path.exists("/dev/fuse"):
+        return "GlusterFS tests need /dev/fuse"
+    if shutil.which("glusterd") and shutil.which("mount.glusterfs"):
+        return None
+    if not shutil.which("apt-get"):
+        return "GlusterFS is not installed and there is no apt-get to install it (Debian: glusterfs-server glusterfs-client)"
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    install_cmd = ["apt-get", "install", "-y", "-q", "--no-install-recommends", *_PACKAGES]
+    if subprocess.run(install_cmd, capture_output=True, env=env).returncode != 0:
+        subprocess.run(["apt-get", "update", "-q"], capture_output=True, env=env)
+        done = subprocess.run(install_cmd, capture_output=True, text=True, env=env)
+        if done.returncode != 0:
+            return f"installing {' '.join(_PACKAGES)} failed: {done.stderr[-500:]}"
+    return None if shutil.which("glusterd") else "glusterd missing after installing GlusterFS"
+
+
+class GlusterVolume:
+    """One two-brick GlusterFS volume mounted twice (``node_a``, ``node_b``); :meth:`destroy` removes it all."""
+
+    def __init__(self, base: str, name: str):
+        self.base = base
+        self.name = name
+        self.node_a = os.path.join(base, "node-a")
+        self.node_b = os.path.join(base, "node-b")
+        self._started_glusterd = False
+
+    @classmethod
+    def create(cls) -> GlusterVolume:
+        """Starts glusterd if needed, creates and starts the volume, mounts it twice.
+
+        Raises:
+            unittest.SkipTest: this machine cannot run GlusterFS (the reason says why).
+        """
+        reason = install()
+        if reason is not None:
+            raise unittest.SkipTest(reason)
+        volume = cls(tempfile.mkdtemp(prefix="vua-gluster-"), f"vua{os.getpid()}")
+        try:
+            volume._start()
+        except BaseException:
+            volume.destroy()
+            raise
+        return volume
+
+    def _start(self) -> None:
+        if _run("pgrep", "-x", "glusterd", check=False).returncode != 0:
+            _run("glusterd")
+            self._started_glusterd = True
+        deadline = time.monotonic() + 30
+        while _run("gluster", "--mode=script", "volume", "list", check=False).returncode != 0:
+            if time.monotonic() > deadline:
+                raise RuntimeError("glusterd did not come up within 30 s")
+            time.sleep(0.2)
+        bricks = [os.path.join(self.base, f"brick{i}") for i in (1, 2)]
+        for brick in bricks:
+            os.makedirs(brick)
+        _run("gluster", "--mode=script", "volume", "create", self.name, *(f"{_HOST}:{b}" for b in bricks), "force")
+        _run("gluster", "--mode=script", "volume", "start", self.name)
+        for mount in (self.node_a, self.node_b):
+            os.makedirs(mount)
+            _run("mount", "-t", "glusterfs", f"{_HOST}:/{self.name}", mount)
+        with open("/proc/self/mounts") as mounts:
+            mounted = mounts.read()
+        if self.node_a not in mounted or self.node_b not in mounted:
+            raise RuntimeError(f"GlusterFS mounts did not appear: {mounted}")
+
+    def destroy(self) -> None:
+        for mount in (self.node_a, self.node_b):
+            if os.path.ismount(mount):
+                _run("umount", "-l", mount, check=False)
+        _run("gluster", "--mode=script", "volume", "stop", self.name, "force", check=False)
+        _run("gluster", "--mode=script", "volume", "delete", self.name, check=False)
+        if self._started_glusterd:
+            _run("pkill", "-x", "glusterd", check=False)
+        shutil.rmtree(self.base, ignore_errors=True)
