@@ -6,7 +6,9 @@ whether the consumer takes layers as they land:
 
 - host outputs (``_cpu``): straight from the memory map, each byte copied once;
   :class:`HostGroups` hashes and copies whole groups per thread, :class:`HostLayers` goes
-  layer-major (layer-wise consumers, layouts whose layers differ in shape);
+  layer-major (layer-wise consumers, layouts whose layers differ in shape); fragments
+  opened without a map (network file systems) go through :class:`HostPreads`, ``preadv``
+  straight into the outputs;
 - a CUDA device (``_staged``): ``preadv`` into pinned staging, non-blocking DMAs on a side
   stream, checked on the GPU by word sums (``_device_check``), whole groups or layer by
   layer; with ``gds`` (``_direct``) files go straight into GPU memory instead.
