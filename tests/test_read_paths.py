@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import unittest
@@ -45,6 +46,44 @@ class GroupCopiesTest(StoreTestCase):
         self.assertKVEqual(vua.get_closest(tokens, device="cpu").data, kv)
         # Direct reads cover whole 4 KiB blocks around the K and V bytes.
         self.assertEqual(_gds.aligned_span(4096 + 128, 3 * 4096 + 1), (4096, 3 * 4096))
+
+
+class PreadReadTest(StoreTestCase):
+    """network_fs=True: fragments are read with preadv into the outputs, never memory-mapped."""
+
+    def test_round_trip_layerwise_mixed_shapes_and_damage(self):
+        vua = self.store(split_factor=16, namespace="pread", network_fs=True, io_threads=2)
+        self.assertTrue(vua.network_fs)
+        tokens = torch.arange(64)
+        kv = random_kv(1, 64, dtype=torch.bfloat16, heads=4, head_dim=64)
+        vua.put(tokens, kv)
+        self.assertKVEqual(vua.get_closest(tokens, device="cpu").data, kv)
+        load = vua.load(tokens, "cpu", layerwise=True)
+        for layer in range(len(kv)):
+            k, v = load.wait_layer(layer)
+            self.assertKVEqual([(k, v)], [kv[layer]])
+        self.assertEqual(load.wait(), 4)
+        mixed = random_kv(1, 32, heads=2, head_dim=8, seed=3)
+        mixed[1] = (torch.randn(1, 4, 32, 8), torch.randn(1, 4, 32, 16))
+        vua.put(torch.arange(500, 532), mixed)
+        self.assertKVEqual(vua.get_closest(torch.arange(500, 532), device="cpu").data, mixed)
+        flip_byte(_layout.fragment_path(self.root, vua.config.tokens_to_paths(tokens)[2]), -7)
+        with self.assertLogs("vua", level="WARNING"):
+            hit = vua.get_closest(tokens, device="cpu")
+        self.assertKVEqual(hit.data, kv_slice(kv, 0, 32))
+        self.assertEqual(vua.put(tokens, kv), 1)  # the damaged group was moved aside (confirmed) and is rewritten
+
+    def test_a_group_that_vanishes_is_missing_not_damaged(self):
+        vua = self.store(split_factor=16, namespace="pread", network_fs=True)
+        tokens = torch.arange(48)
+        vua.put(tokens, random_kv(1, 48))
+        group = _layout.group_dir(self.root, vua.config.tokens_to_paths(tokens)[1])
+        shutil.rmtree(group)  # evicted by another node
+        with self.assertLogs("vua", level="WARNING") as logs:
+            self.assertEqual(vua.get_closest(tokens, device="cpu").tokens.numel(), 16)
+        self.assertIn("no such file", "\n".join(logs.output))
+        self.assertEqual(os.listdir(_layout.fanout_dir(self.root, vua.config.tokens_to_paths(tokens)[1])), [])
+        self.assertEqual(vua.prefix_length(tokens), 16)  # the index entry is gone: nothing moved aside
 
 
 @unittest.skipUnless(torch.cuda.is_available(), "needs a CUDA device (tools/gpu_check.py runs the full set)")
