@@ -39,20 +39,28 @@ def enforce_capacity(index: Index, root: str, max_bytes: int) -> int:
     total = index.total_bytes()
     if total <= max_bytes:
         return 0
-    candidates = sorted(
-        ((record.last_used, -record.group_index, key, record.nbytes) for key, record in index.items() if record),
+    records = sorted(
+        (record.last_used, -record.group_index, key, record.nbytes) for key, record in index.items() if record
     )
+    victims, freed = _evict_oldest(root, index, [(key, nbytes) for *_, key, nbytes in records], total - max_bytes)
+    logger.debug("evicted %d groups (%d bytes) to stay under %d bytes", victims, freed, max_bytes)
+    return freed
+
+
+def _evict_oldest(
+    root: str, index: Index, oldest_first: list[tuple[bytes, int]], excess: int, *, keep: bool = False
+) -> tuple[int, int]:
+    """Evicts groups ((key, bytes), least recently used first) until ``excess`` bytes are freed: (groups, bytes)."""
     victims, freed = [], 0
-    for _, _, key, nbytes in candidates:
-        if total - freed <= max_bytes:
+    for key, nbytes in oldest_first:
+        if freed >= excess:
             break
         victims.append(key)
         freed += nbytes
     index.remove(victims)
     for key in victims:
-        discard_group(root, key.hex())
-    logger.debug("evicted %d groups (%d bytes) to stay under %d bytes", len(victims), freed, max_bytes)
-    return freed
+        discard_group(root, key.hex(), keep=keep)
+    return len(victims), freed
 
 
 @dataclass
@@ -90,20 +98,14 @@ def collect_garbage(
         if record is not None
     }
     order = sorted(groups, key=lambda g: (g[1], -depth.get(g[0], 0)))
-    victims, freed = [], 0
-    for key, _, nbytes in order:
-        if total - freed <= max_bytes:
-            break
-        victims.append(key)
-        freed += nbytes
-    index.remove(victims)
-    for key in victims:
-        discard_group(root, key.hex(), keep=shared)
+    victims, freed = _evict_oldest(
+        root, index, [(key, nbytes) for key, _, nbytes in order], total - max_bytes, keep=shared
+    )
     deleted = _empty_trash(root, 0.0 if not shared else grace_seconds)
     logger.info(
-        "gc: evicted %d of %d groups (%d bytes), deleted %d from the trash", len(victims), len(groups), freed, deleted
+        "gc: evicted %d of %d groups (%d bytes), deleted %d from the trash", victims, len(groups), freed, deleted
     )
-    return GarbageSummary(len(groups), total, len(victims), freed, deleted)
+    return GarbageSummary(len(groups), total, victims, freed, deleted)
 
 
 def discard_group(root: str, key_hex: str, *, keep: bool = False) -> None:

@@ -40,17 +40,19 @@ def write_all(fd: int, buffers: Sequence[memoryview]) -> None:
     """Writes every buffer, in order, retrying short writes."""
     pending = [b for b in buffers if len(b)]
     while pending:
-        batch = pending[:_IOV_MAX]
-        written = os.writev(fd, batch)
-        consumed = 0
-        for buf in batch:
-            if written >= len(buf):
-                written -= len(buf)
-                consumed += 1
-            else:
-                pending[consumed] = buf[written:]
-                break
-        del pending[:consumed]
+        _consume(pending, os.writev(fd, pending[:_IOV_MAX]))
+
+
+def _consume(pending: list[memoryview], done: int) -> None:
+    """Drops the first ``done`` bytes from the front of ``pending`` (whole buffers, then part of one)."""
+    consumed = 0
+    for buf in pending:
+        if done < len(buf):
+            pending[consumed] = buf[done:]
+            break
+        done -= len(buf)
+        consumed += 1
+    del pending[:consumed]
 
 
 def fsync_dir(path: str) -> None:
@@ -74,20 +76,11 @@ def read_all(fd: int, buffers: list[memoryview], offset: int) -> int:
     pending = [b for b in buffers if len(b)]
     total = 0
     while pending:
-        batch = pending[:_IOV_MAX]
-        got = os.preadv(fd, batch, offset + total)
+        got = os.preadv(fd, pending[:_IOV_MAX], offset + total)
         if got == 0:
             break
         total += got
-        consumed = 0
-        for buf in batch:
-            if got >= len(buf):
-                got -= len(buf)
-                consumed += 1
-            else:
-                pending[consumed] = buf[got:]
-                break
-        del pending[:consumed]
+        _consume(pending, got)
     return total
 
 
