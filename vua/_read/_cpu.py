@@ -121,21 +121,25 @@ class HostPreads:
 
 
 def _read_group_layers(job: ReadJob, dests: list[tuple[np.ndarray, np.ndarray]], group: int, layers: range) -> None:
-    """Reads group ``group``'s K and V of ``layers`` into the outputs' runs, then checks each tensor there."""
+    """Reads group ``group``'s K and V of ``layers`` into the outputs' runs, checking each layer as it lands.
+
+    One ``preadv`` per layer (its K and V are contiguous in the file): the hash then reads
+    what the read just wrote, while it is still in cache.
+    """
     fragment = job.fragments[group]
     s = job.split
-    tensors: list[tuple[str, list[memoryview]]] = []  # in file order: K, V of each layer
-    for layer in layers:
-        for dest, name in zip(dests[layer], (key_name(layer), value_name(layer))):
-            # dest: (kv_heads, tokens, head_dim); one head's tokens of this group are contiguous
-            tensors.append(
-                (name, [memoryview(dest[h, group * s : (group + 1) * s]).cast("B") for h in range(dest.shape[0])])
-            )
     try:
-        fragment.read_into([run for _, runs in tensors for run in runs], fragment.tensors[tensors[0][0]].begin)
-        if job.verify:
-            expected = fragment.checksums
-            for name, runs in tensors:
+        expected = fragment.checksums if job.verify else {}
+        for layer in layers:
+            if group >= job.valid:
+                return  # a check failed: the rest of the group is not needed
+            tensors = [
+                # dest: (kv_heads, tokens, head_dim); one head's tokens of this group are contiguous
+                (name, [memoryview(dest[h, group * s : (group + 1) * s]).cast("B") for h in range(dest.shape[0])])
+                for dest, name in zip(dests[layer], (key_name(layer), value_name(layer)))
+            ]
+            fragment.read_into([run for _, runs in tensors for run in runs], fragment.tensors[tensors[0][0]].begin)
+            for name, runs in tensors if job.verify else ():
                 digest = xxhash.xxh3_64()
                 for run in runs:
                     digest.update(run)
