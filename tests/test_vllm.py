@@ -11,12 +11,15 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import unittest
+from unittest import mock
 
 import torch
 
 from tests.helpers import TINY_DECODER, flip_byte
-from vua import _layout
+from vua import _layout, _publish
+from vua.core import VUA, VUAConfig
 from vua.errors import InvalidInputError, VUAError
 
 # vLLM reports its own choices at INFO and WARNING (the hybrid KV cache manager turned off,
@@ -106,7 +109,7 @@ class ConnectorHarness:
         self.scheduler.add_request(request)
         return request
 
-    def step(self, compute: dict[str, int] | None = None):
+    def step(self, compute: dict[str, int] | None = None, *, flush: bool = True):
         """One scheduler step and the worker side of one forward pass.
 
         ``compute`` maps request ids to a seed: the simulated model writes KV derived from
@@ -127,7 +130,8 @@ class ConnectorHarness:
         self.worker.wait_for_save()
         errors = self.worker.get_block_ids_with_load_errors()
         self.worker.clear_connector_metadata()
-        self.worker.flush()
+        if flush:
+            self.worker.flush()
         return output, meta, blocks, errors
 
     def write_known(self, layer: str, block_ids: list[int], start: int, end: int, seed: int) -> None:
@@ -238,11 +242,38 @@ class VLLMConnectorTest(unittest.TestCase):
         with self.assertRaisesRegex(VUAError, "not a multiple of vLLM's block size 16"):
             ConnectorHarness(self.root, self.model_dir, split=24)
 
+    def test_shutdown_abandons_a_slow_save_cleanly(self):
+        # The fault: a disk so slow that a save cannot finish within shutdown_timeout.
+        h = self.harness(extra_config={"shutdown_timeout": 0.2})
+        prompt = list(range(300, 400))
+        h.request("slow", prompt)
+        real_fsync = os.fsync
+        release = threading.Event()
+
+        def slow_fsync(fd):
+            release.wait(30)
+            real_fsync(fd)
+
+        with mock.patch.object(_publish.os, "fsync", slow_fsync):
+            h.step(compute={"slow": 3}, flush=False)
+            pending = list(h.worker.worker_side._writes)
+            self.assertEqual(len(pending), 1)
+            with self.assertLogs("vua.vllm", level="WARNING") as logs:
+                h.worker.shutdown()
+            self.assertFalse(pending[0].done())  # shutdown did not wait for it
+            self.assertIn("1 prompt saves unfinished", "\n".join(logs.output))
+            release.set()
+            pending[0].result(timeout=60)
+        # A later engine reads what got published: the whole prompt or a shorter prefix.
+        with VUA(VUAConfig(split_factor=SPLIT, namespace=h.worker.vua.config.namespace), self.root) as later:
+            self.assertIn(later.prefix_length(torch.tensor(prompt[:96])), (0, 32, 64, 96))
+
     def test_config_errors_say_what_to_set(self):
         cases = [
             ({"vua_root": ""}, 'needs "vua_root"'),
             ({"split_factor": "many"}, "split_factor must be an integer, got 'many'"),
             ({"max_bytes": "1G"}, "max_bytes must be an integer, got '1G'"),
+            ({"shutdown_timeout": "soon"}, "shutdown_timeout must be a number of seconds"),
             ({"auth_key_file": os.path.join(self.root, "missing")}, "cannot read auth_key_file"),
         ]
         for extra, message in cases:

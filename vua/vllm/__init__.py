@@ -6,7 +6,9 @@
 
 Extra config keys: ``vua_root`` (required), ``index_path`` (keep it on local disk when
 the root is on NFS), ``split_factor`` (default 256; a multiple of vLLM's block size),
-``max_bytes`` (capacity, LRU eviction), ``namespace`` (appended to the derived one).
+``max_bytes`` (capacity, LRU eviction; local roots only), ``namespace`` (appended to the
+derived one), ``auth_key_file``, ``shutdown_timeout`` (seconds pending saves get at
+shutdown, default 4; vLLM kills its engine 5 s after SIGTERM).
 
 The connector only dispatches, by role, as vLLM's larger connectors do:
 

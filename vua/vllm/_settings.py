@@ -34,6 +34,7 @@ class ConnectorSettings:
     index_path: str | None
     max_bytes: int | None
     auth_key: bytes | None = field(repr=False)
+    shutdown_timeout: float = 4.0  # seconds pending saves get at shutdown; vLLM kills its engine 5 s after SIGTERM
 
     @classmethod
     def from_vllm(cls, vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> ConnectorSettings:
@@ -73,6 +74,7 @@ class ConnectorSettings:
             index_path=extra.get("index_path"),
             max_bytes=max_bytes,
             auth_key=_read_auth_key(extra.get("auth_key_file")),
+            shutdown_timeout=_seconds_setting(extra, "shutdown_timeout", 4.0),
         )
 
     def namespace(self, rank: int) -> str:
@@ -115,6 +117,21 @@ def _int_setting(extra: dict[str, Any], name: str, default: int) -> int:
         raise InvalidInputError(
             f"VUAConnector: kv_connector_extra_config.{name} must be an integer, got {value!r}"
         ) from None
+
+
+def _seconds_setting(extra: dict[str, Any], name: str, default: float) -> float:
+    value = extra.get(name, default)
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        seconds = float(value)
+        if not seconds >= 0:
+            raise ValueError
+    except (TypeError, ValueError):
+        raise InvalidInputError(
+            f"VUAConnector: kv_connector_extra_config.{name} must be a number of seconds >= 0, got {value!r}"
+        ) from None
+    return seconds
 
 
 def _read_auth_key(path: str | None) -> bytes | None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+import time
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -173,6 +174,29 @@ class WorkerSide:
         self._writes = []
 
     def shutdown(self) -> None:
-        self.flush()
-        self._writer.shutdown(wait=True)
+        """Gives pending saves ``shutdown_timeout`` seconds, then abandons the rest.
+
+        vLLM kills its engine process a few seconds after SIGTERM, so waiting for every save
+        could be cut short anywhere. Each group is published atomically: an abandoned save
+        leaves the groups it finished, and a later engine loads the whole prompt or a
+        shorter prefix, never a partial group or an error.
+        """
+        deadline = time.monotonic() + self.settings.shutdown_timeout
+        unfinished = 0
+        for write in self._writes:
+            try:
+                write.result(timeout=max(0.0, deadline - time.monotonic()))
+            except (TimeoutError, CancelledError):
+                unfinished += 1
+        self._writes = []
+        self._writer.shutdown(wait=False, cancel_futures=True)
+        if unfinished:
+            # The store stays open for the save still running (closing would wait for it).
+            logger.warning(
+                "VUAConnector: shut down with %d prompt saves unfinished after %.1f s; their remaining "
+                "groups are not stored (the next engine recomputes them)",
+                unfinished,
+                self.settings.shutdown_timeout,
+            )
+            return
         self.vua.close()
