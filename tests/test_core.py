@@ -17,7 +17,7 @@ import torch
 import xxhash
 from safetensors import safe_open
 
-from tests.helpers import StoreTestCase, indexed_groups, kv_slice, listing, random_kv, same_bits
+from tests.helpers import StoreTestCase, flip_byte, indexed_groups, kv_slice, listing, random_kv, same_bits
 from vua.core import VUA, ClosestKV, SplitFactorError, VUAConfig
 from vua.errors import InvalidInputError, NotAStoreError, StorageError, VUAError
 
@@ -446,3 +446,28 @@ class SerdesTest(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class StatsTest(StoreTestCase):
+    def test_counters_follow_puts_hits_misses_and_damage(self):
+        vua = self.store(split_factor=16, namespace="stats")
+        tokens = torch.arange(48)
+        kv = random_kv(1, 48)
+        self.assertEqual(vua.put(tokens, kv), 3)
+        self.assertEqual(vua.put(tokens, kv), 0)  # already stored: nothing published
+        self.assertIsNotNone(vua.get_closest(tokens))
+        self.assertIsNone(vua.get_closest(torch.arange(1000, 1032)))
+        stats = vua.stats()
+        group_bytes = 3 * 2 * 2 * 16 * 8 * 4  # layers, K|V, heads, tokens, head_dim, float32
+        self.assertEqual(
+            (stats.lookups, stats.lookup_tokens, stats.hit_tokens, stats.groups_loaded, stats.bytes_loaded),
+            (2, 48 + 32, 48, 3, 3 * group_bytes),
+        )
+        self.assertEqual((stats.groups_saved, stats.load_errors), (3, 0))
+        self.assertEqual(stats.bytes_saved, sum(size for name, size in listing(self.root)))
+        self.assertGreater(stats.load_seconds, 0)
+        self.assertGreater(stats.save_seconds, 0)
+        flip_byte(os.path.join(self.root, listing(self.root)[0][0]), -3)  # one group's last V byte
+        with self.assertLogs("vua", level="WARNING"):
+            vua.get_closest(tokens)
+        self.assertEqual(vua.stats().load_errors, 1)

@@ -30,6 +30,8 @@ for _name in ("vllm", "torch"):
     logging.getLogger(_name).setLevel(logging.ERROR)
 
 try:
+    import prometheus_client
+    from prometheus_client import CollectorRegistry
     from transformers import LlamaConfig
     from vllm import SamplingParams
     from vllm.config import CacheConfig, DeviceConfig, KVTransferConfig, ModelConfig, VllmConfig
@@ -40,7 +42,7 @@ try:
     from vllm.v1.request import Request
     from vllm.v1.structured_output import StructuredOutputManager
 
-    from vua.vllm import PagedLayer, VUAConnector
+    from vua.vllm import PagedLayer, VUAConnector, VUAConnectorStats
 except ImportError as exc:  # vllm installs on Linux with Python >= 3.11 only
     raise unittest.SkipTest(f"vllm is not installed here: {exc}") from None
 
@@ -242,6 +244,35 @@ class VLLMConnectorTest(unittest.TestCase):
         with self.assertRaisesRegex(VUAError, "not a multiple of vLLM's block size 16"):
             ConnectorHarness(self.root, self.model_dir, split=24)
 
+    def test_loads_and_saves_show_in_vllms_stats_and_prometheus(self):
+        h, prompt = self.check_round_trip(dtype=torch.bfloat16)
+        stats = h.worker.get_kv_connector_stats()
+        self.assertIsInstance(stats, VUAConnectorStats)
+        group_bytes = len(LAYERS) * 2 * 2 * SPLIT * 16 * 2  # layers, K|V, heads, tokens, head_size, bf16
+        expected = {"lookups": 1, "hit_tokens": 96, "groups_loaded": 3, "bytes_loaded": 3 * group_bytes}
+        self.assertEqual({name: stats.data[name] for name in expected}, expected)
+        self.assertEqual((stats.data["groups_saved"], stats.data["load_errors"]), (3, 0))
+        self.assertIsNone(h.worker.get_kv_connector_stats())  # nothing moved since the last report
+        # What vLLM does with it: rebuild from the serialised data, sum over workers, log, export.
+        total = VUAConnector.build_kv_connector_stats(dict(stats.data))
+        total = total.aggregate(VUAConnector.build_kv_connector_stats(dict(stats.data)))
+        self.assertEqual(total.reduce()["vua_hit_tokens"], 192)
+        registry = CollectorRegistry()
+
+        class Counter(prometheus_client.Counter):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, registry=registry, **kwargs)
+
+        types = {
+            prometheus_client.Gauge: prometheus_client.Gauge,
+            prometheus_client.Counter: Counter,
+            prometheus_client.Histogram: prometheus_client.Histogram,
+        }
+        prom = VUAConnector.build_prom_metrics(h.vllm_config, types, ["engine"], {0: ["0"]})
+        prom.observe(total.data, engine_idx=0)
+        self.assertEqual(registry.get_sample_value("vllm:vua_hit_tokens_total", {"engine": "0"}), 192)
+        self.assertEqual(registry.get_sample_value("vllm:vua_groups_saved_total", {"engine": "0"}), 6)
+
     def test_shutdown_abandons_a_slow_save_cleanly(self):
         # The fault: a disk so slow that a save cannot finish within shutdown_timeout.
         h = self.harness(extra_config={"shutdown_timeout": 0.2})
@@ -262,6 +293,7 @@ class VLLMConnectorTest(unittest.TestCase):
                 h.worker.shutdown()
             self.assertFalse(pending[0].done())  # shutdown did not wait for it
             self.assertIn("1 prompt saves unfinished", "\n".join(logs.output))
+            self.assertEqual(h.worker.get_kv_connector_stats().data["saves_dropped_at_shutdown"], 1)
             release.set()
             pending[0].result(timeout=60)
         # A later engine reads what got published: the whole prompt or a shorter prefix.

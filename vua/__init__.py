@@ -19,13 +19,14 @@ from vua.errors import (
 )
 
 if TYPE_CHECKING:
-    from vua.core import VUA, ClosestKV, KVLoad, VUAConfig
+    from vua.core import VUA, ClosestKV, KVLoad, StoreStats, VUAConfig
 
 __all__ = [
     "VUA",
     "VUAConfig",
     "ClosestKV",
     "KVLoad",
+    "StoreStats",
     "VUAError",
     "InvalidInputError",
     "SplitFactorError",
@@ -35,7 +36,7 @@ __all__ = [
 ]
 __version__ = "0.2.0"
 
-_FROM_CORE = {"VUA", "VUAConfig", "ClosestKV", "KVLoad"}
+_FROM_CORE = {"VUA", "VUAConfig", "ClosestKV", "KVLoad", "StoreStats"}
 
 
 def __getattr__(name: str) -> Any:

@@ -33,10 +33,11 @@ from vua._inputs import KVData, checked_device, checked_put, int64_ids, single_r
 from vua._keys import group_keys, namespace_seed
 from vua._mac import mac_key
 from vua._read import CudaPlatform, HostBlockPool, KVLoad, PinnedStaging, start_load
+from vua._stats import StatsRecorder, StoreStats
 from vua._writer import GroupSource, GroupToWrite, write_groups
 from vua.errors import InvalidInputError, NotAStoreError, SplitFactorError, StorageError, VUAError
 
-__all__ = ["VUA", "VUAConfig", "ClosestKV", "KVLoad", "SplitFactorError", "VUAError"]
+__all__ = ["VUA", "VUAConfig", "ClosestKV", "KVLoad", "StoreStats", "SplitFactorError", "VUAError"]
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +95,7 @@ class VUA:
         self._executor = ThreadPoolExecutor(max_workers=config.io_threads, thread_name_prefix="vua-io")
         self._staging: dict[torch.device, PinnedStaging] = {}
         self._host_pool = HostBlockPool(config.host_pool_bytes) if config.host_pool_bytes else None
+        self._stats = StatsRecorder()
         self._catalog = Catalog(
             self.root,
             self._index,
@@ -115,6 +117,11 @@ class VUA:
         self._catalog.flush_touches()
         self._index.close()
         self._executor.shutdown(wait=True)
+
+    def stats(self) -> StoreStats:
+        """This store's counters since it opened: lookups, hits in tokens, groups and bytes loaded
+        and saved, load and save seconds, load errors (see :class:`vua.StoreStats`)."""
+        return self._stats.snapshot()
 
     def _pool(self) -> ThreadPoolExecutor:
         if self._pid != os.getpid():  # threads do not survive a fork
@@ -185,6 +192,11 @@ class VUA:
         self._catalog.record_put(((r.key, r.record) for r in results), layout, every_key)
         written = sum(r.published for r in results)
         elapsed_ms = 1e3 * (time.perf_counter() - started)
+        self._stats.add(
+            groups_saved=written,
+            bytes_saved=sum(r.record.nbytes for r in results if r.published),
+            save_seconds=elapsed_ms / 1e3,
+        )
         logger.debug("put: %d rows, %d new groups, %d written in %.1f ms", len(rows), len(todo), written, elapsed_ms)
         if failure is not None:
             raise StorageError(
@@ -274,6 +286,7 @@ class VUA:
         device = checked_device(device)
         ids, keys = self._keys(single_row(tokens))
         started = time.perf_counter()
+        self._stats.add(lookups=1, lookup_tokens=len(keys) * self.config.split_factor)
         fragments, layout = self._catalog.open_prefix(keys, ids)
         logger.debug(
             "lookup: %d of %d groups usable in %.2f ms",
@@ -291,8 +304,16 @@ class VUA:
                 staging = self._staging[device] = PinnedStaging(platform, self.config.staging_bytes)
 
         def on_done(load: KVLoad) -> None:
-            self._catalog.touch(keys[: load.num_groups])
+            groups = load.num_groups
+            self._catalog.touch(keys[:groups])
             self._catalog.quarantine([keys[g] for g in load.damaged_groups])
+            self._stats.add(
+                hit_tokens=groups * self.config.split_factor,
+                groups_loaded=groups,
+                bytes_loaded=groups * layout.kv_bytes(self.config.split_factor),
+                load_seconds=time.perf_counter() - started,
+                load_errors=max(len(load.damaged_groups), int(groups < len(fragments))),
+            )
 
         return start_load(
             fragments,

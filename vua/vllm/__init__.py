@@ -52,17 +52,24 @@ from vua.vllm._metadata import LoadSpec, SaveSpec, VUAConnectorMetadata
 from vua.vllm._paged import PagedLayer
 from vua.vllm._scheduler import SchedulerSide
 from vua.vllm._settings import ConnectorSettings
+from vua.vllm._stats import VUAConnectorStats, VUAPromMetrics
 from vua.vllm._worker import WorkerSide
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
+    from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
+        KVConnectorPromMetrics,
+        KVConnectorStats,
+        PromMetric,
+        PromMetricT,
+    )
     from vllm.forward_context import ForwardContext
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.kv_cache_interface import KVCacheConfig
     from vllm.v1.request import Request
 
-__all__ = ["VUAConnector", "VUAConnectorMetadata", "LoadSpec", "SaveSpec", "PagedLayer"]
+__all__ = ["VUAConnector", "VUAConnectorMetadata", "VUAConnectorStats", "LoadSpec", "SaveSpec", "PagedLayer"]
 
 
 class VUAConnector(KVConnectorBase_V1):
@@ -138,6 +145,29 @@ class VUAConnector(KVConnectorBase_V1):
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self.worker_side.get_block_ids_with_load_errors()
+
+    # -- stats ------------------------------------------------------------------------------
+
+    def get_kv_connector_stats(self) -> KVConnectorStats | None:
+        """This worker's loads and saves since the last call (vLLM sums them over workers)."""
+        if self._worker is None:
+            return None
+        delta = self._worker.stats_since_last_report()
+        return None if delta is None else VUAConnectorStats(data=delta)
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnectorStats | None:
+        return VUAConnectorStats(data=dict(data or {}))
+
+    @classmethod
+    def build_prom_metrics(
+        cls,
+        vllm_config: VllmConfig,
+        metric_types: dict[type[PromMetric], type[PromMetricT]],
+        labelnames: list[str],
+        per_engine_labelvalues: dict[int, list[object]],
+    ) -> KVConnectorPromMetrics | None:
+        return VUAPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def flush(self) -> None:
         """Waits for background writes (tests and shutdown)."""

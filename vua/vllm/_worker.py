@@ -43,6 +43,8 @@ class WorkerSide:
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vua-save")
         self._writes: list[Future[None]] = []
         self._lock = threading.Lock()
+        self._reported = self.vua.stats()  # the store's counters at the last stats report
+        self._own = dict.fromkeys(("load_error_blocks", "saves_dropped_at_shutdown"), 0)
 
     def _step(self) -> VUAConnectorMetadata:
         meta = self._metadata()
@@ -91,9 +93,9 @@ class WorkerSide:
     def _fail_blocks(self, spec: LoadSpec, first_bad: int) -> None:
         block_size = self.settings.block_size
         with self._lock:
-            self._load_errors.update(
-                spec.block_ids[p // block_size] for p in range(max(first_bad, spec.start), spec.end)
-            )
+            blocks = {spec.block_ids[p // block_size] for p in range(max(first_bad, spec.start), spec.end)}
+            self._load_errors.update(blocks)
+            self._own["load_error_blocks"] += len(blocks)
 
     def _finish_loads(self) -> None:
         for spec, load in self._loads:
@@ -167,6 +169,16 @@ class WorkerSide:
         self._writes = [w for w in self._writes if not w.done()]
         return None, None
 
+    def stats_since_last_report(self) -> dict[str, int | float] | None:
+        """The increments of the store's and the connector's counters since the last call; None when nothing moved."""
+        now = self.vua.stats()
+        delta = {name: value - getattr(self._reported, name) for name, value in now.as_dict().items()}
+        self._reported = now
+        with self._lock:
+            delta.update(self._own)
+            self._own = dict.fromkeys(self._own, 0)
+        return delta if any(delta.values()) else None
+
     def flush(self) -> None:
         """Waits for background writes (tests and shutdown)."""
         for write in self._writes:
@@ -190,6 +202,7 @@ class WorkerSide:
                 unfinished += 1
         self._writes = []
         self._writer.shutdown(wait=False, cancel_futures=True)
+        self._own["saves_dropped_at_shutdown"] += unfinished
         if unfinished:
             # The store stays open for the save still running (closing would wait for it).
             logger.warning(
