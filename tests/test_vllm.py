@@ -13,6 +13,7 @@ import sys
 import tempfile
 import threading
 import unittest
+from importlib.metadata import entry_points
 from unittest import mock
 
 import torch
@@ -37,6 +38,7 @@ try:
     from vllm.config import CacheConfig, DeviceConfig, KVTransferConfig, ModelConfig, VllmConfig
     from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
     from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+    from vllm.plugins import load_general_plugins
     from vllm.v1.core.sched.scheduler import Scheduler
     from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec, MLAAttentionSpec
     from vllm.v1.request import Request
@@ -67,6 +69,8 @@ class ConnectorHarness:
         split=SPLIT,
         auth_key_file=None,
         extra_config=None,
+        connector="VUAConnector",
+        module_path="vua.vllm",
     ):
         heads, head = (1, 576) if mla else (2, 16)
         extra = {"vua_root": root, "split_factor": split}
@@ -77,9 +81,9 @@ class ConnectorHarness:
             model_config=ModelConfig(model=model_dir, skip_tokenizer_init=True, dtype="bfloat16", max_model_len=1024),
             cache_config=CacheConfig(block_size=BLOCK, enable_prefix_caching=False),
             kv_transfer_config=KVTransferConfig(
-                kv_connector="VUAConnector",
+                kv_connector=connector,
                 kv_role="kv_both",
-                kv_connector_module_path="vua.vllm",
+                kv_connector_module_path=module_path,
                 kv_connector_extra_config=extra,
             ),
             device_config=DeviceConfig(device="cpu"),
@@ -299,6 +303,20 @@ class VLLMConnectorTest(unittest.TestCase):
         # A later engine reads what got published: the whole prompt or a shorter prefix.
         with VUA(VUAConfig(split_factor=SPLIT, namespace=h.worker.vua.config.namespace), self.root) as later:
             self.assertIn(later.prefix_length(torch.tensor(prompt[:96])), (0, 32, 64, 96))
+
+    def test_upstream_names_work_through_vllms_plugin_loading(self):
+        # vLLM loads the vllm.general_plugins entry points in each of its processes; VUA's
+        # registers its connector under its own and the original project's names.
+        load_general_plugins()
+        extra = {"vua_root": "", "shared_storage_path": self.root}  # the original project's key
+        h = ConnectorHarness(
+            self.root, self.model_dir, connector="VUAStorageConnector_V1", module_path=None, extra_config=extra
+        )
+        self.addCleanup(h.worker.shutdown)
+        self.assertIsInstance(h.worker, VUAConnector)
+        self.assertEqual(h.worker.vua.root, self.root)
+        (launcher,) = [e for e in entry_points(group="console_scripts") if e.name == "vua-vllm"]
+        self.assertEqual(launcher.value, "vua.vllm._plugin:main")
 
     def test_config_errors_say_what_to_set(self):
         cases = [

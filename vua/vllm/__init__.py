@@ -69,7 +69,15 @@ if TYPE_CHECKING:
     from vllm.v1.kv_cache_interface import KVCacheConfig
     from vllm.v1.request import Request
 
-__all__ = ["VUAConnector", "VUAConnectorMetadata", "VUAConnectorStats", "LoadSpec", "SaveSpec", "PagedLayer"]
+__all__ = [
+    "VUAConnector",
+    "VUAStorageConnector_V1",
+    "VUAConnectorMetadata",
+    "VUAConnectorStats",
+    "LoadSpec",
+    "SaveSpec",
+    "PagedLayer",
+]
 
 
 class VUAConnector(KVConnectorBase_V1):
@@ -189,3 +197,7 @@ def _tp_rank() -> int:
         return get_tensor_model_parallel_rank()
     except (AssertionError, ImportError, RuntimeError):
         return 0
+
+
+# The original project's class name: kv_connector "VUAStorageConnector_V1" keeps working.
+VUAStorageConnector_V1 = VUAConnector

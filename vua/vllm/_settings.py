@@ -40,9 +40,13 @@ class ConnectorSettings:
     def from_vllm(cls, vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> ConnectorSettings:
         transfer = vllm_config.kv_transfer_config
         extra: dict[str, Any] = (transfer.kv_connector_extra_config if transfer else None) or {}
-        root = extra.get("vua_root")
+        # "shared_storage_path" is the original project's name for it, kept as an alias.
+        root = extra.get("vua_root") or extra.get("shared_storage_path")
         if not root or not isinstance(root, str):
-            raise InvalidInputError('VUAConnector needs "vua_root" in kv_connector_extra_config: the store directory')
+            raise InvalidInputError(
+                'VUAConnector needs "vua_root" (or "shared_storage_path") in kv_connector_extra_config: '
+                "the store directory"
+            )
         block_size = vllm_config.cache_config.block_size
         split_factor = _int_setting(extra, "split_factor", 256)
         if split_factor <= 0 or split_factor % block_size:
