@@ -65,6 +65,15 @@ def open_regular(path: str) -> int:
         ) from None
 
 
+def _close_quietly(fd: int) -> None:
+    """Closes a descriptor opened for reading. A FUSE file system reports errors at close too
+    (GlusterFS: ENOENT once another node removed the file); the read itself decided already."""
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
 @dataclass(frozen=True)
 class TensorEntry:
     """Where one tensor lies in a fragment file (absolute byte offsets)."""
@@ -123,7 +132,7 @@ class Fragment:
             raise
         finally:
             if fd >= 0 and self._fd is None:
-                os.close(fd)  # a get may hold hundreds of fragments: the mapping needs no descriptor
+                _close_quietly(fd)  # a get may hold hundreds of fragments: the mapping needs no descriptor
 
     def _pread(self, offset: int, length: int) -> bytes:
         """``length`` bytes at ``offset`` of the open file (pread mode); fewer only where the file ended."""
@@ -150,8 +159,8 @@ class Fragment:
         self.__dict__.pop("layers", None)
         self.__dict__.pop("region", None)
         if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+            fd, self._fd = self._fd, None
+            _close_quietly(fd)
         try:
             if self._map is not None:
                 self._map.close()
@@ -184,7 +193,7 @@ class Fragment:
             raise FragmentError(f"reading fragment {self.path} failed: {exc.strerror or exc}", damaged=False) from None
         finally:
             if fd != self._fd:
-                os.close(fd)
+                _close_quietly(fd)
         if got < sum(len(b) for b in buffers):
             raise FragmentError(f"fragment {self.path} ended early while reading its data")
 
