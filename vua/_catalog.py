@@ -81,7 +81,7 @@ class Catalog:
         but the tree holds (another node may have written it) and a record that disagrees
         with the prefix (another namespace or layout) are checked against their fragment's
         header, and recorded for next time when the fragment fits. Without ``read_headers``
-        (schedulers that must not read files) a group directory the index lacks counts as
+        (schedulers that must not read files) a fragment file the index lacks counts as
         stored, and a disagreeing record ends the run.
 
         Returns:

@@ -97,24 +97,26 @@ class Fragment:
     def __init__(self, path: str, *, mapped: bool = True):
         self.path = path
         self._map: mmap.mmap | None = None
-        self._fd: int | None = None
-        fd = open_regular(path)
+        # Without a mapping the descriptor stays open, so every later read sees this file
+        # even if another node replaces it; close() releases whichever this fragment holds.
+        self._fd: int | None = open_regular(path)
         try:
-            self.file_size = os.fstat(fd).st_size
+            self.file_size = os.fstat(self._fd).st_size
             if self.file_size < 8:
                 raise FragmentError(f"fragment {path} is truncated ({self.file_size} bytes)")
             if mapped:
                 # Read-only and shared: the pages are the page cache's own, nothing is copied.
                 # Pages are mapped as the copy touches them; prefetch() starts disk reads early.
                 try:
-                    self._map = mmap.mmap(fd, 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+                    self._map = mmap.mmap(self._fd, 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
                 except (OSError, ValueError) as exc:
                     # The file system's refusal, not the file's bytes.
                     raise FragmentError(f"cannot map fragment {path}: {exc}", damaged=False) from None
+                # A get may hold hundreds of fragments: the mapping needs no descriptor.
+                fd, self._fd = self._fd, None
+                _close_quietly(fd)
                 head: bytes | mmap.mmap = self._map
             else:
-                # Kept open, so every later read sees this file even if another node replaces it.
-                self._fd, fd = fd, -1
                 head = self._pread(0, min(self.file_size, _FIRST_READ))
                 if len(head) < 8:
                     raise FragmentError(f"fragment {path} is truncated ({len(head)} bytes read)")
@@ -130,24 +132,20 @@ class Fragment:
         except BaseException:
             self.close()
             raise
-        finally:
-            if fd >= 0 and self._fd is None:
-                _close_quietly(fd)  # a get may hold hundreds of fragments: the mapping needs no descriptor
 
     def _pread(self, offset: int, length: int) -> bytes:
         """``length`` bytes at ``offset`` of the open file (pread mode); fewer only where the file ended."""
         assert self._fd is not None
-        chunks, got = [], 0
+        buffer = bytearray(length)
+        got = self._read_at(self._fd, [memoryview(buffer)], offset)
+        return bytes(buffer[:got])
+
+    def _read_at(self, fd: int, buffers: list[memoryview], offset: int) -> int:
+        """:func:`read_all` with its errors as this fragment's: an I/O error or a stale handle is not the file's bytes."""
         try:
-            while got < length:
-                chunk = os.pread(self._fd, length - got, offset + got)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                got += len(chunk)
-        except OSError as exc:  # an I/O error, a stale handle: not the file's bytes
+            return read_all(fd, buffers, offset)
+        except OSError as exc:
             raise FragmentError(f"reading fragment {self.path} failed: {exc.strerror or exc}", damaged=False) from None
-        return b"".join(chunks)
 
     def __enter__(self) -> Fragment:
         return self
@@ -188,9 +186,7 @@ class Fragment:
         """
         fd = self._fd if self._fd is not None else open_regular(self.path)  # a file replaced since fails the checksum
         try:
-            got = read_all(fd, buffers, offset)
-        except OSError as exc:
-            raise FragmentError(f"reading fragment {self.path} failed: {exc.strerror or exc}", damaged=False) from None
+            got = self._read_at(fd, buffers, offset)
         finally:
             if fd != self._fd:
                 _close_quietly(fd)

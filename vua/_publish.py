@@ -252,7 +252,7 @@ def move_group_aside(root: str, key_hex: str, why: str) -> str | None:
 def quarantine_group(root: str, key_hex: str) -> bool:
     """Moves a damaged group out of the way, so a later put can rewrite it.
 
-    ``vua verify --fix`` removes the moved directory once it is old.
+    ``vua verify --fix`` removes the moved-aside file once it is old.
 
     Returns:
         True if this call moved it (when it did not, the read is cut either way).

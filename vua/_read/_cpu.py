@@ -91,9 +91,9 @@ class HostPreads:
     """Host outputs filled with ``preadv`` straight from each file, no memory map: for network and FUSE
     file systems, where a file another node removes mid-read must be an error, not SIGBUS.
 
-    A group's K and V for a run of layers lie contiguously in its file, and each head's tokens
-    are a contiguous run of the outputs, so one ``preadv`` per group lands every byte in place;
-    each tensor is then hashed from where it landed.
+    A layer's K and V lie contiguously in a group's file, and each head's tokens are a
+    contiguous run of the outputs, so one ``preadv`` per layer of a group lands every byte in
+    place; each tensor is then hashed from where it landed, while it is in cache.
     """
 
     def __init__(self, *, layerwise: bool):

@@ -135,13 +135,8 @@ class ReadJob:
             if check and self.verify:
                 for name, begin, end in fragment.kv_offsets():
                     fragment.verify_checksum(name, dest[begin:end])
-        except (FragmentError, OSError) as exc:
-            self.fail(
-                group,
-                exc
-                if isinstance(exc, FragmentError)
-                else FragmentError(f"reading {fragment.path}: {exc}", damaged=False),
-            )
+        except FragmentError as exc:  # the fragment turns read errors into these too
+            self.fail(group, exc)
 
 
 def allocate_outputs(
