@@ -62,6 +62,7 @@ class GlusterVolume:
         self.name = name
         self.node_a = os.path.join(base, "node-a")
         self.node_b = os.path.join(base, "node-b")
+        self.bricks = [os.path.join(base, f"brick{i}") for i in (1, 2)]  # the servers' own directories
         self._started_glusterd = False
 
     @classmethod
@@ -91,10 +92,9 @@ class GlusterVolume:
             if time.monotonic() > deadline:
                 raise RuntimeError("glusterd did not come up within 30 s")
             time.sleep(0.2)
-        bricks = [os.path.join(self.base, f"brick{i}") for i in (1, 2)]
-        for brick in bricks:
+        for brick in self.bricks:
             os.makedirs(brick)
-        _run("gluster", "--mode=script", "volume", "create", self.name, *(f"{_HOST}:{b}" for b in bricks), "force")
+        _run("gluster", "--mode=script", "volume", "create", self.name, *(f"{_HOST}:{b}" for b in self.bricks), "force")
         _run("gluster", "--mode=script", "volume", "start", self.name)
         for mount in (self.node_a, self.node_b):
             os.makedirs(mount)

@@ -19,7 +19,13 @@ from vua.errors import StorageError
 
 
 def temporaries(root: str) -> list[str]:
-    return [t for f in _layout.iter_fanout_dirs(root) for t in _layout.iter_temporaries(f)]
+    """Every temporary in the tree: in fan-out directories, and writers' files in group directories."""
+    found = []
+    for fanout in _layout.iter_fanout_dirs(root):
+        found.extend(_layout.iter_temporaries(fanout))
+        for _, group in _layout.iter_groups(fanout):
+            found.extend(_layout.iter_writing(group))
+    return found
 
 
 class DiskFaultTest(StoreTestCase):

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -24,6 +25,7 @@ import torch
 from tests.glusterfs import GlusterVolume
 from tests.helpers import check_hit, indexed_groups, prefix_kv, run_cli
 from vua._files import file_system_type
+from vua._layout import FRAGMENT_FILE
 from vua.core import VUA, VUAConfig
 from vua.errors import InvalidInputError
 
@@ -104,10 +106,30 @@ class TwoNodeTest(unittest.TestCase):
         load = b.load(tokens, layerwise=True)
         self.assertEqual(load.wait(), 9)
 
+    def test_a_fragment_lives_on_one_server_without_a_dht_link_file(self):
+        # The writer's file is named so that DHT places it with "kv.safetensors": the link
+        # that publishes it stays on one brick. A link across bricks leaves a DHT link file
+        # (empty, mode ---------T) that readers on the other node saw as an empty or missing
+        # fragment while two nodes published the same group.
+        assert volume is not None
+        a = self.node("a")
+        tokens = torch.arange(7000, 7000 + 16 * 16)
+        self.assertEqual(a.put(tokens, prefix_kv(tokens)), 16)
+        name = os.path.basename(self.root_a)
+        on_bricks = [
+            os.path.join(directory, FRAGMENT_FILE)
+            for brick in volume.bricks
+            for directory, _, files in os.walk(os.path.join(brick, name))
+            if FRAGMENT_FILE in files
+        ]
+        link_files = [path for path in on_bricks if os.stat(path).st_mode & stat.S_ISVTX]
+        self.assertEqual((len(on_bricks), link_files), (16, []))
+
     def test_both_nodes_put_the_same_prompts_at_the_same_instant(self):
         script = """
-            import sys, torch
+            import logging, sys, torch
             from tests.helpers import prefix_kv, check_hit
+            logging.getLogger("vua").addHandler(logging.StreamHandler())  # a shorter prefix says why
             from vua.core import VUA, VUAConfig
             root, index = sys.argv[1], sys.argv[2]
             vua = VUA(VUAConfig(split_factor=16, namespace="gluster", index_path=index), root)

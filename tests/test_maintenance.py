@@ -79,6 +79,34 @@ class CommandTest(StoreTestCase):
         status, out, _ = run_cli("verify", self.root, "--json")
         self.assertEqual((status, json.loads(out)["problems"], json.loads(out)["fragments"]), (0, [], 3))
 
+    def test_verify_fixes_writers_files_left_in_group_directories(self):
+        # A writer killed between writing its file and linking it leaves the file in the
+        # group's directory: beside a fragment another writer published, or alone.
+        published = os.path.dirname(self.fragment_files()[0])
+        beside = os.path.join(published, _layout.WRITING_PREFIX + "111-dead")
+        orphan_group = _layout.group_dir(self.root, "ab" * 16)
+        os.makedirs(orphan_group)
+        alone = os.path.join(orphan_group, _layout.WRITING_PREFIX + "222-dead")
+        live_group = _layout.group_dir(self.root, "cd" * 16)
+        os.makedirs(live_group)
+        live = os.path.join(live_group, _layout.WRITING_PREFIX + "333-writing")
+        for path in (beside, alone, live):
+            with open(path, "wb") as f:
+                f.write(b"partial")
+        hour_ago = time.time() - 3600
+        for path in (beside, alone, orphan_group):
+            os.utime(path, (hour_ago, hour_ago))
+        status, out, _ = run_cli("verify", self.root, "--json")
+        report = json.loads(out)
+        kinds = sorted(p["kind"] for p in report["problems"])
+        self.assertEqual((status, kinds), (1, ["empty-group-directory", "stale-temporary", "stale-temporary"]))
+        self.assertEqual(report["young_temporaries"], 1)  # the live writer's file
+        self.assertEqual(run_cli("verify", self.root, "--fix")[0], 0)
+        self.assertFalse(os.path.exists(beside) or os.path.exists(orphan_group))
+        self.assertTrue(os.path.exists(live))  # a live writer's file is left alone
+        status, out, _ = run_cli("verify", self.root, "--json")
+        self.assertEqual((status, json.loads(out)["fragments"]), (0, 4))
+
     def test_verify_finds_index_disagreements(self):
         keys = self.vua.config.tokens_to_paths(torch.arange(48))
         shutil.rmtree(_layout.group_dir(self.root, keys[2]))  # indexed, gone from the tree

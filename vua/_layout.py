@@ -5,7 +5,8 @@
       3f/                    fan-out level: the first two hex digits of the key
         3fa0...e1/           one directory per group, named by its 32-digit hex key
           kv.safetensors     the fragment: tokens and every layer's K and V slice
-        .tmp-3fa0...e1-...   a writer's unpublished directory (renamed into place when complete)
+          .kv.safetensors.*  a writer's unpublished fragment (hard-linked into place when complete)
+        .tmp-3fa0...e1-...   a group moved aside (evicted, damaged), or a directory maker's lock
 
 Paths are built only from hex keys, so nothing a caller passes can escape the root.
 """
@@ -18,6 +19,11 @@ from collections.abc import Iterator
 
 FRAGMENT_FILE = "kv.safetensors"
 TMP_PREFIX = ".tmp-"
+# A writer's file sits beside the fragment it becomes, named ".kv.safetensors.<suffix>": the
+# rsync-style temporary name GlusterFS's DHT places on the same server as "kv.safetensors",
+# so publishing it (a hard link in the same directory) stays on one server and leaves no
+# DHT link file behind (one that readers on other nodes saw as an empty or missing fragment).
+WRITING_PREFIX = f".{FRAGMENT_FILE}."
 DEFAULT_INDEX_DIR = "index.lmdb"
 FANOUT_DIGITS = 2
 
@@ -63,8 +69,16 @@ def iter_groups(fanout: str) -> Iterator[tuple[str, str]]:
                 yield name, entry.path
 
 
+def iter_writing(group: str) -> Iterator[str]:
+    """Yields the path of every writer's unpublished fragment in one group directory."""
+    with os.scandir(group) as entries:
+        for entry in entries:
+            if entry.name.startswith(WRITING_PREFIX):
+                yield entry.path
+
+
 def iter_temporaries(fanout: str) -> Iterator[str]:
-    """Yields the path of every unpublished writer directory in one fan-out directory."""
+    """Yields the path of every moved-aside group, lock, or older writer's temporary in one fan-out directory."""
     with os.scandir(fanout) as entries:
         for entry in entries:
             if entry.name.startswith(TMP_PREFIX):

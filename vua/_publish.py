@@ -1,8 +1,8 @@
 """Changing the fragment tree: publishing a fragment atomically and durably, recording uses, moving groups aside.
 
 Writing goes through one ``writev`` of the header and the caller's tensor buffers (no
-intermediate bytes object), into a temporary directory that is fsynced and renamed into
-place: a reader sees a whole fragment or none.
+intermediate bytes object), into a file beside the fragment's name that is fsynced and
+hard-linked into place: a reader sees a whole fragment or none.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import json
 import os
 import secrets
 import shutil
+import stat
 import struct
 import time
 from collections.abc import Sequence
@@ -19,7 +20,6 @@ from collections.abc import Sequence
 from vua import _dtypes, _layout
 from vua._files import fsync_dir, write_all
 
-_LINK_RETRY_SECONDS = (0.01, 0.05, 0.1)
 _RACE_RETRY_SECONDS = (0.05, 0.1, 0.2, 0.4, 0.8)
 _MKDIR_WAIT_SECONDS = 5.0  # a directory maker holds its lock for two metadata operations
 HEADER_ALIGN = 4096  # tensor data starts on a block boundary, as direct and GPUDirect reads want
@@ -53,13 +53,13 @@ def publish_fragment(
 ) -> bool:
     """Writes a fragment durably and atomically under ``root``.
 
-    The file is written to a temporary name in the fan-out directory and fsynced; then the
-    group's directory is made (if missing) and the file hard-linked into it, which creates
-    the fragment atomically or fails because it exists: a reader sees a whole fragment or
-    none, and two writers of one group (same bytes by construction) never mix. Only files
-    are renamed or linked, never directories: a distributed file system (GlusterFS's DHT)
-    renames a directory on each server in turn, and two nodes renaming onto the same group
-    at once left it on one server only, invisible to both.
+    The group's directory is made (if missing), the file written beside its final name
+    (see ``_layout.WRITING_PREFIX``) and fsynced, then hard-linked to that name, which
+    creates the fragment atomically or fails because it exists: a reader sees a whole
+    fragment or none, and two writers of one group (same bytes by construction) never mix.
+    Only files are linked, never directories renamed: a distributed file system
+    (GlusterFS's DHT) renames a directory on each server in turn, and two nodes renaming
+    onto the same group at once left it on one server only, invisible to both.
 
     Returns:
         True if this call published the group, False if it already existed.
@@ -73,7 +73,8 @@ def publish_fragment(
         except OSError as exc:
             # Two nodes making the same directories at once on a distributed file system:
             # the loser's handles can go stale (ESTALE) or its view miss them (ENOENT) until
-            # the file system heals them, a moment later. Start over then.
+            # the file system heals them, a moment later; and another process may remove an
+            # empty group directory between our mkdir and our create. Start over then.
             if exc.errno not in (errno.ESTALE, errno.ENOENT) or pause is None:
                 raise
             time.sleep(pause)
@@ -85,9 +86,9 @@ def _publish_once(root: str, key_hex: str, header: bytes, buffers: Sequence[memo
     final = os.path.join(group, _layout.FRAGMENT_FILE)
     if os.path.lexists(final):
         return False
-    parent = os.path.dirname(group)
-    _make_dir(parent)
-    tmp = temporary_name(root, key_hex, "new")
+    make_dir(group)
+    tmp = f"{final[: -len(_layout.FRAGMENT_FILE)]}{_layout.WRITING_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
+    linked = lost = False
     try:
         # 0o666 lets the umask decide, as for any file a program creates; file_mode overrides.
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
@@ -98,31 +99,24 @@ def _publish_once(root: str, key_hex: str, header: bytes, buffers: Sequence[memo
             os.fsync(fd)
         finally:
             os.close(fd)
-        for pause in (*_LINK_RETRY_SECONDS, None):
-            try:
-                _make_dir(group)
-                os.link(tmp, final)
-                break
-            except FileExistsError:
-                return False  # another writer published it first
-            except FileNotFoundError:
-                # The group directory went between the mkdir and the link (evicted, or moved
-                # aside as damaged, by another process): make it again.
-                if pause is None:
-                    raise
-                time.sleep(pause)
-            except OSError:
-                _remove_if_empty(group)
-                raise
-        fsync_dir(group)
-        fsync_dir(parent)
-        return True
+        try:
+            os.link(tmp, final)
+            linked = True
+        except FileExistsError:
+            lost = True  # another writer published it first
     finally:
         remove_entry(tmp)
+        if not (linked or lost):
+            _remove_if_empty(group)  # leave the tree as it was (unless another writer is at work there)
+    if lost:
+        return False
+    fsync_dir(group)  # the link and the unlink
+    fsync_dir(os.path.dirname(group))  # the group directory itself
+    return True
 
 
-def _make_dir(path: str) -> None:
-    """Makes a directory under the store root unless it exists, one maker at a time.
+def make_dir(path: str) -> None:
+    """Makes a directory (and its parents) unless it exists, one maker at a time.
 
     Two nodes making the same directory at the same instant on GlusterFS left it with an
     inconsistent layout (each server claiming the same half of the hash range), so files
@@ -134,7 +128,7 @@ def _make_dir(path: str) -> None:
     if os.path.isdir(path):
         return
     if not os.path.isdir(parent):
-        _make_dir(parent)
+        make_dir(parent)
     deadline = time.monotonic() + _MKDIR_WAIT_SECONDS
     while True:
         lock = _lock_dir(path)
@@ -149,10 +143,24 @@ def _make_dir(path: str) -> None:
         try:
             os.mkdir(path)
         except FileExistsError:
-            pass
+            _require_directory(path)
         finally:
             remove_entry(lock)
         return
+
+
+def _require_directory(path: str) -> None:
+    """Raises NotADirectoryError when a file stands where directory ``path`` should be.
+
+    Only what is there counts: on a FUSE mount a directory another node made a moment ago
+    can still look missing (a cached lookup), which is no reason to fail.
+    """
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(mode):
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), path)
 
 
 def _remove_if_empty(group: str) -> None:

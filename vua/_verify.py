@@ -4,7 +4,7 @@ Per fragment: the header parses within bounds, the metadata names this group, ev
 tensor and the whole group match the checksums written at put time, and the key equals
 ``xxh3_128(parent + tokens)``: the stored tokens really are the ones the key promises.
 Across the store: every valid fragment is indexed, every index entry has a valid
-fragment, and no writer's temporary directory is older than the grace period.
+fragment, and no writer's temporary file is older than the grace period.
 
 Repair (``fix=True``) deletes damaged fragments and stale temporaries and brings the
 index in line with the tree, which stays the truth.
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
@@ -127,34 +127,50 @@ def verify_store(
     state = ScanProgress(fanouts_total=len(fanouts))
     now = time.time()
 
+    def age_of(path: str) -> float | None:
+        try:
+            return now - os.stat(path).st_mtime
+        except FileNotFoundError:
+            return None  # its writer just published or removed it
+
     def scan(fanout: str) -> tuple[dict[bytes, StoredGroup], list[Problem], int]:
         valid, problems, young = {}, [], 0
+
+        def temporaries(paths: Iterable[str]) -> bool:
+            """Counts young temporaries, reports old ones; True when all of them were old."""
+            nonlocal young
+            all_old = True
+            for tmp in paths:
+                age = age_of(tmp)
+                if age is not None and age > grace_seconds:
+                    problems.append(Problem("stale-temporary", None, f"{tmp} ({age:.0f} s old)"))
+                elif age is not None:
+                    young += 1
+                    all_old = False
+            return all_old
+
         for key_hex, group_dir in _layout.iter_groups(fanout):
+            try:
+                # A writer killed between its write and its link leaves its file here.
+                writers_done = temporaries(_layout.iter_writing(group_dir))
+            except FileNotFoundError:
+                continue  # the group went meanwhile
             try:
                 valid[bytes.fromhex(key_hex)] = check_fragment(root, key_hex)
             except FragmentError as exc:
                 if not exc.missing:
                     problems.append(Problem("damaged-fragment", key_hex, str(exc)))
                     continue
-                # A group directory without its file: a publish between its two steps (mkdir,
-                # link), or one whose writer died there. Harmless: the next put fills it.
-                try:
-                    age = now - os.stat(group_dir).st_mtime
-                except FileNotFoundError:
-                    continue
+                # A group directory without its file: a publish at work (its file is written
+                # beside it), or one whose writer died. Harmless: the next put fills it.
+                age = age_of(group_dir)
+                if age is None or not writers_done:
+                    continue  # gone, or its writer (counted above) is at work
                 if age > grace_seconds:
                     problems.append(Problem("empty-group-directory", key_hex, f"{group_dir} ({age:.0f} s old)"))
                 else:
                     young += 1
-        for tmp in _layout.iter_temporaries(fanout):
-            try:
-                age = now - os.stat(tmp).st_mtime
-            except FileNotFoundError:
-                continue  # its writer just published or removed it
-            if age > grace_seconds:
-                problems.append(Problem("stale-temporary", None, f"{tmp} ({age:.0f} s old)"))
-            else:
-                young += 1
+        temporaries(_layout.iter_temporaries(fanout))
         return valid, problems, young
 
     valid: dict[bytes, StoredGroup] = {}

@@ -120,9 +120,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if report.other_nodes_groups:
         lines.append(f"{report.other_nodes_groups} valid groups this node's index does not know (other nodes')")
     if report.young_temporaries:
-        lines.append(
-            f"{report.young_temporaries} temporary directories younger than {args.grace:.0f} s (writers at work?)"
-        )
+        lines.append(f"{report.young_temporaries} temporaries younger than {args.grace:.0f} s (writers at work?)")
     lines.append(
         "clean"
         if report.clean and not report.problems
@@ -259,7 +257,7 @@ def build_parser(*, json_errors: bool = False) -> argparse.ArgumentParser:
         "--grace",
         type=float,
         default=DEFAULT_GRACE_SECONDS,
-        help=f"seconds before a writer's temporary directory counts as abandoned (default {DEFAULT_GRACE_SECONDS:.0f})",
+        help=f"seconds before a writer's temporary file counts as abandoned (default {DEFAULT_GRACE_SECONDS:.0f})",
     )
     p.add_argument("--workers", type=int, default=8, help="parallel directory scanners (default 8)")
     command(

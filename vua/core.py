@@ -32,6 +32,7 @@ from vua._index import Index
 from vua._inputs import KVData, checked_device, checked_put, int64_ids, single_row
 from vua._keys import group_keys, namespace_seed
 from vua._mac import mac_key
+from vua._publish import make_dir
 from vua._read import CudaPlatform, HostBlockPool, KVLoad, PinnedStaging, start_load
 from vua._stats import StatsRecorder, StoreStats
 from vua._writer import GroupSource, GroupToWrite, write_groups
@@ -360,7 +361,7 @@ def _open_root(root_path: str | os.PathLike[str], create_parents: bool) -> str:
             "check the path, or pass VUA(..., create_parents=True) to create it all"
         )
     try:
-        os.makedirs(root, exist_ok=True)
+        make_dir(root)  # one maker at a time: nodes starting together on a shared file system
     except OSError as exc:
         raise StorageError(f"cannot use {root!r} as a VUA root: {exc.strerror}; pass a writable directory") from exc
     if not os.access(root, os.W_OK | os.X_OK):
