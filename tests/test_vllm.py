@@ -18,8 +18,9 @@ from unittest import mock
 
 import torch
 
-from tests.helpers import TINY_DECODER, flip_byte
-from vua import _layout, _publish
+from tests.helpers import TINY_DECODER, flip_byte, run_cli
+from vua import _layout, _publish, _wordsum
+from vua._fragment import Fragment
 from vua.core import VUA, VUAConfig
 from vua.errors import InvalidInputError, VUAError
 
@@ -225,6 +226,36 @@ class VLLMConnectorTest(unittest.TestCase):
 
     def test_save_and_load_mla_latent(self):
         self.check_round_trip(dtype=torch.bfloat16, mla=True)
+
+    def test_word_sums_are_computed_where_the_cache_lives(self):
+        # A CUDA cache does this by default; gpu_checksums: true makes a CPU cache take the
+        # same path: save_kv_layer sums each layer's groups where the cache lives, and the
+        # background writer hashes nothing for them on the host. (A sum covers whole 4 KiB
+        # runs of a head: 128 tokens of these small heads.)
+        prompt = list(range(100, 400))  # two groups of 128 stored
+        for mla in (False, True):
+            with self.subTest(mla=mla):
+                self.root = tempfile.mkdtemp(prefix="vua-vllm-sums-")
+                self.addCleanup(shutil.rmtree, self.root, ignore_errors=True)
+                h = self.harness(mla=mla, split=128, extra_config={"gpu_checksums": True})
+                h.request("a", prompt)
+                with mock.patch.object(_wordsum, "host_wordsum", wraps=_wordsum.host_wordsum) as host_sums:
+                    _, _, blocks, _ = h.step(compute={"a": 1})
+                self.assertEqual(host_sums.call_count, 0)
+                self.assertEqual(h.worker.vua.prefix_length(torch.tensor(prompt)), 256)
+                for key_hex in h.worker.vua.config.tokens_to_paths(torch.tensor(prompt[:256])):
+                    with Fragment(_layout.fragment_path(self.root, key_hex)) as fragment:
+                        self.assertEqual(len(fragment.wordsums or []), 2 * len(LAYERS))
+                status, out, _ = run_cli("verify", self.root)  # checks every stored word sum on the host
+                self.assertEqual(status, 0, out)
+                h.request("b", prompt)
+                _, _, blocks_b, errors = h.step()
+                self.assertEqual(errors, set())
+                for name in LAYERS:
+                    saved, loaded = h.positions(name, blocks["a"], 0, 256), h.positions(name, blocks_b["b"], 0, 256)
+                    self.assertTrue(torch.equal(saved.view(torch.uint8), loaded.view(torch.uint8)), name)
+        with self.assertRaisesRegex(VUAError, "gpu_checksums must be true, false or absent"):
+            self.harness(extra_config={"gpu_checksums": "yes"})
 
     def test_scheduler_hit_partial_hit_and_miss(self):
         h = self.harness()

@@ -26,6 +26,7 @@ from vua._kv_layout import TOKENS, Layout
 from vua._mac import MAC_FIELD, MAC_PLACEHOLDER, seal_header
 from vua._publish import encode_header, publish_fragment
 from vua._record import GroupRecord
+from vua.errors import InvalidInputError
 
 
 def host_kv(t: torch.Tensor, n: int) -> torch.Tensor:
@@ -89,15 +90,24 @@ class GroupSource:
         offset: int,
         gpu_checksums: bool | None,
         mac_key: bytes | None,
+        device_sums: np.ndarray | None = None,
     ) -> GroupSource:
         """The source of a put of ``tokens`` tokens whose KV (``layers``, on any device) starts at ``offset``.
 
         Word sums come from the GPU for CUDA tensors (nearly free there), else from the host
         where ``gpu_checksums`` asks or torch sees a CUDA device (see ``VUAConfig``).
+        ``device_sums``: those sums computed already where the KV was on the device (uint64
+        ``(rows, groups from offset, tensors)``, see ``_wordsum.tensor_wordsums``), so no
+        host thread hashes them again.
         """
         n = tokens - offset
         wordsums, host_wordsums = None, False
-        if gpu_checksums is not False:
+        if device_sums is not None:
+            expected = (len(layers[0][0]), n // split_factor, 2 * len(layers))
+            if device_sums.shape != expected:
+                raise InvalidInputError(f"device word sums shaped {device_sums.shape}, expected {expected}")
+            wordsums = device_sums
+        elif gpu_checksums is not False:
             devices = {t.device for kv in layers for t in kv}
             if len(devices) == 1 and devices.pop().type == "cuda":
                 sums = _wordsum.tensor_wordsums(layers, n, split_factor)

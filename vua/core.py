@@ -162,6 +162,13 @@ class VUA:
             StorageError: the file system refused a write; groups already published stay
                 valid, nothing partial is left.
         """
+        return self._put(tokens, data, offset=offset)
+
+    def _put(
+        self, tokens: torch.Tensor, data: KVData, *, offset: int = 0, device_sums: np.ndarray | None = None
+    ) -> int:
+        """:meth:`put`, with the GPU-checkable word sums computed already where the KV was on the
+        device (the vLLM connector's ``save_kv_layer``; see ``GroupSource.of_put``)."""
         s = self.config.split_factor
         rows, layout, layers = checked_put(tokens, data, offset, s)
         if not rows or rows[0].numel() == 0:
@@ -176,6 +183,7 @@ class VUA:
             offset=offset,
             gpu_checksums=self.config.gpu_checksums,
             mac_key=self._mac_key,
+            device_sums=device_sums,
         )
         todo: dict[bytes, GroupToWrite] = {}  # a batch may repeat a prefix: its first row is written
         every_key: list[bytes] = []

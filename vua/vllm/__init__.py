@@ -8,7 +8,8 @@ Extra config keys: ``vua_root`` (required), ``index_path`` (keep it on local dis
 the root is on NFS), ``split_factor`` (default 256; a multiple of vLLM's block size),
 ``max_bytes`` (capacity, LRU eviction; local roots only), ``namespace`` (appended to the
 derived one), ``auth_key_file``, ``shutdown_timeout`` (seconds pending saves get at
-shutdown, default 4; vLLM kills its engine 5 s after SIGTERM).
+shutdown, default 4; vLLM kills its engine 5 s after SIGTERM), ``gpu_checksums``
+(``VUAConfig.gpu_checksums``; by default word sums are computed on the device for CUDA caches).
 
 The connector only dispatches, by role, as vLLM's larger connectors do:
 
@@ -18,7 +19,8 @@ alone; the metadata of each step (``_metadata``) tells workers which requests to
 
 Worker side (``_worker``): ``start_load_kv`` starts a layer-wise :class:`vua.KVLoad` per request;
 ``wait_for_layer_load`` waits for one layer and scatters it into the paged blocks;
-``save_kv_layer`` gathers a finished prompt's new groups from each layer to host memory;
+``save_kv_layer`` gathers a finished prompt's new groups from each layer to host memory
+(and sums them where the cache lives, for GPU-side checks of later loads);
 ``wait_for_save`` hands them to a background writer once the copies are done, so vLLM
 may reuse the blocks at once. Groups that fail verification are reported through
 ``get_block_ids_with_load_errors`` and vLLM recomputes them.

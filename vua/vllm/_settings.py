@@ -35,6 +35,7 @@ class ConnectorSettings:
     max_bytes: int | None
     auth_key: bytes | None = field(repr=False)
     shutdown_timeout: float = 4.0  # seconds pending saves get at shutdown; vLLM kills its engine 5 s after SIGTERM
+    gpu_checksums: bool | None = None  # VUAConfig.gpu_checksums: None means on for CUDA caches
 
     @classmethod
     def from_vllm(cls, vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> ConnectorSettings:
@@ -79,6 +80,7 @@ class ConnectorSettings:
             max_bytes=max_bytes,
             auth_key=_read_auth_key(extra.get("auth_key_file")),
             shutdown_timeout=_seconds_setting(extra, "shutdown_timeout", 4.0),
+            gpu_checksums=_optional_bool_setting(extra, "gpu_checksums"),
         )
 
     def namespace(self, rank: int) -> str:
@@ -94,6 +96,7 @@ class ConnectorSettings:
             index_path=self.index_path,
             max_bytes=self.max_bytes,
             auth_key=self.auth_key,
+            gpu_checksums=self.gpu_checksums,
         )
         return VUA(config, self.root)
 
@@ -121,6 +124,15 @@ def _int_setting(extra: dict[str, Any], name: str, default: int) -> int:
         raise InvalidInputError(
             f"VUAConnector: kv_connector_extra_config.{name} must be an integer, got {value!r}"
         ) from None
+
+
+def _optional_bool_setting(extra: dict[str, Any], name: str) -> bool | None:
+    value = extra.get(name)
+    if value is not None and not isinstance(value, bool):
+        raise InvalidInputError(
+            f"VUAConnector: kv_connector_extra_config.{name} must be true, false or absent, got {value!r}"
+        )
+    return value
 
 
 def _seconds_setting(extra: dict[str, Any], name: str, default: float) -> float:

@@ -8,8 +8,10 @@ import time
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
+from vua import _wordsum
 from vua.core import VUA, KVLoad
 from vua.errors import InvalidInputError, VUAError
 from vua.vllm._metadata import LoadSpec, SaveSpec, VUAConnectorMetadata
@@ -38,6 +40,9 @@ class WorkerSide:
         self._layers: dict[str, PagedLayer] = {}
         self._loads: list[tuple[LoadSpec, KVLoad | None]] = []
         self._gathered: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        # Per request, each layer's word sums (1, groups, 2) computed where the cache lives;
+        # None once a layer's could not be (the writer then does as VUAConfig says).
+        self._sums: dict[str, list[torch.Tensor] | None] = {}
         self._save_starts: dict[str, int] = {}
         self._load_errors: set[int] = set()
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vua-save")
@@ -124,9 +129,30 @@ class WorkerSide:
             if start >= len(spec.token_ids):
                 continue
             k, v = layer.gather(spec.block_ids, start, len(spec.token_ids))
+            if self._device_sums(kv_layer):
+                self._add_sums(spec.req_id, k, v, len(spec.token_ids) - start)
             # Copy to host now: once the step ends vLLM may reuse these blocks.
             gathered = self._gathered.setdefault(spec.req_id, [])
             gathered.append((k.to("cpu", non_blocking=True), v.to("cpu", non_blocking=True)))
+
+    def _device_sums(self, kv_layer: torch.Tensor) -> bool:
+        """Whether a save computes the word sums where the cache lives (see ``VUAConfig.gpu_checksums``).
+
+        On a GPU they cost next to nothing there, and the background writer then hashes
+        nothing on the host for them.
+        """
+        wanted = self.vua.config.gpu_checksums
+        return wanted is True or (wanted is None and kv_layer.is_cuda)
+
+    def _add_sums(self, req_id: str, k: torch.Tensor, v: torch.Tensor, tokens: int) -> None:
+        sums = self._sums.setdefault(req_id, [])
+        if sums is None:
+            return
+        layer_sums = _wordsum.tensor_wordsums([(k, v)], tokens, self.settings.split_factor)
+        if layer_sums is None:  # a head's run of a group is not whole 8-byte words
+            self._sums[req_id] = None
+            return
+        sums.append(layer_sums.to("cpu", non_blocking=True))
 
     def _save_start(self, spec: SaveSpec) -> int:
         """The first token to gather this step: the groups before it are already stored."""
@@ -154,13 +180,22 @@ class WorkerSide:
                 )
                 continue
             tokens = torch.tensor(spec.token_ids, dtype=torch.long)
-            self._writes.append(self._writer.submit(self._write, tokens, gathered, self._save_start(spec)))
+            sums = self._sums.get(req_id)
+            device_sums = torch.cat(sums, dim=2).numpy().view(np.uint64) if sums and len(sums) == layers else None
+            self._writes.append(self._writer.submit(self._write, tokens, gathered, self._save_start(spec), device_sums))
         self._gathered = {}
+        self._sums = {}
         self._save_starts = {}
 
-    def _write(self, tokens: torch.Tensor, layers: list[tuple[torch.Tensor, torch.Tensor]], offset: int) -> None:
+    def _write(
+        self,
+        tokens: torch.Tensor,
+        layers: list[tuple[torch.Tensor, torch.Tensor]],
+        offset: int,
+        device_sums: np.ndarray | None,
+    ) -> None:
         try:
-            self.vua.put(tokens, layers, offset=offset)
+            self.vua._put(tokens, layers, offset=offset, device_sums=device_sums)
         except VUAError as exc:  # a failed save is a future miss, never a wrong answer
             logger.warning("VUAConnector: storing %d tokens failed: %s", tokens.numel(), exc)
 
