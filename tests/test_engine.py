@@ -139,5 +139,8 @@ class EngineTest(unittest.TestCase):
 def _engine_env() -> dict[str, str]:
     environ = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
     environ["VLLM_CPU_KVCACHE_SPACE"] = "1"  # GiB: plenty for these prompts, small for a 2-core CI machine
-    environ["OMP_NUM_THREADS"] = str(os.cpu_count() or 1)
+    # vllm-cpu keeps one core for its scheduler and one more when a KV connector is set, so
+    # engines with and without the connector would compute with different thread counts
+    # (and float sums in another order): the same reservation for all.
+    environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "1"
     return environ
