@@ -87,7 +87,7 @@ def _publish_once(root: str, key_hex: str, header: bytes, buffers: Sequence[memo
     if os.path.lexists(final):
         return False
     make_dir(group)
-    tmp = f"{final[: -len(_layout.FRAGMENT_FILE)]}{_layout.WRITING_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
+    tmp = os.path.join(group, f"{_layout.WRITING_PREFIX}{os.getpid()}-{secrets.token_hex(4)}")
     linked = lost = False
     try:
         # 0o666 lets the umask decide, as for any file a program creates; file_mode overrides.
