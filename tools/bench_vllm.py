@@ -53,14 +53,10 @@ def run_engine(
     argv = [python, os.path.join(ENGINE, "run_engine.py"), "--model", model, "--prompts", prompt_file, "--out", out]
     argv += ["--dtype", args.dtype, "--max-tokens", "1", "--split-factor", str(args.split_factor)]
     argv += ["--max-model-len", str(max(len(p) for p in prompts) + 16), "--max-num-batched-tokens", str(args.batched)]
+    argv += ["--kv-cache-gib", os.environ.get("VLLM_CPU_KVCACHE_SPACE", "4")]
     if store:
         argv += ["--store", store]
     environ = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
-    environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
-    # vllm-cpu keeps one core for its scheduler, and one more when a KV connector is set; on
-    # a small machine that leaves the connector's engine with a different number of compute
-    # cores (on two cores: two instead of one), which would make the comparison meaningless.
-    environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "1"
     started = time.monotonic()
     done = subprocess.run(argv, capture_output=True, text=True, env=environ)
     if done.returncode != 0:

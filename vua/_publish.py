@@ -105,7 +105,7 @@ def _publish_once(root: str, key_hex: str, header: bytes, buffers: Sequence[memo
         except FileExistsError:
             lost = True  # another writer published it first
     finally:
-        remove_entry(tmp)
+        _unlink_quietly(tmp)
         if not (linked or lost):
             _remove_if_empty(group)  # leave the tree as it was (unless another writer is at work there)
     if lost:
@@ -136,7 +136,7 @@ def make_dir(path: str) -> None:
             if os.path.isdir(path):
                 return
             if time.monotonic() > deadline:  # its holder died: take the lock over
-                remove_entry(_lock_path(path))
+                _unlink_quietly(_lock_path(path))
                 deadline = time.monotonic() + _MKDIR_WAIT_SECONDS
             time.sleep(0.01)
             continue
@@ -145,7 +145,7 @@ def make_dir(path: str) -> None:
         except FileExistsError:
             _require_directory(path)
         finally:
-            remove_entry(lock)
+            _unlink_quietly(lock)
         return
 
 
@@ -176,7 +176,7 @@ def _remove_if_empty(group: str) -> None:
     except OSError:
         pass  # not empty (a fragment was published into it meanwhile) or gone
     finally:
-        remove_entry(lock)
+        _unlink_quietly(lock)
 
 
 def _lock_path(path: str) -> str:
@@ -206,11 +206,20 @@ def temporary_name(root: str, key_hex: str, why: str) -> str:
 
 def remove_entry(path: str) -> None:
     """Removes a temporary: a file (or, from older writers and damage, a directory); gone already is fine."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        _unlink_quietly(path)
+
+
+def _unlink_quietly(path: str) -> None:
+    """Removes a file this process made (a writer's file, a lock); gone already is fine.
+
+    No probe of what the path is first: on a network file system every probe is a round
+    trip, and publishing a group removes two such files.
+    """
     try:
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            os.unlink(path)
+        os.unlink(path)
     except OSError:
         pass
 

@@ -33,7 +33,16 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=32)
     parser.add_argument("--together", action="store_true", help="one generate call for all prompts")
     parser.add_argument("--upstream-names", action="store_true", help="VUAStorageConnector_V1 + shared_storage_path")
+    parser.add_argument("--kv-cache-gib", default="1", help="vLLM's CPU KV cache space (VLLM_CPU_KVCACHE_SPACE)")
     args = parser.parse_args()
+
+    # Set before vLLM is imported; its engine processes inherit them.
+    os.environ["VLLM_CPU_KVCACHE_SPACE"] = args.kv_cache_gib
+    # vllm-cpu keeps one core for its scheduler, and one more when a KV connector is set; on
+    # a small machine that gives engines with and without the connector different numbers of
+    # compute cores (on two cores: two against one), so their speeds would not compare and
+    # their float sums would run in another order. The same reservation for every engine.
+    os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "1"
 
     # Imported here so --help works without vLLM.
     from vllm import LLM, SamplingParams
