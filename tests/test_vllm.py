@@ -38,10 +38,18 @@ try:
     from vllm import SamplingParams
     from vllm.config import CacheConfig, DeviceConfig, KVTransferConfig, ModelConfig, VllmConfig
     from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
-    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole, supports_hma
     from vllm.plugins import load_general_plugins
     from vllm.v1.core.sched.scheduler import Scheduler
-    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec, MLAAttentionSpec
+    from vllm.v1.kv_cache_interface import (
+        FullAttentionSpec,
+        KVCacheConfig,
+        KVCacheGroupSpec,
+        MambaSpec,
+        MLAAttentionSpec,
+        SlidingWindowSpec,
+    )
+    from vllm.v1.outputs import ModelRunnerOutput
     from vllm.v1.request import Request
     from vllm.v1.structured_output import StructuredOutputManager
 
@@ -57,7 +65,12 @@ NUM_BLOCKS = 64
 
 class ConnectorHarness:
     """A real vLLM scheduler (which builds the scheduler-side connector through vLLM's
-    factory) and a worker-side connector over CPU paged caches."""
+    factory) and a worker-side connector over CPU paged caches.
+
+    With ``sliding_window``, a hybrid model: layer 0 full attention, layer 1 a sliding
+    window, each its own KV cache group (vLLM's hybrid KV cache manager); ``batched``
+    caps the tokens of a step, so long prompts are prefilled in chunks.
+    """
 
     def __init__(
         self,
@@ -72,6 +85,9 @@ class ConnectorHarness:
         extra_config=None,
         connector="VUAConnector",
         module_path="vua.vllm",
+        sliding_window=None,
+        batched=None,
+        groups=None,
     ):
         heads, head = (1, 576) if mla else (2, 16)
         extra = {"vua_root": root, "split_factor": split}
@@ -90,11 +106,22 @@ class ConnectorHarness:
             device_config=DeviceConfig(device="cpu"),
         )
         self.vllm_config.cache_config.num_gpu_blocks = NUM_BLOCKS  # what profiling the GPU would set
+        if batched:
+            self.vllm_config.scheduler_config.max_num_batched_tokens = batched
         spec_cls = MLAAttentionSpec if mla else FullAttentionSpec
         spec = spec_cls(block_size=BLOCK, num_kv_heads=heads, head_size=head, dtype=dtype)
+        if groups is None and sliding_window:
+            window = SlidingWindowSpec(
+                block_size=BLOCK, num_kv_heads=heads, head_size=head, dtype=dtype, sliding_window=sliding_window
+            )
+            groups = [KVCacheGroupSpec(LAYERS[:1], spec), KVCacheGroupSpec(LAYERS[1:], window)]
         self.kv_cache_config = KVCacheConfig(
-            num_blocks=NUM_BLOCKS, kv_cache_tensors=[], kv_cache_groups=[KVCacheGroupSpec(LAYERS, spec)]
+            num_blocks=NUM_BLOCKS, kv_cache_tensors=[], kv_cache_groups=groups or [KVCacheGroupSpec(LAYERS, spec)]
         )
+        self.group_of = {
+            name: g for g, group in enumerate(self.kv_cache_config.kv_cache_groups) for name in group.layer_names
+        }
+        self.blocks: dict[str, list[list[int]]] = {}  # per request, its blocks per KV cache group
         self.scheduler = Scheduler(
             self.vllm_config, self.kv_cache_config, StructuredOutputManager(self.vllm_config), block_size=BLOCK
         )
@@ -109,6 +136,10 @@ class ConnectorHarness:
             else:
                 cache = torch.zeros(NUM_BLOCKS, heads, BLOCK, content, dtype=dtype)
             self.caches[name] = cache
+        if len(self.kv_cache_config.kv_cache_groups) > 1:
+            # As vLLM lays out a hybrid model: one layer of each group shares one tensor, so a
+            # block a group frees and another takes is overwritten for both layers.
+            self.caches[LAYERS[1]] = self.caches[LAYERS[0]]
         self.worker.register_kv_caches(self.caches)
 
     def request(self, req_id: str, prompt: list[int]) -> Request:
@@ -116,38 +147,77 @@ class ConnectorHarness:
         self.scheduler.add_request(request)
         return request
 
-    def step(self, compute: dict[str, int] | None = None, *, flush: bool = True):
+    def step(self, compute: dict[str, int] | None = None, *, flush: bool = True, commit: bool = False):
         """One scheduler step and the worker side of one forward pass.
 
         ``compute`` maps request ids to a seed: the simulated model writes KV derived from
-        it into the positions it computes, before the connector saves them.
+        it into the positions it computes, before the connector saves them. ``commit``
+        hands the step's outcome back to the scheduler (a sampled token where a prompt is
+        done), which is when vLLM frees blocks that fell out of a sliding window.
         """
         output = self.scheduler.schedule()
         meta = output.kv_connector_metadata
         self.worker.bind_connector_metadata(meta)
         self.worker.start_load_kv(None)
-        blocks = {r.req_id: list(r.block_ids[0]) for r in output.scheduled_new_reqs}
+        computing = {}  # request -> (first, end) of the positions this step computes
+        for req in output.scheduled_new_reqs:
+            self.blocks[req.req_id] = [list(group) for group in req.block_ids]
+            computing[req.req_id] = (req.num_computed_tokens, req.num_computed_tokens)
+        cached = output.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            for group, added in zip(self.blocks[req_id], cached.new_block_ids[i] or ()):
+                group.extend(added)
+            computing[req_id] = (cached.num_computed_tokens[i], cached.num_computed_tokens[i])
         for name in LAYERS:
             self.worker.wait_for_layer_load(name)
-            for req in output.scheduled_new_reqs:
-                if compute and req.req_id in compute:
-                    n = req.num_computed_tokens + output.num_scheduled_tokens[req.req_id]
-                    self.write_known(name, blocks[req.req_id], req.num_computed_tokens, n, compute[req.req_id])
+            for req_id, (first, _) in computing.items():
+                if compute and req_id in compute:
+                    n = first + output.num_scheduled_tokens[req_id]
+                    self.write_known(name, self.blocks[req_id][self.group_of[name]], first, n, compute[req_id])
             self.worker.save_kv_layer(name, self.caches[name], None)
         self.worker.wait_for_save()
         errors = self.worker.get_block_ids_with_load_errors()
         self.worker.clear_connector_metadata()
         if flush:
             self.worker.flush()
-        return output, meta, blocks, errors
+        if commit:
+            ids = list(output.num_scheduled_tokens)
+            done = [
+                self.scheduler.requests[r].num_computed_tokens >= self.scheduler.requests[r].num_prompt_tokens
+                for r in ids
+            ]
+            sampled = ModelRunnerOutput(
+                req_ids=ids,
+                req_id_to_index={r: i for i, r in enumerate(ids)},
+                sampled_token_ids=[[7] if d else [] for d in done],
+            )
+            self.scheduler.update_from_output(output, sampled)
+        return output, meta, {r: groups[0] for r, groups in self.blocks.items()}, errors
+
+    def known(self, layer: str, seed: int, start: int, end: int) -> torch.Tensor:
+        """The KV the simulated model computes for positions [start, end) of a prompt seeded ``seed``."""
+        cache = self.caches[layer]
+        gen = torch.Generator().manual_seed(seed * 100 + LAYERS.index(layer))
+        table = torch.randn(NUM_BLOCKS * BLOCK, cache.shape[1], cache.shape[3], generator=gen)  # every position
+        return table[start:end].to(cache.dtype)
 
     def write_known(self, layer: str, block_ids: list[int], start: int, end: int, seed: int) -> None:
         cache = self.caches[layer]
-        gen = torch.Generator().manual_seed(seed * 100 + LAYERS.index(layer))
-        for pos in range(start, end):
-            block, offset = block_ids[pos // BLOCK], pos % BLOCK
-            values = torch.randn(cache.shape[1], cache.shape[3], generator=gen)
-            cache[block, :, offset] = values.to(cache.dtype)
+        for pos, values in zip(range(start, end), self.known(layer, seed, start, end)):
+            cache[block_ids[pos // BLOCK], :, pos % BLOCK] = values
+
+    def poison_free_blocks(self) -> None:
+        """Fills every block no request holds (the null block too) with NaN, as reuse by another request would."""
+        held = {
+            b.block_id
+            for m in self.scheduler.kv_cache_manager.coordinator.single_type_managers
+            for blocks in m.req_to_blocks.values()
+            for b in blocks
+            if not b.is_null
+        }
+        for cache in self.caches.values():
+            for block in set(range(NUM_BLOCKS)) - held:
+                cache[block] = float("nan")
 
     def positions(self, layer: str, block_ids: list[int], start: int, end: int) -> torch.Tensor:
         cache = self.caches[layer]
@@ -373,6 +443,58 @@ class VLLMConnectorTest(unittest.TestCase):
         self.assertEqual((load.start, load.end), (0, 96))
         expected = {blocks["c"][p // BLOCK] for p in range(32, 96)}  # groups 1 and 2 must be recomputed
         self.assertEqual(errors, expected)
+
+    def test_sliding_window_model_keeps_vllms_hybrid_manager_and_round_trips(self):
+        # Layer 1 has a 32-token window: while a 200-token prompt is prefilled in chunks of
+        # 40 (groups of 32 straddle chunks), vLLM frees that layer's blocks behind the window
+        # and, here, another request's KV lands in them at once (poisoned with NaN). Saving
+        # the prompt at its end would store that; each group must be saved in the step that
+        # completes it.
+        h = self.harness(sliding_window=32, batched=40, dtype=torch.float32)
+        self.assertTrue(supports_hma(h.worker))
+        prompt = list(range(500, 700))
+        h.request("a", prompt)
+        steps = 0
+        while h.scheduler.requests["a"].num_computed_tokens < len(prompt):
+            h.step(compute={"a": 1}, commit=True)
+            h.poison_free_blocks()
+            steps += 1
+        self.assertEqual(steps, 5)
+        stored = h.worker.vua.get_closest(torch.tensor(prompt), device="cpu")
+        self.assertEqual(stored.tokens.numel(), 192)
+        for name, (k, v) in zip(LAYERS, stored.data):
+            expected = h.known(name, 1, 0, 192).transpose(0, 1)  # (heads, tokens, K|V)
+            self.assertTrue(torch.equal(k[0], expected[..., :16]), name)
+            self.assertTrue(torch.equal(v[0], expected[..., 16:]), name)
+
+        # A new request: the full-attention layer gets all 192 tokens, the windowed layer
+        # the blocks vLLM gave it (its last window); nothing is written into the null block.
+        h.request("b", prompt)
+        _, meta, _, errors = h.step()
+        self.assertEqual(errors, set())
+        (load,) = meta.loads
+        self.assertEqual((load.start, load.end), (0, 192))
+        full, window = h.blocks["b"]
+        self.assertTrue(torch.equal(h.positions(LAYERS[0], full, 0, 192), h.known(LAYERS[0], 1, 0, 192)))
+        held = [p for p in range(192) if window[p // BLOCK] != 0]
+        self.assertLess(len(held), 192)  # vLLM gave the windowed layer no blocks for the early tokens
+        self.assertTrue(set(range(192 - 31, 192)) <= set(held))  # but all of the last window
+        for p in held:
+            self.assertTrue(
+                torch.equal(h.positions(LAYERS[1], window, p, p + 1)[0], h.known(LAYERS[1], 1, p, p + 1)[0])
+            )
+        self.assertTrue(h.caches[LAYERS[1]][0].isnan().all())  # the null block
+
+    def test_models_the_store_cannot_serve_are_refused_at_start_up(self):
+        with self.assertRaisesRegex(
+            InvalidInputError, r"longer than this model's sliding window \(16 tokens\).*at most 16"
+        ):
+            ConnectorHarness(self.root, self.model_dir, sliding_window=16)
+        attention = FullAttentionSpec(block_size=BLOCK, num_kv_heads=2, head_size=16, dtype=torch.bfloat16)
+        state = MambaSpec(block_size=BLOCK, shapes=((2, 4),), dtypes=(torch.float32,))
+        groups = [KVCacheGroupSpec(LAYERS[:1], attention), KVCacheGroupSpec(LAYERS[1:], state)]
+        with self.assertRaisesRegex(InvalidInputError, "keep a MambaSpec.*without the connector"):
+            ConnectorHarness(self.root, self.model_dir, groups=groups)
 
 
 class PagedLayerTest(unittest.TestCase):

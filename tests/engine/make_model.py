@@ -1,6 +1,6 @@
 """Saves a small randomly initialised Llama (no hub: built from a config) for the engine tests and bench.
 
-    python tests/engine/make_model.py DIR [--size tiny|bench]
+    python tests/engine/make_model.py DIR [--size tiny|bench] [--sliding-window N]
 
 ``tiny`` (about 2M parameters, 2 layers) keeps the engine tests quick on two cores;
 ``bench`` (about 150M parameters, 12 layers) is the model ``tools/bench_vllm.py`` times.
@@ -28,7 +28,10 @@ def main() -> None:
     parser.add_argument("dir")
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
     parser.add_argument(
-        "--sliding-window", type=int, default=None, help="a Mistral-style sliding window on every layer"
+        "--sliding-window",
+        type=int,
+        default=None,
+        help="a hybrid model: every other layer (the first, third, ...) attends to this many tokens",
     )
     args = parser.parse_args()
 
@@ -43,6 +46,13 @@ def main() -> None:
         torch_dtype="float32",
         **SIZES[args.size],
     )
+    if args.sliding_window:
+        # vLLM's Llama reads per-layer attention kinds from layer_types (as Gemma 3 and
+        # gpt-oss configs have them) and gives each kind its own KV cache group.
+        config.layer_types = [
+            "sliding_attention" if i % 2 == 0 else "full_attention" for i in range(config.num_hidden_layers)
+        ]
+        config.sliding_window = args.sliding_window
     model = LlamaForCausalLM(config)
     model.save_pretrained(args.dir, safe_serialization=True)
     print(sum(p.numel() for p in model.parameters()))

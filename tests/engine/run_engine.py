@@ -101,7 +101,10 @@ def main() -> None:
         if metric.name.startswith("vllm:vua_"):
             metrics[metric.name] = metrics.get(metric.name, 0) + getattr(metric, "value", 0)
     with open(args.out, "w") as f:
-        json.dump({"results": results, "metrics": metrics, "startup_seconds": startup}, f)
+        hybrid = not llm.llm_engine.vllm_config.scheduler_config.disable_hybrid_kv_cache_manager
+        json.dump(
+            {"results": results, "metrics": metrics, "startup_seconds": startup, "hybrid_kv_cache_manager": hybrid}, f
+        )
     llm.llm_engine.engine_core.shutdown()  # what a server does on SIGTERM: pending saves get their bound
     os._exit(0)  # nothing else runs after the engine is gone (no interpreter teardown waiting on threads)
 

@@ -45,6 +45,7 @@ try:
         KVConnectorBase_V1,
         KVConnectorMetadata,
         KVConnectorRole,
+        SupportsHMA,
     )
 except ImportError as exc:
     raise missing_extra("vua.vllm", "vllm", "vllm", exc) from exc
@@ -82,7 +83,7 @@ __all__ = [
 ]
 
 
-class VUAConnector(KVConnectorBase_V1):
+class VUAConnector(KVConnectorBase_V1, SupportsHMA):
     """vLLM's KV connector for a VUA store; see the module documentation.
 
     Builds a :class:`SchedulerSide` or a :class:`WorkerSide` by role and hands each of
@@ -131,7 +132,13 @@ class VUAConnector(KVConnectorBase_V1):
         return self.scheduler_side.build_connector_meta(scheduler_output)
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
-        return self.scheduler_side.request_finished(request, block_ids)
+        return self.scheduler_side.request_finished(request)
+
+    def request_finished_all_groups(
+        self, request: Request, block_ids: tuple[list[int], ...]
+    ) -> tuple[bool, dict[str, Any] | None]:
+        """vLLM's call with its hybrid KV cache manager on (several KV cache groups)."""
+        return self.scheduler_side.request_finished(request)
 
     # -- worker side ----------------------------------------------------------------------
 

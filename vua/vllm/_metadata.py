@@ -13,18 +13,24 @@ class LoadSpec:
 
     req_id: str
     token_ids: list[int]  # the prompt up to ``end``
-    block_ids: list[int]
+    block_ids: list[list[int]]  # per KV cache group; vLLM's null block where a group keeps none
     start: int
     end: int
 
 
 @dataclass
 class SaveSpec:
-    """Store the whole groups of a request's computed prompt, read from its blocks."""
+    """Store the groups of a request's prompt that this step completes, [start, len(token_ids)), read from its blocks.
+
+    Sliding-window layers free a prompt's early blocks while later chunks are prefilled,
+    so each group is saved in the step that computes its last token, not when the prompt
+    is done.
+    """
 
     req_id: str
-    token_ids: list[int]  # the prompt cut to whole groups
-    block_ids: list[int]
+    token_ids: list[int]  # the prompt up to the end of the last group completed this step
+    block_ids: list[list[int]]  # per KV cache group
+    start: int  # the first token not planned for saving before (a group boundary)
 
 
 @dataclass
@@ -40,5 +46,5 @@ class RequestState:
     """A running request as the scheduler side tracks it."""
 
     prompt: list[int]
-    blocks: list[int]  # its KV cache blocks, in token order
-    saved: bool = False  # its prompt's save was planned
+    blocks: list[list[int]]  # its KV cache blocks per KV cache group, in token order
+    saved_upto: int = 0  # tokens whose save is planned (whole groups)

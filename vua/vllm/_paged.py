@@ -6,6 +6,14 @@ import torch
 
 from vua.errors import InvalidInputError
 
+# vLLM's null block: its block pool hands block 0 to no request, and a request's block table
+# holds it where a sliding-window layer keeps nothing (tokens out of the window).
+NULL_BLOCK = 0
+
+
+class NullBlockError(Exception):
+    """Positions to read lie in vLLM's null block: that layer no longer holds their KV."""
+
 
 class PagedLayer:
     """One layer's paged KV tensor, read and written per token position.
@@ -34,14 +42,20 @@ class PagedLayer:
                 "[blocks, heads, block_size, content] views and the older 5-D and MLA layouts"
             )
 
-    def _slots(self, block_ids: list[int], start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        positions = torch.arange(start, end)
+    def _slots(self, block_ids: list[int], positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         blocks = torch.tensor(block_ids, dtype=torch.long)[positions // self.block_size]
         return blocks.to(self.kv.device), (positions % self.block_size).to(self.kv.device)
 
     def gather(self, block_ids: list[int], start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(K, V) of positions [start, end), each ``(1, heads, end - start, width)``."""
-        blocks, offsets = self._slots(block_ids, start, end)
+        """(K, V) of positions [start, end), each ``(1, heads, end - start, width)``.
+
+        Raises:
+            NullBlockError: some of the positions are in vLLM's null block.
+        """
+        first, last = start // self.block_size, (end - 1) // self.block_size
+        if NULL_BLOCK in block_ids[first : last + 1]:
+            raise NullBlockError(f"positions [{start}, {end}) reach vLLM's null block")
+        blocks, offsets = self._slots(block_ids, torch.arange(start, end))
         if self.kind == "split":
             k, v = self.kv[0][blocks, offsets], self.kv[1][blocks, offsets]  # (n, heads, dim)
         elif self.kind == "bhnc":
@@ -53,9 +67,17 @@ class PagedLayer:
         return k.transpose(0, 1)[None], v.transpose(0, 1)[None]
 
     def scatter(self, block_ids: list[int], start: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Writes (K, V) of shape ``(1, heads, n, width)`` at positions [start, start + n)."""
-        n = k.shape[2]
-        blocks, offsets = self._slots(block_ids, start, start + n)
+        """Writes (K, V) of shape ``(1, heads, n, width)`` at positions [start, start + n).
+
+        Positions in vLLM's null block are skipped: the layer keeps nothing there (a
+        sliding-window layer's tokens before its window).
+        """
+        positions = torch.arange(start, start + k.shape[2])
+        kept = [p for p, block in enumerate(block_ids) if block != NULL_BLOCK]
+        if len(kept) < len(block_ids):
+            held = torch.isin(positions // self.block_size, torch.tensor(kept, dtype=torch.long))
+            positions, k, v = positions[held], k[:, :, held.to(k.device)], v[:, :, held.to(v.device)]
+        blocks, offsets = self._slots(block_ids, positions)
         k, v = k[0].transpose(0, 1), v[0].transpose(0, 1)  # (n, heads, width)
         if self.kind == "split":
             self.kv[0][blocks, offsets] = k

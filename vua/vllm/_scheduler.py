@@ -45,7 +45,8 @@ class SchedulerSide:
         meta = VUAConnectorMetadata()
         scheduled = scheduler_output.num_scheduled_tokens
         for new in scheduler_output.scheduled_new_reqs:
-            state = self._requests[new.req_id] = RequestState(list(new.prompt_token_ids or []), list(new.block_ids[0]))
+            blocks = [list(group) for group in new.block_ids]
+            state = self._requests[new.req_id] = RequestState(list(new.prompt_token_ids or []), blocks)
             self._plan(meta, new.req_id, state, new.num_computed_tokens, scheduled.get(new.req_id, 0))
         cached = scheduler_output.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
@@ -54,27 +55,29 @@ class SchedulerSide:
                 continue
             new_blocks = cached.new_block_ids[i]
             if req_id in cached.resumed_req_ids and new_blocks is not None:
-                known.blocks = list(new_blocks[0])  # a resumed request gets its blocks anew
+                known.blocks = [list(group) for group in new_blocks]  # a resumed request gets its blocks anew
             elif new_blocks is not None:
-                known.blocks.extend(new_blocks[0])
+                for group, added in zip(known.blocks, new_blocks):
+                    group.extend(added)
             self._plan(meta, req_id, known, cached.num_computed_tokens[i], scheduled.get(req_id, 0))
         return meta
 
     def _plan(
         self, meta: VUAConnectorMetadata, req_id: str, state: RequestState, computed: int, scheduled: int
     ) -> None:
-        """Adds a request's load (tokens found in the store) and, once its prompt is computed, its save."""
+        """Adds a request's load (tokens found in the store) and the save of the groups this step completes."""
         external = self._pending_loads.pop(req_id, 0)
+        blocks = [list(group) for group in state.blocks]
         if external:
-            meta.loads.append(
-                LoadSpec(req_id, state.prompt[:computed], list(state.blocks), computed - external, computed)
-            )
-        whole = len(state.prompt) // self.settings.split_factor * self.settings.split_factor
-        if not state.saved and whole and computed + scheduled >= len(state.prompt):
-            meta.saves.append(SaveSpec(req_id, state.prompt[:whole], list(state.blocks)))
-            state.saved = True
+            meta.loads.append(LoadSpec(req_id, state.prompt[:computed], blocks, computed - external, computed))
+            state.saved_upto = max(state.saved_upto, computed)  # loaded groups are stored already
+        split = self.settings.split_factor
+        complete = min(computed + scheduled, len(state.prompt)) // split * split
+        if complete > state.saved_upto:
+            meta.saves.append(SaveSpec(req_id, state.prompt[:complete], blocks, state.saved_upto))
+            state.saved_upto = complete
 
-    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+    def request_finished(self, request: Request) -> tuple[bool, dict[str, Any] | None]:
         # Saves copy out of the blocks within the step, so vLLM may free them now.
         self._requests.pop(request.request_id, None)
         self._pending_loads.pop(request.request_id, None)

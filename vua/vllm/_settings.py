@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -23,9 +24,8 @@ class ConnectorSettings:
 
     root: str
     split_factor: int
-    block_size: int
-    layer_names: list[str]
-    key_width: int | None  # where K ends in a layer's content (the head size), if the spec says
+    groups: tuple[CacheGroup, ...]  # vLLM's KV cache groups, in its order (their block ids come in it)
+    layer_names: list[str]  # every layer the store holds, in the order the model runs them
     tp_size: int
     model_name: str
     kv_dtype: str
@@ -48,29 +48,22 @@ class ConnectorSettings:
                 'VUAConnector needs "vua_root" (or "shared_storage_path") in kv_connector_extra_config: '
                 "the store directory"
             )
-        block_size = vllm_config.cache_config.block_size
         split_factor = _int_setting(extra, "split_factor", 256)
-        if split_factor <= 0 or split_factor % block_size:
-            raise InvalidInputError(
-                f"VUAConnector: split_factor {split_factor} is not a multiple of vLLM's block size "
-                f"{block_size}; set kv_connector_extra_config.split_factor to a multiple of it "
-                f"(e.g. {block_size * max(1, split_factor // block_size)})"
-            )
-        groups = kv_cache_config.kv_cache_groups
-        if len(groups) != 1:
-            raise InvalidInputError(
-                f"VUAConnector supports models with one KV cache group; this one has {len(groups)} "
-                "(hybrid or sliding-window models). Run without the connector for this model."
-            )
-        spec = groups[0].kv_cache_spec
+        specs = [group.kv_cache_spec for group in kv_cache_config.kv_cache_groups]
+        if not specs:
+            raise InvalidInputError("VUAConnector: this model keeps no KV cache; run it without a KV connector")
+        groups = tuple(CacheGroup.of(g.layer_names, g.kv_cache_spec) for g in kv_cache_config.kv_cache_groups)
+        _check_split_factor(split_factor, groups)
+        layer_names = [name for group in groups for name in group.layer_names]
+        if len(groups) > 1:  # one group's names are in the model's order already (and stores keep that order)
+            layer_names.sort(key=_model_order)
         max_bytes = _int_setting(extra, "max_bytes", 0) or None
-        model_name, kv_dtype, kv_layout = _namespace_parts(vllm_config, spec)
+        model_name, kv_dtype, kv_layout = _namespace_parts(vllm_config, specs, groups)
         return cls(
             root=root,
             split_factor=split_factor,
-            block_size=block_size,
-            layer_names=list(groups[0].layer_names),
-            key_width=getattr(spec, "head_size", None),
+            groups=groups,
+            layer_names=layer_names,
             tp_size=vllm_config.parallel_config.tensor_parallel_size,
             model_name=model_name,
             kv_dtype=kv_dtype,
@@ -101,17 +94,83 @@ class ConnectorSettings:
         return VUA(config, self.root)
 
 
-def _namespace_parts(vllm_config: VllmConfig, spec: Any) -> tuple[str, str, str]:
+@dataclass(frozen=True)
+class CacheGroup:
+    """One of vLLM's KV cache groups: layers that share a block table and an attention kind.
+
+    Full attention keeps every block of a request; sliding-window attention (with vLLM's
+    hybrid KV cache manager) frees the blocks that fall out of the window while a prompt is
+    still being prefilled, and gives a loaded prompt real blocks only for its last window
+    (the others are vLLM's null block).
+    """
+
+    layer_names: list[str]
+    block_size: int
+    key_width: int | None  # where K ends in a layer's content (the head size), if the spec says
+    sliding_window: int | None  # tokens, for sliding-window groups
+
+    @classmethod
+    def of(cls, layer_names: list[str], spec: Any) -> CacheGroup:
+        from vllm.v1 import kv_cache_interface as kinds
+
+        # Exact kinds: subclasses of these free blocks in other patterns (RSWASpec evicts a
+        # middle gap, for instance), which the saves below do not expect.
+        full = {kinds.FullAttentionSpec, kinds.MLAAttentionSpec}
+        sliding = {kinds.SlidingWindowSpec} | {getattr(kinds, "SlidingWindowMLASpec", kinds.SlidingWindowSpec)}
+        if type(spec) not in full | sliding:
+            raise InvalidInputError(
+                f"VUAConnector stores attention KV of full-attention and sliding-window layers; layers "
+                f"{list(layer_names)[:2]}... keep a {type(spec).__name__} (state-space, local-chunk, cross- or "
+                "encoder-only attention). Run this model without the connector."
+            )
+        window = spec.sliding_window if type(spec) in sliding else None
+        return cls(list(layer_names), spec.block_size, getattr(spec, "head_size", None), window)
+
+
+def _check_split_factor(split_factor: int, groups: tuple[CacheGroup, ...]) -> None:
+    """A group must fill whole blocks of every KV cache group, and fit a sliding window.
+
+    A group is saved in the step that computes its last token; its first block is still
+    held then only if the group is no longer than the window (vLLM frees a block once the
+    next token's window has passed it).
+    """
+    sizes = sorted({g.block_size for g in groups})
+    step = math.lcm(*sizes)
+    windows = [g.sliding_window for g in groups if g.sliding_window]
+    if split_factor <= 0 or split_factor % step:
+        raise InvalidInputError(
+            f"VUAConnector: split_factor {split_factor} is not a multiple of vLLM's block size "
+            f"{'/'.join(map(str, sizes))}; set kv_connector_extra_config.split_factor to a multiple of {step} "
+            f"(e.g. {step * max(1, split_factor // step)})"
+        )
+    if windows and split_factor > min(windows):
+        fits = min(windows) // step * step
+        advice = f"at most {fits} (a multiple of {step})" if fits else f"a multiple of {step}, which no window fits"
+        raise InvalidInputError(
+            f"VUAConnector: split_factor {split_factor} is longer than this model's sliding window "
+            f"({min(windows)} tokens); set kv_connector_extra_config.split_factor to {advice}"
+        )
+
+
+def _model_order(layer_name: str) -> tuple[list[int], str]:
+    """Sorts layer names as the model runs them: by the numbers in them ("model.layers.12.attn")."""
+    return [int(part) for part in layer_name.split(".") if part.isdigit()], layer_name
+
+
+def _namespace_parts(vllm_config: VllmConfig, specs: list[Any], groups: tuple[CacheGroup, ...]) -> tuple[str, str, str]:
     """(model, KV dtype, KV layout) as they go into a store's namespace."""
     model = vllm_config.model_config
     name = getattr(model, "model", "unknown-model") if model is not None else "unknown-model"
     cache_dtype = vllm_config.cache_config.cache_dtype
-    dtype = str(getattr(spec, "dtype", "")).removeprefix("torch.") or str(cache_dtype)
-    layout = (
-        f"{type(spec).__name__}-h{getattr(spec, 'num_kv_heads', '?')}"
-        f"-d{getattr(spec, 'head_size', '?')}-cache-{cache_dtype}"
-    )
-    return str(name), dtype, layout
+    dtype = str(getattr(specs[0], "dtype", "")).removeprefix("torch.") or str(cache_dtype)
+    layouts = []
+    for spec, group in zip(specs, groups):
+        window = f"-w{group.sliding_window}" if group.sliding_window else ""
+        layouts.append(
+            f"{type(spec).__name__}-h{getattr(spec, 'num_kv_heads', '?')}"
+            f"-d{getattr(spec, 'head_size', '?')}{window}-cache-{cache_dtype}"
+        )
+    return str(name), dtype, "+".join(layouts)
 
 
 def _int_setting(extra: dict[str, Any], name: str, default: int) -> int:

@@ -15,7 +15,7 @@ from vua import _wordsum
 from vua.core import VUA, KVLoad
 from vua.errors import InvalidInputError, VUAError
 from vua.vllm._metadata import LoadSpec, SaveSpec, VUAConnectorMetadata
-from vua.vllm._paged import PagedLayer
+from vua.vllm._paged import NULL_BLOCK, NullBlockError, PagedLayer
 from vua.vllm._settings import ConnectorSettings
 
 if TYPE_CHECKING:
@@ -38,12 +38,14 @@ class WorkerSide:
         self.vua: VUA = settings.open_store(rank)
         self._metadata = metadata
         self._layers: dict[str, PagedLayer] = {}
+        self._group_of = {name: g for g, group in enumerate(settings.groups) for name in group.layer_names}
         self._loads: list[tuple[LoadSpec, KVLoad | None]] = []
         self._gathered: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         # Per request, each layer's word sums (1, groups, 2) computed where the cache lives;
         # None once a layer's could not be (the writer then does as VUAConfig says).
         self._sums: dict[str, list[torch.Tensor] | None] = {}
         self._save_starts: dict[str, int] = {}
+        self._unsaveable: set[str] = set()  # requests whose KV a layer no longer held when a group was due
         self._load_errors: set[int] = set()
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vua-save")
         self._writes: list[Future[None]] = []
@@ -57,11 +59,14 @@ class WorkerSide:
         return meta
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        block_size, key_width = self.settings.block_size, self.settings.key_width
-        self._layers = {name: PagedLayer(kv, block_size, key_width) for name, kv in kv_caches.items()}
+        self._layers = {name: self._paged(name, kv) for name, kv in kv_caches.items() if name in self._group_of}
         missing = [n for n in self.settings.layer_names if n not in self._layers]
         if missing:
             raise InvalidInputError(f"VUAConnector: no KV cache registered for layers {missing[:3]}...")
+
+    def _paged(self, layer_name: str, kv: torch.Tensor) -> PagedLayer:
+        group = self.settings.groups[self._group_of[layer_name]]
+        return PagedLayer(kv, group.block_size, group.key_width)
 
     def _layer_index(self, layer_name: str) -> int:
         try:
@@ -85,20 +90,28 @@ class WorkerSide:
             return
         layer = self._layers[layer_name]
         index = self._layer_index(layer_name)
+        group = self._group_of[layer_name]
         for spec, load in self._loads:
             if load is None:
                 continue
             k, v = load.wait_layer(index)  # (1, heads, verified tokens, width)
             end = min(spec.end, k.shape[2])
             if end > spec.start:
-                layer.scatter(spec.block_ids, spec.start, k[:, :, spec.start : end], v[:, :, spec.start : end])
+                layer.scatter(spec.block_ids[group], spec.start, k[:, :, spec.start : end], v[:, :, spec.start : end])
         if index == len(self.settings.layer_names) - 1:
             self._finish_loads()
 
     def _fail_blocks(self, spec: LoadSpec, first_bad: int) -> None:
-        block_size = self.settings.block_size
+        """Reports the blocks of positions [first_bad, end) of a load, in every KV cache group, as not loaded."""
+        first = max(first_bad, spec.start)
+        if first >= spec.end:
+            return
+        blocks = set()
+        for group, block_ids in zip(self.settings.groups, spec.block_ids):
+            size = group.block_size
+            blocks.update(block_ids[first // size : (spec.end - 1) // size + 1])
+        blocks.discard(NULL_BLOCK)
         with self._lock:
-            blocks = {spec.block_ids[p // block_size] for p in range(max(first_bad, spec.start), spec.end)}
             self._load_errors.update(blocks)
             self._own["load_error_blocks"] += len(blocks)
 
@@ -123,12 +136,22 @@ class WorkerSide:
         saves = self._step().saves
         if not saves:
             return
-        layer = self._layers.get(layer_name) or PagedLayer(kv_layer, self.settings.block_size, self.settings.key_width)
+        layer = self._layers.get(layer_name) or self._paged(layer_name, kv_layer)
+        group = self._group_of[layer_name]
         for spec in saves:
             start = self._save_start(spec)
-            if start >= len(spec.token_ids):
+            if start >= len(spec.token_ids) or spec.req_id in self._unsaveable:
                 continue
-            k, v = layer.gather(spec.block_ids, start, len(spec.token_ids))
+            try:
+                k, v = layer.gather(spec.block_ids[group], start, len(spec.token_ids))
+            except NullBlockError:
+                # vLLM's own prefix cache gave this request tokens the store lacks, and a
+                # sliding-window layer kept only their last window: they cannot be stored, nor
+                # (a prefix with a hole being useless) anything after them.
+                self._unsaveable.add(spec.req_id)
+                self._gathered.pop(spec.req_id, None)
+                logger.info("VUAConnector: request %s is not saved: a layer no longer holds its prefix", spec.req_id)
+                continue
             if self._device_sums(kv_layer):
                 self._add_sums(spec.req_id, k, v, len(spec.token_ids) - start)
             # Copy to host now: once the step ends vLLM may reuse these blocks.
@@ -155,11 +178,11 @@ class WorkerSide:
         sums.append(layer_sums.to("cpu", non_blocking=True))
 
     def _save_start(self, spec: SaveSpec) -> int:
-        """The first token to gather this step: the groups before it are already stored."""
+        """The first token to gather this step: the step's first group, or past it the groups already stored."""
         start = self._save_starts.get(spec.req_id)
         if start is None:
             tokens = torch.tensor(spec.token_ids, dtype=torch.long)
-            start = self._save_starts[spec.req_id] = self.vua.prefix_length(tokens)
+            start = self._save_starts[spec.req_id] = max(spec.start, self.vua.prefix_length(tokens))
         return start
 
     def wait_for_save(self) -> None:
@@ -174,6 +197,8 @@ class WorkerSide:
         layers = len(self.settings.layer_names)
         for req_id, gathered in self._gathered.items():
             spec = specs[req_id]
+            if req_id in self._unsaveable:
+                continue
             if len(gathered) != layers:
                 logger.warning(
                     "VUAConnector: request %s gathered %d of %d layers; not saved", req_id, len(gathered), layers
@@ -202,6 +227,7 @@ class WorkerSide:
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         # Loads finish within their step and saves hold no blocks: nothing is pending.
         self._writes = [w for w in self._writes if not w.done()]
+        self._unsaveable -= finished_req_ids
         return None, None
 
     def stats_since_last_report(self) -> dict[str, int | float] | None:
