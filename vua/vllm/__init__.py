@@ -22,8 +22,14 @@ Worker side (``_worker``): ``start_load_kv`` starts a layer-wise :class:`vua.KVL
 ``save_kv_layer`` gathers a finished prompt's new groups from each layer to host memory
 (and sums them where the cache lives, for GPU-side checks of later loads);
 ``wait_for_save`` hands them to a background writer once the copies are done, so vLLM
-may reuse the blocks at once. Groups that fail verification are reported through
+may reuse the blocks at once. Each group of a prompt is saved in the step that completes
+it: a sliding-window layer's blocks are freed behind the window during chunked prefill. Groups that fail verification are reported through
 ``get_block_ids_with_load_errors`` and vLLM recomputes them.
+
+Hybrid models (``SupportsHMA``): full-attention and sliding-window layers are separate KV
+cache groups with their own block tables; every layer is stored, and each is read and
+written through its group's blocks (a windowed layer's blocks before its window are vLLM's
+null block, skipped on loads).
 
 Paged layouts: vLLM >= 0.33 hands connectors a standardized per-layer view
 ``[blocks, heads, block_size, content]`` (FlashAttention-style K and V concatenated in
