@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import os
 import secrets
+import struct
 
 import torch
 
-from tests.helpers import StoreTestCase, layout_of, overwrite, random_kv
+from tests.helpers import StoreTestCase, layout_of, overwrite, random_kv, rewrite_header
 from vua import _layout
 from vua._fragment import Fragment
 from vua._keys import tokens_as_int64
-from vua._mac import mac_key
+from vua._mac import mac_key, mac_value
 from vua._publish import publish_fragment
 from vua._writer import GroupSource
 from vua.core import VUAConfig
@@ -50,8 +51,46 @@ class AuthTest(StoreTestCase):
 
     def test_round_trip_with_the_key(self):
         self.assertPrefix(3)
-        with Fragment(_layout.fragment_path(self.root, self.keys[0])) as fragment:
-            self.assertEqual(len(fragment.metadata["mac"]), 64)
+        salts = set()
+        for key_hex in self.keys:
+            with Fragment(_layout.fragment_path(self.root, key_hex)) as fragment:
+                self.assertEqual(fragment.metadata["mac_alg"], "aes256-gmac")
+                self.assertEqual(len(fragment.metadata["mac"]), 64)  # salt, then tag
+                salts.add(fragment.metadata["mac"][:32])
+        self.assertEqual(len(salts), 3)  # a key of its own per fragment
+
+    def reseal_with_keyed_blake3(self, group: int) -> None:
+        """Seals a group as the first authenticated stores were: keyed BLAKE3, no ``mac_alg``."""
+        path = _layout.fragment_path(self.root, self.keys[group])
+
+        def legacy(body: dict) -> None:
+            del body["__metadata__"]["mac_alg"]
+            body["__metadata__"]["mac"] = "0" * 64
+
+        rewrite_header(path, legacy)
+        with open(path, "rb") as f:
+            raw = f.read()
+        data_start = 8 + struct.unpack_from("<Q", raw)[0]
+        value = mac_value(mac_key(KEY), None, "0" * 64, raw[:data_start], [raw[data_start:]])
+        overwrite(path, raw.index(b'"mac":"') + 7, value.encode())
+
+    def test_fragments_sealed_with_keyed_blake3_still_verify(self):
+        self.reseal_with_keyed_blake3(1)
+        self.assertPrefix(3)
+        # Naming the current algorithm on a legacy MAC (or dropping it from a current one)
+        # makes the MAC fail: the algorithm is part of what is authenticated.
+        path = _layout.fragment_path(self.root, self.keys[1])
+        rewrite_header(path, lambda body: body["__metadata__"].update(mac_alg="aes256-gmac"))
+        with self.assertLogs("vua", level="WARNING") as logs:
+            self.assertPrefix(1)
+        self.assertTrue(any("MAC does not verify" in line for line in logs.output))
+
+    def test_an_unknown_mac_algorithm_is_refused(self):
+        path = _layout.fragment_path(self.root, self.keys[2])
+        rewrite_header(path, lambda body: body["__metadata__"].update(mac_alg="rot13"))
+        with self.assertLogs("vua", level="WARNING") as logs:
+            self.assertPrefix(2)
+        self.assertTrue(any("unknown MAC algorithm 'rot13'" in line for line in logs.output))
 
     def test_forgery_without_a_mac_is_refused(self):
         self.forge_group(1, key=None)

@@ -34,7 +34,7 @@ import xxhash
 from vua import _dtypes
 from vua._files import NotRegularFileError, open_regular_file, read_all
 from vua._kv_layout import TOKENS, Layout, bits_dtype, is_size, key_name, loads_untrusted, value_name
-from vua._mac import MAC_FIELD, MAC_PLACEHOLDER, fragment_mac, mac_marker
+from vua._mac import ALG_FIELD, MAC_FIELD, blank, mac_marker, mac_value
 from vua._record import GroupRecord, StoredGroup
 from vua.errors import FragmentError
 
@@ -313,13 +313,17 @@ class Fragment:
         stored = self.metadata.get(MAC_FIELD)
         if not isinstance(stored, str) or len(stored) != 64 or stored.strip("0123456789abcdef"):
             raise FragmentError(f"fragment {self.path} has no MAC, and this store requires one (auth_key)")
+        alg = self.metadata.get(ALG_FIELD)
         header = bytes(self._map[: self.data_start] if self._map is not None else self._head[: self.data_start])
         if header.count(mac_marker(stored)) != 1:
             raise FragmentError(f"fragment {self.path}: MAC field is not where a writer puts it")
-        blank = header.replace(mac_marker(stored), mac_marker(MAC_PLACEHOLDER))
+        blank_value = blank(alg, stored)
+        blank_header = header.replace(mac_marker(stored), mac_marker(blank_value))
         data = memoryview(self._map if self._map is not None else self.region)[self.data_start :]
         try:
-            expected = fragment_mac(key, blank, [data])
+            expected = mac_value(key, alg, blank_value, blank_header, [data])
+        except ValueError as exc:
+            raise FragmentError(f"fragment {self.path}: {exc}") from None
         finally:
             data.release()
         if not hmac.compare_digest(expected, stored):

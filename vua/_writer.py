@@ -23,7 +23,7 @@ import xxhash
 from vua import _wordsum
 from vua._fragment import FORMAT, FORMAT_VERSION
 from vua._kv_layout import TOKENS, Layout
-from vua._mac import MAC_FIELD, MAC_PLACEHOLDER, seal_header
+from vua._mac import seal_header, writer_fields
 from vua._publish import encode_header, publish_fragment
 from vua._record import GroupRecord
 from vua.errors import InvalidInputError
@@ -186,9 +186,10 @@ class GroupSource:
             )
         if self._mac_key is None:
             return encode_header(metadata, self._specs), buffers
-        metadata[MAC_FIELD] = MAC_PLACEHOLDER
+        fields = writer_fields()
+        metadata.update(fields)
         header = encode_header(metadata, self._specs)
-        return seal_header(header, self._mac_key, buffers), buffers
+        return seal_header(header, self._mac_key, buffers, fields), buffers
 
     def record(self, header: bytes, buffers: Sequence[memoryview], group: int) -> GroupRecord:
         nbytes = len(header) + sum(len(b) for b in buffers)
