@@ -138,12 +138,15 @@ class Catalog:
         except StorageError as exc:  # the data is good; recording it is for next time
             logger.warning("could not record groups found in the tree: %s", exc)
 
-    def open_prefix(self, keys: list[bytes], ids: np.ndarray) -> tuple[list[Fragment], Layout | None]:
+    def open_prefix(
+        self, keys: list[bytes], ids: np.ndarray, *, check_macs: bool = True
+    ) -> tuple[list[Fragment], Layout | None]:
         """Opens and validates the fragments of the stored prefix of ``keys`` (token ids ``ids``); cut at the first bad one.
 
         Each fragment's header must name this group, namespace and layout; its stored tokens
-        must be the query's; with a MAC key, its MAC must verify. A group that fails is moved
-        aside when its file is damaged.
+        must be the query's; with a MAC key, its MAC must verify (unless ``check_macs`` is
+        False: the caller's copy checks them). A group that fails is moved aside when its
+        file is damaged.
 
         Returns:
             (open fragments of groups 0..n-1, their layout); ([], None) when none is usable.
@@ -162,7 +165,7 @@ class Catalog:
 
         def open_group(j: int) -> Fragment | None:
             try:
-                return self._open_group(keys[j].hex(), j, layout, ids)
+                return self._open_group(keys[j].hex(), j, layout, ids, check_mac=check_macs)
             except FragmentError as exc:
                 logger.warning("stored prefix ends before group %d: %s", j, exc)
                 if exc.damaged:
@@ -186,7 +189,7 @@ class Catalog:
         self._forget(missing)
         return fragments, layout
 
-    def _open_group(self, key_hex: str, j: int, layout: Layout, ids: np.ndarray) -> Fragment:
+    def _open_group(self, key_hex: str, j: int, layout: Layout, ids: np.ndarray, *, check_mac: bool) -> Fragment:
         s = self._split
         fragment = self._open_fragment(key_hex)
         try:
@@ -195,7 +198,7 @@ class Catalog:
                 raise FragmentError(
                     f"fragment {fragment.path}: stored tokens differ from the query (hash collision or damage)"
                 )
-            if self._mac_key is not None:
+            if self._mac_key is not None and check_mac:
                 fragment.verify_mac(self._mac_key)
         except FragmentError:
             fragment.close()
@@ -287,7 +290,7 @@ class Catalog:
 
     def _still_damaged(self, key_hex: str) -> bool:
         try:
-            check_fragment(self.root, key_hex)
+            check_fragment(self.root, key_hex, self._mac_key)
         except FragmentError as exc:
             return exc.damaged
         logger.warning("group %s read whole and valid on a second look (replaced meanwhile?); keeping it", key_hex)

@@ -34,7 +34,7 @@ import xxhash
 from vua import _dtypes
 from vua._files import NotRegularFileError, open_regular_file, read_all
 from vua._kv_layout import TOKENS, Layout, bits_dtype, is_size, key_name, loads_untrusted, value_name
-from vua._mac import ALG_FIELD, MAC_FIELD, blank, mac_marker, mac_value
+from vua._mac import ALG_FIELD, MAC_FIELD, MacStream, blank, mac_marker
 from vua._record import GroupRecord, StoredGroup
 from vua.errors import FragmentError
 
@@ -82,6 +82,23 @@ class TensorEntry:
     shape: tuple[int, ...]
     begin: int
     end: int
+
+
+class MacCheck:
+    """One fragment's MAC being computed over the bytes a read fed it; :meth:`verify` compares."""
+
+    def __init__(self, stream: MacStream, stored: str, path: str):
+        self._stream = stream
+        self._stored = stored
+        self._path = path
+
+    def update(self, data: memoryview | bytes) -> None:
+        self._stream.update(data)
+
+    def verify(self) -> None:
+        """Raises FragmentError unless the bytes fed are what a holder of the key wrote."""
+        if not hmac.compare_digest(self._stream.value(), self._stored):
+            raise FragmentError(f"fragment {self._path}: MAC does not verify (forged, damaged, or another auth_key)")
 
 
 class Fragment:
@@ -310,6 +327,25 @@ class Fragment:
             FragmentError: no MAC, or one that does not verify (forged, damaged, or written
                 with another key).
         """
+        check = self.start_mac(key)
+        begin, end = self.kv_range
+        data = memoryview(self._map if self._map is not None else self.region)[begin:end]
+        try:
+            check.update(data)
+        finally:
+            data.release()
+        check.verify()
+
+    def start_mac(self, key: bytes) -> MacCheck:
+        """The fragment's MAC check, fed with everything before the K and V data (header and tokens).
+
+        The caller feeds every K and V byte in file order (where it landed, for a read that
+        checks what it returns), then calls :meth:`MacCheck.verify`. The tokens fed are the
+        ones validated against the query when the fragment was opened.
+
+        Raises:
+            FragmentError: no well-formed MAC, or an algorithm this version does not know.
+        """
         stored = self.metadata.get(MAC_FIELD)
         if not isinstance(stored, str) or len(stored) != 64 or stored.strip("0123456789abcdef"):
             raise FragmentError(f"fragment {self.path} has no MAC, and this store requires one (auth_key)")
@@ -318,16 +354,13 @@ class Fragment:
         if header.count(mac_marker(stored)) != 1:
             raise FragmentError(f"fragment {self.path}: MAC field is not where a writer puts it")
         blank_value = blank(alg, stored)
-        blank_header = header.replace(mac_marker(stored), mac_marker(blank_value))
-        data = memoryview(self._map if self._map is not None else self.region)[self.data_start :]
         try:
-            expected = mac_value(key, alg, blank_value, blank_header, [data])
+            stream = MacStream(key, alg, blank_value)
         except ValueError as exc:
             raise FragmentError(f"fragment {self.path}: {exc}") from None
-        finally:
-            data.release()
-        if not hmac.compare_digest(expected, stored):
-            raise FragmentError(f"fragment {self.path}: MAC does not verify (forged, damaged, or another auth_key)")
+        stream.update(header.replace(mac_marker(stored), mac_marker(blank_value)))
+        stream.update(self.raw(TOKENS))  # the data before K0 (validate() checks the writer's order)
+        return MacCheck(stream, stored, self.path)
 
     def verify_checksum(self, name: str, data: memoryview | np.ndarray | None = None) -> None:
         """Checks one tensor's bytes (``data``, else the file's) against the stored checksum."""

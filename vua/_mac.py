@@ -64,32 +64,53 @@ def blank(alg: str | None, value: str) -> str:
     return value[:32] + "0" * 32 if alg == GMAC else "0" * 64
 
 
+class MacStream:
+    """A fragment's MAC over its bytes fed in file order (header with the tag zeroed first).
+
+    Raises (from the constructor):
+        ValueError: an algorithm this version does not know.
+    """
+
+    def __init__(self, key: bytes, alg: str | None, blank_value: str):
+        import blake3
+
+        self._prefix = ""
+        if alg == GMAC:
+            from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+            self._prefix = blank_value[:32]
+            fragment_key = blake3.blake3(_FRAGMENT_KEY_LABEL + bytes.fromhex(self._prefix), key=key).digest()
+            self._gmac = Cipher(algorithms.AES(fragment_key), modes.GCM(_NONCE)).encryptor()
+        elif alg is BLAKE3:
+            self._blake3 = blake3.blake3(key=key)
+        else:
+            raise ValueError(f"unknown MAC algorithm {alg!r}")
+
+    def update(self, data: memoryview | bytes) -> None:
+        if self._prefix:
+            self._gmac.authenticate_additional_data(data)
+        else:
+            self._blake3.update(data)
+
+    def value(self) -> str:
+        """The ``mac`` value of the bytes fed so far (once: the stream ends here)."""
+        if self._prefix:
+            self._gmac.finalize()
+            return self._prefix + self._gmac.tag.hex()
+        return self._blake3.hexdigest()
+
+
 def mac_value(key: bytes, alg: str | None, blank_value: str, header: bytes, data: Buffers) -> str:
     """The ``mac`` value of a fragment whose header reads ``blank_value`` in its place.
 
     Raises:
         ValueError: an algorithm this version does not know.
     """
-    import blake3
-
-    if alg == GMAC:
-        from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-
-        salt = bytes.fromhex(blank_value[:32])
-        fragment_key = blake3.blake3(_FRAGMENT_KEY_LABEL + salt, key=key).digest()
-        gmac = Cipher(algorithms.AES(fragment_key), modes.GCM(_NONCE)).encryptor()
-        gmac.authenticate_additional_data(header)
-        for buffer in data:
-            gmac.authenticate_additional_data(buffer)
-        gmac.finalize()
-        return blank_value[:32] + gmac.tag.hex()
-    if alg is BLAKE3:
-        mac = blake3.blake3(key=key)
-        mac.update(header)
-        for buffer in data:
-            mac.update(buffer)
-        return mac.hexdigest()
-    raise ValueError(f"unknown MAC algorithm {alg!r}")
+    stream = MacStream(key, alg, blank_value)
+    stream.update(header)
+    for buffer in data:
+        stream.update(buffer)
+    return stream.value()
 
 
 def seal_header(header: bytes, key: bytes, buffers: Buffers, fields: dict[str, str]) -> bytes:

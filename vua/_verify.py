@@ -62,8 +62,10 @@ class VerifyReport:
         return {**asdict(self), "clean": self.clean}
 
 
-def check_fragment(root: str, key_hex: str) -> StoredGroup:
+def check_fragment(root: str, key_hex: str, mac_key: bytes | None = None) -> StoredGroup:
     """Fully checks one group; returns what it is (its index record, layout and namespace).
+
+    ``mac_key``: the store's MAC key, for a store with ``auth_key`` (its MAC must verify too).
 
     Raises:
         FragmentError: what is wrong with it.
@@ -80,6 +82,8 @@ def check_fragment(root: str, key_hex: str) -> StoredGroup:
         _verify_group_sums(fragment)
         if xxhash.xxh3_128_digest(parent + bytes(fragment.raw(TOKENS))).hex() != key_hex:
             raise FragmentError("stored tokens do not hash to the group's key")
+        if mac_key is not None:
+            fragment.verify_mac(mac_key)
         return stored
 
 

@@ -33,7 +33,7 @@ from vua._inputs import KVData, checked_device, checked_put, int64_ids, single_r
 from vua._keys import group_keys, namespace_seed
 from vua._mac import mac_key
 from vua._publish import make_dir
-from vua._read import CudaPlatform, HostBlockPool, KVLoad, PinnedStaging, start_load
+from vua._read import CudaPlatform, HostBlockPool, KVLoad, PinnedStaging, checks_macs_in_copy, start_load
 from vua._stats import StatsRecorder, StoreStats
 from vua._writer import GroupSource, GroupToWrite, write_groups
 from vua.errors import InvalidInputError, NotAStoreError, SplitFactorError, StorageError, VUAError
@@ -296,7 +296,10 @@ class VUA:
         ids, keys = self._keys(single_row(tokens))
         started = time.perf_counter()
         self._stats.add(lookups=1, lookup_tokens=len(keys) * self.config.split_factor)
-        fragments, layout = self._catalog.open_prefix(keys, ids)
+        mac_in_copy = self._mac_key is not None and checks_macs_in_copy(
+            device, layerwise=layerwise, mapped=not self._catalog.shared
+        )
+        fragments, layout = self._catalog.open_prefix(keys, ids, check_macs=not mac_in_copy)
         logger.debug(
             "lookup: %d of %d groups usable in %.2f ms",
             len(fragments),
@@ -330,9 +333,10 @@ class VUA:
             self.config.split_factor,
             device,
             self._pool(),
-            # A group whose MAC verified at open needs no second hash of the same bytes: the
-            # MAC is the stronger check, and one pass fewer is what makes authentication cheap.
+            # A group whose MAC is checked needs no second hash of the same bytes: the MAC is
+            # the stronger check, and one pass fewer is what makes authentication cheap.
             verify_checksums=self.config.verify_checksums and self._mac_key is None,
+            mac_key=self._mac_key if mac_in_copy else None,
             layerwise=layerwise,
             platform=platform,
             staging=staging,

@@ -37,10 +37,13 @@ from vua._read._platform import CudaPlatform
 from vua._read._staged import StagedGroups, StagedLayers
 from vua._read._staging import HostBlockPool, PinnedStaging
 
-__all__ = ["KVLoad", "CudaPlatform", "HostBlockPool", "PinnedStaging", "start_load"]
+__all__ = ["KVLoad", "CudaPlatform", "HostBlockPool", "PinnedStaging", "checks_macs_in_copy", "start_load"]
 
 
 class CopyStrategy(Protocol):
+    # Whether the copy checks the fragments' MACs (``job.mac_key``) over the bytes as they land.
+    checks_macs: bool
+
     def run(self, job: ReadJob) -> None:
         """Fills the job's outputs for its groups (stopping at ``job.valid``) and marks every layer landed."""
 
@@ -60,6 +63,17 @@ def choose_copy(
     return DirectGroups(platform, staged) if gds else staged
 
 
+def checks_macs_in_copy(device: torch.device, *, layerwise: bool, mapped: bool) -> bool:
+    """Whether a load's copy will check the fragments' MACs itself, over the bytes where they land.
+
+    True for whole-group host reads with ``preadv`` (network file systems), where checking
+    on opening would read every file once more through the network. Everywhere else the
+    MACs are checked when the groups are opened (a layer-wise consumer takes layer 0 before
+    the last layer is read).
+    """
+    return device.type == "cpu" and not layerwise and not mapped
+
+
 def start_load(
     fragments: Sequence[Fragment],
     layout: Layout,
@@ -74,6 +88,7 @@ def start_load(
     host_pool: HostBlockPool | None = None,
     gds: bool = False,
     on_done: Callable[[KVLoad], None] | None = None,
+    mac_key: bytes | None = None,
 ) -> KVLoad:
     """Starts copying the open fragments of groups 0..n-1 into fresh outputs on ``device``.
 
@@ -86,13 +101,17 @@ def start_load(
         host_pool: recycled host memory for CPU outputs (None: fresh memory).
         gds: read whole groups with GPUDirect Storage where the platform allows (CUDA only).
         on_done: called with the load once it has finished without error.
+        mac_key: the store's MAC key, when the fragments' MACs were not checked on opening
+            (see :func:`checks_macs_in_copy`).
 
     Returns:
         The load: already finished unless ``layerwise``.
     """
     block, outputs = allocate_outputs(layout, len(fragments) * split_factor, device, host_pool)
     load = KVLoad(outputs, split_factor, platform=platform)
-    job = ReadJob(fragments, layout, split_factor, block, executor, verify_checksums=verify_checksums, load=load)
+    job = ReadJob(
+        fragments, layout, split_factor, block, executor, verify_checksums=verify_checksums, load=load, mac_key=mac_key
+    )
     copy = choose_copy(job, layerwise=layerwise, platform=platform, staging=staging, gds=gds)
     if staging is not None and platform is not None:
         # The outputs' memory may have been freed by work still queued on the caller's
@@ -101,6 +120,9 @@ def start_load(
 
     def run() -> None:
         try:
+            if job.mac_key is not None and not copy.checks_macs:
+                job.verify_macs()  # before any byte is copied
+                job.mac_key = None
             if staging is None:
                 copy.run(job)
             else:

@@ -20,6 +20,8 @@ class HostGroups:
     it while it is in cache, and prefetches the next group's file meanwhile.
     """
 
+    checks_macs = False  # a load with auth_key has them checked before this copy (see start_load)
+
     def run(self, job: ReadJob) -> None:
         s = job.split
         assert job.block5 is not None  # chosen for uniform layouts only
@@ -40,6 +42,8 @@ class HostGroups:
 class HostLayers:
     """Layer-major copies: layer by layer for a layer-wise consumer, else each thread takes a run of
     groups through every layer (no barrier per layer; for layouts whose layers differ in shape)."""
+
+    checks_macs = False  # a load with auth_key has them checked before this copy (see start_load)
 
     def __init__(self, *, layerwise: bool):
         self.layerwise = layerwise
@@ -93,11 +97,17 @@ class HostPreads:
 
     A layer's K and V lie contiguously in a group's file, and each head's tokens are a
     contiguous run of the outputs, so one ``preadv`` per layer of a group lands every byte in
-    place; each tensor is then hashed from where it landed, while it is in cache.
+    place; each tensor is then hashed from where it landed, while it is in cache. With
+    ``auth_key``, a whole-group read checks each group's MAC over the bytes where they
+    landed in the same way, instead of reading the file through the network once more for
+    the MAC when the group is opened.
     """
 
     def __init__(self, *, layerwise: bool):
         self.layerwise = layerwise
+        # Layer-wise consumers take layer 0 before a group's last layer is read: its MAC
+        # must have been checked when the group was opened.
+        self.checks_macs = not layerwise
 
     def run(self, job: ReadJob) -> None:
         job.prefetch_all()
@@ -130,6 +140,8 @@ def _read_group_layers(job: ReadJob, dests: list[tuple[np.ndarray, np.ndarray]],
     s = job.split
     try:
         expected = fragment.checksums if job.verify else {}
+        # Fed in file order: the header and tokens, then each layer's K runs and V runs.
+        mac = fragment.start_mac(job.mac_key) if job.mac_key is not None else None
         for layer in layers:
             if group >= job.valid:
                 return  # a check failed: the rest of the group is not needed
@@ -139,11 +151,17 @@ def _read_group_layers(job: ReadJob, dests: list[tuple[np.ndarray, np.ndarray]],
                 for dest, name in zip(dests[layer], (key_name(layer), value_name(layer)))
             ]
             fragment.read_into([run for _, runs in tensors for run in runs], fragment.tensors[tensors[0][0]].begin)
+            if mac is not None:
+                for _, runs in tensors:
+                    for run in runs:
+                        mac.update(run)
             for name, runs in tensors if job.verify else ():
                 digest = xxhash.xxh3_64()
                 for run in runs:
                     digest.update(run)
                 if digest.intdigest() != expected.get(name):
                     raise FragmentError(f"fragment {fragment.path}: checksum mismatch in {name} (damaged data)")
+        if mac is not None:
+            mac.verify()
     except FragmentError as exc:
         job.fail(group, exc)

@@ -20,6 +20,8 @@ class DirectGroups:
     refused is not asked again in this process.
     """
 
+    checks_macs = False  # a load with auth_key has them checked before this copy (see start_load)
+
     def __init__(self, platform: CudaPlatform, fallback: StagedGroups):
         self.platform = platform
         self.fallback = fallback

@@ -36,6 +36,9 @@ class ReadJob:
         executor: threads for parallel copies.
         verify_checksums: check tensors on the host against their xxh3 sums (where the GPU does not).
         load: the handle to report to.
+        mac_key: the store's MAC key when the fragments' MACs are still to be checked (not
+            when they were opened): over the bytes as they land, where the copy can (see
+            ``checks_macs`` in ``choose_copy``), else before any is copied.
     """
 
     def __init__(
@@ -48,12 +51,14 @@ class ReadJob:
         *,
         verify_checksums: bool,
         load: KVLoad,
+        mac_key: bytes | None = None,
     ):
         self.fragments = list(fragments)
         self.layout = layout
         self.split = split_factor
         self.executor = executor
         self.verify = verify_checksums
+        self.mac_key = mac_key
         self.load = load
         self.outputs = load.outputs
         self.total_bytes = layout.kv_bytes(split_factor) * len(self.fragments)
@@ -73,6 +78,22 @@ class ReadJob:
 
     def fail(self, group: int, exc: FragmentError) -> None:
         self.load.cut(group, exc)
+
+    def verify_macs(self) -> None:
+        """Checks every fragment's MAC before any byte is copied (for copies that cannot check it as bytes land)."""
+        key = self.mac_key
+        if key is None:
+            return
+
+        def work(lo: int, hi: int) -> None:
+            for g in range(lo, min(hi, self.valid)):
+                try:
+                    self.fragments[g].verify_mac(key)
+                except FragmentError as exc:
+                    self.fail(g, exc)
+                    return
+
+        self.parallel(work, 0, len(self.fragments), self.total_bytes)
 
     def close(self) -> None:
         for fragment in self.fragments:

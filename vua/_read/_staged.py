@@ -38,6 +38,8 @@ class StagedGroups:
     groups, so even a run of one large group keeps every thread busy.
     """
 
+    checks_macs = False  # a load with auth_key has them checked before this copy (see start_load)
+
     def __init__(self, platform: CudaPlatform, staging: PinnedStaging):
         self.platform = platform
         self.staging = staging
@@ -103,6 +105,8 @@ class StagedLayers:
     handed out once its check is back, which the host collects while it reads the next
     layer (so the check costs no wait unless the GPU falls behind).
     """
+
+    checks_macs = False  # a load with auth_key has them checked before this copy (see start_load)
 
     def __init__(self, platform: CudaPlatform, staging: PinnedStaging):
         self.platform = platform
