@@ -50,6 +50,12 @@ class AuthTest(StoreTestCase):
     def assertPrefix(self, groups: int, vua=None) -> None:
         self.assertHit((vua or self.vua).get_closest(self.tokens, device="cpu"), groups, self.kv)
 
+    def assertRefused(self, groups: int, reason: str, vua=None) -> None:
+        """A get returns ``groups`` groups, the next one refused with a warning naming ``reason``."""
+        with self.assertLogs("vua", level="WARNING") as logs:
+            self.assertPrefix(groups, vua)
+        self.assertTrue(any(reason in line for line in logs.output), logs.output)
+
     def test_round_trip_with_the_key(self):
         self.assertPrefix(3)
         salts = set()
@@ -82,28 +88,20 @@ class AuthTest(StoreTestCase):
         # makes the MAC fail: the algorithm is part of what is authenticated.
         path = _layout.fragment_path(self.root, self.keys[1])
         rewrite_header(path, lambda body: body["__metadata__"].update(mac_alg="aes256-gmac"))
-        with self.assertLogs("vua", level="WARNING") as logs:
-            self.assertPrefix(1)
-        self.assertTrue(any("MAC does not verify" in line for line in logs.output))
+        self.assertRefused(1, "MAC does not verify")
 
     def test_an_unknown_mac_algorithm_is_refused(self):
         path = _layout.fragment_path(self.root, self.keys[2])
         rewrite_header(path, lambda body: body["__metadata__"].update(mac_alg="rot13"))
-        with self.assertLogs("vua", level="WARNING") as logs:
-            self.assertPrefix(2)
-        self.assertTrue(any("unknown MAC algorithm 'rot13'" in line for line in logs.output))
+        self.assertRefused(2, "unknown MAC algorithm 'rot13'")
 
     def test_forgery_without_a_mac_is_refused(self):
         self.forge_group(1, key=None)
-        with self.assertLogs("vua", level="WARNING") as logs:
-            self.assertPrefix(1)
-        self.assertTrue(any("no MAC" in line for line in logs.output))
+        self.assertRefused(1, "no MAC")
 
     def test_forgery_sealed_with_another_key_is_refused(self):
         self.forge_group(2, key=secrets.token_bytes(32))
-        with self.assertLogs("vua", level="WARNING") as logs:
-            self.assertPrefix(2)
-        self.assertTrue(any("MAC does not verify" in line for line in logs.output))
+        self.assertRefused(2, "MAC does not verify")
         # Refused groups are moved aside: a key holder's next put writes the real KV again.
         self.assertEqual(self.vua.put(self.tokens, self.kv), 1)
         self.assertPrefix(3)
@@ -137,9 +135,7 @@ class AuthTest(StoreTestCase):
         self.assertEqual(sum(read), kv_bytes)
 
         self.forge_group(1, key=secrets.token_bytes(32))
-        with self.assertLogs("vua", level="WARNING") as logs:
-            self.assertPrefix(1, remote)
-        self.assertTrue(any("MAC does not verify" in line for line in logs.output))
+        self.assertRefused(1, "MAC does not verify", remote)
         # Group 1 was moved aside (on a network root once a second full read, MAC included, showed
         # the same): a key holder's put writes it again.
         self.assertEqual(self.vua.put(self.tokens, self.kv), 1)
