@@ -14,5 +14,5 @@ INDEX=${VUA_INDEX_PATH:-/tmp/vua-vllm-index}
 mkdir -p "$STORE" "$INDEX"
 exec uv run vllm serve "$MODEL" \
     --kv-transfer-config "{\"kv_connector\": \"VUAConnector\", \"kv_role\": \"kv_both\",
-        \"kv_connector_module_path\": \"vua.vllm\",
+        \"kv_connector_module_path\": \"vua.vllm\", \"kv_load_failure_policy\": \"recompute\",
         \"kv_connector_extra_config\": {\"vua_root\": \"$STORE\", \"index_path\": \"$INDEX\", \"split_factor\": 256}}"

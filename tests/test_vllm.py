@@ -49,7 +49,7 @@ try:
         MLAAttentionSpec,
         SlidingWindowSpec,
     )
-    from vllm.v1.outputs import ModelRunnerOutput
+    from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput
     from vllm.v1.request import Request
     from vllm.v1.structured_output import StructuredOutputManager
 
@@ -88,6 +88,7 @@ class ConnectorHarness:
         sliding_window=None,
         batched=None,
         groups=None,
+        load_failure_policy="recompute",
     ):
         heads, head = (1, 576) if mla else (2, 16)
         extra = {"vua_root": root, "split_factor": split}
@@ -102,6 +103,7 @@ class ConnectorHarness:
                 kv_role="kv_both",
                 kv_connector_module_path=module_path,
                 kv_connector_extra_config=extra,
+                kv_load_failure_policy=load_failure_policy,
             ),
             device_config=DeviceConfig(device="cpu"),
         )
@@ -190,6 +192,7 @@ class ConnectorHarness:
                 req_ids=ids,
                 req_id_to_index={r: i for i, r in enumerate(ids)},
                 sampled_token_ids=[[7] if d else [] for d in done],
+                kv_connector_output=KVConnectorOutput(invalid_block_ids=errors),
             )
             self.scheduler.update_from_output(output, sampled)
         return output, meta, {r: groups[0] for r, groups in self.blocks.items()}, errors
@@ -419,6 +422,13 @@ class VLLMConnectorTest(unittest.TestCase):
         (launcher,) = [e for e in entry_points(group="console_scripts") if e.name == "vua-vllm"]
         self.assertEqual(launcher.value, "vua.vllm._plugin:main")
 
+    def test_vllms_fail_policy_for_load_errors_gets_a_warning(self):
+        # vLLM's default fails a request whose external KV did not load; VUA's answer to doubt
+        # is a shorter prefix, which needs vLLM to compute the rest.
+        with self.assertLogs("vua.vllm", level="WARNING") as logs:
+            self.harness(load_failure_policy="fail")
+        self.assertIn('"kv_load_failure_policy": "recompute"', "\n".join(logs.output))
+
     def test_config_errors_say_what_to_set(self):
         cases = [
             ({"vua_root": ""}, 'needs "vua_root"'),
@@ -438,11 +448,17 @@ class VLLMConnectorTest(unittest.TestCase):
         flip_byte(path, -1, 0xFF)  # damage the last byte of group 1's data
         h.request("c", prompt)
         with self.assertLogs("vua", level="WARNING"):
-            _, meta, blocks, errors = h.step()
+            _, meta, blocks, errors = h.step(commit=True)  # hands the load errors back to vLLM's scheduler
         (load,) = meta.loads
         self.assertEqual((load.start, load.end), (0, 96))
         expected = {blocks["c"][p // BLOCK] for p in range(32, 96)}  # groups 1 and 2 must be recomputed
         self.assertEqual(errors, expected)
+        # vLLM computes them again, and the connector stores group 1 again (it was moved aside).
+        self.assertEqual(h.worker.vua.prefix_length(torch.tensor(prompt)), 32)
+        self.assertEqual(h.scheduler.requests["c"].num_computed_tokens, 32)
+        while h.scheduler.requests["c"].num_computed_tokens < len(prompt):
+            h.step(compute={"c": 1}, commit=True)
+        self.assertEqual(h.worker.vua.prefix_length(torch.tensor(prompt)), 96)
 
     def test_sliding_window_model_keeps_vllms_hybrid_manager_and_round_trips(self):
         # Layer 1 has a 32-token window: while a 200-token prompt is prefilled in chunks of

@@ -54,6 +54,7 @@ def main() -> None:
             transfer = KVTransferConfig(
                 kv_connector="VUAStorageConnector_V1",
                 kv_role="kv_both",
+                kv_load_failure_policy="recompute",
                 kv_connector_extra_config={"shared_storage_path": args.store, "split_factor": args.split_factor},
             )
         else:
@@ -61,6 +62,7 @@ def main() -> None:
                 kv_connector="VUAConnector",
                 kv_role="kv_both",
                 kv_connector_module_path="vua.vllm",
+                kv_load_failure_policy="recompute",  # a group that fails verification is computed
                 kv_connector_extra_config={"vua_root": args.store, "split_factor": args.split_factor},
             )
     started = time.perf_counter()

@@ -57,10 +57,13 @@ class KVLoad:
                 self._error = exc
                 for ready in self._layer_ready:
                     ready.set()
+            try:
+                if on_done is not None and self._error is None:
+                    # Before wait() returns: its caller then sees the load's bookkeeping (a
+                    # damaged group moved aside and out of the index, the counters).
+                    on_done(self)
             finally:
                 self._finished.set()
-            if on_done is not None and self._error is None:
-                on_done(self)
 
         if background:
             threading.Thread(target=run, name="vua-load", daemon=True).start()

@@ -1,7 +1,7 @@
 """VUA as a vLLM KV connector: prompts' KV stored on a (shared) file system, restored by any node.
 
     vllm serve MODEL --kv-transfer-config '{"kv_connector": "VUAConnector", "kv_role": "kv_both",
-        "kv_connector_module_path": "vua.vllm",
+        "kv_connector_module_path": "vua.vllm", "kv_load_failure_policy": "recompute",
         "kv_connector_extra_config": {"vua_root": "/mnt/kv"}}'
 
 Extra config keys: ``vua_root`` (required), ``index_path`` (keep it on local disk when

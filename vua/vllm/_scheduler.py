@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -15,6 +16,8 @@ if TYPE_CHECKING:
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.request import Request
 
+logger = logging.getLogger(__name__)
+
 
 class SchedulerSide:
     """Answers from the index alone (no fragment is read on the scheduler's path), for every rank."""
@@ -25,6 +28,13 @@ class SchedulerSide:
         self.rank_stores: list[VUA] = [settings.open_store(rank) for rank in range(settings.tp_size)]
         self._pending_loads: dict[str, int] = {}  # request -> tokens to load, until its blocks are known
         self._requests: dict[str, RequestState] = {}
+        if settings.load_failure_policy != "recompute":
+            logger.warning(
+                "VUAConnector: vLLM's kv_load_failure_policy is %r: a request whose stored KV fails "
+                "verification (damaged, or removed by another node mid-read) fails with an error instead of "
+                'being computed. Add "kv_load_failure_policy": "recompute" to --kv-transfer-config.',
+                settings.load_failure_policy,
+            )
 
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
         """Tokens beyond ``num_computed_tokens`` that every rank has stored."""
@@ -66,12 +76,15 @@ class SchedulerSide:
         self, meta: VUAConnectorMetadata, req_id: str, state: RequestState, computed: int, scheduled: int
     ) -> None:
         """Adds a request's load (tokens found in the store) and the save of the groups this step completes."""
+        split = self.settings.split_factor
+        # vLLM went back (a load error, or a preempted request recomputed): the groups from
+        # there on are computed again and saved again (the worker skips those stored).
+        state.saved_upto = min(state.saved_upto, computed // split * split)
         external = self._pending_loads.pop(req_id, 0)
         blocks = [list(group) for group in state.blocks]
         if external:
             meta.loads.append(LoadSpec(req_id, state.prompt[:computed], blocks, computed - external, computed))
             state.saved_upto = max(state.saved_upto, computed)  # loaded groups are stored already
-        split = self.settings.split_factor
         complete = min(computed + scheduled, len(state.prompt)) // split * split
         if complete > state.saved_upto:
             meta.saves.append(SaveSpec(req_id, state.prompt[:complete], blocks, state.saved_upto))

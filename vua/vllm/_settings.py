@@ -36,6 +36,7 @@ class ConnectorSettings:
     auth_key: bytes | None = field(repr=False)
     shutdown_timeout: float = 4.0  # seconds pending saves get at shutdown; vLLM kills its engine 5 s after SIGTERM
     gpu_checksums: bool | None = None  # VUAConfig.gpu_checksums: None means on for CUDA caches
+    load_failure_policy: str = "recompute"  # vLLM's kv_load_failure_policy
 
     @classmethod
     def from_vllm(cls, vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> ConnectorSettings:
@@ -74,6 +75,8 @@ class ConnectorSettings:
             auth_key=_read_auth_key(extra.get("auth_key_file")),
             shutdown_timeout=_seconds_setting(extra, "shutdown_timeout", 4.0),
             gpu_checksums=_optional_bool_setting(extra, "gpu_checksums"),
+            # vLLM before 0.32 always recomputed what a connector failed to load.
+            load_failure_policy=str(getattr(transfer, "kv_load_failure_policy", "recompute")),
         )
 
     def namespace(self, rank: int) -> str:
