@@ -15,16 +15,18 @@ The connector only dispatches, by role, as vLLM's larger connectors do:
 
 Scheduler side (``_scheduler``): ``get_num_new_matched_tokens`` answers from the index
 alone; the metadata of each step (``_metadata``) tells workers which requests to load
-(tokens, block ids, token range) and which finished prompts to save.
+(tokens, block ids, token range) and which groups of prompts that step completes to save.
 
 Worker side (``_worker``): ``start_load_kv`` starts a layer-wise :class:`vua.KVLoad` per request;
 ``wait_for_layer_load`` waits for one layer and scatters it into the paged blocks;
-``save_kv_layer`` gathers a finished prompt's new groups from each layer to host memory
+``save_kv_layer`` gathers the groups a step completes from each layer to host memory
 (and sums them where the cache lives, for GPU-side checks of later loads);
 ``wait_for_save`` hands them to a background writer once the copies are done, so vLLM
 may reuse the blocks at once. Each group of a prompt is saved in the step that completes
-it: a sliding-window layer's blocks are freed behind the window during chunked prefill. Groups that fail verification are reported through
-``get_block_ids_with_load_errors`` and vLLM recomputes them.
+it: a sliding-window layer's blocks are freed behind the window during chunked prefill.
+Groups that fail verification are reported through ``get_block_ids_with_load_errors``, and
+vLLM recomputes them with ``"kv_load_failure_policy": "recompute"`` (its default, "fail",
+fails the request; the connector warns at start-up).
 
 Hybrid models (``SupportsHMA``): full-attention and sliding-window layers are separate KV
 cache groups with their own block tables; every layer is stored, and each is read and
