@@ -43,8 +43,8 @@ class PagedLayer:
             )
 
     def _slots(self, block_ids: list[int], positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        blocks = torch.tensor(block_ids, dtype=torch.long)[positions // self.block_size]
-        return blocks.to(self.kv.device), (positions % self.block_size).to(self.kv.device)
+        """(block, offset in it) of each position, on the host."""
+        return torch.tensor(block_ids, dtype=torch.long)[positions // self.block_size], positions % self.block_size
 
     def gather(self, block_ids: list[int], start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(K, V) of positions [start, end), each ``(1, heads, end - start, width)``.
@@ -55,7 +55,7 @@ class PagedLayer:
         first, last = start // self.block_size, (end - 1) // self.block_size
         if NULL_BLOCK in block_ids[first : last + 1]:
             raise NullBlockError(f"positions [{start}, {end}) reach vLLM's null block")
-        blocks, offsets = self._slots(block_ids, torch.arange(start, end))
+        blocks, offsets = (t.to(self.kv.device) for t in self._slots(block_ids, torch.arange(start, end)))
         if self.kind == "split":
             k, v = self.kv[0][blocks, offsets], self.kv[1][blocks, offsets]  # (n, heads, dim)
         elif self.kind == "bhnc":
@@ -72,12 +72,12 @@ class PagedLayer:
         Positions in vLLM's null block are skipped: the layer keeps nothing there (a
         sliding-window layer's tokens before its window).
         """
-        positions = torch.arange(start, start + k.shape[2])
-        kept = [p for p, block in enumerate(block_ids) if block != NULL_BLOCK]
-        if len(kept) < len(block_ids):
-            held = torch.isin(positions // self.block_size, torch.tensor(kept, dtype=torch.long))
-            positions, k, v = positions[held], k[:, :, held.to(k.device)], v[:, :, held.to(v.device)]
-        blocks, offsets = self._slots(block_ids, positions)
+        blocks, offsets = self._slots(block_ids, torch.arange(start, start + k.shape[2]))
+        held = blocks != NULL_BLOCK  # checked on the host: no device synchronisation
+        if not bool(held.all()):
+            blocks, offsets = blocks[held], offsets[held]
+            k, v = k[:, :, held.to(k.device)], v[:, :, held.to(v.device)]
+        blocks, offsets = blocks.to(self.kv.device), offsets.to(self.kv.device)
         k, v = k[0].transpose(0, 1), v[0].transpose(0, 1)  # (n, heads, width)
         if self.kind == "split":
             self.kv[0][blocks, offsets] = k

@@ -81,11 +81,13 @@ class SchedulerSide:
         # there on are computed again and saved again (the worker skips those stored).
         state.saved_upto = min(state.saved_upto, computed // split * split)
         external = self._pending_loads.pop(req_id, 0)
-        blocks = [list(group) for group in state.blocks]
+        complete = min(computed + scheduled, len(state.prompt)) // split * split
+        if not external and complete <= state.saved_upto:
+            return  # most steps (decoding): nothing to load or save
+        blocks = [list(group) for group in state.blocks]  # this step's block tables, as the workers get them
         if external:
             meta.loads.append(LoadSpec(req_id, state.prompt[:computed], blocks, computed - external, computed))
             state.saved_upto = max(state.saved_upto, computed)  # loaded groups are stored already
-        complete = min(computed + scheduled, len(state.prompt)) // split * split
         if complete > state.saved_upto:
             meta.saves.append(SaveSpec(req_id, state.prompt[:complete], blocks, state.saved_upto))
             state.saved_upto = complete

@@ -119,7 +119,7 @@ class CacheGroup:
         # Exact kinds: subclasses of these free blocks in other patterns (RSWASpec evicts a
         # middle gap, for instance), which the saves below do not expect.
         full = {kinds.FullAttentionSpec, kinds.MLAAttentionSpec}
-        sliding = {kinds.SlidingWindowSpec} | {getattr(kinds, "SlidingWindowMLASpec", kinds.SlidingWindowSpec)}
+        sliding = {kinds.SlidingWindowSpec, getattr(kinds, "SlidingWindowMLASpec", kinds.SlidingWindowSpec)}
         if type(spec) not in full | sliding:
             raise InvalidInputError(
                 f"VUAConnector stores attention KV of full-attention and sliding-window layers; layers "
