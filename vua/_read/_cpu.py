@@ -95,12 +95,11 @@ class HostPreads:
     """Host outputs filled with ``preadv`` straight from each file, no memory map: for network and FUSE
     file systems, where a file another node removes mid-read must be an error, not SIGBUS.
 
-    A layer's K and V lie contiguously in a group's file, and each head's tokens are a
-    contiguous run of the outputs, so one ``preadv`` per layer of a group lands every byte in
-    place; each tensor is then hashed from where it landed, while it is in cache. With
-    ``auth_key``, a whole-group read checks each group's MAC over the bytes where they
-    landed in the same way, instead of reading the file through the network once more for
-    the MAC when the group is opened.
+    Each head's tokens of a group are a contiguous run of the outputs, so one ``preadv``
+    per tensor lands every byte of it in place; the tensor is then hashed from where it
+    landed, while it is in cache. With ``auth_key``, a whole-group read checks each
+    group's MAC over the bytes where they landed in the same way, instead of reading the
+    file through the network once more for the MAC when the group is opened.
     """
 
     def __init__(self, *, layerwise: bool):
@@ -111,13 +110,13 @@ class HostPreads:
 
     def run(self, job: ReadJob) -> None:
         job.prefetch_all()
-        dests = host_views(job.outputs)
-        layers = len(dests)
+        outputs = [tuple(_HeadRuns(dest, job.split) for dest in pair) for pair in host_views(job.outputs)]
+        layers = len(outputs)
 
         def read(first: int, last: int) -> Callable[[int, int], None]:
             def work(lo: int, hi: int) -> None:
                 for g in range(lo, min(hi, job.valid)):
-                    _read_group_layers(job, dests, g, range(first, last))
+                    _read_group_layers(job, outputs, g, range(first, last))
 
             return work
 
@@ -130,14 +129,33 @@ class HostPreads:
             job.load.layer_landed(layer)
 
 
-def _read_group_layers(job: ReadJob, dests: list[tuple[np.ndarray, np.ndarray]], group: int, layers: range) -> None:
-    """Reads group ``group``'s K and V of ``layers`` into the outputs' runs, checking each layer as it lands.
+class _HeadRuns:
+    """Where one group's tokens of one output tensor land: a contiguous run per head.
 
-    One ``preadv`` per layer (its K and V are contiguous in the file): the hash then reads
-    what the read just wrote, while it is still in cache.
+    Byte offsets into one flat view of the tensor, so a group's runs are slices (no numpy
+    indexing per head, per layer, per group on the read loop).
+    """
+
+    def __init__(self, dest: np.ndarray, split: int):
+        heads, tokens, _ = dest.shape  # C-contiguous: a view of one block (see allocate_outputs)
+        self._bytes = memoryview(dest).cast("B")
+        self._head_bytes = len(self._bytes) // heads
+        self._run_bytes = self._head_bytes // tokens * split
+
+    def of_group(self, group: int) -> list[memoryview]:
+        run = self._run_bytes
+        start = group * run
+        return [self._bytes[h + start : h + start + run] for h in range(0, len(self._bytes), self._head_bytes)]
+
+
+def _read_group_layers(job: ReadJob, outputs: list[tuple[_HeadRuns, ...]], group: int, layers: range) -> None:
+    """Reads group ``group``'s K and V of ``layers`` into the outputs' runs, checking each tensor as it lands.
+
+    One ``preadv`` per tensor, then its hash (and the MAC's) over the bytes just written,
+    still in cache: a read of a layer's K and V together, then hashing them, found K's
+    runs evicted by V's (every run of a tensor is one head's stride apart in the outputs).
     """
     fragment = job.fragments[group]
-    s = job.split
     try:
         expected = fragment.checksums if job.verify else {}
         # Fed in file order: the header and tokens, then each layer's K runs and V runs.
@@ -145,17 +163,14 @@ def _read_group_layers(job: ReadJob, dests: list[tuple[np.ndarray, np.ndarray]],
         for layer in layers:
             if group >= job.valid:
                 return  # a check failed: the rest of the group is not needed
-            tensors = [
-                # dest: (kv_heads, tokens, head_dim); one head's tokens of this group are contiguous
-                (name, [memoryview(dest[h, group * s : (group + 1) * s]).cast("B") for h in range(dest.shape[0])])
-                for dest, name in zip(dests[layer], (key_name(layer), value_name(layer)))
-            ]
-            fragment.read_into([run for _, runs in tensors for run in runs], fragment.tensors[tensors[0][0]].begin)
-            if mac is not None:
-                for _, runs in tensors:
+            for runs_of, name in zip(outputs[layer], (key_name(layer), value_name(layer))):
+                runs = runs_of.of_group(group)
+                fragment.read_into(runs, fragment.tensors[name].begin)
+                if mac is not None:
                     for run in runs:
                         mac.update(run)
-            for name, runs in tensors if job.verify else ():
+                if not job.verify:
+                    continue
                 digest = xxhash.xxh3_64()
                 for run in runs:
                     digest.update(run)
