@@ -134,6 +134,23 @@ class CommandTest(StoreTestCase):
         # The open store switched to the new generation and still serves.
         self.assertEqual(self.vua.get_closest(torch.arange(48), device="cpu").tokens.numel(), 48)
 
+    def test_rebuild_counts_damage_not_groups_removed_meanwhile(self):
+        keys = self.vua.config.tokens_to_paths(torch.arange(48))
+        with open(_layout.fragment_path(self.root, keys[2]), "r+b") as f:
+            f.truncate(10)  # no header left: damaged
+        # What a scan meets when another node evicts a group between listing its directory
+        # and opening its file: the directory, without the fragment.
+        os.unlink(_layout.fragment_path(self.root, keys[1]))
+        with self.assertLogs("vua", level="DEBUG") as logs:
+            status, out, _ = run_cli("rebuild-index", self.root, "--json")
+        self.assertEqual(status, 0)
+        summary = json.loads(out)
+        self.assertEqual((summary["groups"], summary["damaged"]), (2, 1))
+        warnings = [line for line in logs.output if line.startswith("WARNING")]
+        self.assertEqual(len(warnings), 1)
+        self.assertIn(f"damaged fragment {keys[2]}", warnings[0])
+        self.assertTrue(any(f"group {keys[1]} is gone" in line for line in logs.output))
+
     def test_rebuild_script_and_module_entry_points(self):
         env = dict(os.environ, PYTHONPATH=REPO)
         for argv in (

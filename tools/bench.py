@@ -18,6 +18,11 @@ Limits, measured on the same bytes, each timed alternately with the VUA figure i
   page cache first (posix_fadvise), into a buffer already touched;
 - naive: safetensors save_file (+ fsync) and load_file + torch.cat, one file per group.
 
+Shown beside the warm get, not a target's limit: the fragment files' own warm read (preads
+from the page cache on as many threads as VUA reads with, nothing checked), as a ratio to
+memcpy: on a FUSE or network mount the kernel's copy out of the page cache can be well
+below memcpy, and a warm get cannot beat it.
+
 Output: a table on the terminal, ``OUT/bench.json`` and ``OUT/bench.png``.
 """
 
@@ -35,6 +40,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 import numpy as np
@@ -85,6 +91,24 @@ def read_files(paths: list[str]) -> None:
                 got += os.readv(fd, [view[got:end]])
         finally:
             os.close(fd)
+
+
+def read_files_parallel(paths: list[str], threads: int) -> Callable[[], None]:
+    """A warm read of the files on ``threads`` threads (as VUA's reads run), each file with preads into
+    its own already-touched buffer: what the file system's page cache gives, before any check."""
+    buffers = [memoryview(torch.ones(os.path.getsize(p), dtype=torch.uint8).numpy()) for p in paths]
+    pool = ThreadPoolExecutor(max_workers=threads)
+
+    def read_one(i: int) -> None:
+        fd = os.open(paths[i], os.O_RDONLY)
+        try:
+            got, view = 0, buffers[i]
+            while got < len(view):
+                got += os.preadv(fd, [view[got : got + (1 << 20)]], got)
+        finally:
+            os.close(fd)
+
+    return lambda: list(pool.map(read_one, range(len(paths))))
 
 
 def anon_rss() -> int:
@@ -280,6 +304,10 @@ def bench_llama(tokens_n: int, workdir: str, repeat: int) -> dict[str, float]:
     r["memcpy_GBps"], r["warm_get_GBps"], r["warm_get_vs_memcpy"] = nbytes / t_limit / GB, nbytes / t_ours / GB, ratio
 
     paths = fragment_paths(vua, tokens)
+    # Not a target's limit: how much of memcpy the file system's own warm reads reach here
+    # (the kernel's copy out of the page cache), for reading the warm get's ratio.
+    _, t_read, ratio = paired(lambda: dest.copy_(flat), read_files_parallel(paths, config.io_threads), trials)
+    r["raw_warm_read_GBps"], r["raw_warm_read_vs_memcpy"] = nbytes / t_read / GB, ratio
     t_limit, t_ours, ratio = paired(
         lambda: read_files(paths),
         lambda: vua.get_closest(tokens, device="cpu"),
@@ -415,7 +443,8 @@ def table(results: dict) -> str:
         )
         lines.append(
             f"| {t}: warm get | {r['warm_get_GBps']:.2f} GB/s | memcpy {r['memcpy_GBps']:.2f} GB/s "
-            f"(clone {r['clone_GBps']:.2f}) | {warm:.2f}x | >= {targets['warm get']}x "
+            f"(clone {r['clone_GBps']:.2f}; the files' own warm read {r['raw_warm_read_GBps']:.2f}, "
+            f"{r['raw_warm_read_vs_memcpy']:.2f}x) | {warm:.2f}x | >= {targets['warm get']}x "
             f"| {verdict(warm, targets['warm get'])} |"
         )
         lines.append(
@@ -528,6 +557,8 @@ def main(argv: list[str] | None = None) -> int:
     small = 10_000 if args.quick else args.small_groups
     repeat = 2 if args.quick else 3
     global _local_indexes
+    if args.workdir is not None:
+        os.makedirs(args.workdir, exist_ok=True)
     workdir = tempfile.mkdtemp(prefix="vua-bench-", dir=args.workdir)
     kind = file_system_type(workdir)
     if is_network_file_system(kind):

@@ -38,17 +38,38 @@ logger = logging.getLogger(__name__)
 
 
 def read_stored_group(root: str, key_hex: str) -> StoredGroup | None:
-    """What group ``key_hex``'s fragment says it is (header validated); None (with a warning) when it is damaged.
+    """What group ``key_hex``'s fragment says it is (header validated); None when it cannot be used.
 
-    Its last use is the tree's record of it (the directory's mtime).
+    See :func:`stored_group`; why it cannot be used is logged here.
     """
     try:
-        # pread, not a memory map: on a network file system the file may vanish mid-read.
-        with Fragment(_layout.fragment_path(root, key_hex), mapped=False) as fragment:
-            return fragment.stored_group(key_hex, last_used=tree_last_use(root, key_hex))
+        return stored_group(root, key_hex)
     except FragmentError as exc:
-        logger.warning("skipping damaged fragment %s: %s", key_hex, exc)
+        _log_unusable(key_hex, exc)
         return None
+
+
+def stored_group(root: str, key_hex: str) -> StoredGroup:
+    """What group ``key_hex``'s fragment says it is (header validated).
+
+    Its last use is the tree's record of it (the directory's mtime).
+
+    Raises:
+        FragmentError: damaged, gone (``missing``: evicted by a node since it was listed)
+            or unreadable for now (neither ``damaged`` nor ``missing``: EIO, ESTALE, ...).
+    """
+    # pread, not a memory map: on a network file system the file may vanish mid-read.
+    with Fragment(_layout.fragment_path(root, key_hex), mapped=False) as fragment:
+        return fragment.stored_group(key_hex, last_used=tree_last_use(root, key_hex))
+
+
+def _log_unusable(key_hex: str, exc: FragmentError) -> None:
+    if exc.missing:  # removed since it was listed: on a shared root, another node's eviction
+        logger.debug("group %s is gone: %s", key_hex, exc)
+    elif exc.damaged:
+        logger.warning("skipping damaged fragment %s: %s", key_hex, exc)
+    else:
+        logger.warning("skipping fragment %s, unreadable for now: %s", key_hex, exc)
 
 
 def tree_last_use(root: str, key_hex: str) -> int:
@@ -88,22 +109,33 @@ def scan_tree(
     workers: int = 8,
     progress: Callable[[ScanProgress], None] | None = None,
     state: ScanProgress | None = None,
+    settled: set[bytes] | None = None,
 ) -> Iterator[ScanEntry]:
     """Yields (key, record, layout, namespace) for every valid fragment under ``root``.
 
     Fan-out directories are read in parallel; damaged fragments are logged, counted in
-    ``state.damaged`` and skipped.
+    ``state.damaged`` and skipped, as are (logged, not counted) groups removed while the
+    scan runs and files that cannot be read for now. ``settled``: groups to pass over
+    without reading their files; every group this scan finds valid or damaged is added
+    (not one it found missing: a writer may be about to publish it).
     """
+    settled = settled if settled is not None else set()
     state = state if state is not None else ScanProgress()
 
     def scan(fanout: str) -> tuple[list[ScanEntry], int]:
         found, damaged = [], 0
         for key_hex, _ in _layout.iter_groups(fanout):
-            result = read_stored_group(root, key_hex)
-            if result is None:
+            key = bytes.fromhex(key_hex)
+            if key in settled:
+                continue
+            try:
+                found.append(ScanEntry(key, *stored_group(root, key_hex)))
+            except FragmentError as exc:
+                _log_unusable(key_hex, exc)
+                if not exc.damaged:
+                    continue
                 damaged += 1
-            else:
-                found.append(ScanEntry(bytes.fromhex(key_hex), *result))
+            settled.add(key)
         return found, damaged
 
     fanouts = list(_layout.iter_fanout_dirs(root)) if os.path.isdir(root) else []
@@ -165,14 +197,16 @@ def rebuild(
         previous = _live_generation(index_path, live, file_mode)
         try:
             try:
-                entries = scan_tree(root, workers=workers, progress=progress, state=state)
+                settled: set[bytes] = set()
+                entries = scan_tree(root, workers=workers, progress=progress, state=state, settled=settled)
                 seen, nbytes = _fill(index_path, generation, entries, previous=previous, file_mode=file_mode)
                 write_current(index_path, generation, file_mode)
             except BaseException:
                 shutil.rmtree(os.path.join(index_path, generation), ignore_errors=True)  # never went live
                 raise
-            # Groups published while the tree was being walked; cheap, since most are known.
-            late = [entry for entry in scan_tree(root, workers=workers) if entry.key not in seen]
+            # Groups published while the tree was being walked: a listing of the directories,
+            # reading only the files of groups the first pass did not settle.
+            late = list(scan_tree(root, workers=workers, settled=settled))
             late_seen, late_bytes = _fill(index_path, generation, late, previous=previous, file_mode=file_mode)
         finally:
             if previous is not None:
