@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
+import shutil
 import struct
+import tempfile
 from unittest import mock
 
 import torch
 
-from tests.helpers import StoreTestCase, layout_of, overwrite, random_kv, rewrite_header
+from tests.helpers import StoreTestCase, layout_of, overwrite, random_kv, rewrite_header, run_cli
 from vua import _layout
 from vua._fragment import Fragment
 from vua._keys import tokens_as_int64
@@ -105,6 +108,56 @@ class AuthTest(StoreTestCase):
         # Refused groups are moved aside: a key holder's next put writes the real KV again.
         self.assertEqual(self.vua.put(self.tokens, self.kv), 1)
         self.assertPrefix(3)
+
+    def secret_file(self, secret: bytes) -> str:
+        """A file outside the store holding ``secret`` (and a newline, as an editor leaves one)."""
+        folder = tempfile.mkdtemp(prefix="vua-secret-")
+        self.addCleanup(shutil.rmtree, folder, ignore_errors=True)
+        path = os.path.join(folder, "secret")
+        with open(path, "wb") as f:
+            f.write(secret + b"\n")
+        return path
+
+    def test_vua_verify_with_the_key_finds_and_removes_forgeries(self):
+        self.forge_group(1, key=secrets.token_bytes(32))
+        status, _, _ = run_cli("verify", self.root)
+        self.assertEqual(status, 0)  # without the key the forgery is a well-formed fragment
+
+        def verify(secret: bytes, *flags: str) -> tuple[int, dict]:
+            status, out, _ = run_cli("verify", self.root, "--auth-key-file", self.secret_file(secret), "--json", *flags)
+            return status, json.loads(out)
+
+        status, report = verify(KEY)
+        self.assertEqual(status, 1)
+        self.assertEqual(report["fragments"], 2)
+        self.assertEqual(
+            [(p["kind"], p["key"]) for p in report["problems"]], [("unauthenticated-fragment", self.keys[1])]
+        )
+        self.assertIn("MAC does not verify", report["problems"][0]["detail"])
+
+        # Under a wrong key nothing verifies: more likely the key than three forgeries, so
+        # --fix leaves the fragments where they are.
+        status, report = verify(secrets.token_bytes(32), "--fix")
+        self.assertEqual(status, 1)
+        self.assertEqual(len(report["problems"]), 3)
+        self.assertFalse(any(p["fixed"] for p in report["problems"]))
+        self.assertIn("left alone", report["problems"][0]["detail"])
+        self.assertTrue(all(os.path.exists(_layout.fragment_path(self.root, k)) for k in self.keys))
+
+        status, report = verify(KEY, "--fix")
+        self.assertEqual((status, report["clean"]), (0, True))
+        self.assertFalse(os.path.exists(_layout.fragment_path(self.root, self.keys[1])))
+        self.assertEqual(self.vua.put(self.tokens, self.kv), 1)  # a key holder writes the real group again
+        self.assertPrefix(3)
+        self.assertEqual(verify(KEY)[0], 0)
+
+    def test_vua_verify_refuses_a_secret_file_it_cannot_use(self):
+        status, _, err = run_cli("verify", self.root, "--auth-key-file", os.path.join(self.root, "missing"))
+        self.assertEqual(status, 2)
+        self.assertIn("cannot read --auth-key-file", err)
+        status, _, err = run_cli("verify", self.root, "--auth-key-file", self.secret_file(b"short"))
+        self.assertEqual(status, 2)
+        self.assertIn("holds 5 bytes; the store's secret is 16 to 64 bytes", err)
 
     def test_layerwise_loads_check_macs_before_handing_out_layers(self):
         # Layer-wise loads hand layer 0 out before the last layer is read, so the MAC must be

@@ -430,12 +430,16 @@ class VLLMConnectorTest(unittest.TestCase):
         self.assertIn('"kv_load_failure_policy": "recompute"', "\n".join(logs.output))
 
     def test_config_errors_say_what_to_set(self):
+        short_secret = os.path.join(self.root, "short-secret")
+        with open(short_secret, "wb") as f:
+            f.write(b"12345\n")
         cases = [
             ({"vua_root": ""}, 'needs "vua_root"'),
             ({"split_factor": "many"}, "split_factor must be an integer, got 'many'"),
             ({"max_bytes": "1G"}, "max_bytes must be an integer, got '1G'"),
             ({"shutdown_timeout": "soon"}, "shutdown_timeout must be a number of seconds"),
-            ({"auth_key_file": os.path.join(self.root, "missing")}, "cannot read auth_key_file"),
+            ({"auth_key_file": os.path.join(self.root, "missing")}, "cannot read VUAConnector's auth_key_file"),
+            ({"auth_key_file": short_secret}, "holds 5 bytes; the store's secret is 16 to 64 bytes"),
         ]
         for extra, message in cases:
             with self.subTest(extra=extra), self.assertRaisesRegex(InvalidInputError, message):

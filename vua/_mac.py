@@ -23,7 +23,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Sequence
 
-from vua.errors import missing_extra
+from vua.errors import InvalidInputError, missing_extra
 
 MAC_FIELD = "mac"
 ALG_FIELD = "mac_alg"
@@ -48,6 +48,31 @@ def mac_key(secret: bytes) -> bytes:
     except ImportError as exc:
         raise missing_extra("VUAConfig(auth_key=...)", "blake3 and cryptography", "auth", exc) from exc
     return blake3.blake3(secret, derive_key_context=_MAC_CONTEXT).digest()
+
+
+def read_secret(path: str, what: str) -> bytes:
+    """A store's secret (``VUAConfig.auth_key``) from a file, surrounding whitespace dropped.
+
+    A secret never goes in a command line, where every user of the machine can read it.
+    ``what`` names the setting in errors (e.g. "auth_key_file").
+
+    Raises:
+        InvalidInputError: the file cannot be read, or does not hold 16 to 64 bytes.
+    """
+    try:
+        with open(path, "rb") as f:
+            secret = f.read().strip()
+    except OSError as exc:
+        raise InvalidInputError(
+            f"cannot read {what} {path!r}: {exc.strerror}; point it at a file holding the store's secret "
+            "(16 to 64 bytes)"
+        ) from None
+    if not 16 <= len(secret) <= 64:
+        raise InvalidInputError(
+            f"{what} {path!r} holds {len(secret)} bytes; the store's secret is 16 to 64 bytes "
+            "(e.g. python3 -c 'import secrets, sys; sys.stdout.buffer.write(secrets.token_bytes(32))' > FILE)"
+        )
+    return secret
 
 
 def mac_marker(value: str) -> bytes:

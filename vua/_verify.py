@@ -6,8 +6,14 @@ tensor and the whole group match the checksums written at put time, and the key 
 Across the store: every valid fragment is indexed, every index entry has a valid
 fragment, and no writer's temporary file is older than the grace period.
 
-Repair (``fix=True``) deletes damaged fragments and stale temporaries and brings the
-index in line with the tree, which stays the truth.
+With the store's MAC key (a store written with ``auth_key``), every fragment's MAC is
+checked too: one that does not verify is reported as unauthenticated (forged, unsealed, or
+sealed with another key), as readers with the key would refuse it.
+
+Repair (``fix=True``) deletes damaged and unauthenticated fragments and stale temporaries
+and brings the index in line with the tree, which stays the truth. When no fragment at
+all verifies under the key given, the key is more likely wrong than every fragment
+forged: those fragments are reported and left alone.
 """
 
 from __future__ import annotations
@@ -37,8 +43,9 @@ DEFAULT_GRACE_SECONDS = 3600.0
 class Problem:
     """One thing wrong with a store."""
 
-    # damaged-fragment, stale-temporary, unindexed-group, misrecorded-index-entry,
-    # dangling-index-entry, garbage-index-entry, missing-index, empty-group-directory
+    # damaged-fragment, unauthenticated-fragment, stale-temporary, unindexed-group,
+    # misrecorded-index-entry, dangling-index-entry, garbage-index-entry, missing-index,
+    # empty-group-directory
     kind: str
     key: str | None
     detail: str
@@ -62,12 +69,17 @@ class VerifyReport:
         return {**asdict(self), "clean": self.clean}
 
 
+class UnauthenticatedError(FragmentError):
+    """A fragment whose checksums hold but whose MAC does not verify under the key given."""
+
+
 def check_fragment(root: str, key_hex: str, mac_key: bytes | None = None) -> StoredGroup:
     """Fully checks one group; returns what it is (its index record, layout and namespace).
 
     ``mac_key``: the store's MAC key, for a store with ``auth_key`` (its MAC must verify too).
 
     Raises:
+        UnauthenticatedError: all is well but the MAC.
         FragmentError: what is wrong with it.
     """
     # pread, not a memory map: on a network file system the file may vanish mid-read.
@@ -83,7 +95,10 @@ def check_fragment(root: str, key_hex: str, mac_key: bytes | None = None) -> Sto
         if xxhash.xxh3_128_digest(parent + bytes(fragment.raw(TOKENS))).hex() != key_hex:
             raise FragmentError("stored tokens do not hash to the group's key")
         if mac_key is not None:
-            fragment.verify_mac(mac_key)
+            try:
+                fragment.verify_mac(mac_key)
+            except FragmentError as exc:
+                raise UnauthenticatedError(str(exc)) from None
         return stored
 
 
@@ -119,8 +134,11 @@ def verify_store(
     workers: int = 8,
     progress: Callable[[ScanProgress], None] | None = None,
     node_local_index: bool = False,
+    mac_key: bytes | None = None,
 ) -> VerifyReport:
     """Checks (and with ``fix``, repairs) the store at ``root`` with its index at ``index_path``.
+
+    ``mac_key``: the store's MAC key (see ``_mac.mac_key``), to check every fragment's MAC.
 
     ``node_local_index``: the index is one node's own beside a shared root, so valid groups it
     does not know are other nodes' (counted, not problems, and not added by ``fix``: this
@@ -160,7 +178,9 @@ def verify_store(
             except FileNotFoundError:
                 continue  # the group went meanwhile
             try:
-                valid[bytes.fromhex(key_hex)] = check_fragment(root, key_hex)
+                valid[bytes.fromhex(key_hex)] = check_fragment(root, key_hex, mac_key)
+            except UnauthenticatedError as exc:
+                problems.append(Problem("unauthenticated-fragment", key_hex, str(exc)))
             except FragmentError as exc:
                 if not exc.missing:
                     problems.append(Problem("damaged-fragment", key_hex, str(exc)))
@@ -197,7 +217,8 @@ def verify_store(
         indexed = dict(index.items())
     elif not node_local_index:  # a node-local index is made when that node opens the store
         report.problems.append(Problem("missing-index", None, f"no index at {index_path}"))
-    damaged_keys = {bytes.fromhex(p.key or "") for p in report.problems if p.kind == "damaged-fragment"}
+    unusable = ("damaged-fragment", "unauthenticated-fragment")
+    damaged_keys = {bytes.fromhex(p.key or "") for p in report.problems if p.kind in unusable}
     for key, record in indexed.items():
         if record is None:
             report.problems.append(Problem("garbage-index-entry", key.hex(), "value is not a record"))
@@ -224,9 +245,14 @@ def verify_store(
 
 def _repair(root: str, index: Index, report: VerifyReport, valid: dict[bytes, StoredGroup]) -> None:
     drop, add = [], []
+    # Not one fragment verifies under the key given: that key is probably not the store's.
+    wrong_key = not valid
     for problem in report.problems:
         key_hex = problem.key or ""  # set for every kind but stale-temporary and missing-index
-        if problem.kind == "damaged-fragment":
+        if problem.kind == "unauthenticated-fragment" and wrong_key:
+            problem.detail += " (left alone: no fragment verifies under this key; is it the store's?)"
+            continue
+        if problem.kind in ("damaged-fragment", "unauthenticated-fragment"):
             quarantine_group(root, key_hex)  # out of readers' way at once...
             for tmp in _layout.iter_temporaries(_layout.fanout_dir(root, key_hex)):
                 if os.path.basename(tmp).startswith(f"{_layout.TMP_PREFIX}{key_hex}-damaged-"):

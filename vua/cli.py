@@ -1,7 +1,7 @@
 """The ``vua`` command: rebuild-index, verify, stats and gc for a store on disk.
 
     vua rebuild-index ROOT [--index-path DIR] [--workers N] [--json]
-    vua verify ROOT [--fix] [--grace SECONDS] [--index-path DIR] [--json]
+    vua verify ROOT [--fix] [--grace SECONDS] [--auth-key-file FILE] [--index-path DIR] [--json]
     vua stats ROOT [--index-path DIR] [--json]
     vua gc ROOT --max-bytes N [--index-path DIR] [--json]
 
@@ -27,6 +27,7 @@ from vua import _evict, _layout
 from vua._files import file_system_type, is_network_file_system
 from vua._generations import CURRENT_FILE
 from vua._index import Index
+from vua._mac import mac_key, read_secret
 from vua._rebuild import ScanProgress, rebuild
 from vua._verify import DEFAULT_GRACE_SECONDS, verify_store
 from vua.errors import NotAStoreError, VUAError
@@ -105,6 +106,7 @@ def cmd_rebuild_index(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     _check_root(args.root, args.index_path)
+    key = None if args.auth_key_file is None else mac_key(read_secret(args.auth_key_file, "--auth-key-file"))
     report = verify_store(
         args.root,
         args.index_path,
@@ -113,6 +115,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         workers=args.workers,
         progress=_Progress("verifying", not args.json),
         node_local_index=_node_local_index(args),
+        mac_key=key,
     )
     lines = [f"{report.fragments} valid fragments, {human_size(report.bytes)}"]
     for p in report.problems:
@@ -252,7 +255,17 @@ def build_parser(*, json_errors: bool = False) -> argparse.ArgumentParser:
     )
     p.add_argument("--workers", type=int, default=8, help="parallel directory scanners (default 8)")
     p = command("verify", cmd_verify, "Check every fragment and the index; exit 0 only for a clean store.")
-    p.add_argument("--fix", action="store_true", help="delete damaged fragments and stale temporaries, fix the index")
+    p.add_argument(
+        "--fix",
+        action="store_true",
+        help="delete damaged (and, with --auth-key-file, unauthenticated) fragments and stale temporaries, "
+        "fix the index",
+    )
+    p.add_argument(
+        "--auth-key-file",
+        metavar="FILE",
+        help="a file holding the store's secret (VUAConfig.auth_key): check every fragment's MAC too",
+    )
     p.add_argument(
         "--grace",
         type=float,

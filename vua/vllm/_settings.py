@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from vua._mac import read_secret
 from vua.core import VUA, VUAConfig
 from vua.errors import InvalidInputError
 
@@ -214,13 +215,4 @@ def _seconds_setting(extra: dict[str, Any], name: str, default: float) -> float:
 
 def _read_auth_key(path: str | None) -> bytes | None:
     """The store's MAC secret from a file (``auth_key_file``): a secret never goes in a command line."""
-    if not path:
-        return None
-    try:
-        with open(path, "rb") as f:
-            return f.read().strip()
-    except OSError as exc:
-        raise InvalidInputError(
-            f"VUAConnector cannot read auth_key_file {path!r}: {exc.strerror}; "
-            "point it at a file holding the store's secret (16 to 64 bytes)"
-        ) from None
+    return read_secret(path, "VUAConnector's auth_key_file") if path else None
