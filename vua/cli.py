@@ -309,7 +309,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.index_path = os.path.abspath(args.index_path or os.path.join(args.root, _layout.DEFAULT_INDEX_DIR))
     try:
         return args.func(args)
-    except (VUAError, OSError) as exc:
+    except (VUAError, OSError, ImportError) as exc:  # ImportError: an extra a command needs is missing
         if args.json:
             print(json.dumps({"command": args.command, "root": args.root, "error": str(exc)}, indent=2))
         else:
