@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from vua import _layout
-from vua._files import file_system_type, is_network_file_system
+from vua._files import file_system_type, is_network_file_system, read_all
 from vua._keys import group_keys, namespace_seed, tokens_as_int64
 from vua.core import VUA, VUAConfig
 
@@ -86,9 +86,7 @@ def read_files(paths: list[str]) -> None:
     for path in paths:
         fd = os.open(path, os.O_RDONLY)
         try:
-            got, end = 0, os.fstat(fd).st_size
-            while got < end:
-                got += os.readv(fd, [view[got:end]])
+            read_all(fd, [view[: os.fstat(fd).st_size]], 0)
         finally:
             os.close(fd)
 
@@ -102,9 +100,9 @@ def read_files_parallel(paths: list[str], threads: int) -> Callable[[], None]:
     def read_one(i: int) -> None:
         fd = os.open(paths[i], os.O_RDONLY)
         try:
-            got, view = 0, buffers[i]
-            while got < len(view):
-                got += os.preadv(fd, [view[got : got + (1 << 20)]], got)
+            view = buffers[i]
+            for offset in range(0, len(view), 1 << 20):
+                read_all(fd, [view[offset : offset + (1 << 20)]], offset)
         finally:
             os.close(fd)
 

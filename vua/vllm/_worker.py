@@ -197,8 +197,6 @@ class WorkerSide:
         layers = len(self.settings.layer_names)
         for req_id, gathered in self._gathered.items():
             spec = specs[req_id]
-            if req_id in self._unsaveable:
-                continue
             if len(gathered) != layers:
                 logger.warning(
                     "VUAConnector: request %s gathered %d of %d layers; not saved", req_id, len(gathered), layers
