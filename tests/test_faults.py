@@ -6,7 +6,10 @@ import errno
 import multiprocessing
 import os
 import random
+import shutil
 import signal
+import tempfile
+import threading
 import time
 from unittest import mock
 
@@ -65,6 +68,15 @@ class DiskFaultTest(StoreTestCase):
     def test_permission_denied(self):
         with mock.patch.object(_publish.os, "mkdir", side_effect=PermissionError(errno.EACCES, "Permission denied")):
             with self.assertRaisesRegex(StorageError, "Permission denied.*fix permissions"):
+                self.vua.put(self.tokens, prefix_kv(self.tokens))
+        self.assertUnchangedAndUsable()
+
+    def test_stale_handle_is_reported_as_such(self):
+        # GlusterFS answers ESTALE for a directory its servers disagree about: the error must
+        # not send the operator to free space or fix permissions.
+        stale = OSError(errno.ESTALE, "Stale file handle")
+        with mock.patch.object(_publish.os, "link", side_effect=stale), mock.patch.object(_publish.time, "sleep"):
+            with self.assertRaisesRegex(StorageError, "Stale file handle; the shared file system called a directory"):
                 self.vua.put(self.tokens, prefix_kv(self.tokens))
         self.assertUnchangedAndUsable()
 
@@ -175,3 +187,61 @@ class ConcurrencyTest(StoreTestCase):
         self.assertGreater(sum(puts for puts, _, _ in outcomes), 0)
         self.assertGreater(sum(hits for _, hits, _ in outcomes), 0)
         self.assertEqual(run_cli("verify", self.root)[0], 0)
+
+
+class DirectoryMakingTest(StoreTestCase):
+    """make_dir, which every put and every store opening goes through (see its docstring for GlusterFS)."""
+
+    def test_a_directory_is_not_used_while_another_process_holds_its_lock(self):
+        # Another node holds the lock and has just made the directory: on GlusterFS it may not
+        # be whole on every server yet, and looking it up then can break it. make_dir must wait
+        # for the lock, then find the directory made (not make it again).
+        path = os.path.join(self.root, "ab")
+        lock = _publish._lock_dir(path)
+        assert lock is not None
+        os.mkdir(path)
+        made: list[bool] = []
+        waiter = threading.Thread(target=lambda: made.append(_publish.make_dir(path)))
+        waiter.start()
+        waiter.join(0.3)
+        self.assertTrue(waiter.is_alive(), "make_dir returned while another process held the lock")
+        os.unlink(lock)
+        waiter.join(30)
+        self.assertEqual(made, [False])
+        self.assertEqual(sorted(os.listdir(self.root)), ["ab"])  # no lock left behind
+
+    def test_makes_missing_parents_and_says_what_it_made(self):
+        path = os.path.join(self.root, "a", "b", "c")
+        self.assertTrue(_publish.make_dir(path))
+        self.assertTrue(os.path.isdir(path))
+        self.assertFalse(_publish.make_dir(path))
+        self.assertEqual(os.listdir(os.path.join(self.root, "a")), ["b"])  # only the directories
+
+    def test_a_file_in_the_way_is_an_error(self):
+        path = os.path.join(self.root, "ab")
+        with open(path, "w"):
+            pass
+        with self.assertRaises(NotADirectoryError):
+            _publish.make_dir(path)
+        with self.assertRaises(NotADirectoryError):
+            _publish.make_dir(os.path.join(path, "cd"))
+
+    def test_the_lock_of_a_dead_maker_is_taken_over(self):
+        path = os.path.join(self.root, "ab")
+        _publish._lock_dir(path)  # its holder died before making the directory
+        with mock.patch.object(_publish, "_MKDIR_WAIT_SECONDS", 0.2):
+            self.assertTrue(_publish.make_dir(path))
+        self.assertEqual(os.listdir(self.root), ["ab"])
+
+    def test_a_store_whose_fanout_directory_was_removed_under_it_makes_it_again(self):
+        vua = self.store(split_factor=16)
+        tokens = torch.arange(32)
+        self.assertEqual(vua.put(tokens, prefix_kv(tokens)), 2)
+        for fanout in _layout.iter_fanout_dirs(self.root):
+            shutil.rmtree(fanout)  # the process still remembers having made them
+        vua.close()
+        fresh_index = tempfile.mkdtemp(prefix="vua-fresh-index-")
+        self.addCleanup(shutil.rmtree, fresh_index)
+        vua = self.store(split_factor=16, index_path=fresh_index)
+        self.assertEqual(vua.put(tokens, prefix_kv(tokens)), 2)
+        self.assertEqual(check_hit(vua.get_closest(tokens), tokens), 32)

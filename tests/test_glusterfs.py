@@ -79,6 +79,41 @@ WRITER = """
 """
 
 
+# Processes that make the same directories (a store's fan-out and group directories) at once.
+DIRECTORY_MAKER = """
+    import os, sys, time
+    from vua._publish import make_dir
+    root, start = sys.argv[1], float(sys.argv[2])
+    groups = [os.path.join(root, f"{i:02x}", f"{i:02x}{j:030x}") for i in range(16) for j in range(12)]
+    while time.time() < start:
+        pass  # every maker starts at the same instant
+    for group in groups:
+        make_dir(os.path.dirname(group))
+        make_dir(group)
+"""
+
+
+def directories_split_between_servers(name: str) -> list[str]:
+    """Directories under ``name`` whose GlusterFS id (trusted.gfid) differs between the bricks, or is missing on one.
+
+    Such a directory answers ESTALE on the node whose view disagrees, for good: this is what
+    a lookup racing another node's mkdir left behind (see vua._publish.make_dir).
+    """
+    assert volume is not None
+    found = {os.path.relpath(d, brick) for brick in volume.bricks for d, _, _ in os.walk(os.path.join(brick, name))}
+    split = []
+    for relative in sorted(found):
+        ids = set()
+        for brick in volume.bricks:
+            try:
+                ids.add(os.getxattr(os.path.join(brick, relative), "trusted.gfid"))
+            except OSError as exc:
+                ids.add(exc.errno)
+        if len(ids) != 1:
+            split.append(relative)
+    return split
+
+
 class TwoNodeTest(unittest.TestCase):
     def setUp(self) -> None:
         assert volume is not None
@@ -167,6 +202,18 @@ class TwoNodeTest(unittest.TestCase):
             out, err = node.communicate(timeout=300)
             self.assertEqual(node.returncode, 0, err[-3000:])
             self.assertEqual(out.strip(), "6", err[-3000:])  # every prompt whole on both nodes
+        self.assertEqual(directories_split_between_servers(os.path.basename(self.root_a)), [])
+
+    def test_nodes_making_the_same_directories_at_once_leave_each_with_one_id(self):
+        # Three processes per node make the same 209 directories at one instant. Before
+        # make_dir stopped looking a directory up until it held its lock, a third of such
+        # rounds left a directory with a different id on each server.
+        start = str(time.time() + 2.0)  # after every interpreter has started
+        makers = [run_node(DIRECTORY_MAKER, root, start) for root in (self.root_a, self.root_b) for _ in range(3)]
+        for maker in makers:
+            _, err = maker.communicate(timeout=300)
+            self.assertEqual(maker.returncode, 0, err[-3000:])
+        self.assertEqual(directories_split_between_servers(os.path.basename(self.root_a)), [])
 
     def test_a_reader_survives_another_node_evicting_and_reputting(self):
         # Node A re-puts the prompts and evicts them tree-wide with no grace period, over and

@@ -83,10 +83,11 @@ def publish_fragment(
 
 def _publish_once(root: str, key_hex: str, header: bytes, buffers: Sequence[memoryview], file_mode: int | None) -> bool:
     group = _layout.group_dir(root, key_hex)
+    _make_fanout_dir(root, key_hex)
+    make_dir(group)  # before any look at the group: see make_dir
     final = os.path.join(group, _layout.FRAGMENT_FILE)
     if os.path.lexists(final):
         return False
-    make_dir(group)
     tmp = os.path.join(group, f"{_layout.WRITING_PREFIX}{os.getpid()}-{secrets.token_hex(4)}")
     linked = lost = False
     try:
@@ -107,7 +108,7 @@ def _publish_once(root: str, key_hex: str, header: bytes, buffers: Sequence[memo
     finally:
         _unlink_quietly(tmp)
         if not (linked or lost):
-            _remove_if_empty(group)  # leave the tree as it was (unless another writer is at work there)
+            remove_dir_if_empty(group)  # leave the tree as it was (unless another writer is at work there)
     if lost:
         return False
     fsync_dir(group)  # the link and the unlink
@@ -115,26 +116,60 @@ def _publish_once(root: str, key_hex: str, header: bytes, buffers: Sequence[memo
     return True
 
 
-def make_dir(path: str) -> None:
-    """Makes a directory (and its parents) unless it exists, one maker at a time.
+# Fan-out directories this process made or saw made. VUA never removes one, so a put pays for
+# making (or finding) each once per process; should one vanish all the same (the store deleted
+# under a running server), making the group's directory makes it again (see make_dir).
+_fanouts_made: set[str] = set()
 
-    Two nodes making the same directory at the same instant on GlusterFS left it with an
-    inconsistent layout (each server claiming the same half of the hash range), so files
-    hashed to the other half were invisible to the node whose view was wrong. A lock file
-    beside the directory (see :func:`_lock_dir`) lets one node make it while the others
-    wait to see it.
-    """
-    parent = os.path.dirname(path)
-    if os.path.isdir(path):
+
+def _make_fanout_dir(root: str, key_hex: str) -> None:
+    fanout = _layout.fanout_dir(root, key_hex)
+    if fanout in _fanouts_made:
         return
-    if not os.path.isdir(parent):
-        make_dir(parent)
+    if make_dir(fanout):
+        fsync_dir(root)  # its entry in the root, as the group's is in it
+    _fanouts_made.add(fanout)
+
+
+def make_dir(path: str) -> bool:
+    """Makes a directory (and its missing parents) unless it exists, one maker at a time.
+
+    Two hazards on GlusterFS, both seen in the two-node tests, shape this:
+    - two nodes making the same directory at the same instant left it with an inconsistent
+      layout (each server claiming the same half of the hash range), so files hashed to the
+      other half were invisible to the node whose view was wrong;
+    - a node that merely looked the directory up while another node was making it (the
+      servers had created it but not yet stamped its GlusterFS id) healed it with an id of
+      its own, so the servers disagreed on the directory's id and every use of it failed
+      with ESTALE on one node, for good.
+    So the directory is never looked at before its lock (a file beside it, see
+    :func:`_lock_dir`) is held: whoever holds the lock makes it, and mkdir failing with
+    EEXIST is how an existing directory is found; a node that finds the lock taken retries
+    taking it, and does not probe the directory meanwhile.
+
+    Returns:
+        True if this call made the directory, False if it was there.
+
+    Raises:
+        OSError: the file system refused (EACCES, ENOSPC, ...), or a file stands at ``path``.
+    """
     deadline = time.monotonic() + _MKDIR_WAIT_SECONDS
     while True:
-        lock = _lock_dir(path)
-        if lock is None:
+        try:
+            lock = _lock_dir(path)
+        except FileNotFoundError:
+            parent = os.path.dirname(path)
+            if parent == path:
+                raise
+            make_dir(parent)
+            continue
+        except OSError:
+            # No lock may be made beside it (a read-only parent, say): nor may the directory
+            # be made there, so it is usable only if it exists.
             if os.path.isdir(path):
-                return
+                return False
+            raise
+        if lock is None:
             if time.monotonic() > deadline:  # its holder died: take the lock over
                 _unlink_quietly(_lock_path(path))
                 deadline = time.monotonic() + _MKDIR_WAIT_SECONDS
@@ -144,9 +179,10 @@ def make_dir(path: str) -> None:
             os.mkdir(path)
         except FileExistsError:
             _require_directory(path)
+            return False
         finally:
             _unlink_quietly(lock)
-        return
+        return True
 
 
 def _require_directory(path: str) -> None:
@@ -163,7 +199,7 @@ def _require_directory(path: str) -> None:
         raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), path)
 
 
-def _remove_if_empty(group: str) -> None:
+def remove_dir_if_empty(group: str) -> None:
     """Removes an emptied group directory, unless another node is making it right now."""
     try:
         lock = _lock_dir(group)
@@ -262,7 +298,7 @@ def move_group_aside(root: str, key_hex: str, why: str) -> str | None:
         return target
     except OSError:
         moved = None
-    _remove_if_empty(group)  # a new fragment may have been published into it meanwhile
+    remove_dir_if_empty(group)  # a new fragment may have been published into it meanwhile
     return moved
 
 

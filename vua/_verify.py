@@ -31,7 +31,7 @@ from vua._fragment import Fragment
 from vua._generations import CURRENT_FILE
 from vua._index import Index
 from vua._kv_layout import TOKENS
-from vua._publish import quarantine_group, remove_entry
+from vua._publish import quarantine_group, remove_dir_if_empty, remove_entry
 from vua._rebuild import ScanProgress, rebuild
 from vua._record import GroupRecord, StoredGroup
 from vua.errors import FragmentError
@@ -259,10 +259,7 @@ def _repair(root: str, index: Index, report: VerifyReport, valid: dict[bytes, St
                     remove_entry(tmp)  # ...then gone
             drop.append(bytes.fromhex(key_hex))
         elif problem.kind == "empty-group-directory":
-            try:
-                os.rmdir(_layout.group_dir(root, key_hex))
-            except OSError:
-                pass  # filled meanwhile, or gone
+            remove_dir_if_empty(_layout.group_dir(root, key_hex))  # under its lock: see make_dir
         elif problem.kind == "stale-temporary":
             remove_entry(problem.detail.rsplit(" (", 1)[0])
         elif problem.kind in ("dangling-index-entry", "garbage-index-entry"):

@@ -14,6 +14,7 @@ result; a put goes keys -> catalog (what is stored) -> writer (``_writer``, ``_p
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import time
@@ -210,7 +211,7 @@ class VUA:
         if failure is not None:
             raise StorageError(
                 f"writing a fragment under {self.root!r} failed: {failure.strerror or failure}; "
-                "free space or fix permissions, then put again (stored groups stay valid)"
+                f"{_write_failure_advice(failure)}, then put again (stored groups stay valid)"
             ) from failure
         if self.config.max_bytes is not None:
             self._catalog.flush_touches()
@@ -357,6 +358,19 @@ def _is_network_root(root: str, config: VUAConfig) -> bool:
             "and run `vua gc ROOT --max-bytes N` on one node, on a timer (see the README)"
         )
     return network
+
+
+def _write_failure_advice(failure: OSError) -> str:
+    """What to do about a put's failed write, by its errno."""
+    if failure.errno == errno.ESTALE:
+        # Seen on GlusterFS when a directory ended up with a different id on each server: a
+        # lookup racing another node's mkdir does that. make_dir keeps VUA's writers apart;
+        # a reader probing a group at the instant another node makes it is not kept out.
+        return (
+            f"the shared file system called a directory under the root stale ({failure.filename}); "
+            "its client log says why, and a directory the servers disagree about must be repaired or removed there"
+        )
+    return "free space or fix permissions"
 
 
 def _open_root(root_path: str | os.PathLike[str], create_parents: bool) -> str:
