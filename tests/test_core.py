@@ -17,7 +17,17 @@ import torch
 import xxhash
 from safetensors import safe_open
 
-from tests.helpers import StoreTestCase, flip_byte, indexed_groups, kv_slice, listing, random_kv, same_bits
+from tests.helpers import (
+    StoreTestCase,
+    check_hit,
+    flip_byte,
+    indexed_groups,
+    kv_slice,
+    listing,
+    prefix_kv,
+    random_kv,
+    same_bits,
+)
 from vua.core import VUA, ClosestKV, SplitFactorError, VUAConfig
 from vua.errors import InvalidInputError, NotAStoreError, StorageError, VUAError
 
@@ -355,6 +365,19 @@ class BadInputTest(StoreTestCase):
         self.assertFalse(os.path.exists(os.path.join(self.root, "mnt")))
         VUA(VUAConfig, deep, create_parents=True).close()
         self.assertTrue(os.path.isdir(deep))
+
+    def test_root_may_be_a_symlink_to_a_directory(self):
+        # A common deployment: /data/vua -> /mnt/nvme0/vua.
+        real = os.path.join(self.root, "real")
+        os.mkdir(real)
+        link = os.path.join(self.root, "link")
+        os.symlink(real, link)
+        vua = VUA(VUAConfig(split_factor=16), link)
+        self.addCleanup(vua.close)
+        tokens = torch.arange(32)
+        self.assertEqual(vua.put(tokens, prefix_kv(tokens)), 2)
+        self.assertEqual(check_hit(vua.get_closest(tokens), tokens), 32)
+        self.assertTrue(os.path.islink(link))
 
     def test_unusable_root(self):
         path = os.path.join(self.root, "a-file")

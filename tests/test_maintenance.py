@@ -28,7 +28,7 @@ from tests.helpers import (
     random_kv,
     run_cli,
 )
-from vua import _generations, _index, _layout
+from vua import _generations, _index, _layout, _publish
 from vua.cli import human_size, main, parse_size
 from vua.core import VUA, VUAConfig
 
@@ -93,16 +93,21 @@ class CommandTest(StoreTestCase):
         for path in (beside, alone, live):
             with open(path, "wb") as f:
                 f.write(b"partial")
+        # A writer killed between making a group's directory and releasing its lock.
+        locked_group = _layout.group_dir(self.root, "ef" * 16)
+        os.makedirs(locked_group)
+        dead_lock = _publish._lock_dir(locked_group)
         hour_ago = time.time() - 3600
-        for path in (beside, alone, orphan_group):
+        for path in (beside, alone, orphan_group, locked_group, dead_lock):
             os.utime(path, (hour_ago, hour_ago))
         status, out, _ = run_cli("verify", self.root, "--json")
         report = json.loads(out)
         kinds = sorted(p["kind"] for p in report["problems"])
-        self.assertEqual((status, kinds), (1, ["empty-group-directory", "stale-temporary", "stale-temporary"]))
+        self.assertEqual((status, kinds), (1, ["empty-group-directory"] * 2 + ["stale-temporary"] * 3))
         self.assertEqual(report["young_temporaries"], 1)  # the live writer's file
         self.assertEqual(run_cli("verify", self.root, "--fix")[0], 0)
-        self.assertFalse(os.path.exists(beside) or os.path.exists(orphan_group))
+        for gone in (beside, orphan_group, locked_group, dead_lock):
+            self.assertFalse(os.path.lexists(gone), gone)
         self.assertTrue(os.path.exists(live))  # a live writer's file is left alone
         status, out, _ = run_cli("verify", self.root, "--json")
         self.assertEqual((status, json.loads(out)["fragments"]), (0, 4))

@@ -188,11 +188,12 @@ def make_dir(path: str) -> bool:
 def _require_directory(path: str) -> None:
     """Raises NotADirectoryError when a file stands where directory ``path`` should be.
 
-    Only what is there counts: on a FUSE mount a directory another node made a moment ago
-    can still look missing (a cached lookup), which is no reason to fail.
+    A symlink to a directory is one (a root often is: /data/vua -> /mnt/nvme0/vua). Only
+    what is there counts: on a FUSE mount a directory another node made a moment ago can
+    still look missing (a cached lookup), which is no reason to fail.
     """
     try:
-        mode = os.lstat(path).st_mode
+        mode = os.stat(path).st_mode
     except FileNotFoundError:
         return
     if not stat.S_ISDIR(mode):

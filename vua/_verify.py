@@ -247,7 +247,9 @@ def _repair(root: str, index: Index, report: VerifyReport, valid: dict[bytes, St
     drop, add = [], []
     # Not one fragment verifies under the key given: that key is probably not the store's.
     wrong_key = not valid
-    for problem in report.problems:
+    # Stale temporaries go first: a writer killed while making a group directory leaves its
+    # lock, and an empty group directory is removed only under that lock.
+    for problem in sorted(report.problems, key=lambda p: p.kind != "stale-temporary"):
         key_hex = problem.key or ""  # set for every kind but stale-temporary and missing-index
         if problem.kind == "unauthenticated-fragment" and wrong_key:
             problem.detail += " (left alone: no fragment verifies under this key; is it the store's?)"
