@@ -19,6 +19,7 @@ import tempfile
 import textwrap
 import time
 import unittest
+import uuid
 
 import torch
 
@@ -27,7 +28,7 @@ from tests.helpers import check_hit, indexed_groups, prefix_kv, run_cli
 from vua._files import file_system_type
 from vua._layout import FRAGMENT_FILE
 from vua.core import VUA, VUAConfig
-from vua.errors import InvalidInputError
+from vua.errors import InvalidInputError, StorageError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 volume: GlusterVolume | None = None
@@ -214,6 +215,40 @@ class TwoNodeTest(unittest.TestCase):
             _, err = maker.communicate(timeout=300)
             self.assertEqual(maker.returncode, 0, err[-3000:])
         self.assertEqual(directories_split_between_servers(os.path.basename(self.root_a)), [])
+
+    def test_a_directory_the_servers_disagree_about_costs_its_group_only(self):
+        # The fault make_dir prevents, injected on the servers: one group's directory gets a
+        # different GlusterFS id on each brick (as a lookup racing another node's mkdir left
+        # it once). Node B's reads stop before that group, its put says what ESTALE means,
+        # and the maintenance commands report it or skip it without crashing.
+        assert volume is not None
+        a = self.node("a")
+        tokens = torch.arange(9000, 9000 + 16 * 6)
+        self.assertEqual(a.put(tokens, prefix_kv(tokens)), 6)
+        victim = a.config.tokens_to_paths(tokens)[3]
+        relative = os.path.relpath(os.path.join(self.root_a, victim[:2], victim), volume.node_a)
+        for brick in volume.bricks:
+            os.setxattr(os.path.join(brick, relative), "trusted.gfid", uuid.uuid4().bytes)
+        logging.getLogger("vua").setLevel(logging.CRITICAL)  # the skipped group is logged, as it should be
+        self.addCleanup(logging.getLogger("vua").setLevel, logging.NOTSET)
+        b = self.node("b")
+        self.assertEqual(check_hit(b.get_closest(tokens), tokens), 16 * 3)
+        with self.assertRaisesRegex(StorageError, "Stale file handle; the shared file system called a directory"):
+            b.put(tokens, prefix_kv(tokens))
+        index_b = os.path.join(self.local, "maintenance-b")
+        for fix in ([], ["--fix"]):
+            status, out, err = run_cli("verify", self.root_b, "--index-path", index_b, "--json", *fix)
+            report = json.loads(out)
+            self.assertEqual(status, 1, out + err)
+            self.assertEqual(
+                [(p["kind"], p["key"], p["fixed"]) for p in report["problems"]], [("unreadable", victim, False)]
+            )
+            self.assertEqual(report["fragments"], 5)
+        status, out, err = run_cli("rebuild-index", self.root_b, "--index-path", index_b)
+        self.assertEqual(status, 0, err)
+        self.assertIn("5 groups", out)
+        status, out, err = run_cli("gc", self.root_b, "--index-path", index_b, "--max-bytes", "0", "--json")
+        self.assertEqual((status, json.loads(out)["groups_evicted"]), (0, 5), err)
 
     def test_a_reader_survives_another_node_evicting_and_reputting(self):
         # Node A re-puts the prompts and evicts them tree-wide with no grace period, over and

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import os
@@ -78,6 +79,32 @@ class CommandTest(StoreTestCase):
         self.assertTrue(os.path.exists(young))  # a live writer's directory is left alone
         status, out, _ = run_cli("verify", self.root, "--json")
         self.assertEqual((status, json.loads(out)["problems"], json.loads(out)["fragments"]), (0, [], 3))
+
+    def test_verify_reports_an_unreadable_group_and_leaves_it_alone(self):
+        # EIO from a disk, ESTALE from a network file system: not damage to delete, and not
+        # a reason for verify to stop. The fault is injected on one group's directory.
+        victim = os.path.dirname(self.fragment_files()[0])
+        real_scandir = os.scandir
+
+        def failing_scandir(path=".", *rest):
+            if os.fspath(path) == victim:
+                raise OSError(errno.EIO, "Input/output error", victim)
+            return real_scandir(path, *rest)
+
+        with mock.patch.object(_layout.os, "scandir", failing_scandir):
+            status, out, _ = run_cli("verify", self.root, "--json")
+            report = json.loads(out)
+            problems = [(p["kind"], p["key"]) for p in report["problems"]]
+            self.assertEqual(
+                (status, problems, report["fragments"]), (1, [("unreadable", os.path.basename(victim))], 3)
+            )
+            status, out, _ = run_cli("verify", self.root, "--fix")
+            self.assertEqual(status, 1)
+            self.assertIn("left alone", out)
+            self.assertNotIn("run `vua verify --fix`", out)  # it just ran
+        self.assertTrue(os.path.exists(os.path.join(victim, _layout.FRAGMENT_FILE)))
+        status, out, _ = run_cli("verify", self.root, "--json")
+        self.assertEqual((status, json.loads(out)["problems"], json.loads(out)["fragments"]), (0, [], 4))
 
     def test_verify_fixes_writers_files_left_in_group_directories(self):
         # A writer killed between writing its file and linking it leaves the file in the

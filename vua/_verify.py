@@ -45,7 +45,7 @@ class Problem:
 
     # damaged-fragment, unauthenticated-fragment, stale-temporary, unindexed-group,
     # misrecorded-index-entry, dangling-index-entry, garbage-index-entry, missing-index,
-    # empty-group-directory
+    # empty-group-directory, unreadable (left alone by fix: see _unreadable)
     kind: str
     key: str | None
     detail: str
@@ -156,7 +156,9 @@ def verify_store(
             return None  # its writer just published or removed it
 
     def scan(fanout: str) -> tuple[dict[bytes, StoredGroup], list[Problem], int]:
-        valid, problems, young = {}, [], 0
+        valid: dict[bytes, StoredGroup] = {}
+        problems: list[Problem] = []
+        young = 0
 
         def temporaries(paths: Iterable[str]) -> bool:
             """Counts young temporaries, reports old ones; True when all of them were old."""
@@ -171,17 +173,29 @@ def verify_store(
                     all_old = False
             return all_old
 
-        for key_hex, group_dir in _layout.iter_groups(fanout):
+        try:
+            groups = list(_layout.iter_groups(fanout))
+        except FileNotFoundError:
+            return valid, problems, young
+        except OSError as exc:
+            return valid, [_unreadable(None, fanout, exc)], young
+        for key_hex, group_dir in groups:
             try:
                 # A writer killed between its write and its link leaves its file here.
                 writers_done = temporaries(_layout.iter_writing(group_dir))
             except FileNotFoundError:
                 continue  # the group went meanwhile
+            except OSError as exc:
+                problems.append(_unreadable(key_hex, group_dir, exc))
+                continue
             try:
                 valid[bytes.fromhex(key_hex)] = check_fragment(root, key_hex, mac_key)
             except UnauthenticatedError as exc:
                 problems.append(Problem("unauthenticated-fragment", key_hex, str(exc)))
             except FragmentError as exc:
+                if not exc.missing and not exc.damaged:  # EIO, ESTALE: the file system refused
+                    problems.append(_unreadable(key_hex, group_dir, exc))
+                    continue
                 if not exc.missing:
                     problems.append(Problem("damaged-fragment", key_hex, str(exc)))
                     continue
@@ -217,7 +231,7 @@ def verify_store(
         indexed = dict(index.items())
     elif not node_local_index:  # a node-local index is made when that node opens the store
         report.problems.append(Problem("missing-index", None, f"no index at {index_path}"))
-    unusable = ("damaged-fragment", "unauthenticated-fragment")
+    unusable = ("damaged-fragment", "unauthenticated-fragment", "unreadable")  # in the tree, not dangling
     damaged_keys = {bytes.fromhex(p.key or "") for p in report.problems if p.kind in unusable}
     for key, record in indexed.items():
         if record is None:
@@ -243,6 +257,23 @@ def verify_store(
     return report
 
 
+def _unreadable(key_hex: str | None, path: str, exc: OSError | FragmentError) -> Problem:
+    """A group or fan-out directory the file system refuses to read (EIO, ESTALE, EACCES).
+
+    Left alone by ``fix``: the refusal may pass (an I/O error), and what the file system
+    refuses to read it may refuse to remove too. On GlusterFS, ESTALE that persists means
+    its servers disagree about a directory's id (see ``_publish.make_dir``), which is
+    repaired on the servers; the client's log names the directory.
+    """
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    return Problem(
+        "unreadable",
+        key_hex,
+        f"{path}: {reason}; left alone: a fault of the file system (disk, network, or on GlusterFS "
+        "a directory its servers disagree about), to repair there",
+    )
+
+
 def _repair(root: str, index: Index, report: VerifyReport, valid: dict[bytes, StoredGroup]) -> None:
     drop, add = [], []
     # Not one fragment verifies under the key given: that key is probably not the store's.
@@ -254,6 +285,8 @@ def _repair(root: str, index: Index, report: VerifyReport, valid: dict[bytes, St
         if problem.kind == "unauthenticated-fragment" and wrong_key:
             problem.detail += " (left alone: no fragment verifies under this key; is it the store's?)"
             continue
+        if problem.kind == "unreadable":
+            continue  # not this program's to repair (see _unreadable)
         if problem.kind in ("damaged-fragment", "unauthenticated-fragment"):
             quarantine_group(root, key_hex)  # out of readers' way at once...
             for tmp in _layout.iter_temporaries(_layout.fanout_dir(root, key_hex)):

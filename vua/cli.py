@@ -129,6 +129,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         if report.clean and not report.problems
         else "repaired: the store is clean"
         if report.clean
+        else "NOT CLEAN: the problems above were left alone, each says why"
+        if args.fix
         else "NOT CLEAN: run `vua verify --fix` to repair"
     )
     _emit(args, report.to_json(), "\n".join(lines))
