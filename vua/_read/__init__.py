@@ -23,7 +23,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
-from typing import Protocol
 
 import torch
 
@@ -31,21 +30,13 @@ from vua._fragment import Fragment
 from vua._kv_layout import Layout
 from vua._read._cpu import HostGroups, HostLayers, HostPreads
 from vua._read._direct import DirectGroups
-from vua._read._job import ReadJob, allocate_outputs
+from vua._read._job import CopyStrategy, ReadJob, allocate_outputs
 from vua._read._load import KVLoad
 from vua._read._platform import CudaPlatform
 from vua._read._staged import StagedGroups, StagedLayers
 from vua._read._staging import HostBlockPool, PinnedStaging
 
 __all__ = ["KVLoad", "CudaPlatform", "HostBlockPool", "PinnedStaging", "checks_macs_in_copy", "start_load"]
-
-
-class CopyStrategy(Protocol):
-    # Whether the copy checks the fragments' MACs (``job.mac_key``) over the bytes as they land.
-    checks_macs: bool
-
-    def run(self, job: ReadJob) -> None:
-        """Fills the job's outputs for its groups (stopping at ``job.valid``) and marks every layer landed."""
 
 
 def choose_copy(

@@ -8,19 +8,17 @@ import numpy as np
 import xxhash
 
 from vua._kv_layout import as_bits, key_name, value_name
-from vua._read._job import ReadJob, host_views
+from vua._read._job import CopyStrategy, ReadJob, host_views
 from vua.errors import FragmentError
 
 
-class HostGroups:
+class HostGroups(CopyStrategy):
     """Whole groups per thread, for layouts whose every K and V share one shape.
 
     The outputs are one (layers, 2, heads, tokens, dim) array and a fragment's data one
     (layers, 2, heads, split, dim) array, so a thread hashes a tensor, checks it and copies
     it while it is in cache, and prefetches the next group's file meanwhile.
     """
-
-    checks_macs = False  # a load with auth_key has them checked before this copy (see start_load)
 
     def run(self, job: ReadJob) -> None:
         s = job.split
@@ -39,11 +37,9 @@ class HostGroups:
         job.load.all_landed()
 
 
-class HostLayers:
+class HostLayers(CopyStrategy):
     """Layer-major copies: layer by layer for a layer-wise consumer, else each thread takes a run of
     groups through every layer (no barrier per layer; for layouts whose layers differ in shape)."""
-
-    checks_macs = False  # a load with auth_key has them checked before this copy (see start_load)
 
     def __init__(self, *, layerwise: bool):
         self.layerwise = layerwise
@@ -91,7 +87,7 @@ def _copy_group(job: ReadJob, group: int, dest: np.ndarray) -> None:
     np.copyto(dest, source)
 
 
-class HostPreads:
+class HostPreads(CopyStrategy):
     """Host outputs filled with ``preadv`` straight from each file, no memory map: for network and FUSE
     file systems, where a file another node removes mid-read must be an error, not SIGBUS.
 

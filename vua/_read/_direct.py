@@ -6,21 +6,19 @@ import torch
 
 from vua._read import _gds
 from vua._read._device_check import DeviceCheck
-from vua._read._job import ReadJob
+from vua._read._job import CopyStrategy, ReadJob
 from vua._read._platform import CudaPlatform
 from vua._read._staged import StagedGroups, place_groups
 from vua.errors import FragmentError
 
 
-class DirectGroups:
+class DirectGroups(CopyStrategy):
     """Whole groups read by cuFile into GPU memory, re-laid out and checked on the GPU.
 
     Where this load cannot use GDS (a group without a word sum, or the platform refuses
     its first read) it falls back to ``fallback`` having read nothing, and a platform that
     refused is not asked again in this process.
     """
-
-    checks_macs = False  # a load with auth_key has them checked before this copy (see start_load)
 
     def __init__(self, platform: CudaPlatform, fallback: StagedGroups):
         self.platform = platform

@@ -24,6 +24,19 @@ from vua.errors import FragmentError
 _INLINE_BYTES = 4 << 20  # below this a range is copied on the calling thread: fan-out costs more
 
 
+class CopyStrategy:
+    """One way to fill a load's outputs; :func:`vua._read.choose_copy` picks one per load."""
+
+    # Whether run() checks the fragments' MACs (``job.mac_key``) over the bytes where they
+    # land. Most do not: a load with auth_key then has them checked before any byte is
+    # copied (see start_load).
+    checks_macs: bool = False
+
+    def run(self, job: ReadJob) -> None:
+        """Fills the job's outputs for its groups (stopping at ``job.valid``) and marks every layer landed."""
+        raise NotImplementedError
+
+
 class ReadJob:
     """The fragments of groups 0..n-1 (open, header-validated, in order) and the outputs they fill.
 

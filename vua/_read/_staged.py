@@ -8,7 +8,7 @@ import torch
 from vua import _wordsum
 from vua._kv_layout import as_bits
 from vua._read._device_check import DeviceCheck
-from vua._read._job import ReadJob
+from vua._read._job import CopyStrategy, ReadJob
 from vua._read._platform import CudaPlatform
 from vua._read._staging import PinnedStaging
 
@@ -30,15 +30,13 @@ def place_groups(job: ReadJob, groups: torch.Tensor, first: int, last: int) -> N
     target.copy_(runs.permute(1, 2, 3, 0, 4, 5))
 
 
-class StagedGroups:
+class StagedGroups(CopyStrategy):
     """Runs of whole groups: read with ``preadv`` into pinned staging, one DMA, re-laid out and checked on the GPU.
 
     There are several runs where the prefix allows, so the host fills one staging buffer
     while the GPU copies the other; within a run the threads split the bytes, not the
     groups, so even a run of one large group keeps every thread busy.
     """
-
-    checks_macs = False  # a load with auth_key has them checked before this copy (see start_load)
 
     def __init__(self, platform: CudaPlatform, staging: PinnedStaging):
         self.platform = platform
@@ -98,15 +96,13 @@ class StagedGroups:
         job.load.all_landed(stream.record_event())
 
 
-class StagedLayers:
+class StagedLayers(CopyStrategy):
     """Layer by layer through pinned staging, so a layer-wise consumer can start on layer 0 early.
 
     Groups with word sums are copied without hashing and checked on the GPU; a layer is
     handed out once its check is back, which the host collects while it reads the next
     layer (so the check costs no wait unless the GPU falls behind).
     """
-
-    checks_macs = False  # a load with auth_key has them checked before this copy (see start_load)
 
     def __init__(self, platform: CudaPlatform, staging: PinnedStaging):
         self.platform = platform
