@@ -232,11 +232,11 @@ def verify_store(
     elif not node_local_index:  # a node-local index is made when that node opens the store
         report.problems.append(Problem("missing-index", None, f"no index at {index_path}"))
     unusable = ("damaged-fragment", "unauthenticated-fragment", "unreadable")  # in the tree, not dangling
-    damaged_keys = {bytes.fromhex(p.key or "") for p in report.problems if p.kind in unusable}
+    unusable_keys = {bytes.fromhex(p.key or "") for p in report.problems if p.kind in unusable}
     for key, record in indexed.items():
         if record is None:
             report.problems.append(Problem("garbage-index-entry", key.hex(), "value is not a record"))
-        elif key not in valid and key not in damaged_keys:
+        elif key not in valid and key not in unusable_keys:
             report.problems.append(Problem("dangling-index-entry", key.hex(), "indexed, but no fragment in the tree"))
     for key, stored in valid.items():
         old = indexed.get(key)

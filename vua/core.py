@@ -380,7 +380,9 @@ def _open_root(root_path: str | os.PathLike[str], create_parents: bool) -> str:
     except TypeError:
         raise InvalidInputError(f"root_path must be a path, got {type(root_path).__name__}") from None
     parent = os.path.dirname(os.path.abspath(root))
-    if not os.path.isdir(root) and not os.path.isdir(parent) and not create_parents:
+    # Only the parent is looked at: a root whose parent is missing cannot exist, and looking
+    # the root itself up before make_dir holds its lock can break it on GlusterFS (see make_dir).
+    if not create_parents and not os.path.isdir(parent):
         # A mistyped root would otherwise become a fresh, empty store somewhere unexpected.
         raise NotAStoreError(
             f"cannot create the VUA root {root!r}: its parent {parent!r} does not exist; "
