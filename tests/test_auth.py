@@ -69,6 +69,13 @@ class AuthTest(StoreTestCase):
                 salts.add(fragment.metadata["mac"][:32])
         self.assertEqual(len(salts), 3)  # a key of its own per fragment
 
+    def test_the_config_docstring_names_the_mac_puts_write(self):
+        with Fragment(_layout.fragment_path(self.root, self.keys[0])) as fragment:
+            self.assertEqual(fragment.metadata["mac_alg"], "aes256-gmac")
+        doc = " ".join((VUAConfig.__doc__ or "").split())
+        self.assertIn("AES-256-GMAC", doc)
+        self.assertNotIn("keyed BLAKE3", doc)  # the first stores' algorithm, verified but never written
+
     def reseal_with_keyed_blake3(self, group: int) -> None:
         """Seals a group as the first authenticated stores were: keyed BLAKE3, no ``mac_alg``."""
         path = _layout.fragment_path(self.root, self.keys[group])

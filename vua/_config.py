@@ -55,8 +55,9 @@ class VUAConfig:
             about a tenth of put throughput on a small CPU). True: always; False: never.
             Groups without one are still verified, with xxh3 on the host.
         auth_key: a secret (16 to 64 bytes, e.g. ``secrets.token_bytes(32)``) shared by every
-            process that may write the store. Put then seals each fragment with a keyed MAC
-            (keyed BLAKE3, the ``auth`` extra) over its header and data, and get refuses any group whose MAC does not
+            process that may write the store. Put then seals each fragment with a MAC over its
+            header and data (AES-256-GMAC under a key of the fragment's own, derived from this
+            secret with BLAKE3; the ``auth`` extra), and get refuses any group whose MAC does not
             verify, so a writer without the key cannot make a reader accept its KV. None
             (default): no MAC; checksums then catch accidents, not forgeries.
         gds: read fragments for CUDA devices straight into GPU memory with GPUDirect
