@@ -16,7 +16,7 @@ from tests.helpers import StoreTestCase, layout_of, overwrite, random_kv, rewrit
 from vua import _layout
 from vua._fragment import Fragment
 from vua._keys import tokens_as_int64
-from vua._mac import mac_key, mac_value
+from vua._mac import mac_key, mac_value, read_secret
 from vua._publish import publish_fragment
 from vua._writer import GroupSource
 from vua.core import VUAConfig
@@ -117,13 +117,31 @@ class AuthTest(StoreTestCase):
         self.assertPrefix(3)
 
     def secret_file(self, secret: bytes) -> str:
-        """A file outside the store holding ``secret`` (and a newline, as an editor leaves one)."""
+        """A file outside the store holding exactly ``secret``."""
         folder = tempfile.mkdtemp(prefix="vua-secret-")
         self.addCleanup(shutil.rmtree, folder, ignore_errors=True)
         path = os.path.join(folder, "secret")
         with open(path, "wb") as f:
-            f.write(secret + b"\n")
+            f.write(secret)
         return path
+
+    def test_a_secret_file_is_read_byte_for_byte(self):
+        # A random secret may begin or end with a whitespace byte (about 1 in 22 do): the
+        # file must give the very key VUAConfig(auth_key=...) was given, or every fragment
+        # fails its MAC under vua verify and the vLLM connector.
+        edgy = b"\n " + KEY[:28] + b"\t\r"
+        self.assertEqual(read_secret(self.secret_file(edgy), "auth_key_file"), edgy)
+        store = self.store(VUAConfig(split_factor=16, namespace="edgy", auth_key=edgy))
+        store.put(self.tokens, self.kv)
+        status, out, _ = run_cli("verify", self.root, "--auth-key-file", self.secret_file(edgy), "--json")
+        report = json.loads(out)
+        self.assertEqual((status, report["clean"], report["fragments"]), (1, False, 3))
+        # Only the first store's three fragments (sealed with KEY) fail under this key.
+        self.assertEqual(
+            sorted(p["key"] for p in report["problems"] if p["kind"] == "unauthenticated-fragment"), sorted(self.keys)
+        )
+        with self.assertRaisesRegex(InvalidInputError, "more than 64 bytes; .* read exactly"):
+            read_secret(self.secret_file(KEY * 3), "auth_key_file")
 
     def test_vua_verify_with_the_key_finds_and_removes_forgeries(self):
         self.forge_group(1, key=secrets.token_bytes(32))

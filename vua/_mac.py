@@ -51,9 +51,12 @@ def mac_key(secret: bytes) -> bytes:
 
 
 def read_secret(path: str, what: str) -> bytes:
-    """A store's secret (``VUAConfig.auth_key``) from a file, surrounding whitespace dropped.
+    """A store's secret (``VUAConfig.auth_key``) from a file: its bytes, exactly.
 
     A secret never goes in a command line, where every user of the machine can read it.
+    Nothing is stripped: random secret bytes may begin or end with what looks like
+    whitespace (about 1 secret in 22), and dropping it would make another key than the one
+    ``VUAConfig(auth_key=...)`` was given. Write the file with no trailing newline.
     ``what`` names the setting in errors (e.g. "auth_key_file").
 
     Raises:
@@ -61,7 +64,7 @@ def read_secret(path: str, what: str) -> bytes:
     """
     try:
         with open(path, "rb") as f:
-            secret = f.read().strip()
+            secret = f.read(65)  # one byte past the limit is enough to refuse a longer file
     except OSError as exc:
         raise InvalidInputError(
             f"cannot read {what} {path!r}: {exc.strerror}; point it at a file holding the store's secret "
@@ -69,7 +72,8 @@ def read_secret(path: str, what: str) -> bytes:
         ) from None
     if not 16 <= len(secret) <= 64:
         raise InvalidInputError(
-            f"{what} {path!r} holds {len(secret)} bytes; the store's secret is 16 to 64 bytes "
+            f"{what} {path!r} holds {len(secret) if len(secret) <= 64 else 'more than 64'} bytes; the store's secret "
+            "is 16 to 64 bytes, read exactly (a trailing newline counts) "
             "(e.g. python3 -c 'import secrets, sys; sys.stdout.buffer.write(secrets.token_bytes(32))' > FILE)"
         )
     return secret
