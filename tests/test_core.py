@@ -284,6 +284,23 @@ class BadInputTest(StoreTestCase):
         self.assertRejected(SplitFactorError, torch.arange(20), random_kv(1, 20), "trim_to_split_factor")
         self.assertTrue(issubclass(SplitFactorError, ValueError))
 
+    def test_split_factor_advice_is_this_stores_own_trim(self):
+        # The class-level VUAConfig.trim_to_split_factor cuts to 256: wrong for this store.
+        store = self.store(split_factor=32)
+        tokens, kv = torch.arange(300), random_kv(1, 300)
+        with self.assertRaises(SplitFactorError) as ctx:
+            store.put(tokens, kv)
+        message = str(ctx.exception)
+        self.assertIn("split_factor=32", message)
+        self.assertIn("vua.config.trim_to_split_factor(tokens) (here to 288)", message)
+        self.assertNotIn("VUAConfig.trim_to_split_factor", message)
+        trimmed = store.config.trim_to_split_factor(tokens)  # the advice, followed
+        self.assertEqual(store.put(trimmed, kv), 9)
+        with self.assertRaises(SplitFactorError) as ctx:
+            store.config.tokens_to_paths(tokens)
+        self.assertIn("config.trim_to_split_factor(tokens) on this same config (here to 288)", str(ctx.exception))
+        self.assertNotIn("VUAConfig.", str(ctx.exception))
+
     def test_token_rank_and_dtype(self):
         self.assertRejected(
             InvalidInputError, torch.arange(32).view(1, 1, 32), random_kv(1, 32), "[n], [1, n] or [B, n]"

@@ -102,9 +102,11 @@ class VUAConfig:
         row = single_row(tokens)
         n, s = row.shape[0], self.split_factor
         if n % s:
+            # The same config trims right: the class's default split factor may not be this one's.
+            trim = "VUAConfig" if isinstance(self, type) else "config"
             raise SplitFactorError(
                 f"tokens_to_paths got {n} tokens, not a multiple of split_factor={s}; "
-                f"cut them with VUAConfig.trim_to_split_factor(tokens) (here to {n - n % s})"
+                f"cut them with {trim}.trim_to_split_factor(tokens) on this same config (here to {n - n % s})"
             )
         return [key.hex() for key in group_keys(int64_ids(row), s, namespace_seed(self.namespace))]
 

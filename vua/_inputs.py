@@ -71,8 +71,8 @@ def checked_put(
     n, s = tokens.shape[-1], split_factor
     if n % s:
         raise SplitFactorError(
-            f"put got {n} tokens, not a multiple of split_factor={s}; cut them with "
-            f"VUAConfig.trim_to_split_factor(tokens) (here to {n - n % s}) and the KV to match"
+            f"put got {n} tokens, not a multiple of this store's split_factor={s}; cut them with the "
+            f"store's own config, vua.config.trim_to_split_factor(tokens) (here to {n - n % s}), and the KV to match"
         )
     if not isinstance(offset, int) or offset % s or not 0 <= offset <= n:
         raise InvalidInputError(f"offset must be a multiple of split_factor={s} between 0 and {n}, got {offset!r}")
