@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import struct
 import subprocess
 import sys
 import textwrap
+import time
 from unittest import mock
 
 import lmdb
@@ -30,10 +32,12 @@ from tests.helpers import (
     prefix_kv,
     random_kv,
     rewrite_header,
+    run_cli,
 )
 from vua import _catalog, _evict, _generations, _index, _layout, _rebuild
 from vua._fragment import Fragment
 from vua._publish import quarantine_group
+from vua._record import GroupRecord
 from vua._verify import verify_store as verify
 from vua.core import VUAConfig
 from vua.errors import FragmentError
@@ -356,3 +360,61 @@ class IndexFileModeTest(StoreTestCase):
             _layout.fragment_path(self.root, vua.config.tokens_to_paths(torch.arange(16))[0]),
         ):
             self.assertEqual(os.stat(path).st_mode & 0o7777, 0o600, path)
+
+
+class TreeDateTest(HostileStoreTestCase):
+    """Dates read from the tree (a group directory's mtime is its last use) that no clock gave honestly."""
+
+    def reopened_with_dates(self, ns: int):
+        """A new store on the same root, its groups dated ``ns`` and its index gone (every record from the tree)."""
+        self.vua.close()  # flushes the put's pending uses into the tree first
+        for key_hex in self.keys:
+            os.utime(_layout.group_dir(self.root, key_hex), ns=(ns, ns))
+        shutil.rmtree(self.vua.index_path)
+        return self.store(split_factor=16, namespace="hostile")
+
+    def test_a_group_dated_before_1970(self):
+        vua = self.reopened_with_dates(-86400 * 10**9)  # struct.error packing the record, before
+        self.assertPrefix(3, vua)
+        self.assertTrue(all(0 <= r.last_used <= time.time_ns() for r in index_records(vua).values() if r))
+
+    def test_a_group_dated_in_the_future_ages_from_now(self):
+        vua = self.reopened_with_dates(4102444800 * 10**9)  # 2100
+        self.assertPrefix(3, vua)
+        now = time.time_ns()
+        for key_hex in self.keys:  # read as now, in the index and in the tree
+            self.assertLessEqual(index_records(vua)[bytes.fromhex(key_hex)].last_used, now)
+            self.assertLessEqual(os.stat(_layout.group_dir(self.root, key_hex)).st_mtime_ns, now)
+        # So a newer prompt outlives it: capacity for one prompt keeps the newer one (before,
+        # the 2100 groups outlived everything else for ever).
+        newer = torch.arange(5000, 5048)
+        vua.put(newer, self.kv)
+        nbytes = sum(r.nbytes for r in index_records(vua).values() if r) // 2
+        status, out, _ = run_cli("gc", self.root, "--max-bytes", str(nbytes), "--json")
+        self.assertEqual((status, json.loads(out)["groups_evicted"]), (0, 3))
+        self.assertPrefix(0, vua)
+        self.assertHit(vua.get_closest(newer, device="cpu"), 3, self.kv)
+
+    def test_an_index_record_dated_in_the_future_is_evicted_in_its_turn(self):
+        one_prompt = sum(r.nbytes for r in index_records(self.vua).values() if r)
+        capped = self.store(split_factor=16, namespace="hostile", max_bytes=one_prompt)
+        env, groups, _ = index_env(capped)
+        with env.begin(write=True, db=groups) as txn:
+            for key_hex in self.keys:
+                key = bytes.fromhex(key_hex)
+                record = GroupRecord.unpack(txn.get(key))
+                txn.put(key, record._replace(last_used=4102444800 * 10**9).pack())
+        capped.put(torch.arange(5000, 5048), self.kv)  # over capacity: the dates ahead read as now...
+        self.assertTrue(all(r.last_used <= time.time_ns() for r in index_records(capped).values() if r))
+        capped.put(torch.arange(6000, 6048), self.kv)  # ...and age from there: this put evicts them
+        self.assertPrefix(0, capped)
+
+    def test_a_temporary_dated_in_the_future_is_stale(self):
+        fanout = _layout.fanout_dir(self.root, self.keys[0])
+        tmp = os.path.join(fanout, f"{_layout.TMP_PREFIX}{self.keys[0]}-damaged-1-abcd")
+        with open(tmp, "wb") as f:
+            f.write(b"left by a writer whose clock was far ahead")
+        os.utime(tmp, ns=(4102444800 * 10**9,) * 2)
+        report = verify(self.root, self.vua.index_path, fix=True)
+        self.assertEqual([p.kind for p in report.problems], ["stale-temporary"])
+        self.assertFalse(os.path.exists(tmp))

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 
 from vua import _layout
 from vua._index import Index
-from vua._publish import move_group_aside, remove_entry
+from vua._files import age_seconds
+from vua._publish import last_use, move_group_aside, remove_entry
 
 logger = logging.getLogger(__name__)
 
@@ -39,9 +40,12 @@ def enforce_capacity(index: Index, root: str, max_bytes: int) -> int:
     total = index.total_bytes()
     if total <= max_bytes:
         return 0
-    records = sorted(
-        (record.last_used, -record.group_index, key, record.nbytes) for key, record in index.items() if record
-    )
+    now = time.time_ns()
+    entries = [(key, record) for key, record in index.items() if record]
+    future = {key: now for key, record in entries if record.last_used > now}
+    if future:  # dated ahead (a copied or damaged index): they age from now on, not never
+        index.touch(future)
+    records = sorted((min(record.last_used, now), -record.group_index, key, record.nbytes) for key, record in entries)
     victims, freed = _evict_oldest(root, index, [(key, nbytes) for *_, key, nbytes in records], total - max_bytes)
     logger.debug("evicted %d groups (%d bytes) to stay under %d bytes", victims, freed, max_bytes)
     return freed
@@ -132,7 +136,7 @@ def tree_groups(root: str) -> list[tuple[bytes, int, int]]:
     for fanout in _layout.iter_fanout_dirs(root):
         for key_hex, group_dir in _layout.iter_groups(fanout):
             try:
-                used = os.stat(group_dir).st_mtime_ns
+                used = last_use(group_dir)
                 nbytes = os.stat(os.path.join(group_dir, _layout.FRAGMENT_FILE)).st_size
             except OSError:
                 continue
@@ -148,7 +152,7 @@ def _empty_trash(root: str, grace_seconds: float) -> int:
             if f"-{EVICTED}-" not in os.path.basename(tmp):
                 continue
             try:
-                if now - os.stat(tmp).st_mtime < grace_seconds:
+                if age_seconds(tmp, now) < grace_seconds:
                     continue
             except OSError:
                 continue

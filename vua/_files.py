@@ -36,6 +36,18 @@ def open_regular_file(path: str) -> int:
     return fd
 
 
+def age_seconds(path: str, now: float) -> float:
+    """How long ago ``path`` was last modified, in seconds; a date in the future counts as that far past.
+
+    A clock is skewed by seconds, not years: a temporary dated ahead (copied, touched, a
+    node's clock far off) must still outlive its grace period once, not every one.
+
+    Raises:
+        OSError: the path cannot be statted (FileNotFoundError: removed meanwhile).
+    """
+    return abs(now - os.stat(path).st_mtime)
+
+
 def write_all(fd: int, buffers: Sequence[memoryview]) -> None:
     """Writes every buffer, in order, retrying short writes."""
     pending = [b for b in buffers if len(b)]

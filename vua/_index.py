@@ -299,8 +299,11 @@ class Index:
 
 
 def _touch_in(txn: lmdb.Transaction, groups: lmdb._Database, uses: dict[bytes, int]) -> None:
+    now = time.time_ns()
     for key, used_ns in uses.items():
         raw = txn.get(key, db=groups)
         record = None if raw is None else GroupRecord.unpack(raw)
-        if record is not None and record.last_used < used_ns:
+        # Uses only move forward, but a record dated after now is a lie (a copied or damaged
+        # index) that would keep its group fresher than any other for ever: a use replaces it.
+        if record is not None and (record.last_used < used_ns or record.last_used > now):
             txn.put(key, record._replace(last_used=used_ns).pack(), db=groups)

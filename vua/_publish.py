@@ -275,6 +275,28 @@ def mark_used(root: str, uses: dict[str, int]) -> None:
             pass
 
 
+def last_use(group: str) -> int:
+    """A group's last use as the tree records it: its directory's mtime (ns, see :func:`mark_used`).
+
+    A date before 1970 reads as 0. A date in the future no honest clock gave it (a copied
+    tree, a hostile touch, a node whose clock was far ahead): left alone, the group would
+    look fresher than every other for ever and capacity would evict everything else
+    first. It reads as now and is reset to now in the tree (best effort), so it ages from here.
+
+    Raises:
+        OSError: the directory cannot be statted.
+    """
+    used = os.stat(group).st_mtime_ns
+    now = time.time_ns()
+    if used <= now:
+        return max(used, 0)
+    try:
+        os.utime(group, ns=(now, now))
+    except OSError:
+        pass  # a read-only root: it still reads as now
+    return now
+
+
 def move_group_aside(root: str, key_hex: str, why: str) -> str | None:
     """Moves a group's fragment out of its place, atomically, to a temporary name saying ``why``.
 

@@ -31,6 +31,7 @@ from vua._generations import (
     write_current,
 )
 from vua._kv_layout import Layout
+from vua._publish import last_use
 from vua._record import GroupRecord, StoredGroup
 from vua.errors import FragmentError, StorageError
 
@@ -73,13 +74,13 @@ def _log_unusable(key_hex: str, exc: FragmentError) -> None:
 
 
 def tree_last_use(root: str, key_hex: str) -> int:
-    """A group's last use as the tree records it: its directory's mtime (ns).
+    """A group's last use as the tree records it (see ``_publish.last_use``).
 
-    Publishing sets it; hits refresh it in batches (see ``_fragment.mark_used``), so a
+    Publishing sets it; hits refresh it in batches (see ``_publish.mark_used``), so a
     rebuilt index, or another node, sees the same LRU order as this node's index.
     """
     try:
-        return os.stat(_layout.group_dir(root, key_hex)).st_mtime_ns
+        return last_use(_layout.group_dir(root, key_hex))
     except OSError:
         return time.time_ns()
 
@@ -252,12 +253,13 @@ def _fill(
 
     def keep_later_uses(previous: Handles) -> None:
         """Gives each entry of the batch the later of its two last uses; one read of ``previous``."""
+        now = time.time_ns()  # a previous record dated later than now is a lie, not a later use
         try:
             with previous[0].begin(db=previous[1]) as old_txn:
                 for i, (key, record, layout, namespace) in enumerate(batch):
                     raw = old_txn.get(key)
                     old = None if raw is None else GroupRecord.unpack(raw)
-                    if old is not None and old.last_used > record.last_used:
+                    if old is not None and record.last_used < old.last_used <= now:
                         batch[i] = ScanEntry(key, record._replace(last_used=old.last_used), layout, namespace)
         except lmdb.Error:
             pass  # an unreadable old index knows nothing the tree does not

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 import xxhash
 
 from vua import _layout, _wordsum
+from vua._files import age_seconds
 from vua._fragment import Fragment
 from vua._generations import CURRENT_FILE
 from vua._index import Index
@@ -151,7 +152,7 @@ def verify_store(
 
     def age_of(path: str) -> float | None:
         try:
-            return now - os.stat(path).st_mtime
+            return age_seconds(path, now)
         except FileNotFoundError:
             return None  # its writer just published or removed it
 
