@@ -32,6 +32,7 @@ from tests.helpers import (
 from vua import _generations, _index, _layout, _publish
 from vua.cli import human_size, main, parse_size
 from vua.core import VUA, VUAConfig
+from vua.errors import InvalidInputError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -298,6 +299,20 @@ class CommandTest(StoreTestCase):
         self.assertEqual(parse_size("2K"), 2048)
         self.assertEqual(parse_size("1.5G"), 1.5 * 2**30)
         self.assertEqual(parse_size("3TiB"), 3 * 2**40)
+        self.assertEqual(parse_size("500GB"), parse_size("500Gi"))
+        self.assertEqual(parse_size(4096), 4096)  # the vLLM connector's JSON may hold an int
+        for bad in ("5X", "-1", "", -1, 1.5, True, None):
+            with self.subTest(bad=bad), self.assertRaisesRegex(InvalidInputError, "must be a size such as 500M"):
+                parse_size(bad)  # type: ignore[arg-type]
+
+    def test_gc_refuses_a_malformed_size_with_the_spellings_it_takes(self):
+        err = io.StringIO()
+        with self.assertRaises(SystemExit) as ctx, contextlib.redirect_stderr(err):
+            main(["gc", self.root, "--max-bytes", "5X"])
+        self.assertEqual(ctx.exception.code, 2)
+        self.assertIn(
+            "--max-bytes must be a size such as 500M, 10G, 1.5TiB or a number of bytes, got '5X'", err.getvalue()
+        )
 
 
 class CapacityTest(StoreTestCase):

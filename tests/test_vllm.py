@@ -6,6 +6,7 @@ forward pass is simulated by writing known KV into a request's blocks before sav
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -436,7 +437,10 @@ class VLLMConnectorTest(unittest.TestCase):
         cases = [
             ({"vua_root": ""}, 'needs "vua_root"'),
             ({"split_factor": "many"}, "split_factor must be an integer, got 'many'"),
-            ({"max_bytes": "1G"}, "max_bytes must be an integer, got '1G'"),
+            (
+                {"max_bytes": "lots"},
+                r"max_bytes must be a size such as 500M, 10G, 1.5TiB or a number of bytes, got 'lots'",
+            ),
             ({"shutdown_timeout": "soon"}, "shutdown_timeout must be a number of seconds"),
             ({"auth_key_file": os.path.join(self.root, "missing")}, "cannot read VUAConnector's auth_key_file"),
             ({"auth_key_file": short_secret}, "holds 5 bytes; the store's secret is 16 to 64 bytes"),
@@ -444,6 +448,16 @@ class VLLMConnectorTest(unittest.TestCase):
         for extra, message in cases:
             with self.subTest(extra=extra), self.assertRaisesRegex(InvalidInputError, message):
                 ConnectorHarness(self.root, self.model_dir, extra_config=extra)
+
+    def test_max_bytes_takes_the_sizes_vua_gc_takes(self):
+        # One parser: what `vua gc --max-bytes` accepts, the connector accepts, and means the same.
+        for value, expected in (("500G", 500 << 30), ("1.5TiB", 3 << 39), (4096, 4096), ("0", None)):
+            with self.subTest(value=value):
+                h = self.harness(extra_config={"max_bytes": value})
+                self.assertEqual(h.worker.vua.config.max_bytes, expected)
+                if isinstance(value, str):
+                    status, out, _ = run_cli("gc", self.root, "--max-bytes", value, "--json")
+                    self.assertEqual((status, json.loads(out)["max_bytes"]), (0, expected or 0))
 
     def test_damaged_fragment_is_reported_as_load_error(self):
         h, prompt = self.check_round_trip()

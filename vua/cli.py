@@ -17,7 +17,6 @@ import argparse
 import datetime
 import json
 import os
-import re
 import sys
 from collections import Counter
 from collections.abc import Sequence
@@ -29,29 +28,17 @@ from vua._generations import CURRENT_FILE
 from vua._index import Index
 from vua._mac import mac_key, read_secret
 from vua._rebuild import ScanProgress, rebuild
+from vua._sizes import human_size, parse_size
 from vua._verify import DEFAULT_GRACE_SECONDS, verify_store
-from vua.errors import NotAStoreError, VUAError
-
-_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B?)?\Z", re.IGNORECASE)
+from vua.errors import InvalidInputError, NotAStoreError, VUAError
 
 
-def parse_size(text: str) -> int:
-    """'500M', '10G', '1.5TiB' or plain bytes -> bytes (binary multiples)."""
-    match = _SIZE.match(text.strip())
-    if not match:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 500M, 10G or a number of bytes)")
-    number, unit = float(match.group(1)), match.group(2).upper()
-    return int(number * 1024 ** "KMGT".find(unit) * 1024) if unit else int(number)
-
-
-def human_size(n: int) -> str:
-    """1536 -> '1.5 KiB': the reverse of parse_size, for messages."""
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{int(size)} B" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")
+def _size_argument(text: str) -> int:
+    """``--max-bytes``: the size parser the vLLM connector's ``max_bytes`` uses too."""
+    try:
+        return parse_size(text, "--max-bytes")
+    except InvalidInputError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _check_root(root: str, index_path: str) -> None:
@@ -282,7 +269,7 @@ def build_parser(*, json_errors: bool = False) -> argparse.ArgumentParser:
         "when the index is a node's own, outside the root).",
     )
     p = command("gc", cmd_gc, "Evict the least recently used groups of the whole tree until it fits --max-bytes.")
-    p.add_argument("--max-bytes", type=parse_size, required=True, help="capacity, e.g. 500G or 2T")
+    p.add_argument("--max-bytes", type=_size_argument, required=True, help="capacity, e.g. 500G or 2T")
     p.add_argument(
         "--shared",
         action="store_true",

@@ -6,7 +6,8 @@
 
 Extra config keys: ``vua_root`` (required), ``index_path`` (keep it on local disk when
 the root is on NFS), ``split_factor`` (default 256; a multiple of vLLM's block size),
-``max_bytes`` (capacity, LRU eviction; local roots only), ``namespace`` (appended to the
+``max_bytes`` (capacity, LRU eviction; local roots only; bytes or a size such as "500G", as
+``vua gc --max-bytes`` takes it), ``namespace`` (appended to the
 derived one), ``auth_key_file``, ``shutdown_timeout`` (seconds pending saves get at
 shutdown, default 4; vLLM kills its engine 5 s after SIGTERM), ``gpu_checksums``
 (``VUAConfig.gpu_checksums``; by default word sums are computed on the device for CUDA caches).

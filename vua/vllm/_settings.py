@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from vua._mac import read_secret
+from vua._sizes import parse_size
 from vua.core import VUA, VUAConfig
 from vua.errors import InvalidInputError
 
@@ -59,7 +60,8 @@ class ConnectorSettings:
         layer_names = [name for group in groups for name in group.layer_names]
         if len(groups) > 1:  # one group's names are in the model's order already (and stores keep that order)
             layer_names.sort(key=_model_order)
-        max_bytes = _int_setting(extra, "max_bytes", 0) or None
+        # Sizes read as `vua gc --max-bytes` reads them: "500G" or a number of bytes.
+        max_bytes = parse_size(extra.get("max_bytes", 0), "VUAConnector: kv_connector_extra_config.max_bytes") or None
         model_name, kv_dtype, kv_layout = _namespace_parts(vllm_config, specs, groups)
         return cls(
             root=root,
