@@ -449,6 +449,23 @@ class VLLMConnectorTest(unittest.TestCase):
             with self.subTest(extra=extra), self.assertRaisesRegex(InvalidInputError, message):
                 ConnectorHarness(self.root, self.model_dir, extra_config=extra)
 
+    def test_misspelt_keys_are_refused_with_the_nearest_name(self):
+        cases = [
+            (
+                {"split_facter": 128, "index_pth": "/x"},
+                r"'split_facter' \(did you mean split_factor\?\); 'index_pth' \(did you mean index_path\?\)",
+            ),
+            ({"vua_rot": self.root}, r"'vua_rot' \(did you mean vua_root\?\)"),
+            ({"kv_load_failure_policy": "recompute"}, "a field of kv_transfer_config itself: move it out"),
+            ({"zzz": 1}, "the connector reads vua_root, shared_storage_path, index_path"),
+        ]
+        for extra, message in cases:
+            with self.subTest(extra=extra), self.assertRaisesRegex(InvalidInputError, message):
+                ConnectorHarness(self.root, self.model_dir, extra_config=extra)
+        # What vLLM itself writes into the dict (--kv-offloading-size) is not the user's mistake.
+        h = self.harness(extra_config={"cpu_bytes_to_use": 1 << 30})
+        self.assertEqual(h.worker.vua.config.split_factor, SPLIT)
+
     def test_max_bytes_takes_the_sizes_vua_gc_takes(self):
         # One parser: what `vua gc --max-bytes` accepts, the connector accepts, and means the same.
         for value, expected in (("500G", 500 << 30), ("1.5TiB", 3 << 39), (4096, 4096), ("0", None)):

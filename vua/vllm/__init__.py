@@ -11,6 +11,7 @@ the root is on NFS), ``split_factor`` (default 256; a multiple of vLLM's block s
 derived one), ``auth_key_file``, ``shutdown_timeout`` (seconds pending saves get at
 shutdown, default 4; vLLM kills its engine 5 s after SIGTERM), ``gpu_checksums``
 (``VUAConfig.gpu_checksums``; by default word sums are computed on the device for CUDA caches).
+Any other key is refused with the nearest valid name, since a misspelt one would be ignored.
 
 The connector only dispatches, by role, as vLLM's larger connectors do:
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -44,6 +45,7 @@ class ConnectorSettings:
     def from_vllm(cls, vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> ConnectorSettings:
         transfer = vllm_config.kv_transfer_config
         extra: dict[str, Any] = (transfer.kv_connector_extra_config if transfer else None) or {}
+        _check_keys(extra, transfer)
         # "shared_storage_path" is the original project's name for it, kept as an alias.
         root = extra.get("vua_root") or extra.get("shared_storage_path")
         if not root or not isinstance(root, str):
@@ -177,6 +179,41 @@ def _namespace_parts(vllm_config: VllmConfig, specs: list[Any], groups: tuple[Ca
             f"-d{getattr(spec, 'head_size', '?')}{window}-cache-{cache_dtype}"
         )
     return str(name), dtype, "+".join(layouts)
+
+
+# Every key the connector reads from kv_connector_extra_config ("shared_storage_path": the
+# original project's name for "vua_root").
+KEYS = (
+    "vua_root",
+    "shared_storage_path",
+    "index_path",
+    "split_factor",
+    "max_bytes",
+    "namespace",
+    "auth_key_file",
+    "shutdown_timeout",
+    "gpu_checksums",
+)
+# Keys vLLM itself writes into the dict, which are not the user's to get wrong: vLLM 0.33 adds
+# only "cpu_bytes_to_use" (VllmConfig._post_init_kv_transfer_config, for --kv-offloading-size).
+_VLLMS_KEYS = frozenset({"cpu_bytes_to_use"})
+
+
+def _check_keys(extra: dict[str, Any], transfer: object) -> None:
+    """Refuses keys the connector does not read: a misspelt setting would otherwise be ignored."""
+
+    def advice(key: object) -> str:
+        if key in getattr(transfer, "__dataclass_fields__", {}):
+            return "a field of kv_transfer_config itself: move it out of kv_connector_extra_config"
+        nearest = difflib.get_close_matches(str(key), KEYS, n=1, cutoff=0.6)
+        return f"did you mean {nearest[0]}?" if nearest else f"the connector reads {', '.join(KEYS)}"
+
+    unknown = [key for key in extra if key not in KEYS and key not in _VLLMS_KEYS]
+    if unknown:
+        raise InvalidInputError(
+            "VUAConnector: kv_connector_extra_config has keys the connector does not read, which would be "
+            f"ignored: {'; '.join(f'{key!r} ({advice(key)})' for key in unknown)}"
+        )
 
 
 def _int_setting(extra: dict[str, Any], name: str, default: int) -> int:
