@@ -27,6 +27,7 @@ from tests.helpers import (
     forget_in_index,
     index_env,
     index_records,
+    index_total_bytes,
     kv_slice,
     overwrite,
     prefix_kv,
@@ -40,7 +41,7 @@ from vua._publish import quarantine_group
 from vua._record import GroupRecord
 from vua._verify import verify_store as verify
 from vua.core import VUAConfig
-from vua.errors import FragmentError
+from vua.errors import FragmentError, InvalidInputError, StorageError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -361,6 +362,14 @@ class IndexFileModeTest(StoreTestCase):
         ):
             self.assertEqual(os.stat(path).st_mode & 0o7777, 0o600, path)
 
+    def test_file_mode_holds_under_a_strict_umask(self):
+        self.addCleanup(os.umask, os.umask(0o077))
+        vua = self.store(split_factor=16, namespace="mode", file_mode=0o640)
+        vua.put(torch.arange(16), random_kv(1, 16))
+        generation = os.path.join(vua.index_path, _generations.read_current(vua.index_path))
+        for name in ("data.mdb", "lock.mdb"):  # data.mdb was 0o600: LMDB creates it through the umask
+            self.assertEqual(os.stat(os.path.join(generation, name)).st_mode & 0o7777, 0o640, name)
+
 
 class TreeDateTest(HostileStoreTestCase):
     """Dates read from the tree (a group directory's mtime is its last use) that no clock gave honestly."""
@@ -418,3 +427,48 @@ class TreeDateTest(HostileStoreTestCase):
         report = verify(self.root, self.vua.index_path, fix=True)
         self.assertEqual([p.kind for p in report.problems], ["stale-temporary"])
         self.assertFalse(os.path.exists(tmp))
+
+
+class FullIndexDiskTest(StoreTestCase):
+    def test_a_put_on_a_full_index_disk_says_what_to_do(self):
+        mount = os.path.join(self.root, "small")
+        os.mkdir(mount)
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", mount], capture_output=True)
+        if mounted.returncode != 0:
+            self.skipTest(f"cannot mount a small tmpfs here (needs root): {mounted.stderr.decode().strip()}")
+        self.addCleanup(subprocess.run, ["umount", "-l", mount])
+        vua = self.store(VUAConfig(split_factor=16, namespace="full", index_path=os.path.join(mount, "index")))
+        vua.put(torch.arange(16), random_kv(1, 16))
+        fd = os.open(os.path.join(mount, "filler"), os.O_WRONLY | os.O_CREAT)
+        try:
+            while True:  # the fault: the index's file system fills up (a real ENOSPC from tmpfs)
+                os.write(fd, bytes(4096))
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+        with self.assertRaises(StorageError) as caught:
+            for i in range(2000):
+                vua.put(torch.arange(1000 + 100 * i, 1064 + 100 * i), random_kv(1, 64))
+        self.assertRegex(str(caught.exception), r"has \d+ bytes free: free space there, or move the index")
+        self.assertIn("--index-path", str(caught.exception))
+
+
+class IndexMetaTest(HostileStoreTestCase):
+    def test_a_total_of_the_wrong_size_is_replaced(self):
+        env, _, meta = index_env(self.vua)
+        with env.begin(write=True, db=meta) as txn:
+            txn.put(b"total_bytes", b"\x01\x02\x03")  # struct.error in every put, before
+        self.assertEqual(self.vua.put(torch.arange(48), random_kv(1, 48)), 3)
+        self.assertGreater(index_total_bytes(self.vua), 0)
+        self.assertPrefix(3)
+
+
+class LoadArgumentTest(HostileStoreTestCase):
+    def test_a_layer_out_of_range_is_an_invalid_input(self):
+        load = self.vua.load(self.tokens, "cpu", layerwise=True)
+        for layer in (99, -1, 3, "0"):  # 99 was a bare IndexError; -1 a silent last layer
+            with self.subTest(layer=layer), self.assertRaisesRegex(InvalidInputError, r"from 0 to 2 .*3 layers"):
+                load.wait_layer(layer)
+        self.assertEqual(load.wait(), 3)
+        self.assertTrue(torch.equal(load.wait_layer(2)[0], self.kv[2][0]))

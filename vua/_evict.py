@@ -25,8 +25,8 @@ import time
 from dataclasses import dataclass
 
 from vua import _layout
-from vua._index import Index
 from vua._files import age_seconds
+from vua._index import Index
 from vua._publish import last_use, move_group_aside, remove_entry
 
 logger = logging.getLogger(__name__)

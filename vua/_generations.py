@@ -77,9 +77,8 @@ def record_names(
 
 
 def adjust_total(txn: lmdb.Transaction, meta: lmdb._Database, delta: int) -> None:
-    raw = txn.get(_TOTAL_BYTES, db=meta)
-    total = 0 if raw is None else struct.unpack("<Q", raw)[0]
-    txn.put(_TOTAL_BYTES, struct.pack("<Q", max(0, total + delta)), db=meta)
+    total = max(0, read_total(txn, meta) + delta)  # a garbage entry counts as 0 and is overwritten
+    txn.put(_TOTAL_BYTES, struct.pack("<Q", min(total, 2**64 - 1)), db=meta)
 
 
 def read_namespaces(txn: lmdb.Transaction, meta: lmdb._Database) -> dict[int, str]:
@@ -158,7 +157,7 @@ def open_environment(path: str, *, file_mode: int | None = None) -> lmdb.Environ
     try:
         os.makedirs(path, exist_ok=True)
         _preallocate_lock_file(os.path.join(path, "lock.mdb"), file_mode)
-        return lmdb.open(
+        env = lmdb.open(
             path,
             map_size=_INITIAL_MAP_SIZE,
             max_dbs=4,
@@ -167,8 +166,12 @@ def open_environment(path: str, *, file_mode: int | None = None) -> lmdb.Environ
             # meta page; data pages are still synced, which keeps the file consistent.
             metasync=False,
             readahead=False,
-            mode=0o666 if file_mode is None else file_mode,  # the umask applies, as for fragments
+            mode=0o666,  # the umask applies when file_mode is None, as for fragments
         )
+        if file_mode is not None:
+            # LMDB creates its files through the umask; file_mode is what the caller asked for.
+            _chmod_own(os.path.join(path, "data.mdb"), file_mode)
+        return env
     except _CORRUPTION as exc:
         raise DamagedIndexError(f"index generation {path}: {exc}") from exc
     except (lmdb.Error, OSError) as exc:
@@ -231,6 +234,13 @@ _LMDB_MAGIC = 0xBEEFC0DE
 _META = struct.Struct("<16xII16xI92xQQ")
 _META_PAGE_SIZES = (4096, 8192, 16384, 32768, 65536)
 _META_PAGE_MAX = max(_META_PAGE_SIZES)
+
+
+def _chmod_own(path: str, file_mode: int) -> None:
+    """Gives ``path`` the mode ``file_mode`` when this user owns it (another user's file is theirs to set)."""
+    info = os.stat(path)
+    if info.st_uid == os.geteuid() and info.st_mode & 0o7777 != file_mode:
+        os.chmod(path, file_mode)
 
 
 def _preallocate_lock_file(path: str, file_mode: int | None) -> None:

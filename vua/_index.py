@@ -294,8 +294,23 @@ class Index:
             except _CORRUPTION as exc:
                 self.recover(None, exc)
             except lmdb.Error as exc:
-                raise StorageError(f"index {self.path} refused a {what}: {exc}") from exc
+                raise StorageError(f"index {self.path} refused a {what}: {exc}; {self._advice()}") from exc
         raise StorageError(f"index {self.path} kept failing a {what}; run `vua rebuild-index` on it")
+
+    def _advice(self) -> str:
+        """What to do about a write LMDB refused: a full file system says so as ENOSPC or, from a commit, as EIO."""
+        try:
+            info = os.statvfs(self.path)
+            free = info.f_bavail * info.f_frsize
+        except OSError:
+            free = -1
+        where = "VUAConfig(index_path=...) or --index-path on the command line"
+        if 0 <= free < 16 << 20:
+            return (
+                f"the index's file system has {free} bytes free: free space there, or move the index "
+                f"to another disk with {where} (the fragments are not affected; the index is rebuilt from them)"
+            )
+        return f"check the index directory's disk and permissions, or move the index with {where}"
 
 
 def _touch_in(txn: lmdb.Transaction, groups: lmdb._Database, uses: dict[bytes, int]) -> None:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from vua.errors import FragmentError
+from vua.errors import FragmentError, InvalidInputError
 
 if TYPE_CHECKING:
     from vua._read._platform import CudaPlatform
@@ -83,7 +83,15 @@ class KVLoad:
         On CUDA this waits only on the caller's current stream (no host synchronisation):
         kernels queued after it see the data. The tokens dimension covers the groups
         verified so far; later layers can only shorten the prefix, which :meth:`wait` reports.
+
+        Raises:
+            InvalidInputError: ``layer`` is not an int from 0 to the model's layers - 1.
         """
+        layers = len(self.outputs)
+        if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < layers:
+            raise InvalidInputError(
+                f"layer must be an int from 0 to {layers - 1} (this load has {layers} layers), got {layer!r}"
+            )
         self._layer_ready[layer].wait()
         if self._error is not None:
             raise self._error
