@@ -383,6 +383,20 @@ class BadInputTest(StoreTestCase):
         VUA(VUAConfig, deep, create_parents=True).close()
         self.assertTrue(os.path.isdir(deep))
 
+    def test_mistyped_index_path_is_refused(self):
+        root, typo = os.path.join(self.root, "store"), os.path.join(self.root, "x", "nonexistent", "idx")
+        with self.assertRaises(NotAStoreError) as ctx:
+            VUA(VUAConfig(index_path=typo), root)
+        self.assertEqual(
+            str(ctx.exception),
+            f"cannot create the index at {typo}: its parent {os.path.dirname(typo)} does not exist; "
+            "check VUAConfig.index_path, or pass VUA(..., create_parents=True) to create it all",
+        )
+        self.assertFalse(os.path.exists(os.path.join(self.root, "x")))
+        self.assertFalse(os.path.exists(root))  # refused before anything was made
+        VUA(VUAConfig(index_path=typo), root, create_parents=True).close()
+        self.assertTrue(os.path.isdir(typo))
+
     def test_root_may_be_a_symlink_to_a_directory(self):
         # A common deployment: /data/vua -> /mnt/nvme0/vua.
         real = os.path.join(self.root, "real")

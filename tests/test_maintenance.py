@@ -215,6 +215,19 @@ class CommandTest(StoreTestCase):
         with self.assertRaises(SystemExit), contextlib.redirect_stderr(io.StringIO()):
             main(["gc", self.root, "--max-bytes", "lots"])
 
+    def test_mistyped_index_path_is_refused(self):
+        typo = os.path.join(self.root, "x", "nonexistent", "idx")
+        for command in (["stats"], ["verify"], ["rebuild-index"], ["gc", "--max-bytes", "1G"]):
+            with self.subTest(command=command[0]):
+                status, out, err = run_cli(*command, self.root, "--index-path", typo)
+                self.assertEqual((status, out), (2, ""))
+                self.assertEqual(
+                    err.strip(),
+                    f"vua {command[0]}: cannot create the index at {typo}: its parent {os.path.dirname(typo)} "
+                    "does not exist; check --index-path, or create its parent directory first",
+                )
+                self.assertFalse(os.path.exists(os.path.join(self.root, "x")))
+
     def test_bare_command_lists_commands(self):
         status, out, _ = run_cli()
         self.assertEqual(status, 2)

@@ -17,6 +17,8 @@ import os
 import re
 from collections.abc import Iterator
 
+from vua.errors import NotAStoreError
+
 FRAGMENT_FILE = "kv.safetensors"
 TMP_PREFIX = ".tmp-"
 # A writer's file sits beside the fragment it becomes, named ".kv.safetensors.<suffix>": the
@@ -83,3 +85,24 @@ def iter_temporaries(fanout: str) -> Iterator[str]:
         for entry in entries:
             if entry.name.startswith(TMP_PREFIX):
                 yield entry.path
+
+
+def check_index_parent(index_path: str, *, setting: str, otherwise: str) -> None:
+    """Refuses an index directory whose parent does not exist (a mistyped path, most likely).
+
+    The index is made when missing, so a typo would otherwise become a fresh, empty index
+    somewhere unexpected, as a mistyped root would become a fresh store.
+
+    Args:
+        setting: where the path came from, for the message (``VUAConfig.index_path``, ``--index-path``).
+        otherwise: how to create it all on purpose, for the message.
+
+    Raises:
+        NotAStoreError: the parent directory does not exist.
+    """
+    parent = os.path.dirname(os.path.abspath(index_path))
+    if not os.path.isdir(parent):
+        raise NotAStoreError(
+            f"cannot create the index at {index_path}: its parent {parent} does not exist; "
+            f"check {setting}, or {otherwise}"
+        )

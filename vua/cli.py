@@ -46,6 +46,7 @@ def _check_root(root: str, index_path: str) -> None:
         raise NotAStoreError(f"{root} is a file, not a directory; pass the directory a VUA store was created in")
     if not os.path.isdir(root):
         raise NotAStoreError(f"{root}: no such directory; pass the root a VUA store was created with")
+    _layout.check_index_parent(index_path, setting="--index-path", otherwise="create its parent directory first")
     has_index = os.path.exists(os.path.join(index_path, CURRENT_FILE))
     if not has_index and next(_layout.iter_fanout_dirs(root), None) is None:
         raise NotAStoreError(f"{root}: not a VUA store (no index and no fragment directories); check the path")

@@ -65,11 +65,13 @@ class VUA:
         root_path: the fragment root; created if missing (its parent must exist unless
             ``create_parents``). It may be on a network file system shared by many nodes,
             each with its own local ``index_path``.
-        create_parents: create missing parent directories of ``root_path`` too.
+        create_parents: create missing parent directories of ``root_path`` and of
+            ``config.index_path`` too.
 
     Raises:
         InvalidInputError: a config value is out of range (the message says what to pass).
-        NotAStoreError: the root's parent does not exist (a mistyped path, most likely).
+        NotAStoreError: the root's or the index path's parent does not exist (a mistyped
+            path, most likely).
         StorageError: the root or the index cannot be created or written.
     """
 
@@ -86,6 +88,12 @@ class VUA:
             raise InvalidInputError(f"config must be a VUAConfig, got {type(config).__name__}")
         check_config(config)
         self.config = config
+        if config.index_path is not None and not create_parents:  # refused before anything is made
+            _layout.check_index_parent(
+                os.fspath(config.index_path),
+                setting="VUAConfig.index_path",
+                otherwise="pass VUA(..., create_parents=True) to create it all",
+            )
         self.root = _open_root(root_path, create_parents)
         self.network_fs = _is_network_root(self.root, config)
         self.index_path = config.index_path or os.path.join(self.root, _layout.DEFAULT_INDEX_DIR)
