@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import inspect
+import os
 import sys
 import unittest
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from tests.helpers import TINY_DECODER, StoreTestCase
 from vua.core import VUAConfig
+from vua.errors import InvalidInputError
 from vua.integrations.transformers import (
     cache_keyword,
     cache_to_kv,
@@ -138,6 +140,37 @@ class RestoreTest(StoreTestCase):
         self.assertEqual(len(kv), 2)
         self.assertEqual(kv[0][0].shape, (1, 2, 20, 16))
         self.assertEqual(kv[0][0].data_ptr(), cache.layers[0].keys.data_ptr())  # no copy
+
+    @torch.no_grad()
+    def test_put_takes_the_cache_a_forward_returns(self):
+        # The README's loop, vua.put(tokens, past_key_values), with what transformers 5 returns.
+        model = build("llama")
+        vua = self.store_for(model)
+        prompt = torch.randint(0, 512, (40,), generator=torch.Generator().manual_seed(7))
+        cache = output_cache(model(prompt[None], use_cache=True))
+        self.assertIsInstance(cache, DynamicCache)
+        self.assertEqual(vua.put(vua.config.trim_to_split_factor(prompt), cache), 2)
+        hit = vua.get_closest(prompt, device="cpu")
+        self.assertEqual(hit.tokens.numel(), 32)
+        for (k, v), layer in zip(hit.data, cache.layers, strict=True):
+            self.assertTrue(torch.equal(k, layer.keys[:, :, :32]) and torch.equal(v, layer.values[:, :, :32]))
+
+    @torch.no_grad()
+    def test_put_refuses_a_cache_that_does_not_hold_the_prompt_from_its_start(self):
+        # A sliding-window layer keeps only its last window: positions 0.. are gone, and
+        # storing the positions it kept under the prompt's first tokens would be wrong KV.
+        config = Qwen2Config(
+            **SHAPE, use_sliding_window=True, sliding_window=16, max_window_layers=0, attn_implementation="eager"
+        )
+        model = Qwen2ForCausalLM(config).eval()
+        store = self.store(VUAConfig(split_factor=8, namespace=model_namespace(model)))
+        prompt = torch.arange(40)
+        cache = output_cache(model(prompt[None], use_cache=True))
+        with self.assertRaisesRegex(InvalidInputError, r"layer 0 \(DynamicSlidingWindowLayer\) keeps 15 of the 40"):
+            store.put(prompt, cache)
+        with self.assertRaisesRegex(InvalidInputError, "holds no KV tensors .*run the model with this cache first"):
+            store.put(prompt, DynamicCache(config=model.config))
+        self.assertEqual(os.listdir(self.root), ["index.lmdb"])  # nothing stored
 
     @torch.no_grad()
     def test_no_transformers_warnings(self):

@@ -6,6 +6,7 @@ Everything here runs before anything touches the disk, so bad input leaves the s
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -16,6 +17,43 @@ from vua._kv_layout import Layout
 from vua.errors import InvalidInputError, SplitFactorError
 
 KVData = Sequence[tuple[torch.Tensor, torch.Tensor]]
+
+
+class LayeredCache(Protocol):
+    """A model's cache object holding per-layer K and V: transformers' ``Cache`` (``DynamicCache``,
+    ``StaticCache``), whose ``layers[i].keys`` / ``.values`` are ``[batch, kv_heads, seq, head_dim]``.
+    Recognised by that shape alone, so the core never imports transformers."""
+
+    @property
+    def layers(self) -> Sequence[Any]: ...
+
+
+def cache_layers(cache: LayeredCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The (key, value) tensors of a cache object's layers, without copying them.
+
+    Raises:
+        InvalidInputError: a layer holds no KV tensors yet, or only the last positions of
+            what it has seen (a sliding-window or quantized layer: the stored prefix would be
+            other positions' KV).
+    """
+    pairs = []
+    for i, layer in enumerate(cache.layers):
+        k, v = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if not isinstance(k, torch.Tensor) or not isinstance(v, torch.Tensor) or k.dim() != 4 or v.dim() != 4:
+            got = list(k.shape) if isinstance(k, torch.Tensor) else type(k).__name__
+            raise InvalidInputError(
+                f"the cache's layer {i} ({type(layer).__name__}) holds no KV tensors [batch, kv_heads, seq, head_dim] "
+                f"(keys: {got}); run the model with this cache first, or pass a list of (key, value) pairs"
+            )
+        seen = layer.get_seq_length() if callable(getattr(layer, "get_seq_length", None)) else None
+        if seen is not None and k.shape[2] < int(seen):
+            raise InvalidInputError(
+                f"the cache's layer {i} ({type(layer).__name__}) keeps {k.shape[2]} of the {int(seen)} positions it "
+                "has seen (a sliding-window or quantized layer), so its KV is not the prompt's from position 0; "
+                "pass a cache whose layers keep every position, e.g. a DynamicCache of a full-attention model"
+            )
+        pairs.append((k, v))
+    return pairs
 
 
 def check_storage(t: torch.Tensor, what: str) -> None:
@@ -51,9 +89,9 @@ def int64_ids(row: torch.Tensor) -> np.ndarray:
 
 
 def checked_put(
-    tokens: torch.Tensor, data: KVData, offset: int, split_factor: int
+    tokens: torch.Tensor, data: KVData | LayeredCache, offset: int, split_factor: int
 ) -> tuple[list[torch.Tensor], Layout, list[tuple[torch.Tensor, torch.Tensor]]]:
-    """Validates put's arguments; raises before anything touches the disk."""
+    """Validates put's arguments (``data`` a list of (key, value) pairs or a cache object); raises before anything touches the disk."""
     if not isinstance(tokens, torch.Tensor):
         raise InvalidInputError(
             f"tokens must be a torch.Tensor of token ids, got {type(tokens).__name__}; "
@@ -77,8 +115,13 @@ def checked_put(
     if not isinstance(offset, int) or offset % s or not 0 <= offset <= n:
         raise InvalidInputError(f"offset must be a multiple of split_factor={s} between 0 and {n}, got {offset!r}")
     batch = len(rows)
+    if not isinstance(data, (list, tuple)) and hasattr(data, "layers"):
+        data = cache_layers(data)
     if not isinstance(data, (list, tuple)) or not data:
-        raise InvalidInputError("data must be a non-empty list over layers of (key, value) tensor pairs")
+        raise InvalidInputError(
+            "data must be a non-empty list over layers of (key, value) tensor pairs, or a cache object with "
+            "layers[i].keys and .values (transformers' DynamicCache)"
+        )
     layers, shapes, dtypes = [], [], set()
     for i, pair in enumerate(data):
         if not isinstance(pair, (list, tuple)) or len(pair) != 2:

@@ -30,7 +30,7 @@ from vua._catalog import Catalog
 from vua._config import VUAConfig, check_config
 from vua._files import file_system_type, is_network_file_system
 from vua._index import Index
-from vua._inputs import KVData, checked_device, checked_put, int64_ids, single_row
+from vua._inputs import KVData, LayeredCache, checked_device, checked_put, int64_ids, single_row
 from vua._keys import group_keys, namespace_seed
 from vua._mac import mac_key
 from vua._publish import make_dir
@@ -146,7 +146,7 @@ class VUA:
 
     # -- put ----------------------------------------------------------------------------
 
-    def put(self, tokens: torch.Tensor, data: KVData, *, offset: int = 0) -> int:
+    def put(self, tokens: torch.Tensor, data: KVData | LayeredCache, *, offset: int = 0) -> int:
         """Stores the KV cache of ``tokens``, group by group.
 
         Groups already stored are skipped; the rest are written in parallel, each durable
@@ -157,7 +157,9 @@ class VUA:
             tokens: ``[n]``, ``[1, n]`` or a batch ``[B, n]`` of token ids; n must be a
                 multiple of ``split_factor``.
             data: per layer, ``(key, value)`` shaped ``[B, kv_heads, seq, head_dim]`` with
-                ``seq >= n - offset`` (positions past n are ignored), one dtype for all, on any device.
+                ``seq >= n - offset`` (positions past n are ignored), one dtype for all, on any device;
+                or a model's cache object holding them as ``layers[i].keys`` and ``.values``
+                (transformers' ``DynamicCache``, as a forward returns it).
             offset: the token position ``data`` starts at, a multiple of split_factor: for
                 callers that hold only the KV past an already stored prefix (groups before
                 it are not written).
@@ -174,7 +176,12 @@ class VUA:
         return self._put(tokens, data, offset=offset)
 
     def _put(
-        self, tokens: torch.Tensor, data: KVData, *, offset: int = 0, device_sums: np.ndarray | None = None
+        self,
+        tokens: torch.Tensor,
+        data: KVData | LayeredCache,
+        *,
+        offset: int = 0,
+        device_sums: np.ndarray | None = None,
     ) -> int:
         """:meth:`put`, with the GPU-checkable word sums computed already where the KV was on the
         device (the vLLM connector's ``save_kv_layer``; see ``GroupSource.of_put``)."""

@@ -136,7 +136,9 @@ def restore(model: PreTrainedModel, vua: VUA, row: torch.Tensor) -> tuple[Dynami
 
 def _store(vua: VUA, row: torch.Tensor, cache: DynamicCache) -> int:
     whole = vua.config.trim_to_split_factor(row)
-    return vua.put(whole, cache_to_kv(cache)) if whole.numel() else 0
+    # put takes the cache itself, and refuses layers that no longer hold the prompt's first
+    # positions (sliding-window, quantized) instead of storing other positions' KV.
+    return vua.put(whole, cache) if whole.numel() else 0
 
 
 @torch.no_grad()
