@@ -32,7 +32,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def offline_model_and_prompt(device: str) -> tuple[torch.nn.Module, torch.Tensor]:
-    """A random Llama-shaped model (about 110M parameters) and a byte-level prompt."""
+    """A random Llama-shaped model (99M parameters) and a byte-level prompt."""
     torch.manual_seed(0)
     config = LlamaConfig(
         hidden_size=768,

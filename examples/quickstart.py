@@ -51,7 +51,7 @@ def main() -> None:
     cases = {
         "same prompt": prompt,
         "prompt + 700 new tokens": torch.cat([prompt, torch.randint(0, 32_000, (1, 700))], dim=1),
-        "first 1,000 tokens changed after 3,000": torch.cat(
+        "first 3,000 tokens kept, the last 1,096 new": torch.cat(
             [prompt[:, :3000], torch.randint(0, 32_000, (1, 1096))], dim=1
         ),
         "unrelated prompt": torch.randint(0, 32_000, (1, tokens_n)),

@@ -23,8 +23,10 @@ and VUA's connector all the same, and so is the one ``examples/serve-vllm.sh`` p
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import importlib.util
+import io
 import json
 import logging
 import os
@@ -212,7 +214,10 @@ class BlocksTest(unittest.TestCase):
                 }
                 code = compile(with_example_paths(block.code, tmp), block.where, "exec")
                 try:
-                    exec(code, namespace)
+                    with contextlib.redirect_stdout(
+                        io.StringIO()
+                    ):  # what the examples print, kept out of the test's output
+                        exec(code, namespace)
                 finally:
                     for value in namespace.values():
                         if isinstance(value, VUA):
@@ -349,6 +354,7 @@ class VLLMConfigTest(unittest.TestCase):
         with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
             extras = tomllib.load(f)["project"]["optional-dependencies"]
         self.assertTrue(any(req.startswith("vllm") for req in extras["vllm"]))
+
 
 if __name__ == "__main__":
     unittest.main()
