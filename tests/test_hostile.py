@@ -29,6 +29,7 @@ from tests.helpers import (
     index_records,
     index_total_bytes,
     kv_slice,
+    listing,
     overwrite,
     prefix_kv,
     random_kv,
@@ -328,11 +329,35 @@ class IndexFaultTest(HostileStoreTestCase):
         self.assertEqual(index_records(self.vua)[key].layout_id, record.layout_id)
         self.assertPrefix(3)
 
-    def test_fragment_of_another_layout_is_replaced_on_put(self):
+    def test_a_put_of_another_layout_is_refused_and_destroys_nothing(self):
         other = random_kv(1, 48, heads=2)  # same namespace and tokens, another model's layout
-        self.assertEqual(self.vua.put(self.tokens, other), 3)
-        hit = self.vua.get_closest(self.tokens, device="cpu")
-        self.assertKVEqual(hit.data, kv_slice(other, 0, 48))
+        before = listing(self.root)
+        with self.assertRaisesRegex(
+            InvalidInputError,
+            r"namespace 'hostile' holds group 0 of this prompt as 3 layers of 1 KV heads x 8, F32, and this "
+            r"put's KV is 3 layers of 2 KV heads x 8, F32: .* its own namespace .* nothing was written",
+        ):
+            self.vua.put(self.tokens, other)  # it replaced every group, one warning each, before
+        self.assertEqual(listing(self.root), before)
+        self.assertPrefix(3)
+        self.assertEqual(self.store(split_factor=16, namespace="other-model").put(self.tokens, other), 3)
+
+    def test_an_index_from_another_layouts_store_heals_and_destroys_nothing(self):
+        # Another store of the same namespace, in another dtype, lends this one its index
+        # (copied in place, or two roots given one index_path).
+        other_root = os.path.join(self.root, "other")
+        other = self.store(split_factor=16, namespace="hostile", root=other_root)
+        other.put(self.tokens, [(k.half(), v.half()) for k, v in self.kv])
+        other.close()
+        self.vua.close()
+        shutil.rmtree(self.vua.index_path)
+        shutil.copytree(other.index_path, self.vua.index_path)
+        vua = self.store(split_factor=16, namespace="hostile")
+        with self.assertLogs("vua", level="WARNING") as logs:
+            self.assertPrefix(3, vua)  # every get missed and moved the good groups aside, before
+        self.assertTrue(any("recorded them as the fragments say" in line for line in logs.output), logs.output)
+        self.assertTrue(all(os.path.exists(self.path(g)) for g in range(3)))
+        self.assertTrue(verify(self.root, vua.index_path).clean)
 
     def test_eviction_racing_a_quarantine_leaves_no_temporaries(self):
         real_remove = _evict.remove_entry

@@ -19,14 +19,14 @@ from concurrent.futures import Executor
 import numpy as np
 
 from vua import _layout
-from vua._fragment import Fragment
+from vua._fragment import Fragment, OtherLayoutError
 from vua._index import Index
 from vua._kv_layout import TOKENS, Layout
 from vua._publish import mark_used, quarantine_group
-from vua._rebuild import read_stored_group
+from vua._rebuild import read_stored_group, stored_group
 from vua._record import RECORD_HEAD, GroupRecord, StoredGroup, namespace_id
 from vua._verify import check_fragment
-from vua.errors import FragmentError, StorageError
+from vua.errors import FragmentError, InvalidInputError, StorageError
 
 logger = logging.getLogger(__name__)
 
@@ -146,26 +146,44 @@ class Catalog:
         Each fragment's header must name this group, namespace and layout; its stored tokens
         must be the query's; with a MAC key, its MAC must verify (unless ``check_macs`` is
         False: the caller's copy checks them). A group that fails is moved aside when its
-        file is damaged.
+        file is damaged. A fragment of another layout than its index record names is not
+        damage: the record is healed from the fragment and the prefix looked up once more.
 
         Returns:
             (open fragments of groups 0..n-1, their layout); ([], None) when none is usable.
         """
+        fragments, layout, misrecorded = self._open_prefix_once(keys, ids, check_macs=check_macs)
+        if misrecorded and self._heal_records(misrecorded):
+            for fragment in fragments:
+                fragment.close()
+            fragments, layout, _ = self._open_prefix_once(keys, ids, check_macs=check_macs)
+        return fragments, layout
+
+    def _open_prefix_once(
+        self, keys: list[bytes], ids: np.ndarray, *, check_macs: bool
+    ) -> tuple[list[Fragment], Layout | None, list[bytes]]:
+        """:meth:`open_prefix` from the index as it is: also the groups whose fragment named another
+        layout than their record, when one of them cut the prefix."""
         count, layout_id = self.usable_groups(keys)
         if not count:
-            return [], None
+            return [], None, []
         layout = self.index.layout(layout_id)
         if layout is None:  # the index lost its layout entry: take it from the first fragment
             first = read_stored_group(self.root, keys[0].hex())
             if first is None:
-                return [], None
+                return [], None, []
             layout = first.layout
         damaged: list[bytes] = []
         missing: list[bytes] = []
+        misrecorded: list[bytes] = []
 
         def open_group(j: int) -> Fragment | None:
             try:
                 return self._open_group(keys[j].hex(), j, layout, ids, check_mac=check_macs)
+            except OtherLayoutError as exc:
+                logger.debug("group %d names another layout than its index record: %s", j, exc)
+                misrecorded.append(keys[j])
+                return None
             except FragmentError as exc:
                 logger.warning("stored prefix ends before group %d: %s", j, exc)
                 if exc.damaged:
@@ -187,7 +205,35 @@ class Catalog:
                 fragment.close()
         self.quarantine(damaged)
         self._forget(missing)
-        return fragments, layout
+        cut_by_a_record = len(fragments) < count and keys[len(fragments)] in misrecorded
+        return fragments, layout, misrecorded if cut_by_a_record else []
+
+    def _heal_records(self, keys: Sequence[bytes]) -> bool:
+        """Records what the fragments of ``keys`` are, where their index records named another layout.
+
+        The fragment is the truth: an index copied from another store (or shared by two roots)
+        must not get good groups moved aside. Returns True when a record was healed.
+        """
+        found: list[tuple[bytes, StoredGroup]] = []
+        damaged: list[bytes] = []
+        for key in keys:
+            try:
+                stored = stored_group(self.root, key.hex())
+            except FragmentError as exc:
+                if exc.damaged:
+                    damaged.append(key)
+                continue
+            if stored.namespace == self.namespace:
+                found.append((key, stored))
+        self.quarantine(damaged)
+        if found:
+            logger.warning(
+                "the index recorded %d groups with another layout than their fragments hold "
+                "(an index from another store, or shared by two roots?); recorded them as the fragments say",
+                len(found),
+            )
+            self._record_found(found)
+        return bool(found)
 
     def _open_group(self, key_hex: str, j: int, layout: Layout, ids: np.ndarray, *, check_mac: bool) -> Fragment:
         s = self._split
@@ -245,12 +291,19 @@ class Catalog:
     def stored_for_put(self, keys: list[bytes], layout: Layout) -> list[bool]:
         """Which of ``keys`` are stored with this namespace and ``layout``, so a put may skip them.
 
-        An index record of another namespace or layout is garbage or stale: the fragment
-        decides. One that holds this namespace and layout stays (put rewrites the record);
-        anything else is moved aside, so the put publishes the group afresh.
+        An index record of another namespace or layout is checked against its fragment, which
+        decides. A fragment of this namespace and layout stays (the put rewrites the record).
+        One of this namespace in another layout refuses the put: two models (or dtypes)
+        sharing a namespace by mistake would otherwise replace each other's groups, one by
+        one. Anything else (damaged; another namespace's, which only damage or a hash
+        collision makes) is moved aside, so the put publishes the group afresh.
+
+        Raises:
+            InvalidInputError: this namespace holds one of these groups in another layout
+                (checked before anything is written).
         """
         present = []
-        for key, record in zip(keys, self.index.records(keys)):
+        for g, (key, record) in enumerate(zip(keys, self.index.records(keys))):
             if record is None:
                 present.append(False)
                 continue
@@ -258,10 +311,15 @@ class Catalog:
                 present.append(True)
                 continue
             stored = read_stored_group(self.root, key.hex())
-            if stored is None or stored.namespace != self.namespace or stored.layout != layout:
-                logger.warning(
-                    "group %s holds another namespace or layout than its index record; replacing it", key.hex()
+            if stored is not None and stored.namespace == self.namespace and stored.layout != layout:
+                raise InvalidInputError(
+                    f"namespace {self.namespace!r} holds group {g} of this prompt as {stored.layout.describe()}, "
+                    f"and this put's KV is {layout.describe()}: a namespace holds one model's KV in one dtype. "
+                    "Give each model and dtype its own namespace (e.g. VUAConfig(namespace='llama-3.1-8b/bf16')); "
+                    "nothing was written"
                 )
+            if stored is None or stored.namespace != self.namespace:
+                logger.warning("group %s holds another namespace than its index record; replacing it", key.hex())
                 quarantine_group(self.root, key.hex())
             present.append(False)
         return present

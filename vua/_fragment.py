@@ -74,6 +74,18 @@ def _close_quietly(fd: int) -> None:
         pass
 
 
+class OtherLayoutError(FragmentError):
+    """A fragment names another layout than the one expected (its index record's, or the prefix's).
+
+    Not damage by itself: the record may be the one that lies (an index copied from another
+    store, two roots sharing an index). Whoever catches it reads the fragment's own header
+    to tell (see ``Catalog.open_prefix``).
+    """
+
+    def __init__(self, message: str):
+        super().__init__(message, damaged=False)
+
+
 @dataclass(frozen=True)
 class TensorEntry:
     """Where one tensor lies in a fragment file (absolute byte offsets)."""
@@ -394,7 +406,7 @@ class Fragment:
         if layout is None:
             layout = Layout.from_json(meta.get("layout", ""))
         elif meta.get("layout") != layout.json:
-            raise FragmentError(f"fragment {self.path}: layout differs from the rest of the prefix")
+            raise OtherLayoutError(f"fragment {self.path}: layout differs from the rest of the prefix")
         specs = layout.tensor_specs(split_factor)
         if len(specs) != len(self.tensors):
             raise FragmentError(f"fragment {self.path}: {len(self.tensors)} tensors, expected {len(specs)}")

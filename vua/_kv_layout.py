@@ -118,6 +118,14 @@ class Layout:
     def num_layers(self) -> int:
         return len(self.layers)
 
+    def describe(self) -> str:
+        """The layout in words, for messages: ``"32 layers of 8 KV heads x 128, BF16"``."""
+        shapes = {shape for kv in self.layers for shape in kv}
+        if len(shapes) == 1:
+            ((heads, dim),) = shapes
+            return f"{self.num_layers} layers of {heads} KV heads x {dim}, {self.dtype_name}"
+        return f"{self.num_layers} layers of mixed (heads, head_dim), {self.dtype_name}"
+
     def tensor_specs(self, split_factor: int) -> list[tuple[str, str, tuple[int, ...]]]:
         """(name, safetensors dtype name, shape) of every tensor of a fragment, in file order."""
         specs: list[tuple[str, str, tuple[int, ...]]] = [(TOKENS, "I64", (split_factor,))]
