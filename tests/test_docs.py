@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import re
+import runpy
 import shlex
 import shutil
 import stat
@@ -162,6 +163,35 @@ class ReadmeTest(unittest.TestCase):
         self.assertIn("docs/index.md", relative)
         missing = [link for link in relative if not os.path.exists(os.path.join(REPO, link))]
         self.assertEqual(missing, [])
+
+
+class TextTest(unittest.TestCase):
+    """What a reader outside the project cannot follow, and text the code contradicts."""
+
+    def test_no_project_bookkeeping(self):
+        for page in PAGES:
+            with self.subTest(os.path.relpath(page, REPO)), open(page, encoding="utf-8") as f:
+                text = f.read()
+            self.assertNotRegex(text, r"(?i)\bissue \d|marked blocked|\bsessions?\b")
+
+    def test_no_paragraph_starts_mid_sentence(self):
+        # A paragraph whose first word is all lower case ("or `examples/serve-vllm.sh` ...") lost its start.
+        for page in PAGES:
+            with open(page, encoding="utf-8") as f:
+                lines = f.read().splitlines()
+            in_code, previous = False, ""
+            for n, line in enumerate(lines, 1):
+                if line.startswith("```"):
+                    in_code = not in_code
+                elif not in_code and not previous.strip() and re.match(r"[a-z]+\b", line):
+                    self.fail(f"{os.path.relpath(page, REPO)}:{n}: a paragraph starts mid-sentence: {line}")
+                previous = line
+
+    def test_the_offline_model_is_the_size_its_docstring_says(self):
+        module = runpy.run_path(os.path.join(REPO, "examples", "on-transformers.py"), run_name="examples")
+        model, _ = module["offline_model_and_prompt"]("cpu")
+        params = sum(p.numel() for p in model.parameters()) / 1e6
+        self.assertIn(f"({params:.0f}M parameters)", module["offline_model_and_prompt"].__doc__)
 
 
 class SiteTest(unittest.TestCase):
