@@ -497,3 +497,17 @@ class LoadArgumentTest(HostileStoreTestCase):
                 load.wait_layer(layer)
         self.assertEqual(load.wait(), 3)
         self.assertTrue(torch.equal(load.wait_layer(2)[0], self.kv[2][0]))
+
+
+class SymlinkedFragmentTest(HostileStoreTestCase):
+    def test_a_link_to_a_valid_copy_outside_the_root_ends_the_prefix(self):
+        outside = os.path.join(self.root, "elsewhere.safetensors")
+        shutil.copyfile(self.path(1), outside)  # a valid fragment, but not the store's own file
+        os.unlink(self.path(1))
+        os.symlink(outside, self.path(1))
+        with self.assertLogs("vua", level="WARNING") as logs:
+            self.assertPrefix(1)  # it was followed and served, before
+        self.assertTrue(any("a symbolic link" in line for line in logs.output), logs.output)
+        self.assertFalse(os.path.islink(self.path(1)))  # moved aside: the next put writes the group
+        self.assertEqual(self.vua.put(self.tokens, self.kv), 1)
+        self.assertPrefix(3)

@@ -15,17 +15,24 @@ class NotRegularFileError(OSError):
 
 
 def open_regular_file(path: str) -> int:
-    """Opens ``path`` read-only, never blocking, and only if it is a regular file.
+    """Opens ``path`` read-only, never blocking, and only if it is a regular file, not a link to one.
 
     O_NONBLOCK keeps a FIFO in a file's place from blocking the open; the fstat turns away
-    anything that is not a regular file. Used for every file VUA reads that someone else
-    could have replaced: fragments, the index's CURRENT and data file.
+    anything that is not a regular file. O_NOFOLLOW refuses a symbolic link (to a valid
+    fragment elsewhere, say): VUA writes only regular files, so a link is not the store's
+    own. Used for every file VUA reads that someone else could have replaced: fragments,
+    the index's CURRENT and data file.
 
     Raises:
-        NotRegularFileError: something else stands at ``path``.
+        NotRegularFileError: something else stands at ``path`` (a symbolic link included).
         OSError: the open or fstat failed (FileNotFoundError, PermissionError, EIO, ...).
     """
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise NotRegularFileError(errno.ELOOP, "a symbolic link, not a file VUA wrote", path) from None
+        raise
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):

@@ -55,8 +55,6 @@ def open_regular(path: str) -> int:
     try:
         return open_regular_file(path)
     except FileNotFoundError:
-        if os.path.islink(path):  # a dangling symbolic link: something else than a fragment stands there
-            raise FragmentError(f"cannot open fragment {path}: a dangling symbolic link") from None
         raise FragmentError(f"cannot open fragment {path}: no such file", damaged=False, missing=True) from None
     except OSError as exc:
         something_else = (IsADirectoryError, NotADirectoryError, NotRegularFileError)
