@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Serve a model with vLLM, its prompts' KV cache stored in and restored from VUA.
 #
-#   examples/serve-vllm.sh [MODEL] [STORE]        (defaults: Qwen/Qwen2.5-0.5B-Instruct, /tmp/vua-vllm)
+#   examples/serve-vllm.sh [MODEL] [STORE] [VLLM SERVE OPTIONS...]
+#
+# (defaults: Qwen/Qwen2.5-0.5B-Instruct, /tmp/vua-vllm; options after STORE go to `vllm serve`
+# as they are, e.g. --port 8001 --max-model-len 8192.)
 #
 # Needs a CUDA GPU and the model from the Hugging Face hub (or a local path). vLLM runs as
 # `uv run --extra vllm vllm`: this project's environment with the vllm extra (PyPI's vLLM,
@@ -22,7 +25,7 @@ VLLM=${VLLM:-uv run --extra vllm vllm}
 mkdir -p "$STORE" "$INDEX"
 # $VLLM is a command line: split on spaces on purpose.
 # shellcheck disable=SC2086
-exec $VLLM serve "$MODEL" \
+exec $VLLM serve "$MODEL" "${@:3}" \
     --kv-transfer-config "{\"kv_connector\": \"VUAConnector\", \"kv_role\": \"kv_both\",
         \"kv_connector_module_path\": \"vua.vllm\", \"kv_load_failure_policy\": \"recompute\",
         \"kv_connector_extra_config\": {\"vua_root\": \"$STORE\", \"index_path\": \"$INDEX\", \"split_factor\": 256}}"

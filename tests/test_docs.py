@@ -361,13 +361,17 @@ class VLLMConfigTest(unittest.TestCase):
             store, index = os.path.join(tmp, "store"), os.path.join(tmp, "index")
             env = {**os.environ, "VLLM": stand_in, "VUA_INDEX_PATH": index}
             done = subprocess.run(
-                ["bash", script, self.model_dir, store], env=env, capture_output=True, text=True, timeout=60
+                ["bash", script, self.model_dir, store, "--port", "8123"],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
             )
             self.assertEqual(done.returncode, 0, done.stdout + done.stderr)
             with open(argv_file) as f:
                 argv = json.load(f)
-            self.assertEqual(argv[:3], ["serve", self.model_dir, "--kv-transfer-config"])
-            transfer = json.loads(argv[3])
+            self.assertEqual(argv[:5], ["serve", self.model_dir, "--port", "8123", "--kv-transfer-config"])
+            transfer = json.loads(argv[5])
             self.assertEqual(
                 transfer["kv_connector_extra_config"], {"vua_root": store, "index_path": index, "split_factor": 256}
             )
