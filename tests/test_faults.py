@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import errno
+import json
 import multiprocessing
 import os
 import random
 import shutil
 import signal
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -245,3 +248,121 @@ class DirectoryMakingTest(StoreTestCase):
         vua = self.store(split_factor=16, index_path=fresh_index)
         self.assertEqual(vua.put(tokens, prefix_kv(tokens)), 2)
         self.assertEqual(check_hit(vua.get_closest(tokens), tokens), 32)
+
+
+class ReadOnlyRootTest(StoreTestCase):
+    """A root this process may not write: a real read-only bind mount of a store, and another
+    user's store (``setpriv`` to nobody). Both need root to set up; they skip without it."""
+
+    def setUp(self):
+        super().setUp()
+        self.tokens = torch.arange(48)
+        with VUA(VUAConfig(split_factor=16, namespace="ro"), self.root) as vua:
+            vua.put(self.tokens, prefix_kv(self.tokens))
+        self.before = listing(self.root)
+        self.elsewhere = tempfile.mkdtemp(prefix="vua-ro-index-")  # writable by this process
+        self.addCleanup(shutil.rmtree, self.elsewhere, ignore_errors=True)
+        self.index = os.path.join(self.elsewhere, "index")
+
+    def read_only_mount(self) -> str:
+        """The store, bind-mounted read-only (unmounted at cleanup)."""
+        mount = tempfile.mkdtemp(prefix="vua-ro-mount-")
+        self.addCleanup(os.rmdir, mount)  # cleanups run last-in first-out: after the umount
+        bound = subprocess.run(["mount", "--bind", self.root, mount], capture_output=True, text=True)
+        if bound.returncode:
+            self.skipTest(f"cannot bind-mount here (needs root): {bound.stderr.strip()}")
+        self.addCleanup(subprocess.run, ["umount", mount], check=True)
+        remounted = subprocess.run(["mount", "-o", "remount,bind,ro", mount], capture_output=True, text=True)
+        if remounted.returncode:
+            self.skipTest(f"cannot remount read-only here: {remounted.stderr.strip()}")
+        return mount
+
+    def test_a_read_only_mount_reads_with_an_index_of_its_own_and_refuses_puts(self):
+        mount = self.read_only_mount()
+        vua = self.store(VUAConfig(split_factor=16, namespace="ro", index_path=self.index), root=mount)
+        self.assertTrue(vua.read_only)
+        for _ in range(2):  # the second from the index rebuilt from the tree, with the uses recorded
+            self.assertEqual(check_hit(vua.get_closest(self.tokens, device="cpu"), self.tokens), 48)
+        with self.assertRaises(StorageError) as ctx:
+            vua.put(torch.arange(100, 132), prefix_kv(torch.arange(100, 132)))
+        self.assertIn(f"cannot put into {mount!r}: the root is read-only to this process", str(ctx.exception))
+        vua.close()  # records the uses: in the index, and in the tree where it may (here it may not)
+        self.assertEqual(listing(self.root), self.before)
+
+    def test_a_read_only_mount_without_a_writable_index_says_to_pass_one(self):
+        mount = self.read_only_mount()
+        with self.assertRaises(StorageError) as ctx:
+            VUA(VUAConfig(split_factor=16, namespace="ro"), mount)
+        self.assertEqual(
+            str(ctx.exception),
+            f"the VUA root {mount!r} is read-only to this process (a read-only mount or another user's store), "
+            "and so is its index: to read it, pass VUAConfig(index_path=...) a directory this process can write "
+            "(the index is rebuilt there from the fragment tree)",
+        )
+
+    def test_the_command_line_on_a_read_only_mount_says_to_pass_index_path(self):
+        mount = self.read_only_mount()
+        index = os.path.join(mount, _layout.DEFAULT_INDEX_DIR)
+        for command in ("stats", "verify", "rebuild-index"):
+            with self.subTest(command=command):
+                status, out, err = run_cli(command, mount)
+                self.assertEqual((status, out), (2, ""))
+                self.assertEqual(
+                    err.strip(),
+                    f"vua {command}: cannot open the index {index}: the root is read-only to this user (a read-only "
+                    "mount or another user's store); pass --index-path DIR, a directory this user can write (the "
+                    "index is rebuilt there from the fragment tree)",
+                )
+        status, out, _ = run_cli("rebuild-index", mount, "--index-path", self.index, "--json")
+        self.assertEqual((status, json.loads(out)["groups"]), (0, 3))
+        status, out, _ = run_cli("stats", mount, "--index-path", self.index, "--json")
+        self.assertEqual((status, json.loads(out)["fragments"]), (0, 3))
+        self.assertEqual(listing(self.root), self.before)
+
+    def test_another_users_store_reads_with_an_index_of_its_own(self):
+        if os.geteuid() != 0 or shutil.which("setpriv") is None:
+            self.skipTest("needs root and setpriv to run as another user")
+        os.chmod(self.root, 0o755)  # readable by others, writable by its owner alone
+        os.chown(self.elsewhere, 65534, 65534)
+        code = (
+            "import sys, torch\n"
+            "from tests.helpers import check_hit\n"
+            "from vua.core import VUA, VUAConfig\n"
+            "from vua.errors import StorageError\n"
+            "root, index = sys.argv[1], sys.argv[2]\n"
+            "try:\n"
+            "    VUA(VUAConfig(split_factor=16, namespace='ro'), root)\n"
+            "except StorageError as exc:\n"
+            "    print('without index:', exc)\n"
+            "with VUA(VUAConfig(split_factor=16, namespace='ro', index_path=index), root) as vua:\n"
+            "    print('read_only:', vua.read_only)\n"
+            "    print('hit:', check_hit(vua.get_closest(torch.arange(48), device='cpu'), torch.arange(48)))\n"
+            "    try:\n"
+            "        vua.put(torch.arange(100, 116), [(torch.zeros(1, 2, 16, 4),) * 2])\n"
+            "    except StorageError as exc:\n"
+            "        print('put:', exc)\n"
+        )
+        done = subprocess.run(
+            [
+                "setpriv",
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                sys.executable,
+                "-c",
+                code,
+                self.root,
+                self.index,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+            env={**os.environ, "HOME": self.elsewhere},
+        )
+        self.assertEqual(done.returncode, 0, done.stderr)
+        lines = done.stdout.splitlines()
+        self.assertIn("and so is its index: to read it, pass VUAConfig(index_path=...)", lines[0])
+        self.assertEqual(lines[1:3], ["read_only: True", "hit: 48"])
+        self.assertIn("the root is read-only to this process", lines[3])
+        self.assertEqual(listing(self.root), self.before)

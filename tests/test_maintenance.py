@@ -228,6 +228,16 @@ class CommandTest(StoreTestCase):
                 )
                 self.assertFalse(os.path.exists(os.path.join(self.root, "x")))
 
+    def test_an_index_lock_that_cannot_be_opened_is_a_vua_error(self):
+        index = os.path.join(self.root, _layout.DEFAULT_INDEX_DIR)
+        lock = os.path.join(index, _generations.LOCK_FILE)
+        os.unlink(lock)
+        os.mkdir(lock)  # the fault: LMDB's directory is writable, the lock file cannot be opened (EISDIR)
+        status, _, err = run_cli("rebuild-index", self.root)
+        self.assertEqual(status, 2)
+        self.assertIn(f"vua rebuild-index: cannot lock the index {index} to build it: Is a directory ({lock})", err)
+        self.assertNotIn("[Errno", err)
+
     def test_bare_command_lists_commands(self):
         status, out, _ = run_cli()
         self.assertEqual(status, 2)

@@ -175,8 +175,9 @@ def open_environment(path: str, *, file_mode: int | None = None) -> lmdb.Environ
     except _CORRUPTION as exc:
         raise DamagedIndexError(f"index generation {path}: {exc}") from exc
     except (lmdb.Error, OSError) as exc:
+        detail = (exc.strerror or str(exc)) if isinstance(exc, OSError) else str(exc).removeprefix(f"{path}: ")
         raise StorageError(
-            f"cannot open the index at {path}: {exc}. Check that the directory is writable, has free space "
+            f"cannot open the index at {path}: {detail}. Check that the directory is writable, has free space "
             "and is on a local file system (LMDB does not work on NFS); set VUAConfig(index_path=...) to move it."
         ) from exc
 
@@ -294,8 +295,20 @@ def read_current(index_path: str) -> str | None:
 
 @contextmanager
 def rebuild_lock(index_path: str, file_mode: int | None = None) -> Iterator[None]:
-    os.makedirs(index_path, exist_ok=True)
-    fd = os.open(os.path.join(index_path, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    """Holds the index's rebuild lock (made with the index directory when missing).
+
+    Raises:
+        StorageError: the directory or the lock file cannot be made or opened for writing.
+    """
+    try:
+        os.makedirs(index_path, exist_ok=True)
+        fd = os.open(os.path.join(index_path, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    except OSError as exc:
+        raise StorageError(
+            f"cannot lock the index {index_path} to build it: {exc.strerror or exc} ({exc.filename}); the index must be "
+            "in a directory this process can write: move it with VUAConfig(index_path=...) (--index-path in the "
+            "vua command)"
+        ) from exc
     try:
         if file_mode is not None and os.fstat(fd).st_uid == os.geteuid():
             os.fchmod(fd, file_mode)

@@ -106,3 +106,15 @@ def check_index_parent(index_path: str, *, setting: str, otherwise: str) -> None
             f"cannot create the index at {index_path}: its parent {parent} does not exist; "
             f"check {setting}, or {otherwise}"
         )
+
+
+def may_write(path: str) -> bool:
+    """Whether this process may write ``path``, or create it in its nearest existing ancestor
+    (False on a read-only mount, or in another user's directory)."""
+    path = os.path.abspath(path)
+    while not os.path.lexists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return os.access(path, os.W_OK | os.X_OK)

@@ -30,7 +30,7 @@ from vua._mac import mac_key, read_secret
 from vua._rebuild import ScanProgress, rebuild
 from vua._sizes import human_size, parse_size
 from vua._verify import DEFAULT_GRACE_SECONDS, verify_store
-from vua.errors import InvalidInputError, NotAStoreError, VUAError
+from vua.errors import InvalidInputError, NotAStoreError, StorageError, VUAError
 
 
 def _size_argument(text: str) -> int:
@@ -47,6 +47,12 @@ def _check_root(root: str, index_path: str) -> None:
     if not os.path.isdir(root):
         raise NotAStoreError(f"{root}: no such directory; pass the root a VUA store was created with")
     _layout.check_index_parent(index_path, setting="--index-path", otherwise="create its parent directory first")
+    if not _layout.may_write(index_path):  # every command opens the index, which LMDB must write
+        why = "the root is read-only to this user" if not _layout.may_write(root) else "this user may not write it"
+        raise StorageError(
+            f"cannot open the index {index_path}: {why} (a read-only mount or another user's store); pass "
+            "--index-path DIR, a directory this user can write (the index is rebuilt there from the fragment tree)"
+        )
     has_index = os.path.exists(os.path.join(index_path, CURRENT_FILE))
     if not has_index and next(_layout.iter_fanout_dirs(root), None) is None:
         raise NotAStoreError(f"{root}: not a VUA store (no index and no fragment directories); check the path")

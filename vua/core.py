@@ -68,11 +68,16 @@ class VUA:
         create_parents: create missing parent directories of ``root_path`` and of
             ``config.index_path`` too.
 
+    A root this process may not write (a read-only mount, another user's store) opens read
+    only (``read_only`` is True): gets work, given an ``index_path`` this process can write
+    when the root's own index is read-only too; puts raise :class:`StorageError`.
+
     Raises:
         InvalidInputError: a config value is out of range (the message says what to pass).
         NotAStoreError: the root's or the index path's parent does not exist (a mistyped
             path, most likely).
-        StorageError: the root or the index cannot be created or written.
+        StorageError: the root cannot be created, or the index cannot be created or written
+            (for a read-only root, the message says to pass an ``index_path``).
     """
 
     def __init__(
@@ -97,6 +102,15 @@ class VUA:
         self.root = _open_root(root_path, create_parents)
         self.network_fs = _is_network_root(self.root, config)
         self.index_path = config.index_path or os.path.join(self.root, _layout.DEFAULT_INDEX_DIR)
+        # A root this process may not write (a read-only mount, another user's store) is read
+        # only: gets work with an index of this process's own, puts are refused.
+        self.read_only = not os.access(self.root, os.W_OK | os.X_OK)
+        if self.read_only and not _layout.may_write(self.index_path):
+            raise StorageError(
+                f"the VUA root {self.root!r} is read-only to this process (a read-only mount or another user's "
+                "store), and so is its index: to read it, pass VUAConfig(index_path=...) a directory this "
+                "process can write (the index is rebuilt there from the fragment tree)"
+            )
         self._index = Index(self.index_path, self.root, file_mode=config.file_mode)
         self._index.env()  # fail now, not on the first put, when the index is unusable
         self._seed = namespace_seed(config.namespace)
@@ -170,8 +184,9 @@ class VUA:
         Raises:
             SplitFactorError: n is not a multiple of split_factor (nothing written).
             InvalidInputError: tokens or data are malformed (nothing written).
-            StorageError: the file system refused a write; groups already published stay
-                valid, nothing partial is left.
+            StorageError: the file system refused a write, or the root is read-only to this
+                process (see :class:`VUA`); groups already published stay valid, nothing
+                partial is left.
         """
         return self._put(tokens, data, offset=offset)
 
@@ -187,6 +202,11 @@ class VUA:
         device (the vLLM connector's ``save_kv_layer``; see ``GroupSource.of_put``)."""
         s = self.config.split_factor
         rows, layout, layers = checked_put(tokens, data, offset, s)
+        if self.read_only:
+            raise StorageError(
+                f"cannot put into {self.root!r}: the root is read-only to this process (a read-only mount or "
+                "another user's store), so this store only reads; put from a process that may write it"
+            )
         if not rows or rows[0].numel() == 0:
             return 0
         n = rows[0].numel()
@@ -389,7 +409,7 @@ def _write_failure_advice(failure: OSError) -> str:
 
 
 def _open_root(root_path: str | os.PathLike[str], create_parents: bool) -> str:
-    """The root as a path, created (and its parents with ``create_parents``) and checked writable."""
+    """The root as a path, created (and its parents with ``create_parents``) when missing."""
     try:
         root = os.fspath(root_path)
     except TypeError:
@@ -407,6 +427,4 @@ def _open_root(root_path: str | os.PathLike[str], create_parents: bool) -> str:
         make_dir(root)  # one maker at a time: nodes starting together on a shared file system
     except OSError as exc:
         raise StorageError(f"cannot use {root!r} as a VUA root: {exc.strerror}; pass a writable directory") from exc
-    if not os.access(root, os.W_OK | os.X_OK):
-        raise StorageError(f"VUA root {root!r} is not writable; fix its permissions or pick another directory")
     return root
