@@ -28,6 +28,7 @@ from vua import _layout
 from vua._files import age_seconds
 from vua._index import Index
 from vua._publish import last_use, move_group_aside, remove_entry
+from vua._rebuild import log_unlisted
 
 logger = logging.getLogger(__name__)
 
@@ -46,25 +47,68 @@ def enforce_capacity(index: Index, root: str, max_bytes: int) -> int:
     if future:  # dated ahead (a copied or damaged index): they age from now on, not never
         index.touch(future)
     records = sorted((min(record.last_used, now), -record.group_index, key, record.nbytes) for key, record in entries)
-    victims, freed = _evict_oldest(root, index, [(key, nbytes) for *_, key, nbytes in records], total - max_bytes)
-    logger.debug("evicted %d groups (%d bytes) to stay under %d bytes", victims, freed, max_bytes)
-    return freed
+    done = _evict_oldest(root, index, [(key, nbytes) for *_, key, nbytes in records], total - max_bytes)
+    logger.debug("evicted %d groups (%d bytes) to stay under %d bytes", done.groups, done.bytes, max_bytes)
+    if done.refused:
+        logger.warning(
+            "could not evict %d groups from %s (%s): the store stays over its %d bytes",
+            done.refused,
+            root,
+            done.refusal,
+            max_bytes,
+        )
+    return done.bytes
+
+
+@dataclass
+class Evictions:
+    """What an eviction pass did: groups and bytes removed, and what the file system refused to remove."""
+
+    groups: int = 0
+    bytes: int = 0
+    refused: int = 0
+    refusal: str | None = None  # why, the first time (e.g. "Read-only file system")
 
 
 def _evict_oldest(
     root: str, index: Index, oldest_first: list[tuple[bytes, int]], excess: int, *, keep: bool = False
-) -> tuple[int, int]:
-    """Evicts groups ((key, bytes), least recently used first) until ``excess`` bytes are freed: (groups, bytes)."""
-    victims, freed = [], 0
+) -> Evictions:
+    """Evicts groups ((key, bytes), least recently used first) until ``excess`` bytes are freed.
+
+    A group the file system refuses to remove (a read-only root, no write permission) is
+    put back in the index and counted as refused, not evicted.
+    """
+    victims: list[tuple[bytes, int]] = []
+    wanted = 0
     for key, nbytes in oldest_first:
-        if freed >= excess:
+        if wanted >= excess:
             break
-        victims.append(key)
-        freed += nbytes
-    index.remove(victims)
-    for key in victims:
-        discard_group(root, key.hex(), keep=keep)
-    return len(victims), freed
+        victims.append((key, nbytes))
+        wanted += nbytes
+    keys = [key for key, _ in victims]
+    records = index.records(keys)  # to put back what cannot be removed
+    index.remove(keys)
+    done = Evictions()
+    kept, evicted = [], []
+    for (key, nbytes), record in zip(victims, records):
+        try:
+            discard_group(root, key.hex(), keep=keep)
+        except OSError as exc:
+            done.refused += 1
+            done.refusal = done.refusal or exc.strerror or str(exc)
+            if record is not None:
+                kept.append((key, record))
+            continue
+        evicted.append(key)
+        done.groups += 1
+        done.bytes += nbytes
+    if kept:
+        index.add(kept)
+    # Once more, now that the groups are out of the tree: a rebuild that listed them before
+    # may have swapped in a generation that still holds them (it drops the groups gone from
+    # its last listing of the tree; this covers the ones that were still there then).
+    index.remove(evicted)
+    return done
 
 
 @dataclass
@@ -76,6 +120,8 @@ class GarbageSummary:
     groups_evicted: int
     bytes_freed: int
     trash_deleted: int  # moved-aside directories older than the grace period, now deleted
+    groups_refused: int = 0  # victims the file system would not let this process remove
+    refusal: str | None = None  # why (e.g. "Read-only file system")
 
     @property
     def bytes_after(self) -> int:
@@ -102,14 +148,16 @@ def collect_garbage(
         if record is not None
     }
     order = sorted(groups, key=lambda g: (g[1], -depth.get(g[0], 0)))
-    victims, freed = _evict_oldest(
-        root, index, [(key, nbytes) for key, _, nbytes in order], total - max_bytes, keep=shared
-    )
+    done = _evict_oldest(root, index, [(key, nbytes) for key, _, nbytes in order], total - max_bytes, keep=shared)
     deleted = _empty_trash(root, 0.0 if not shared else grace_seconds)
     logger.info(
-        "gc: evicted %d of %d groups (%d bytes), deleted %d from the trash", victims, len(groups), freed, deleted
+        "gc: evicted %d of %d groups (%d bytes), deleted %d from the trash",
+        done.groups,
+        len(groups),
+        done.bytes,
+        deleted,
     )
-    return GarbageSummary(len(groups), total, victims, freed, deleted)
+    return GarbageSummary(len(groups), total, done.groups, done.bytes, deleted, done.refused, done.refusal)
 
 
 def discard_group(root: str, key_hex: str, *, keep: bool = False) -> None:
@@ -117,6 +165,9 @@ def discard_group(root: str, key_hex: str, *, keep: bool = False) -> None:
 
     ``keep``: leave the moved-aside directory in the trash (shared roots); its mtime becomes
     the time of eviction, from which the grace period runs.
+
+    Raises:
+        OSError: the file system refused to move it (a read-only root, no write permission).
     """
     doomed = move_group_aside(root, key_hex, EVICTED)
     if doomed is None:
@@ -134,7 +185,7 @@ def tree_groups(root: str) -> list[tuple[bytes, int, int]]:
     """(key, last use in ns, fragment bytes) of every group in the tree; groups that vanish meanwhile are skipped."""
     found = []
     for fanout in _layout.iter_fanout_dirs(root):
-        for key_hex, group_dir in _layout.iter_groups(fanout):
+        for key_hex, group_dir in _layout.listed_groups(fanout, log_unlisted):
             try:
                 used = last_use(group_dir)
                 nbytes = os.stat(os.path.join(group_dir, _layout.FRAGMENT_FILE)).st_size

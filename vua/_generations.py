@@ -18,13 +18,14 @@ import re
 import shutil
 import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 import lmdb
 
 from vua._files import NotRegularFileError, fsync_dir, open_regular_file
 from vua._kv_layout import Layout
+from vua._record import GroupRecord
 from vua.errors import StorageError
 
 CURRENT_FILE = "CURRENT"
@@ -79,6 +80,21 @@ def record_names(
 def adjust_total(txn: lmdb.Transaction, meta: lmdb._Database, delta: int) -> None:
     total = max(0, read_total(txn, meta) + delta)  # a garbage entry counts as 0 and is overwritten
     txn.put(_TOTAL_BYTES, struct.pack("<Q", min(total, 2**64 - 1)), db=meta)
+
+
+def remove_records(
+    txn: lmdb.Transaction, groups: lmdb._Database, meta: lmdb._Database, keys: Iterable[bytes]
+) -> tuple[int, int]:
+    """Removes the records of ``keys`` in ``txn``, keeping the total in step: (how many were there, their bytes)."""
+    present = freed = 0
+    for key in keys:
+        raw = txn.pop(key, db=groups)
+        if raw is not None:
+            present += 1
+            record = GroupRecord.unpack(raw)
+            freed += record.nbytes if record else 0
+    adjust_total(txn, meta, -freed)
+    return present, freed
 
 
 def read_namespaces(txn: lmdb.Transaction, meta: lmdb._Database) -> dict[int, str]:

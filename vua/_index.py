@@ -43,6 +43,7 @@ from vua._generations import (
     read_total,
     record_names,
     release_environment,
+    remove_records,
 )
 from vua._kv_layout import Layout
 from vua._rebuild import rebuild
@@ -248,15 +249,7 @@ class Index:
         removed = [0]
 
         def apply(txn: lmdb.Transaction, groups: lmdb._Database, meta: lmdb._Database) -> None:
-            freed = 0
-            removed[0] = 0
-            for key in keys:
-                raw = txn.pop(key, db=groups)
-                if raw is not None:
-                    removed[0] += 1
-                    record = GroupRecord.unpack(raw)
-                    freed += record.nbytes if record else 0
-            adjust_total(txn, meta, -freed)
+            removed[0], _ = remove_records(txn, groups, meta, keys)
 
         self._write(apply)
         return removed[0]

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from vua.errors import NotAStoreError
 
@@ -36,6 +36,11 @@ _FANOUT_HEX = re.compile(r"[0-9a-f]{2}\Z")
 def is_key_hex(name: str) -> bool:
     """True when ``name`` is a 32-digit lowercase hex group key."""
     return _KEY_HEX.match(name) is not None
+
+
+def fanout_name(key_hex: str) -> str:
+    """Returns the name of the fan-out directory that holds the group ``key_hex``."""
+    return key_hex[:FANOUT_DIGITS]
 
 
 def fanout_dir(root: str, key_hex: str) -> str:
@@ -69,6 +74,17 @@ def iter_groups(fanout: str) -> Iterator[tuple[str, str]]:
             name = entry.name
             if is_key_hex(name) and name.startswith(prefix):
                 yield name, entry.path
+
+
+def listed_groups(fanout: str, on_error: Callable[[str, OSError], None]) -> list[tuple[str, str]]:
+    """:func:`iter_groups` as a list; [] when the directory is gone, or cannot be read (``on_error`` is told)."""
+    try:
+        return list(iter_groups(fanout))
+    except FileNotFoundError:
+        return []
+    except OSError as exc:  # EACCES (another user's), EIO: its groups are hidden, not gone
+        on_error(fanout, exc)
+        return []
 
 
 def iter_writing(group: str) -> Iterator[str]:

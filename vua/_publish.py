@@ -305,8 +305,11 @@ def move_group_aside(root: str, key_hex: str, why: str) -> str | None:
     lookups no longer find the group.
 
     Returns:
-        The new path, or None when the group was gone already (moved by another process)
-        or the root may not be changed by this process.
+        The new path, or None when the group was gone already (moved by another process).
+
+    Raises:
+        OSError: the file system refused (a read-only root, no write permission): the group
+            is still in place.
     """
     group = _layout.group_dir(root, key_hex)
     target = temporary_name(root, key_hex, why)
@@ -316,10 +319,10 @@ def move_group_aside(root: str, key_hex: str, why: str) -> str | None:
     except NotADirectoryError:  # damage: something else than a directory stands for the group
         try:
             os.rename(group, target)
-        except OSError:
+        except FileNotFoundError:
             return None
         return target
-    except OSError:
+    except FileNotFoundError:
         moved = None
     remove_dir_if_empty(group)  # a new fragment may have been published into it meanwhile
     return moved
@@ -333,4 +336,7 @@ def quarantine_group(root: str, key_hex: str) -> bool:
     Returns:
         True if this call moved it (when it did not, the read is cut either way).
     """
-    return move_group_aside(root, key_hex, "damaged") is not None
+    try:
+        return move_group_aside(root, key_hex, "damaged") is not None
+    except OSError:  # a read-only root, another user's store: readers stop before it all the same
+        return False

@@ -28,6 +28,7 @@ from vua._generations import (
     rebuild_lock,
     record_names,
     release_environment,
+    remove_records,
     write_current,
 )
 from vua._kv_layout import Layout
@@ -73,6 +74,11 @@ def _log_unusable(key_hex: str, exc: FragmentError) -> None:
         logger.warning("skipping fragment %s, unreadable for now: %s", key_hex, exc)
 
 
+def log_unlisted(fanout: str, exc: OSError) -> None:
+    """Tree walkers pass over a fan-out directory that cannot be listed, saying so."""
+    logger.warning("cannot list %s (%s); its groups are passed over", fanout, exc.strerror or exc)
+
+
 def tree_last_use(root: str, key_hex: str) -> int:
     """A group's last use as the tree records it (see ``_publish.last_use``).
 
@@ -111,6 +117,7 @@ def scan_tree(
     progress: Callable[[ScanProgress], None] | None = None,
     state: ScanProgress | None = None,
     settled: set[bytes] | None = None,
+    listed: set[bytes] | None = None,
 ) -> Iterator[ScanEntry]:
     """Yields (key, record, layout, namespace) for every valid fragment under ``root``.
 
@@ -118,15 +125,18 @@ def scan_tree(
     ``state.damaged`` and skipped, as are (logged, not counted) groups removed while the
     scan runs and files that cannot be read for now. ``settled``: groups to pass over
     without reading their files; every group this scan finds valid or damaged is added
-    (not one it found missing: a writer may be about to publish it).
+    (not one it found missing: a writer may be about to publish it). ``listed``: every group
+    directory the listing showed is added (read or not).
     """
     settled = settled if settled is not None else set()
     state = state if state is not None else ScanProgress()
 
     def scan(fanout: str) -> tuple[list[ScanEntry], int]:
         found, damaged = [], 0
-        for key_hex, _ in _layout.iter_groups(fanout):
+        for key_hex, _ in _layout.listed_groups(fanout, log_unlisted):
             key = bytes.fromhex(key_hex)
+            if listed is not None:
+                listed.add(key)
             if key in settled:
                 continue
             try:
@@ -207,8 +217,14 @@ def rebuild(
                 raise
             # Groups published while the tree was being walked: a listing of the directories,
             # reading only the files of groups the first pass did not settle.
-            late = list(scan_tree(root, workers=workers, settled=settled))
+            listed: set[bytes] = set()
+            late = list(scan_tree(root, workers=workers, settled=settled, listed=listed))
             late_seen, late_bytes = _fill(index_path, generation, late, previous=previous, file_mode=file_mode)
+            # And groups removed since the first pass read them: a gc evicting while this
+            # rebuild ran dropped them from the generation live then, not from this one.
+            gone = seen - listed
+            seen -= gone
+            nbytes -= _drop(index_path, generation, gone, file_mode=file_mode)
         finally:
             if previous is not None:
                 release_environment(previous[0])
@@ -229,6 +245,21 @@ def _live_generation(index_path: str, live: str | None, file_mode: int | None) -
         return acquire_environment(os.path.join(index_path, live), file_mode=file_mode)
     except StorageError:
         return None  # damaged: the tree's record of uses is what there is
+
+
+def _drop(index_path: str, generation: str, keys: set[bytes], *, file_mode: int | None = None) -> int:
+    """Removes ``keys`` from ``generation``; returns the bytes their records counted."""
+    if not keys:
+        return 0
+    env, groups, meta = acquire_environment(os.path.join(index_path, generation), file_mode=file_mode)
+    try:
+        with env.begin(write=True) as txn:
+            _, freed = remove_records(txn, groups, meta, keys)
+    except lmdb.Error as exc:
+        raise StorageError(f"cannot write the index at {index_path}: {exc}") from exc
+    finally:
+        release_environment(env)
+    return freed
 
 
 def _fill(

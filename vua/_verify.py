@@ -32,7 +32,7 @@ from vua._fragment import Fragment
 from vua._generations import CURRENT_FILE
 from vua._index import Index
 from vua._kv_layout import TOKENS
-from vua._publish import quarantine_group, remove_dir_if_empty, remove_entry
+from vua._publish import move_group_aside, remove_dir_if_empty, remove_entry
 from vua._rebuild import ScanProgress, rebuild
 from vua._record import GroupRecord, StoredGroup
 from vua.errors import FragmentError
@@ -149,6 +149,7 @@ def verify_store(
     fanouts = list(_layout.iter_fanout_dirs(root))
     state = ScanProgress(fanouts_total=len(fanouts))
     now = time.time()
+    unlisted: set[str] = set()  # fan-out directories that could not be listed (EACCES, EIO)
 
     def age_of(path: str) -> float | None:
         try:
@@ -179,6 +180,7 @@ def verify_store(
         except FileNotFoundError:
             return valid, problems, young
         except OSError as exc:
+            unlisted.add(os.path.basename(fanout))  # its groups are hidden, not gone: see dangling entries below
             return valid, [_unreadable(None, fanout, exc)], young
         for key_hex, group_dir in groups:
             try:
@@ -237,7 +239,7 @@ def verify_store(
     for key, record in indexed.items():
         if record is None:
             report.problems.append(Problem("garbage-index-entry", key.hex(), "value is not a record"))
-        elif key not in valid and key not in unusable_keys:
+        elif key not in valid and key not in unusable_keys and _layout.fanout_name(key.hex()) not in unlisted:
             report.problems.append(Problem("dangling-index-entry", key.hex(), "indexed, but no fragment in the tree"))
     for key, stored in valid.items():
         old = indexed.get(key)
@@ -289,7 +291,11 @@ def _repair(root: str, index: Index, report: VerifyReport, valid: dict[bytes, St
         if problem.kind == "unreadable":
             continue  # not this program's to repair (see _unreadable)
         if problem.kind in ("damaged-fragment", "unauthenticated-fragment"):
-            quarantine_group(root, key_hex)  # out of readers' way at once...
+            try:
+                move_group_aside(root, key_hex, "damaged")  # out of readers' way at once...
+            except OSError as exc:
+                problem.detail += f" (not removed: {exc.strerror}; run --fix as a user who may write the root)"
+                continue
             for tmp in _layout.iter_temporaries(_layout.fanout_dir(root, key_hex)):
                 if os.path.basename(tmp).startswith(f"{_layout.TMP_PREFIX}{key_hex}-damaged-"):
                     remove_entry(tmp)  # ...then gone
@@ -297,7 +303,11 @@ def _repair(root: str, index: Index, report: VerifyReport, valid: dict[bytes, St
         elif problem.kind == "empty-group-directory":
             remove_dir_if_empty(_layout.group_dir(root, key_hex))  # under its lock: see make_dir
         elif problem.kind == "stale-temporary":
-            remove_entry(problem.detail.rsplit(" (", 1)[0])
+            path = problem.detail.rsplit(" (", 1)[0]
+            remove_entry(path)
+            if os.path.lexists(path):
+                problem.detail += " (could not be removed; run --fix as a user who may write the root)"
+                continue
         elif problem.kind in ("dangling-index-entry", "garbage-index-entry"):
             drop.append(bytes.fromhex(key_hex))
         elif problem.kind in ("unindexed-group", "misrecorded-index-entry"):

@@ -192,6 +192,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
         "bytes_freed": summary.bytes_freed,
         "bytes_after": summary.bytes_after,
         "trash_deleted": summary.trash_deleted,
+        "groups_refused": summary.groups_refused,
     }
     _emit(
         args,
@@ -200,6 +201,13 @@ def cmd_gc(args: argparse.Namespace) -> int:
         f"{human_size(summary.bytes_before)} -> {human_size(summary.bytes_after)} (limit {human_size(args.max_bytes)})"
         + (f"; {summary.trash_deleted} evicted groups past their grace period deleted" if shared else ""),
     )
+    if summary.groups_refused:
+        print(
+            f"vua gc: could not remove {summary.groups_refused} groups from {args.root} ({summary.refusal}); "
+            "they stay stored and indexed: run gc where, and as a user who, may write the root",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
