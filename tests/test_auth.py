@@ -125,6 +125,13 @@ class AuthTest(StoreTestCase):
             f.write(secret)
         return path
 
+    def test_a_put_with_a_new_key_seals_groups_written_before_it(self):
+        tokens = torch.arange(5000, 5048)
+        self.store(VUAConfig(split_factor=16, namespace="auth")).put(tokens, self.kv)  # no auth_key yet
+        with self.assertLogs("vua", level="WARNING"):
+            self.assertEqual(self.vua.put(tokens, self.kv), 3)  # it trusted the index and wrote 0, before
+        self.assertHit(self.vua.get_closest(tokens, device="cpu"), 3, self.kv)  # and this get refused them
+
     def test_a_secret_file_is_read_byte_for_byte(self):
         # A random secret may begin or end with a whitespace byte (about 1 in 22 do): the
         # file must give the very key VUAConfig(auth_key=...) was given, or every fragment

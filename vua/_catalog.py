@@ -298,6 +298,9 @@ class Catalog:
         one. Anything else (damaged; another namespace's, which only damage or a hash
         collision makes) is moved aside, so the put publishes the group afresh.
 
+        With a MAC key, a group without a MAC (written before ``auth_key`` was set) is moved
+        aside and written again, sealed: readers with the key would refuse it.
+
         Raises:
             InvalidInputError: this namespace holds one of these groups in another layout
                 (checked before anything is written).
@@ -308,7 +311,11 @@ class Catalog:
                 present.append(False)
                 continue
             if record.namespace_id == self._ns_id and record.layout_id == layout.id:
-                present.append(True)
+                sealed = self._mac_key is None or self._sealed(key.hex(), self._mac_key)
+                if not sealed:
+                    logger.warning("group %s has no MAC and this store requires one; writing it again", key.hex())
+                    quarantine_group(self.root, key.hex())
+                present.append(sealed)
                 continue
             stored = read_stored_group(self.root, key.hex())
             if stored is not None and stored.namespace == self.namespace and stored.layout != layout:
@@ -323,6 +330,15 @@ class Catalog:
                 quarantine_group(self.root, key.hex())
             present.append(False)
         return present
+
+    def _sealed(self, key_hex: str, mac_key: bytes) -> bool:
+        """Whether a group's fragment carries a well-formed MAC (its header only: the data is checked on reads)."""
+        try:
+            with Fragment(_layout.fragment_path(self.root, key_hex), mapped=not self.shared) as fragment:
+                fragment.start_mac(mac_key)
+        except FragmentError:
+            return False
+        return True
 
     def record_put(self, written: Iterable[tuple[bytes, GroupRecord]], layout: Layout, used: Sequence[bytes]) -> None:
         """Records groups a put published, and marks every group it covered used now, in one transaction.
