@@ -26,8 +26,10 @@ from tests.helpers import (
     listing,
     prefix_kv,
     random_kv,
+    run_cli,
     same_bits,
 )
+from vua import _layout
 from vua.core import VUA, ClosestKV, SplitFactorError, VUAConfig
 from vua.errors import InvalidInputError, NotAStoreError, StorageError, VUAError
 
@@ -525,3 +527,64 @@ class StatsTest(StoreTestCase):
         with self.assertLogs("vua", level="WARNING"):
             vua.get_closest(tokens)
         self.assertEqual(vua.stats().load_errors, 1)
+
+
+class MissReasonTest(StoreTestCase):
+    """A miss whose cause is a setting (namespace, split factor, layout) says so once, at WARNING."""
+
+    def assertOneWarning(self, logs, *parts: str) -> None:
+        lines = [line for line in logs.output if line.startswith("WARNING:")]
+        self.assertEqual(len(lines), 1, lines)
+        for part in parts:
+            self.assertIn(part, lines[0])
+
+    def test_another_namespace(self):
+        tokens = torch.arange(64)
+        self.store(split_factor=16, namespace="model-a").put(tokens, random_kv(1, 64))
+        reader = self.store(split_factor=16, namespace="model-b")
+        with self.assertLogs("vua", level="WARNING") as logs:
+            for _ in range(3):  # once per cause per store, not per get
+                self.assertIsNone(reader.get_closest(tokens, device="cpu"))
+            self.assertEqual(reader.prefix_length(tokens), 0)
+        self.assertOneWarning(
+            logs,
+            "this store's namespace 'model-b' (split_factor 16)",
+            "stored under namespace 'model-a' (split_factor 16)",
+            "VUAConfig(namespace='model-a')",
+        )
+
+    def test_another_split_factor(self):
+        tokens = torch.arange(64)
+        self.store(split_factor=32, namespace="m").put(tokens, random_kv(1, 64))
+        reader = self.store(split_factor=16, namespace="m")
+        with self.assertLogs("vua", level="WARNING") as logs:
+            self.assertEqual(reader.prefix_length(tokens), 0)  # the scheduler's question says it too
+            self.assertIsNone(reader.get_closest(tokens, device="cpu"))
+        self.assertOneWarning(
+            logs, "this store's split_factor 16 (namespace 'm')", "stored with split_factor 32", "split_factor=32)"
+        )
+
+    def test_another_layout_past_a_prefix(self):
+        # Groups 0-1 put by one model, groups 2-3 of the same prompt by another one sharing the namespace.
+        tokens = torch.arange(64)
+        other_root = tempfile.mkdtemp(prefix="vua-other-")
+        self.addCleanup(shutil.rmtree, other_root, ignore_errors=True)
+        self.store(split_factor=16, namespace="shared").put(tokens[:32], random_kv(1, 32, heads=2))
+        self.store(split_factor=16, namespace="shared", root=other_root).put(tokens, random_kv(1, 64, heads=4))
+        for key in VUAConfig(split_factor=16, namespace="shared").tokens_to_paths(tokens)[2:]:
+            shutil.copytree(_layout.group_dir(other_root, key), _layout.group_dir(self.root, key))
+        self.assertEqual(run_cli("rebuild-index", self.root)[0], 0)  # the index now records both layouts
+        reader = self.store(split_factor=16, namespace="shared")
+        with self.assertLogs("vua", level="WARNING") as logs:
+            for _ in range(2):
+                self.assertEqual(reader.get_closest(tokens, device="cpu").tokens.numel(), 32)
+        self.assertOneWarning(
+            logs, "miss past group 2", "layers of 2 KV heads", "group 2 with layout", "layers of 4 KV heads", "'shared'"
+        )
+
+    def test_a_plain_miss_says_nothing(self):
+        vua = self.store(split_factor=16, namespace="m")
+        vua.put(torch.arange(64), random_kv(1, 64))
+        with self.assertNoLogs("vua", level="WARNING"):
+            self.assertIsNone(vua.get_closest(torch.arange(1000, 1064), device="cpu"))
+            self.assertEqual(vua.get_closest(torch.arange(80), device="cpu").tokens.numel(), 64)

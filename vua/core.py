@@ -33,6 +33,7 @@ from vua._index import Index
 from vua._inputs import KVData, LayeredCache, checked_device, checked_put, int64_ids, single_row
 from vua._keys import group_keys, namespace_seed
 from vua._mac import mac_key
+from vua._misses import MissReasons
 from vua._publish import make_dir
 from vua._read import CudaPlatform, HostBlockPool, KVLoad, PinnedStaging, checks_macs_in_copy, start_load
 from vua._stats import StatsRecorder, StoreStats
@@ -129,6 +130,7 @@ class VUA:
             executor=self._pool,
             shared=self.network_fs,
         )
+        self._misses = MissReasons(self._index, namespace=config.namespace, split_factor=config.split_factor)
 
     def __enter__(self) -> VUA:
         return self
@@ -312,8 +314,9 @@ class VUA:
         other nodes wrote). For schedulers that must not do I/O; a later get verifies the
         data and may find less.
         """
-        _, keys = self._keys(single_row(tokens))
+        ids, keys = self._keys(single_row(tokens))
         groups, _ = self._catalog.usable_groups(keys, read_headers=False)
+        self._misses.after_lookup(ids, keys, groups, None)
         return groups * self.config.split_factor
 
     def load(
@@ -336,6 +339,7 @@ class VUA:
             device, layerwise=layerwise, mapped=not self._catalog.shared
         )
         fragments, layout = self._catalog.open_prefix(keys, ids, check_macs=not mac_in_copy)
+        self._misses.after_lookup(ids, keys, len(fragments), layout)  # a WARNING when a setting is why
         logger.debug(
             "lookup: %d of %d groups usable in %.2f ms",
             len(fragments),
