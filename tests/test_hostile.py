@@ -199,6 +199,29 @@ class DamagedIndexTest(StoreTestCase):
                 self.data_file = os.path.join(self.root, "index.lmdb", generation, "data.mdb")
                 size = os.path.getsize(self.data_file)
 
+    def test_data_file_truncated_while_a_process_has_it_open(self):
+        child = run_child(
+            """
+            import logging, os, sys, torch
+            from tests.helpers import check_hit
+            from vua import _generations
+            from vua.core import VUA, VUAConfig
+            logging.basicConfig(level=logging.WARNING)
+            vua = VUA(VUAConfig(split_factor=16, namespace="idx"), sys.argv[1])
+            tokens = torch.arange(64)
+            print(check_hit(vua.get_closest(tokens, device="cpu"), tokens))
+            generation = _generations.read_current(vua.index_path)
+            os.truncate(os.path.join(vua.index_path, generation, "data.mdb"), 8192)  # in place, while mapped
+            print(check_hit(vua.get_closest(tokens, device="cpu"), tokens))
+            vua.close()
+            """,
+            self.root,
+        )
+        # Before: the second get died of SIGBUS (returncode -7).
+        self.assertEqual(child.returncode, 0, f"child died: {child.returncode}\n{child.stderr[-2000:]}")
+        self.assertEqual(child.stdout.split(), ["64", "64"])
+        self.assertIn("was cut to 8192 bytes while open", child.stderr)
+
     def test_random_bytes_in_the_data_file(self):
         overwrite(self.data_file, 0, os.urandom(os.path.getsize(self.data_file)))
         self.assertOpensAndReadsAll()

@@ -114,7 +114,7 @@ def read_total(txn: lmdb.Transaction, meta: lmdb._Database) -> int:
 
 # LMDB allows one handle per environment per process, so every Index of this process on
 # the same generation shares it. Reset in a forked child.
-_open_envs: dict[str, list] = {}  # path -> [(environment, groups db, meta db), users]
+_open_envs: dict[str, list] = {}  # path -> [(environment, groups db, meta db), users, page size]
 _open_envs_lock = threading.Lock()
 _open_envs_pid = os.getpid()
 
@@ -141,13 +141,43 @@ def acquire_environment(
         if entry is None:
             env = open_environment(path, file_mode=file_mode)
             try:
-                entry = _open_envs[path] = [(env, env.open_db(b"groups"), env.open_db(b"meta")), 0]
+                handles = (env, env.open_db(b"groups"), env.open_db(b"meta"))
+                entry = _open_envs[path] = [handles, 0, env.stat()["psize"]]
             except lmdb.Error as exc:
                 env.close()
                 error = DamagedIndexError if isinstance(exc, _CORRUPTION) else StorageError
                 raise error(f"index generation {path}: {exc}") from exc
         entry[1] += 1
         return entry[0]
+
+
+def check_mapped_size(env: lmdb.Environment) -> None:
+    """Refuses an environment whose data file was cut short after it was opened (truncated in place).
+
+    LMDB reads pages through its map, and a page past the file's end is SIGBUS, which no
+    handler can turn into an error. Run before each transaction: one stat, and the last
+    page number from the meta page (inside the file, checked first). What stays possible
+    is a truncation between this check and the transaction's reads: a window of
+    microseconds, against a writer that must be deliberately damaging the index.
+
+    Raises:
+        DamagedIndexError: the file ends before the pages its meta page says are in use.
+    """
+    entry = _open_envs.get(env.path())
+    if entry is None:
+        return  # closed meanwhile: the transaction will fail on its own
+    page_size = entry[2]
+    data_file = os.path.join(env.path(), "data.mdb")
+    try:
+        size = os.stat(data_file).st_size
+    except OSError as exc:
+        raise DamagedIndexError(f"index file {data_file}: {exc.strerror}") from None
+    if size < 2 * page_size:
+        raise DamagedIndexError(f"index file {data_file} was cut to {size} bytes while open")
+    needed = (env.info()["last_pgno"] + 1) * page_size
+    # Files only grow: another process may have grown it after the stat above; look again.
+    if needed > size and needed > os.stat(data_file).st_size:
+        raise DamagedIndexError(f"index file {data_file} was cut to {size} bytes while open; it needs {needed}")
 
 
 def release_environment(env: lmdb.Environment) -> None:

@@ -37,6 +37,7 @@ from vua._generations import (
     Handles,
     acquire_environment,
     adjust_total,
+    check_mapped_size,
     layout_key,
     read_current,
     read_namespaces,
@@ -276,6 +277,7 @@ class Index:
         for _ in range(64 if write else 3):  # a write may double the map many times
             env, groups, meta = self.env()
             try:
+                check_mapped_size(env)
                 with env.begin(write=write) as txn:
                     return body(txn, groups, meta)
             except lmdb.MapFullError:
@@ -284,7 +286,7 @@ class Index:
                 env.set_mapsize(new_size)
             except lmdb.MapResizedError:
                 env.set_mapsize(0)  # another process grew the map: adopt its size, then retry
-            except _CORRUPTION as exc:
+            except (*_CORRUPTION, DamagedIndexError) as exc:
                 self.recover(None, exc)
             except lmdb.Error as exc:
                 raise StorageError(f"index {self.path} refused a {what}: {exc}; {self._advice()}") from exc

@@ -24,6 +24,7 @@ from vua._generations import (
     Handles,
     acquire_environment,
     adjust_total,
+    check_mapped_size,
     read_current,
     rebuild_lock,
     record_names,
@@ -242,9 +243,15 @@ def _live_generation(index_path: str, live: str | None, file_mode: int | None) -
     if live is None:
         return None
     try:
-        return acquire_environment(os.path.join(index_path, live), file_mode=file_mode)
+        handles = acquire_environment(os.path.join(index_path, live), file_mode=file_mode)
     except StorageError:
         return None  # damaged: the tree's record of uses is what there is
+    try:
+        check_mapped_size(handles[0])  # this process may have had it open since before a truncation
+    except StorageError:
+        release_environment(handles[0])
+        return None
+    return handles
 
 
 def _drop(index_path: str, generation: str, keys: set[bytes], *, file_mode: int | None = None) -> int:
