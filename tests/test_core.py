@@ -399,6 +399,26 @@ class BadInputTest(StoreTestCase):
         VUA(VUAConfig(index_path=typo), root, create_parents=True).close()
         self.assertTrue(os.path.isdir(typo))
 
+    def test_an_index_path_naming_a_file_is_refused(self):
+        index_file = os.path.join(self.root, "index-file")
+        with open(index_file, "w") as f:
+            f.write("not an index")
+        for create_parents in (False, True):  # NotADirectoryError escaped, before
+            with (
+                self.subTest(create_parents=create_parents),
+                self.assertRaisesRegex(NotAStoreError, "VUAConfig.index_path .*index-file is not a directory"),
+            ):
+                VUA(VUAConfig(index_path=index_file), os.path.join(self.root, "store"), create_parents=create_parents)
+        status, _, err = run_cli("stats", self.root, "--index-path", index_file)
+        self.assertEqual(status, 2)
+        self.assertIn("--index-path", err)
+
+    def test_root_given_as_bytes(self):
+        tokens = torch.arange(32)
+        vua = self.store(VUAConfig(split_factor=16), os.fsencode(self.root))  # TypeError, before
+        self.assertEqual((vua.root, vua.put(tokens, prefix_kv(tokens))), (self.root, 2))
+        self.assertEqual(check_hit(vua.get_closest(tokens), tokens), 32)
+
     def test_root_may_be_a_symlink_to_a_directory(self):
         # A common deployment: /data/vua -> /mnt/nvme0/vua.
         real = os.path.join(self.root, "real")

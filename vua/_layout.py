@@ -103,8 +103,9 @@ def iter_temporaries(fanout: str) -> Iterator[str]:
                 yield entry.path
 
 
-def check_index_parent(index_path: str, *, setting: str, otherwise: str) -> None:
-    """Refuses an index directory whose parent does not exist (a mistyped path, most likely).
+def check_index_path(index_path: str, *, setting: str, otherwise: str, create_parents: bool = False) -> None:
+    """Refuses an index path that cannot be an index: something else than a directory stands
+    there, or its parent does not exist (a mistyped path, most likely).
 
     The index is made when missing, so a typo would otherwise become a fresh, empty index
     somewhere unexpected, as a mistyped root would become a fresh store.
@@ -112,12 +113,17 @@ def check_index_parent(index_path: str, *, setting: str, otherwise: str) -> None
     Args:
         setting: where the path came from, for the message (``VUAConfig.index_path``, ``--index-path``).
         otherwise: how to create it all on purpose, for the message.
+        create_parents: missing parents will be made: only what stands at the path matters.
 
     Raises:
-        NotAStoreError: the parent directory does not exist.
+        NotAStoreError: a file (or anything but a directory) is there, or the parent directory does not exist.
     """
+    if os.path.lexists(index_path) and not os.path.isdir(index_path):
+        raise NotAStoreError(
+            f"{setting} {index_path} is not a directory; pass the directory the index is kept in (made when missing)"
+        )
     parent = os.path.dirname(os.path.abspath(index_path))
-    if not os.path.isdir(parent):
+    if not create_parents and not os.path.isdir(parent):
         raise NotAStoreError(
             f"cannot create the index at {index_path}: its parent {parent} does not exist; "
             f"check {setting}, or {otherwise}"

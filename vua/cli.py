@@ -46,7 +46,7 @@ def _check_root(root: str, index_path: str) -> None:
         raise NotAStoreError(f"{root} is a file, not a directory; pass the directory a VUA store was created in")
     if not os.path.isdir(root):
         raise NotAStoreError(f"{root}: no such directory; pass the root a VUA store was created with")
-    _layout.check_index_parent(index_path, setting="--index-path", otherwise="create its parent directory first")
+    _layout.check_index_path(index_path, setting="--index-path", otherwise="create its parent directory first")
     if not _layout.may_write(index_path):  # every command opens the index, which LMDB must write
         why = "the root is read-only to this user" if not _layout.may_write(root) else "this user may not write it"
         raise StorageError(

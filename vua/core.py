@@ -84,7 +84,7 @@ class VUA:
     def __init__(
         self,
         config: VUAConfig | type[VUAConfig],
-        root_path: str | os.PathLike[str],
+        root_path: str | bytes | os.PathLike[str] | os.PathLike[bytes],
         *,
         create_parents: bool = False,
     ):
@@ -94,11 +94,12 @@ class VUA:
             raise InvalidInputError(f"config must be a VUAConfig, got {type(config).__name__}")
         check_config(config)
         self.config = config
-        if config.index_path is not None and not create_parents:  # refused before anything is made
-            _layout.check_index_parent(
+        if config.index_path is not None:  # refused before anything is made
+            _layout.check_index_path(
                 os.fspath(config.index_path),
                 setting="VUAConfig.index_path",
                 otherwise="pass VUA(..., create_parents=True) to create it all",
+                create_parents=create_parents,
             )
         self.root = _open_root(root_path, create_parents)
         self.network_fs = _is_network_root(self.root, config)
@@ -412,10 +413,10 @@ def _write_failure_advice(failure: OSError) -> str:
     return "free space or fix permissions"
 
 
-def _open_root(root_path: str | os.PathLike[str], create_parents: bool) -> str:
+def _open_root(root_path: str | bytes | os.PathLike[str] | os.PathLike[bytes], create_parents: bool) -> str:
     """The root as a path, created (and its parents with ``create_parents``) when missing."""
     try:
-        root = os.fspath(root_path)
+        root = os.fsdecode(os.fspath(root_path))  # bytes too, as os.open takes them
     except TypeError:
         raise InvalidInputError(f"root_path must be a path, got {type(root_path).__name__}") from None
     parent = os.path.dirname(os.path.abspath(root))
