@@ -151,8 +151,9 @@ _INDEX_TRIALS = """
     import logging, os, random, shutil, sys, tempfile
     import torch
     logging.disable(logging.CRITICAL)
-    from tests.helpers import check_hit, overwrite, prefix_kv
+    from tests.helpers import check_hit, index_env, overwrite, prefix_kv
     from vua import _generations
+    from vua._record import GroupRecord
     from vua._verify import verify_store
     from vua.core import VUA, VUAConfig
 
@@ -165,12 +166,40 @@ _INDEX_TRIALS = """
         for i in range(60):
             other = torch.arange(i * 1000, i * 1000 + 32)
             vua.put(other, prefix_kv(other))
+        way = rng.choice(
+            ["truncate", "random-bytes", "meta-bytes", "current", "lock-file", "truncate-while-open",
+             "record-lies", "total-bytes", "another-stores-index"]
+        )
+        if way == "record-lies":  # records that lie about namespace, layout, size or date
+            env, groups, _ = index_env(vua)
+            with env.begin(write=True, db=groups) as txn:
+                for key, raw in list(txn.cursor()):
+                    if rng.random() < 0.5:
+                        field = rng.choice(["namespace_id", "layout_id", "nbytes", "group_index", "last_used"])
+                        bits = 32 if field == "group_index" else 64
+                        lie = rng.choice([0, rng.getrandbits(bits), 2**bits - 1])
+                        txn.put(key, GroupRecord.unpack(raw)._replace(**{field: lie}).pack())
+        elif way == "total-bytes":  # the meta entry: the wrong size, or a value near the limit
+            env, _, meta = index_env(vua)
+            with env.begin(write=True, db=meta) as txn:
+                txn.put(b"total_bytes", rng.choice([os.urandom(rng.randrange(0, 16)), bytes([255]) * 8]))
+        elif way == "truncate-while-open":
+            generation = os.path.join(vua.index_path, _generations.read_current(vua.index_path))
+            os.truncate(os.path.join(generation, "data.mdb"), rng.randrange(8192, 4 * 8192))
+            check_hit(vua.get_closest(tokens, device="cpu"), tokens)  # in this process, which has it mapped
         vua.close()
         generation = os.path.join(vua.index_path, _generations.read_current(vua.index_path))
         data = os.path.join(generation, "data.mdb")
         size = os.path.getsize(data)
-        way = rng.choice(["truncate", "random-bytes", "meta-bytes", "current", "lock-file"])
-        if way == "truncate":
+        if way == "another-stores-index":  # same namespace, another dtype: its records name another layout
+            other_root = tempfile.mkdtemp(dir=sys.argv[3])
+            other = VUA(VUAConfig(split_factor=16, namespace="fuzz"), other_root)
+            other.put(tokens, [(k.half(), v.half()) for k, v in prefix_kv(tokens)])
+            other.close()
+            shutil.rmtree(vua.index_path)
+            shutil.copytree(other.index_path, vua.index_path)
+            shutil.rmtree(other_root)
+        elif way == "truncate":
             os.truncate(data, rng.randrange(size))
         elif way in ("random-bytes", "meta-bytes"):
             offset = rng.randrange(8192) if way == "meta-bytes" else rng.randrange(size)

@@ -443,7 +443,10 @@ class VLLMConnectorTest(unittest.TestCase):
             ),
             ({"shutdown_timeout": "soon"}, "shutdown_timeout must be a number of seconds"),
             ({"auth_key_file": os.path.join(self.root, "missing")}, "cannot read VUAConnector's auth_key_file"),
-            ({"auth_key_file": short_secret}, "holds 5 bytes; the store's secret is 16 to 64 bytes"),
+            (
+                {"auth_key_file": short_secret},  # its newline counts: secret files are read exactly
+                r"holds 6 bytes; the store's secret is 16 to 64 bytes, read exactly \(a trailing newline counts\)",
+            ),
         ]
         for extra, message in cases:
             with self.subTest(extra=extra), self.assertRaisesRegex(InvalidInputError, message):
