@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import struct
+import subprocess
 import tempfile
 import unittest
 from collections.abc import Callable
@@ -109,6 +110,35 @@ def listing(root: str) -> list[tuple[str, int]]:
             path = os.path.join(dirpath, name)
             out.append((os.path.relpath(path, root), os.path.getsize(path)))
     return sorted(out)
+
+
+# -- real file systems for faults: need root, and skip the test without it ------------------
+
+
+def read_only_mount(test: unittest.TestCase, path: str) -> str:
+    """``path`` bind-mounted read-only at a fresh directory (writes fail with EROFS, even for
+    root); unmounted at the test's cleanup."""
+    mount = tempfile.mkdtemp(prefix="vua-ro-mount-")
+    test.addCleanup(os.rmdir, mount)  # cleanups run last-in first-out: after the umount
+    bound = subprocess.run(["mount", "--bind", path, mount], capture_output=True, text=True)
+    if bound.returncode:
+        test.skipTest(f"cannot bind-mount here (needs root): {bound.stderr.strip()}")
+    test.addCleanup(subprocess.run, ["umount", "-l", mount], check=True)
+    remounted = subprocess.run(["mount", "-o", "remount,bind,ro", mount], capture_output=True, text=True)
+    if remounted.returncode:
+        test.skipTest(f"cannot remount read-only here: {remounted.stderr.strip()}")
+    return mount
+
+
+def small_tmpfs(test: unittest.TestCase, path: str, size: str) -> str:
+    """A tmpfs of ``size`` (e.g. "64k") mounted at the new directory ``path``, to fill up for
+    real ENOSPC; unmounted at the test's cleanup."""
+    os.mkdir(path)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", path], capture_output=True)
+    if mounted.returncode != 0:
+        test.skipTest(f"cannot mount a small tmpfs here (needs root): {mounted.stderr.decode().strip()}")
+    test.addCleanup(subprocess.run, ["umount", "-l", path])
+    return path
 
 
 class StoreTestCase(unittest.TestCase):

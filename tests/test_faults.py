@@ -18,7 +18,7 @@ from unittest import mock
 
 import torch
 
-from tests.helpers import StoreTestCase, check_hit, index_records, listing, prefix_kv, run_cli
+from tests.helpers import StoreTestCase, check_hit, index_records, listing, prefix_kv, read_only_mount, run_cli
 from vua import _layout, _publish
 from vua.core import VUA, VUAConfig
 from vua.errors import StorageError
@@ -265,17 +265,7 @@ class ReadOnlyRootTest(StoreTestCase):
         self.index = os.path.join(self.elsewhere, "index")
 
     def read_only_mount(self) -> str:
-        """The store, bind-mounted read-only (unmounted at cleanup)."""
-        mount = tempfile.mkdtemp(prefix="vua-ro-mount-")
-        self.addCleanup(os.rmdir, mount)  # cleanups run last-in first-out: after the umount
-        bound = subprocess.run(["mount", "--bind", self.root, mount], capture_output=True, text=True)
-        if bound.returncode:
-            self.skipTest(f"cannot bind-mount here (needs root): {bound.stderr.strip()}")
-        self.addCleanup(subprocess.run, ["umount", mount], check=True)
-        remounted = subprocess.run(["mount", "-o", "remount,bind,ro", mount], capture_output=True, text=True)
-        if remounted.returncode:
-            self.skipTest(f"cannot remount read-only here: {remounted.stderr.strip()}")
-        return mount
+        return read_only_mount(self, self.root)
 
     def test_a_read_only_mount_reads_with_an_index_of_its_own_and_refuses_puts(self):
         mount = self.read_only_mount()

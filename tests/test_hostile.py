@@ -35,6 +35,7 @@ from tests.helpers import (
     random_kv,
     rewrite_header,
     run_cli,
+    small_tmpfs,
 )
 from vua import _catalog, _evict, _generations, _index, _layout, _rebuild
 from vua._fragment import Fragment
@@ -301,12 +302,7 @@ class IndexFaultTest(HostileStoreTestCase):
         self.assertTrue(any("could not record" in line for line in logs.output))
 
     def test_new_index_on_a_full_file_system(self):
-        mount = os.path.join(self.root, "full")
-        os.mkdir(mount)
-        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", mount], capture_output=True)
-        if mounted.returncode != 0:
-            self.skipTest(f"cannot mount a small tmpfs here (needs root): {mounted.stderr.decode().strip()}")
-        self.addCleanup(subprocess.run, ["umount", "-l", mount])
+        mount = small_tmpfs(self, os.path.join(self.root, "full"), "64k")
         with open(os.path.join(mount, "filler"), "wb") as f:
             try:
                 f.write(b"\0" * (128 << 10))
@@ -479,12 +475,7 @@ class TreeDateTest(HostileStoreTestCase):
 
 class FullIndexDiskTest(StoreTestCase):
     def test_a_put_on_a_full_index_disk_says_what_to_do(self):
-        mount = os.path.join(self.root, "small")
-        os.mkdir(mount)
-        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", mount], capture_output=True)
-        if mounted.returncode != 0:
-            self.skipTest(f"cannot mount a small tmpfs here (needs root): {mounted.stderr.decode().strip()}")
-        self.addCleanup(subprocess.run, ["umount", "-l", mount])
+        mount = small_tmpfs(self, os.path.join(self.root, "small"), "1m")
         vua = self.store(VUAConfig(split_factor=16, namespace="full", index_path=os.path.join(mount, "index")))
         vua.put(torch.arange(16), random_kv(1, 16))
         fd = os.open(os.path.join(mount, "filler"), os.O_WRONLY | os.O_CREAT)

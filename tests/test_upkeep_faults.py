@@ -13,7 +13,7 @@ from unittest import mock
 
 import torch
 
-from tests.helpers import StoreTestCase, flip_byte, index_records, random_kv, run_cli
+from tests.helpers import StoreTestCase, flip_byte, index_records, random_kv, read_only_mount, run_cli
 from vua import _evict, _layout, _rebuild
 from vua._verify import verify_store
 
@@ -35,18 +35,6 @@ class UpkeepTestCase(StoreTestCase):
     def fragments_present(self) -> int:
         return sum(os.path.exists(_layout.fragment_path(self.root, key)) for key in self.keys)
 
-    def read_only_view(self) -> str:
-        """The store's root through a read-only bind mount (writes fail with EROFS, even for root)."""
-        view = tempfile.mkdtemp(prefix="vua-ro-")
-        self.addCleanup(os.rmdir, view)
-        bound = subprocess.run(["mount", "--bind", self.root, view], capture_output=True)
-        if bound.returncode != 0:
-            self.skipTest(f"cannot bind-mount here (needs root): {bound.stderr.decode().strip()}")
-        self.addCleanup(subprocess.run, ["umount", "-l", view])
-        remounted = subprocess.run(["mount", "-o", "remount,bind,ro", view], capture_output=True)
-        self.assertEqual(remounted.returncode, 0, remounted.stderr)
-        return view
-
     def own_index_path(self) -> str:
         folder = tempfile.mkdtemp(prefix="vua-index-")
         self.addCleanup(shutil.rmtree, folder, ignore_errors=True)
@@ -56,7 +44,7 @@ class UpkeepTestCase(StoreTestCase):
 class ReadOnlyRootTest(UpkeepTestCase):
     def test_gc_that_cannot_delete_says_so(self):
         self.vua.close()
-        view, index_path = self.read_only_view(), self.own_index_path()
+        view, index_path = read_only_mount(self, self.root), self.own_index_path()
         status, out, err = run_cli("gc", view, "--index-path", index_path, "--max-bytes", "0", "--json")
         # Before: status 0, "evicted 6 groups", every fragment still there, only the index emptied.
         report = json.loads(out)
@@ -72,7 +60,7 @@ class ReadOnlyRootTest(UpkeepTestCase):
     def test_verify_fix_that_cannot_delete_does_not_call_it_fixed(self):
         flip_byte(_layout.fragment_path(self.root, self.keys[1]), 5000)
         self.vua.close()
-        view = self.read_only_view()
+        view = read_only_mount(self, self.root)
         report = verify_store(view, self.own_index_path(), fix=True, node_local_index=True)
         damaged = [p for p in report.problems if p.kind == "damaged-fragment"]
         self.assertEqual(len(damaged), 1)
