@@ -31,7 +31,7 @@ from tests.helpers import (
 )
 from vua import _layout
 from vua.core import VUA, ClosestKV, SplitFactorError, VUAConfig
-from vua.errors import InvalidInputError, NotAStoreError, StorageError, VUAError
+from vua.errors import FragmentError, FragmentState, InvalidInputError, NotAStoreError, StorageError, VUAError
 
 ROOT_OF_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -439,6 +439,24 @@ class BadInputTest(StoreTestCase):
         with self.assertRaisesRegex(StorageError, "writable directory"):
             VUA(VUAConfig, path)
         self.assertTrue(issubclass(StorageError, OSError))
+
+
+class FragmentErrorTest(unittest.TestCase):
+    def test_one_state_and_the_older_booleans(self):
+        cases = [
+            ({}, FragmentState.DAMAGED, True, False),
+            ({"state": FragmentState.UNREADABLE}, FragmentState.UNREADABLE, False, False),
+            ({"state": FragmentState.MISSING}, FragmentState.MISSING, False, True),
+            ({"damaged": False}, FragmentState.UNREADABLE, False, False),
+            ({"damaged": False, "missing": True}, FragmentState.MISSING, False, True),
+        ]
+        for kwargs, state, damaged, missing in cases:
+            exc = FragmentError("fragment x: wrong", **kwargs)
+            self.assertEqual((exc.state, exc.damaged, exc.missing), (state, damaged, missing), kwargs)
+        with self.assertRaises(AttributeError):
+            exc.damaged = True  # type: ignore[misc]
+        with self.assertRaisesRegex(TypeError, "not both"):
+            FragmentError("x", state=FragmentState.MISSING, missing=True)
 
 
 class NoPickleTest(unittest.TestCase):

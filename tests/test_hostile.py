@@ -43,7 +43,7 @@ from vua._publish import quarantine_group
 from vua._record import GroupRecord
 from vua._verify import verify_store as verify
 from vua.core import VUAConfig
-from vua.errors import FragmentError, InvalidInputError, StorageError
+from vua.errors import FragmentError, FragmentState, InvalidInputError, StorageError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -87,6 +87,16 @@ class NonRegularFragmentTest(HostileStoreTestCase):
         # Moved aside as damage, so the next put writes the group again.
         self.assertEqual(self.vua.put(self.tokens, self.kv), 1)
         self.assertPrefix(3)
+
+    def test_the_state_says_damaged_or_missing(self):
+        os.unlink(self.path(1))
+        with self.assertRaises(FragmentError) as missing:
+            Fragment(self.path(1))
+        self.assertEqual((missing.exception.state, missing.exception.damaged), (FragmentState.MISSING, False))
+        os.mkdir(self.path(1))
+        with self.assertRaises(FragmentError) as damaged:
+            Fragment(self.path(1))
+        self.assertEqual((damaged.exception.state, damaged.exception.missing), (FragmentState.DAMAGED, False))
 
     def test_fifo_in_place_of_the_fragment_does_not_block(self):
         os.unlink(self.path(1))
@@ -379,15 +389,15 @@ class IndexFaultTest(HostileStoreTestCase):
         self.assertTrue(verify(self.root, vua.index_path).clean)
 
     def test_eviction_racing_a_quarantine_leaves_no_temporaries(self):
-        real_remove = _evict.remove_entry
+        real_remove = _evict.remove_moved_aside
         key_hex = self.keys[2]
 
         def racing_remove(path):
             quarantine_group(self.root, key_hex)  # a reader found damage in the same group just now
             real_remove(path)
 
-        with mock.patch.object(_evict, "remove_entry", side_effect=racing_remove):
-            _evict.discard_group(self.root, key_hex)
+        with mock.patch.object(_evict, "remove_moved_aside", side_effect=racing_remove):
+            _evict.evict_group(self.root, key_hex)
         fanout = _layout.fanout_dir(self.root, key_hex)
         self.assertEqual(list(_layout.iter_temporaries(fanout)), [])
         self.assertFalse(os.path.exists(_layout.group_dir(self.root, key_hex)))
@@ -469,7 +479,7 @@ class TreeDateTest(HostileStoreTestCase):
             f.write(b"left by a writer whose clock was far ahead")
         os.utime(tmp, ns=(4102444800 * 10**9,) * 2)
         report = verify(self.root, self.vua.index_path, fix=True)
-        self.assertEqual([p.kind for p in report.problems], ["stale-temporary"])
+        self.assertEqual([(p.kind, p.path) for p in report.problems], [("stale-temporary", tmp)])
         self.assertFalse(os.path.exists(tmp))
 
 

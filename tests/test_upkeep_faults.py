@@ -94,15 +94,15 @@ class RebuildRacingGcTest(UpkeepTestCase):
         self.assertNoDanglingEntries()  # 3 dangling-index-entry, before
 
     def test_rebuild_between_gcs_index_removal_and_its_renames(self):
-        real_discard = _evict.discard_group
+        real_evict = _evict.evict_group
         rebuilt = []
 
-        def rebuild_then_discard(*args, **kwargs):  # the window: out of the index, still in the tree
+        def rebuild_then_evict(*args, **kwargs):  # the window: out of the index, still in the tree
             if not rebuilt:
                 rebuilt.append(_rebuild.rebuild(self.root, self.vua.index_path))
-            real_discard(*args, **kwargs)
+            real_evict(*args, **kwargs)
 
-        with mock.patch.object(_evict, "discard_group", side_effect=rebuild_then_discard):
+        with mock.patch.object(_evict, "evict_group", side_effect=rebuild_then_evict):
             self.gc_to_one_prompt()
         self.assertEqual(rebuilt[0].groups, 6)
         self.assertNoDanglingEntries()

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from vua.errors import (
     FragmentError,
+    FragmentState,
     InvalidInputError,
     NotAStoreError,
     SplitFactorError,
@@ -33,6 +34,7 @@ __all__ = [
     "StorageError",
     "NotAStoreError",
     "FragmentError",
+    "FragmentState",
 ]
 __version__ = "0.2.0"
 

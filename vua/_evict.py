@@ -9,9 +9,9 @@ Two scopes:
   of a shared store sees; a group's last use is its directory's mtime, which every node
   refreshes on hits. Run it on one node.
 
-A group leaves the index first, then its directory is renamed aside (atomically, so a
-reader moving the same group aside as damaged never races a half-removed directory), then
-its files are unlinked, never truncated. On a local file system a reader that already
+A group leaves the index first, then its fragment is moved aside (``_publish.move_aside``:
+one atomic rename, so a reader moving the same group aside as damaged never races a
+half-removed group), then unlinked, never truncated. On a local file system a reader that already
 mapped the fragment keeps its pages. On a shared (network) root another node may be
 reading the file right now, so the moved-aside directory stays for a grace period (the
 trash) and a later gc deletes it; a reader that still loses gets a shorter prefix.
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from vua import _layout
 from vua._files import age_seconds
 from vua._index import Index
-from vua._publish import last_use, move_group_aside, remove_entry
+from vua._publish import last_use, move_aside, remove_moved_aside
 from vua._rebuild import log_unlisted
 
 logger = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ def _evict_oldest(
     kept, evicted = [], []
     for (key, nbytes), record in zip(victims, records):
         try:
-            discard_group(root, key.hex(), keep=keep)
+            evict_group(root, key.hex(), keep=keep)
         except OSError as exc:
             done.refused += 1
             done.refusal = done.refusal or exc.strerror or str(exc)
@@ -160,8 +160,8 @@ def collect_garbage(
     return GarbageSummary(len(groups), total, done.groups, done.bytes, deleted, done.refused, done.refusal)
 
 
-def discard_group(root: str, key_hex: str, *, keep: bool = False) -> None:
-    """Removes a group: one atomic rename out of its place, then the files; a group already gone is fine.
+def evict_group(root: str, key_hex: str, *, keep: bool = False) -> None:
+    """Removes a group: :func:`move_aside` as evicted, then :func:`remove_moved_aside`; a group already gone is fine.
 
     ``keep``: leave the moved-aside directory in the trash (shared roots); its mtime becomes
     the time of eviction, from which the grace period runs.
@@ -169,7 +169,7 @@ def discard_group(root: str, key_hex: str, *, keep: bool = False) -> None:
     Raises:
         OSError: the file system refused to move it (a read-only root, no write permission).
     """
-    doomed = move_group_aside(root, key_hex, EVICTED)
+    doomed = move_aside(root, key_hex, EVICTED)
     if doomed is None:
         return
     if keep:
@@ -178,7 +178,7 @@ def discard_group(root: str, key_hex: str, *, keep: bool = False) -> None:
         except OSError:
             pass
     else:
-        remove_entry(doomed)
+        remove_moved_aside(doomed)
 
 
 def tree_groups(root: str) -> list[tuple[bytes, int, int]]:
@@ -207,6 +207,6 @@ def _empty_trash(root: str, grace_seconds: float) -> int:
                     continue
             except OSError:
                 continue
-            remove_entry(tmp)
+            remove_moved_aside(tmp)
             deleted += 1
     return deleted

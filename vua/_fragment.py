@@ -36,7 +36,7 @@ from vua._files import NotRegularFileError, open_regular_file, read_all
 from vua._kv_layout import TOKENS, Layout, bits_dtype, is_size, key_name, loads_untrusted, value_name
 from vua._mac import ALG_FIELD, MAC_FIELD, MacStream, blank, mac_marker
 from vua._record import GroupRecord, StoredGroup
-from vua.errors import FragmentError
+from vua.errors import FragmentError, FragmentState
 
 FORMAT = "vua.fragment"
 FORMAT_VERSION = "1"
@@ -48,19 +48,18 @@ def open_regular(path: str) -> int:
     """Opens a fragment for reading (see :func:`open_regular_file`).
 
     Raises:
-        FragmentError: with ``damaged`` True when something else than a regular file stands
-            there; ``missing`` when nothing does (the catalog decides whether that is damage);
-            neither for errors that may pass (EIO, ESTALE, EACCES), so the group stays.
+        FragmentError: DAMAGED when something else than a regular file stands there; MISSING
+            when nothing does (the catalog decides whether that is damage); UNREADABLE for
+            errors that may pass (EIO, ESTALE, EACCES), so the group stays.
     """
     try:
         return open_regular_file(path)
     except FileNotFoundError:
-        raise FragmentError(f"cannot open fragment {path}: no such file", damaged=False, missing=True) from None
+        raise FragmentError(f"cannot open fragment {path}: no such file", state=FragmentState.MISSING) from None
     except OSError as exc:
         something_else = (IsADirectoryError, NotADirectoryError, NotRegularFileError)
-        raise FragmentError(
-            f"cannot open fragment {path}: {exc.strerror}", damaged=isinstance(exc, something_else)
-        ) from None
+        state = FragmentState.DAMAGED if isinstance(exc, something_else) else FragmentState.UNREADABLE
+        raise FragmentError(f"cannot open fragment {path}: {exc.strerror}", state=state) from None
 
 
 def _close_quietly(fd: int) -> None:
@@ -77,11 +76,11 @@ class OtherLayoutError(FragmentError):
 
     Not damage by itself: the record may be the one that lies (an index copied from another
     store, two roots sharing an index). Whoever catches it reads the fragment's own header
-    to tell (see ``Catalog.open_prefix``).
+    to tell (see ``Catalog.open_prefix``). Its state is UNREADABLE: the group stays.
     """
 
     def __init__(self, message: str):
-        super().__init__(message, damaged=False)
+        super().__init__(message, state=FragmentState.UNREADABLE)
 
 
 @dataclass(frozen=True)
@@ -138,7 +137,7 @@ class Fragment:
                     self._map = mmap.mmap(self._fd, 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
                 except (OSError, ValueError) as exc:
                     # The file system's refusal, not the file's bytes.
-                    raise FragmentError(f"cannot map fragment {path}: {exc}", damaged=False) from None
+                    raise FragmentError(f"cannot map fragment {path}: {exc}", state=FragmentState.UNREADABLE) from None
                 # A get may hold hundreds of fragments: the mapping needs no descriptor.
                 fd, self._fd = self._fd, None
                 _close_quietly(fd)
@@ -172,7 +171,9 @@ class Fragment:
         try:
             return read_all(fd, buffers, offset)
         except OSError as exc:
-            raise FragmentError(f"reading fragment {self.path} failed: {exc.strerror or exc}", damaged=False) from None
+            raise FragmentError(
+                f"reading fragment {self.path} failed: {exc.strerror or exc}", state=FragmentState.UNREADABLE
+            ) from None
 
     def __enter__(self) -> Fragment:
         return self
@@ -208,8 +209,8 @@ class Fragment:
         """Fills ``buffers``, in order, with the file's bytes from ``offset`` on (one ``preadv`` where it can).
 
         Raises:
-            FragmentError: the file is shorter than its header says (damaged), or the read
-                failed (an I/O error or a vanished file on a network file system: not damaged).
+            FragmentError: the file is shorter than its header says (DAMAGED), or the read
+                failed (an I/O error or a vanished file on a network file system: UNREADABLE).
         """
         fd = self._fd if self._fd is not None else open_regular(self.path)  # a file replaced since fails the checksum
         try:

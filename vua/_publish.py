@@ -1,8 +1,18 @@
-"""Changing the fragment tree: publishing a fragment atomically and durably, recording uses, moving groups aside.
+"""Changing the fragment tree: publishing a fragment atomically and durably, recording uses, removing groups.
 
 Writing goes through one ``writev`` of the header and the caller's tensor buffers (no
 intermediate bytes object), into a file beside the fragment's name that is fsynced and
 hard-linked into place: a reader sees a whole fragment or none.
+
+Removing things has one vocabulary, each verb saying what it does when the file system
+refuses (a read-only root, no write permission):
+
+- :func:`move_aside`: a group's fragment out of its place, to a temporary name; raises.
+- :func:`quarantine_group`: :func:`move_aside` for readers that found damage; never raises.
+- :func:`remove_moved_aside`: deletes such a temporary; never raises, a refusal leaves it.
+- :func:`remove_dir_if_empty`: an emptied group directory, under its lock; never raises.
+
+Eviction (``_evict.evict_group``) is :func:`move_aside` then :func:`remove_moved_aside`.
 """
 
 from __future__ import annotations
@@ -23,6 +33,7 @@ from vua._files import fsync_dir, write_all
 _RACE_RETRY_SECONDS = (0.05, 0.1, 0.2, 0.4, 0.8)
 _MKDIR_WAIT_SECONDS = 5.0  # a directory maker holds its lock for two metadata operations
 HEADER_ALIGN = 4096  # tensor data starts on a block boundary, as direct and GPUDirect reads want
+DAMAGED = "damaged"  # the word in a quarantined group's temporary name
 
 
 def encode_header(
@@ -106,7 +117,7 @@ def _publish_once(root: str, key_hex: str, header: bytes, buffers: Sequence[memo
         except FileExistsError:
             lost = True  # another writer published it first
     finally:
-        _unlink_quietly(tmp)
+        _remove_own_file(tmp)
         if not (linked or lost):
             remove_dir_if_empty(group)  # leave the tree as it was (unless another writer is at work there)
     if lost:
@@ -171,7 +182,7 @@ def make_dir(path: str) -> bool:
             raise
         if lock is None:
             if time.monotonic() > deadline:  # its holder died: take the lock over
-                _unlink_quietly(_lock_path(path))
+                _remove_own_file(_lock_path(path))
                 deadline = time.monotonic() + _MKDIR_WAIT_SECONDS
             time.sleep(0.01)
             continue
@@ -181,7 +192,7 @@ def make_dir(path: str) -> bool:
             _require_directory(path)
             return False
         finally:
-            _unlink_quietly(lock)
+            _remove_own_file(lock)
         return True
 
 
@@ -201,7 +212,12 @@ def _require_directory(path: str) -> None:
 
 
 def remove_dir_if_empty(group: str) -> None:
-    """Removes an emptied group directory, unless another node is making it right now."""
+    """Removes an emptied group directory, unless another node is making it right now.
+
+    Never raises: a directory that is not empty (a fragment published into it meanwhile),
+    is gone, or that the file system refuses to remove (a read-only root) stays; an empty
+    group directory is harmless (``vua verify --fix`` removes an old one).
+    """
     try:
         lock = _lock_dir(group)
     except OSError:  # a read-only root, say: the empty directory is harmless
@@ -213,7 +229,7 @@ def remove_dir_if_empty(group: str) -> None:
     except OSError:
         pass  # not empty (a fragment was published into it meanwhile) or gone
     finally:
-        _unlink_quietly(lock)
+        _remove_own_file(lock)
 
 
 def _lock_path(path: str) -> str:
@@ -241,16 +257,21 @@ def temporary_name(root: str, key_hex: str, why: str) -> str:
     )
 
 
-def remove_entry(path: str) -> None:
-    """Removes a temporary: a file (or, from older writers and damage, a directory); gone already is fine."""
+def remove_moved_aside(path: str) -> None:
+    """Deletes a temporary in a fan-out directory: a group moved aside by :func:`move_aside`, a
+    writer's dead file or lock; a file (or, from older writers and damage, a directory).
+
+    Never raises: gone already is fine, and what the file system refuses to remove stays
+    (a caller that must know looks with ``os.path.lexists``, as ``vua verify --fix`` does).
+    """
     if os.path.isdir(path) and not os.path.islink(path):
         shutil.rmtree(path, ignore_errors=True)
     else:
-        _unlink_quietly(path)
+        _remove_own_file(path)
 
 
-def _unlink_quietly(path: str) -> None:
-    """Removes a file this process made (a writer's file, a lock); gone already is fine.
+def _remove_own_file(path: str) -> None:
+    """Removes a file this process made (a writer's file, a lock); gone already or refused is fine.
 
     No probe of what the path is first: on a network file system every probe is a round
     trip, and publishing a group removes two such files.
@@ -297,12 +318,13 @@ def last_use(group: str) -> int:
     return now
 
 
-def move_group_aside(root: str, key_hex: str, why: str) -> str | None:
+def move_aside(root: str, key_hex: str, why: str) -> str | None:
     """Moves a group's fragment out of its place, atomically, to a temporary name saying ``why``.
 
     The file is renamed (not the directory: see :func:`publish_fragment`), then the empty
     group directory removed. Readers that already opened the file keep reading it; later
-    lookups no longer find the group.
+    lookups no longer find the group. The temporary stays until someone deletes it
+    (:func:`remove_moved_aside`).
 
     Returns:
         The new path, or None when the group was gone already (moved by another process).
@@ -329,14 +351,16 @@ def move_group_aside(root: str, key_hex: str, why: str) -> str | None:
 
 
 def quarantine_group(root: str, key_hex: str) -> bool:
-    """Moves a damaged group out of the way, so a later put can rewrite it.
+    """Moves a damaged group out of the way (:func:`move_aside`), so a later put can rewrite it.
 
+    For readers, which must never raise over it: when the file system refuses (a read-only
+    root, another user's store) the group stays and the read is cut before it all the same.
     ``vua verify --fix`` removes the moved-aside file once it is old.
 
     Returns:
-        True if this call moved it (when it did not, the read is cut either way).
+        True if this call moved it; False when it was gone already or the file system refused.
     """
     try:
-        return move_group_aside(root, key_hex, "damaged") is not None
+        return move_aside(root, key_hex, DAMAGED) is not None
     except OSError:  # a read-only root, another user's store: readers stop before it all the same
         return False

@@ -35,7 +35,7 @@ from vua._generations import (
 from vua._kv_layout import Layout
 from vua._publish import last_use
 from vua._record import GroupRecord, StoredGroup
-from vua.errors import FragmentError, StorageError
+from vua.errors import FragmentError, FragmentState, StorageError
 
 logger = logging.getLogger(__name__)
 
@@ -58,8 +58,8 @@ def stored_group(root: str, key_hex: str) -> StoredGroup:
     Its last use is the tree's record of it (the directory's mtime).
 
     Raises:
-        FragmentError: damaged, gone (``missing``: evicted by a node since it was listed)
-            or unreadable for now (neither ``damaged`` nor ``missing``: EIO, ESTALE, ...).
+        FragmentError: DAMAGED, MISSING (evicted by a node since it was listed) or
+            UNREADABLE for now (EIO, ESTALE, ...).
     """
     # pread, not a memory map: on a network file system the file may vanish mid-read.
     with Fragment(_layout.fragment_path(root, key_hex), mapped=False) as fragment:
@@ -67,12 +67,13 @@ def stored_group(root: str, key_hex: str) -> StoredGroup:
 
 
 def _log_unusable(key_hex: str, exc: FragmentError) -> None:
-    if exc.missing:  # removed since it was listed: on a shared root, another node's eviction
-        logger.debug("group %s is gone: %s", key_hex, exc)
-    elif exc.damaged:
-        logger.warning("skipping damaged fragment %s: %s", key_hex, exc)
-    else:
-        logger.warning("skipping fragment %s, unreadable for now: %s", key_hex, exc)
+    match exc.state:
+        case FragmentState.MISSING:  # removed since it was listed: on a shared root, another node's eviction
+            logger.debug("group %s is gone: %s", key_hex, exc)
+        case FragmentState.DAMAGED:
+            logger.warning("skipping damaged fragment %s: %s", key_hex, exc)
+        case FragmentState.UNREADABLE:
+            logger.warning("skipping fragment %s, unreadable for now: %s", key_hex, exc)
 
 
 def log_unlisted(fanout: str, exc: OSError) -> None:

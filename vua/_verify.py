@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from enum import Enum
 
 import xxhash
 
@@ -32,25 +33,55 @@ from vua._fragment import Fragment
 from vua._generations import CURRENT_FILE
 from vua._index import Index
 from vua._kv_layout import TOKENS
-from vua._publish import move_group_aside, remove_dir_if_empty, remove_entry
+from vua._publish import DAMAGED, move_aside, remove_dir_if_empty, remove_moved_aside
 from vua._rebuild import ScanProgress, rebuild
 from vua._record import GroupRecord, StoredGroup
-from vua.errors import FragmentError
+from vua.errors import FragmentError, FragmentState
 
 DEFAULT_GRACE_SECONDS = 3600.0
 
 
+class ProblemKind(str, Enum):
+    """What kind of thing is wrong; the values are what ``vua verify`` prints and its JSON holds."""
+
+    DAMAGED_FRAGMENT = "damaged-fragment"
+    UNAUTHENTICATED_FRAGMENT = "unauthenticated-fragment"  # checksums hold, the MAC does not
+    STALE_TEMPORARY = "stale-temporary"  # a writer's or a remover's file older than the grace period
+    UNINDEXED_GROUP = "unindexed-group"
+    MISRECORDED_INDEX_ENTRY = "misrecorded-index-entry"  # another namespace or layout than the fragment
+    DANGLING_INDEX_ENTRY = "dangling-index-entry"
+    GARBAGE_INDEX_ENTRY = "garbage-index-entry"
+    MISSING_INDEX = "missing-index"
+    EMPTY_GROUP_DIRECTORY = "empty-group-directory"
+    UNREADABLE = "unreadable"  # left alone by fix: see _unreadable
+
+    def __str__(self) -> str:
+        return self.value
+
+
+# Groups in the tree that cannot be used: an index entry for one is not dangling.
+_UNUSABLE = (ProblemKind.DAMAGED_FRAGMENT, ProblemKind.UNAUTHENTICATED_FRAGMENT, ProblemKind.UNREADABLE)
+
+
 @dataclass
 class Problem:
-    """One thing wrong with a store."""
+    """One thing wrong with a store.
 
-    # damaged-fragment, unauthenticated-fragment, stale-temporary, unindexed-group,
-    # misrecorded-index-entry, dangling-index-entry, garbage-index-entry, missing-index,
-    # empty-group-directory, unreadable (left alone by fix: see _unreadable)
-    kind: str
+    Attributes:
+        kind: what is wrong.
+        key: the group's key (hex); None for a stale temporary, a missing index and a fan-out
+            directory that cannot be listed.
+        detail: what was found, for people.
+        fixed: whether ``fix`` repaired it.
+        path: the file or directory at fault, where it is one (a stale temporary, an empty
+            group directory, an unreadable one); None otherwise.
+    """
+
+    kind: ProblemKind
     key: str | None
     detail: str
     fixed: bool = False
+    path: str | None = None
 
 
 @dataclass
@@ -169,7 +200,7 @@ def verify_store(
             for tmp in paths:
                 age = age_of(tmp)
                 if age is not None and age > grace_seconds:
-                    problems.append(Problem("stale-temporary", None, f"{tmp} ({age:.0f} s old)"))
+                    problems.append(Problem(ProblemKind.STALE_TEMPORARY, None, f"{tmp} ({age:.0f} s old)", path=tmp))
                 elif age is not None:
                     young += 1
                     all_old = False
@@ -194,13 +225,13 @@ def verify_store(
             try:
                 valid[bytes.fromhex(key_hex)] = check_fragment(root, key_hex, mac_key)
             except UnauthenticatedError as exc:
-                problems.append(Problem("unauthenticated-fragment", key_hex, str(exc)))
+                problems.append(Problem(ProblemKind.UNAUTHENTICATED_FRAGMENT, key_hex, str(exc)))
             except FragmentError as exc:
-                if not exc.missing and not exc.damaged:  # EIO, ESTALE: the file system refused
+                if exc.state is FragmentState.UNREADABLE:  # EIO, ESTALE: the file system refused
                     problems.append(_unreadable(key_hex, group_dir, exc))
                     continue
-                if not exc.missing:
-                    problems.append(Problem("damaged-fragment", key_hex, str(exc)))
+                if exc.state is FragmentState.DAMAGED:
+                    problems.append(Problem(ProblemKind.DAMAGED_FRAGMENT, key_hex, str(exc)))
                     continue
                 # A group directory without its file: a publish at work (its file is written
                 # beside it), or one whose writer died. Harmless: the next put fills it.
@@ -208,7 +239,11 @@ def verify_store(
                 if age is None or not writers_done:
                     continue  # gone, or its writer (counted above) is at work
                 if age > grace_seconds:
-                    problems.append(Problem("empty-group-directory", key_hex, f"{group_dir} ({age:.0f} s old)"))
+                    problems.append(
+                        Problem(
+                            ProblemKind.EMPTY_GROUP_DIRECTORY, key_hex, f"{group_dir} ({age:.0f} s old)", path=group_dir
+                        )
+                    )
                 else:
                     young += 1
         temporaries(_layout.iter_temporaries(fanout))
@@ -222,7 +257,7 @@ def verify_store(
             report.young_temporaries += young
             state.fanouts_done += 1
             state.groups += len(found)
-            state.damaged += sum(p.kind == "damaged-fragment" for p in problems)
+            state.damaged += sum(p.kind is ProblemKind.DAMAGED_FRAGMENT for p in problems)
             if progress is not None:
                 progress(state)
     report.fragments = len(valid)
@@ -233,24 +268,29 @@ def verify_store(
     if os.path.exists(os.path.join(index_path, CURRENT_FILE)):
         indexed = dict(index.items())
     elif not node_local_index:  # a node-local index is made when that node opens the store
-        report.problems.append(Problem("missing-index", None, f"no index at {index_path}"))
-    unusable = ("damaged-fragment", "unauthenticated-fragment", "unreadable")  # in the tree, not dangling
-    unusable_keys = {bytes.fromhex(p.key or "") for p in report.problems if p.kind in unusable}
+        report.problems.append(Problem(ProblemKind.MISSING_INDEX, None, f"no index at {index_path}"))
+    unusable_keys = {bytes.fromhex(p.key or "") for p in report.problems if p.kind in _UNUSABLE}
     for key, record in indexed.items():
         if record is None:
-            report.problems.append(Problem("garbage-index-entry", key.hex(), "value is not a record"))
+            report.problems.append(Problem(ProblemKind.GARBAGE_INDEX_ENTRY, key.hex(), "value is not a record"))
         elif key not in valid and key not in unusable_keys and _layout.fanout_name(key.hex()) not in unlisted:
-            report.problems.append(Problem("dangling-index-entry", key.hex(), "indexed, but no fragment in the tree"))
+            report.problems.append(
+                Problem(ProblemKind.DANGLING_INDEX_ENTRY, key.hex(), "indexed, but no fragment in the tree")
+            )
     for key, stored in valid.items():
         old = indexed.get(key)
         if key not in indexed and node_local_index:
             report.other_nodes_groups += 1
         elif key not in indexed:
-            report.problems.append(Problem("unindexed-group", key.hex(), "valid fragment missing from the index"))
+            report.problems.append(
+                Problem(ProblemKind.UNINDEXED_GROUP, key.hex(), "valid fragment missing from the index")
+            )
         elif old is not None and old[:2] != stored.record[:2]:
             report.problems.append(
                 Problem(
-                    "misrecorded-index-entry", key.hex(), "index names another namespace or layout than the fragment"
+                    ProblemKind.MISRECORDED_INDEX_ENTRY,
+                    key.hex(),
+                    "index names another namespace or layout than the fragment",
                 )
             )
 
@@ -270,10 +310,11 @@ def _unreadable(key_hex: str | None, path: str, exc: OSError | FragmentError) ->
     """
     reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
     return Problem(
-        "unreadable",
+        ProblemKind.UNREADABLE,
         key_hex,
         f"{path}: {reason}; left alone: a fault of the file system (disk, network, or on GlusterFS "
         "a directory its servers disagree about), to repair there",
+        path=path,
     )
 
 
@@ -283,37 +324,38 @@ def _repair(root: str, index: Index, report: VerifyReport, valid: dict[bytes, St
     wrong_key = not valid
     # Stale temporaries go first: a writer killed while making a group directory leaves its
     # lock, and an empty group directory is removed only under that lock.
-    for problem in sorted(report.problems, key=lambda p: p.kind != "stale-temporary"):
+    for problem in sorted(report.problems, key=lambda p: p.kind is not ProblemKind.STALE_TEMPORARY):
         key_hex = problem.key or ""  # set for every kind but stale-temporary and missing-index
-        if problem.kind == "unauthenticated-fragment" and wrong_key:
-            problem.detail += " (left alone: no fragment verifies under this key; is it the store's?)"
-            continue
-        if problem.kind == "unreadable":
-            continue  # not this program's to repair (see _unreadable)
-        if problem.kind in ("damaged-fragment", "unauthenticated-fragment"):
-            try:
-                move_group_aside(root, key_hex, "damaged")  # out of readers' way at once...
-            except OSError as exc:
-                problem.detail += f" (not removed: {exc.strerror}; run --fix as a user who may write the root)"
+        match problem.kind:
+            case ProblemKind.UNAUTHENTICATED_FRAGMENT if wrong_key:
+                problem.detail += " (left alone: no fragment verifies under this key; is it the store's?)"
                 continue
-            for tmp in _layout.iter_temporaries(_layout.fanout_dir(root, key_hex)):
-                if os.path.basename(tmp).startswith(f"{_layout.TMP_PREFIX}{key_hex}-damaged-"):
-                    remove_entry(tmp)  # ...then gone
-            drop.append(bytes.fromhex(key_hex))
-        elif problem.kind == "empty-group-directory":
-            remove_dir_if_empty(_layout.group_dir(root, key_hex))  # under its lock: see make_dir
-        elif problem.kind == "stale-temporary":
-            path = problem.detail.rsplit(" (", 1)[0]
-            remove_entry(path)
-            if os.path.lexists(path):
-                problem.detail += " (could not be removed; run --fix as a user who may write the root)"
-                continue
-        elif problem.kind in ("dangling-index-entry", "garbage-index-entry"):
-            drop.append(bytes.fromhex(key_hex))
-        elif problem.kind in ("unindexed-group", "misrecorded-index-entry"):
-            add.append(bytes.fromhex(key_hex))
-        elif problem.kind == "missing-index":
-            rebuild(root, index.path)
+            case ProblemKind.UNREADABLE:
+                continue  # not this program's to repair (see _unreadable)
+            case ProblemKind.DAMAGED_FRAGMENT | ProblemKind.UNAUTHENTICATED_FRAGMENT:
+                try:
+                    move_aside(root, key_hex, DAMAGED)  # out of readers' way at once...
+                except OSError as exc:
+                    problem.detail += f" (not removed: {exc.strerror}; run --fix as a user who may write the root)"
+                    continue
+                for tmp in _layout.iter_temporaries(_layout.fanout_dir(root, key_hex)):
+                    if os.path.basename(tmp).startswith(f"{_layout.TMP_PREFIX}{key_hex}-{DAMAGED}-"):
+                        remove_moved_aside(tmp)  # ...then gone
+                drop.append(bytes.fromhex(key_hex))
+            case ProblemKind.EMPTY_GROUP_DIRECTORY:
+                remove_dir_if_empty(_layout.group_dir(root, key_hex))  # under its lock: see make_dir
+            case ProblemKind.STALE_TEMPORARY:
+                assert problem.path is not None
+                remove_moved_aside(problem.path)
+                if os.path.lexists(problem.path):
+                    problem.detail += " (could not be removed; run --fix as a user who may write the root)"
+                    continue
+            case ProblemKind.DANGLING_INDEX_ENTRY | ProblemKind.GARBAGE_INDEX_ENTRY:
+                drop.append(bytes.fromhex(key_hex))
+            case ProblemKind.UNINDEXED_GROUP | ProblemKind.MISRECORDED_INDEX_ENTRY:
+                add.append(bytes.fromhex(key_hex))
+            case ProblemKind.MISSING_INDEX:
+                rebuild(root, index.path)
         problem.fixed = True
     if drop:
         index.remove(drop)

@@ -6,6 +6,8 @@ that already catches ``ValueError`` or ``OSError`` keeps working.
 
 from __future__ import annotations
 
+from enum import Enum
+
 __all__ = [
     "VUAError",
     "InvalidInputError",
@@ -13,6 +15,7 @@ __all__ = [
     "StorageError",
     "NotAStoreError",
     "FragmentError",
+    "FragmentState",
     "missing_extra",
 ]
 
@@ -37,22 +40,69 @@ class NotAStoreError(StorageError, FileNotFoundError):
     """A path given as a VUA root does not exist or holds no VUA store."""
 
 
+class FragmentState(Enum):
+    """What is wrong with a fragment that could not be used, as :class:`FragmentError` says.
+
+    DAMAGED: the file itself is wrong (malformed, truncated, a checksum or MAC that does not
+        hold, something else than a regular file): a rewrite is due, readers move it aside.
+    MISSING: no file there (evicted, or not yet visible on a network file system).
+    UNREADABLE: not usable now, but not shown to be damaged: reading failed in a way that may
+        pass (EIO, ESTALE, EACCES, a refused memory map); the group stays. A fragment of
+        another layout than its reader expected carries this state too (``OtherLayoutError``).
+    """
+
+    DAMAGED = "damaged"
+    MISSING = "missing"
+    UNREADABLE = "unreadable"
+
+
 class FragmentError(VUAError):
     """A fragment file is damaged or does not hold what its key promises.
 
     Reads never let this escape: the prefix simply ends before the damaged group.
     ``vua verify`` reports it.
 
+    Args:
+        message: what is wrong, naming the file.
+        state: which kind of trouble (:class:`FragmentState`); DAMAGED unless given.
+        damaged, missing: the older spelling of ``state``, still accepted: ``missing=True``
+            is MISSING, else ``damaged=False`` is UNREADABLE. Not together with ``state``.
+
     Attributes:
-        damaged: True when the file itself is wrong (a rewrite is due), False when reading
-            it failed in a way that may pass (an I/O error, say).
-        missing: the file was not there (evicted, or not yet visible on a network file system).
+        state: the :class:`FragmentState`.
+        damaged: ``state is FragmentState.DAMAGED`` (read-only).
+        missing: ``state is FragmentState.MISSING`` (read-only).
     """
 
-    def __init__(self, message: str, *, damaged: bool = True, missing: bool = False):
+    def __init__(
+        self,
+        message: str,
+        *,
+        state: FragmentState | None = None,
+        damaged: bool | None = None,
+        missing: bool | None = None,
+    ):
         super().__init__(message)
-        self.damaged = damaged
-        self.missing = missing
+        if state is None:
+            if missing:
+                state = FragmentState.MISSING
+            elif damaged is False:
+                state = FragmentState.UNREADABLE
+            else:
+                state = FragmentState.DAMAGED
+        elif damaged is not None or missing is not None:
+            raise TypeError("FragmentError takes state, or the older damaged/missing, not both")
+        self.state = state
+
+    @property
+    def damaged(self) -> bool:
+        """True when the file itself is wrong (a rewrite is due)."""
+        return self.state is FragmentState.DAMAGED
+
+    @property
+    def missing(self) -> bool:
+        """True when the file was not there (evicted, or not yet visible on a network file system)."""
+        return self.state is FragmentState.MISSING
 
 
 def missing_extra(module: str, package: str, extra: str, exc: ImportError) -> ImportError:
