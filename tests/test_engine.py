@@ -84,6 +84,7 @@ class EngineTest(unittest.TestCase):
         upstream: bool = False,
         model: str | None = None,
         batched: int = BATCHED,
+        prefix_caching: bool = False,
     ) -> dict:
         """Runs one engine process over the named prompts, in order; returns its results by name."""
         tag = f"{dtype}-{os.path.basename(store or 'none')}-{len(os.listdir(cls.work))}"
@@ -94,6 +95,8 @@ class EngineTest(unittest.TestCase):
         argv += ["--split-factor", str(SPLIT), "--max-num-batched-tokens", str(batched), "--max-model-len", "2048"]
         if store:
             argv += ["--store", store] + (["--upstream-names"] if upstream else [])
+        if prefix_caching:
+            argv.append("--prefix-caching")
         started = time.monotonic()
         cls._run(argv)
         print(
@@ -140,6 +143,21 @@ class EngineTest(unittest.TestCase):
         self.assertGreaterEqual(metrics.get("vllm:vua_lookups", 0), 3, metrics)
         self.assertEqual(metrics.get("vllm:vua_load_errors", 0), 0, metrics)
         self.assertGreater(fresh["metrics"].get("vllm:vua_groups_saved", 0), 0, fresh["metrics"])
+
+    def test_prefix_caching_on_reads_only_what_vllm_lacks(self):
+        # vLLM's default: its own prefix cache on. "b" shares two groups with "a": once "b"
+        # has run, vLLM holds a's first 128 tokens itself and VUA has a's groups 0-2 stored.
+        store = os.path.join(self.work, "store-prefix-caching")
+        fill = self.engine(["a"], store=store)
+        served = self.engine(["b", "a"], store=store, prefix_caching=True)
+        runs = served["by_name"]
+        self.assertEqual(runs["b"]["num_cached_tokens"], 2 * SPLIT)  # from VUA: vLLM's cache was empty
+        self.assertEqual(runs["a"]["num_cached_tokens"], 3 * SPLIT)  # 2 groups' worth from vLLM, 1 from VUA
+        self.assertEqual(runs["a"]["token_ids"], fill["by_name"]["a"]["token_ids"])  # as computed in full
+        # Groups read: b's two, then only a's third (before: a's three again, five in all).
+        metrics = served["metrics"]
+        self.assertEqual(metrics.get("vllm:vua_groups_loaded"), 3, metrics)
+        self.assertEqual(metrics.get("vllm:vua_load_errors", 0), 0, metrics)
 
     def test_bf16_under_the_original_projects_names(self):
         # kv_connector "VUAStorageConnector_V1" with "shared_storage_path", found through

@@ -41,6 +41,8 @@ try:
     from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
     from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole, supports_hma
     from vllm.plugins import load_general_plugins
+    from vllm.utils.hashing import get_hash_fn_by_name
+    from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
     from vllm.v1.core.sched.scheduler import Scheduler
     from vllm.v1.kv_cache_interface import (
         FullAttentionSpec,
@@ -90,6 +92,7 @@ class ConnectorHarness:
         batched=None,
         groups=None,
         load_failure_policy="recompute",
+        prefix_caching=False,
     ):
         heads, head = (1, 576) if mla else (2, 16)
         extra = {"vua_root": root, "split_factor": split}
@@ -98,7 +101,7 @@ class ConnectorHarness:
         extra.update(extra_config or {})
         self.vllm_config = VllmConfig(
             model_config=ModelConfig(model=model_dir, skip_tokenizer_init=True, dtype="bfloat16", max_model_len=1024),
-            cache_config=CacheConfig(block_size=BLOCK, enable_prefix_caching=False),
+            cache_config=CacheConfig(block_size=BLOCK, enable_prefix_caching=prefix_caching),
             kv_transfer_config=KVTransferConfig(
                 kv_connector=connector,
                 kv_role="kv_both",
@@ -131,6 +134,10 @@ class ConnectorHarness:
         self.worker = KVConnectorFactory.create_connector(
             self.vllm_config, KVConnectorRole.WORKER, self.kv_cache_config
         )
+        # As vLLM's engine core sets requests up: block hashes are what its prefix cache matches.
+        hash_fn = get_hash_fn_by_name(self.vllm_config.cache_config.prefix_caching_hash_algo)
+        init_none_hash(hash_fn)
+        self.block_hasher = get_request_block_hasher(BLOCK, hash_fn)
         content = 576 if mla else 2 * head
         self.caches = {}
         for name in LAYERS:
@@ -146,7 +153,7 @@ class ConnectorHarness:
         self.worker.register_kv_caches(self.caches)
 
     def request(self, req_id: str, prompt: list[int]) -> Request:
-        request = Request(req_id, prompt, SamplingParams(max_tokens=4), None)
+        request = Request(req_id, prompt, SamplingParams(max_tokens=4), None, block_hasher=self.block_hasher)
         self.scheduler.add_request(request)
         return request
 
@@ -300,6 +307,48 @@ class VLLMConnectorTest(unittest.TestCase):
 
     def test_save_and_load_mla_latent(self):
         self.check_round_trip(dtype=torch.bfloat16, mla=True)
+
+    def test_with_prefix_caching_only_the_groups_vllm_lacks_are_read(self):
+        prompt = list(range(100, 200))  # 100 tokens: three groups of 32 stored
+        first = self.harness()  # one server computes and stores the whole prompt
+        first.request("a", prompt)
+        _, _, blocks_a, _ = first.step(compute={"a": 1})
+
+        # Another server on the same store, vLLM's prefix cache on, has computed a prompt
+        # sharing the first 48 tokens (three blocks of 16: group 0 and half of group 1).
+        h = self.harness(prefix_caching=True)
+        h.request("other", prompt[:48] + list(range(900, 952)))
+        h.step(compute={"other": 1}, commit=True)
+        before = h.worker.vua.stats()
+        h.request("b", prompt)
+        _, meta, blocks, errors = h.step()
+        self.assertEqual(errors, set())
+        (load,) = meta.loads
+        self.assertEqual((load.start, load.end), (48, 96))  # vLLM holds [0, 48)
+        after = h.worker.vua.stats()
+        # Groups 1 and 2 are read (group 1 holds token 48); group 0, which vLLM holds, is not
+        # (before, every load read from token 0: three groups).
+        self.assertEqual(after.groups_loaded - before.groups_loaded, 2)
+        for name in LAYERS:
+            stored = first.positions(name, blocks_a["a"], 0, 96)
+            held = h.positions(name, blocks["b"], 0, 96)  # [0, 48) from vLLM's cache, the rest loaded
+            self.assertTrue(torch.equal(stored.view(torch.uint8), held.view(torch.uint8)), name)
+
+    def test_a_load_from_an_offset_checks_and_returns_only_those_groups(self):
+        vua = VUA(VUAConfig(split_factor=32, namespace="offset"), self.root)
+        self.addCleanup(vua.close)
+        tokens = torch.arange(100, 196)
+        kv = [(torch.randn(1, 2, 96, 16), torch.randn(1, 2, 96, 16)) for _ in range(2)]
+        vua.put(tokens, kv)
+        load = vua.load(tokens, "cpu", offset=32)
+        self.assertEqual((load.offset, load.wait()), (32, 2))
+        for (k, v), (ek, ev) in zip(load.data(), kv):
+            self.assertTrue(torch.equal(k, ek[:, :, 32:]) and torch.equal(v, ev[:, :, 32:]))
+        other = torch.cat([tokens[:40], torch.arange(7, 63)])  # diverges inside group 1
+        self.assertIsNone(vua.load(other, "cpu", offset=32))
+        self.assertIsNone(vua.load(tokens, "cpu", offset=96))  # nothing stored from there on
+        with self.assertRaisesRegex(VUAError, "offset=48 is not a multiple of split_factor=32.*pass 32"):
+            vua.load(tokens, "cpu", offset=48)
 
     def test_word_sums_are_computed_where_the_cache_lives(self):
         # A CUDA cache does this by default; gpu_checksums: true makes a CPU cache take the

@@ -139,9 +139,13 @@ class Catalog:
             logger.warning("could not record groups found in the tree: %s", exc)
 
     def open_prefix(
-        self, keys: list[bytes], ids: np.ndarray, *, check_macs: bool = True
+        self, keys: list[bytes], ids: np.ndarray, *, check_macs: bool = True, first: int = 0
     ) -> tuple[list[Fragment], Layout | None]:
         """Opens and validates the fragments of the stored prefix of ``keys`` (token ids ``ids``); cut at the first bad one.
+
+        ``first``: start at this group instead of group 0 (the caller holds the KV before it).
+        A group's key chains every token before it, and its fragment holds its own tokens,
+        so groups from ``first`` on are checked exactly as in a whole prefix.
 
         Each fragment's header must name this group, namespace and layout; its stored tokens
         must be the query's; with a MAC key, its MAC must verify (unless ``check_macs`` is
@@ -150,42 +154,43 @@ class Catalog:
         damage: the record is healed from the fragment and the prefix looked up once more.
 
         Returns:
-            (open fragments of groups 0..n-1, their layout); ([], None) when none is usable.
+            (open fragments of groups first..n-1, their layout); ([], None) when none is usable.
         """
-        fragments, layout, misrecorded = self._open_prefix_once(keys, ids, check_macs=check_macs)
+        fragments, layout, misrecorded = self._open_prefix_once(keys, ids, check_macs=check_macs, first=first)
         if misrecorded and self._heal_records(misrecorded):
             for fragment in fragments:
                 fragment.close()
-            fragments, layout, _ = self._open_prefix_once(keys, ids, check_macs=check_macs)
+            fragments, layout, _ = self._open_prefix_once(keys, ids, check_macs=check_macs, first=first)
         return fragments, layout
 
     def _open_prefix_once(
-        self, keys: list[bytes], ids: np.ndarray, *, check_macs: bool
+        self, keys: list[bytes], ids: np.ndarray, *, check_macs: bool, first: int
     ) -> tuple[list[Fragment], Layout | None, list[bytes]]:
         """:meth:`open_prefix` from the index as it is: also the groups whose fragment named another
         layout than their record, when one of them cut the prefix."""
+        keys = keys[first:]  # from here on, group j of this list is group first + j of the prompt
         count, layout_id = self.usable_groups(keys)
         if not count:
             return [], None, []
         layout = self.index.layout(layout_id)
         if layout is None:  # the index lost its layout entry: take it from the first fragment
-            first = read_stored_group(self.root, keys[0].hex())
-            if first is None:
+            stored = read_stored_group(self.root, keys[0].hex())
+            if stored is None:
                 return [], None, []
-            layout = first.layout
+            layout = stored.layout
         damaged: list[bytes] = []
         missing: list[bytes] = []
         misrecorded: list[bytes] = []
 
         def open_group(j: int) -> Fragment | None:
             try:
-                return self._open_group(keys[j].hex(), j, layout, ids, check_mac=check_macs)
+                return self._open_group(keys[j].hex(), first + j, layout, ids, check_mac=check_macs)
             except OtherLayoutError as exc:
                 logger.debug("group %d names another layout than its index record: %s", j, exc)
                 misrecorded.append(keys[j])
                 return None
             except FragmentError as exc:
-                logger.warning("stored prefix ends before group %d: %s", j, exc)
+                logger.warning("stored prefix ends before group %d: %s", first + j, exc)
                 if exc.damaged:
                     damaged.append(keys[j])
                 elif exc.missing:

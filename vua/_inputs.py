@@ -168,6 +168,18 @@ def checked_put(
 # -- get ----------------------------------------------------------------------------
 
 
+def checked_offset(offset: int, split_factor: int) -> int:
+    """The first group a load reads, from the token position ``offset`` (see ``VUA.load``)."""
+    if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+        raise InvalidInputError(f"offset must be a token position (an int >= 0), got {offset!r}")
+    if offset % split_factor:
+        raise SplitFactorError(
+            f"offset={offset} is not a multiple of split_factor={split_factor}: loads begin at a group boundary; "
+            f"pass {offset // split_factor * split_factor} (the group holding it) and skip the tokens before it"
+        )
+    return offset // split_factor
+
+
 def checked_device(device: str | torch.device) -> torch.device:
     """The device a load writes to: the CPU or a CUDA device with its index filled in."""
     try:

@@ -30,7 +30,7 @@ from vua._catalog import Catalog
 from vua._config import VUAConfig, check_config
 from vua._files import file_system_type, is_network_file_system
 from vua._index import Index
-from vua._inputs import KVData, LayeredCache, checked_device, checked_put, int64_ids, single_row
+from vua._inputs import KVData, LayeredCache, checked_device, checked_offset, checked_put, int64_ids, single_row
 from vua._keys import group_keys, namespace_seed
 from vua._mac import mac_key
 from vua._misses import MissReasons
@@ -321,7 +321,7 @@ class VUA:
         return groups * self.config.split_factor
 
     def load(
-        self, tokens: torch.Tensor, device: str | torch.device = "cpu", *, layerwise: bool = False
+        self, tokens: torch.Tensor, device: str | torch.device = "cpu", *, layerwise: bool = False, offset: int = 0
     ) -> KVLoad | None:
         """Starts loading the longest stored prefix of ``tokens``; for engines that overlap I/O with compute.
 
@@ -329,18 +329,30 @@ class VUA:
         take layer i as soon as it has landed with :meth:`KVLoad.wait_layer`. The final
         prefix length is :meth:`KVLoad.wait`'s answer (a damaged group can shorten it).
 
+        Args:
+            offset: a token position, a multiple of split_factor: read the groups from there
+                on, for a caller that holds the KV before it (an engine's own prefix cache),
+                as ``put``'s offset writes them. They are checked exactly as in a whole prefix
+                (each group's key chains every token before it); the load's outputs begin at
+                ``offset`` (:attr:`KVLoad.offset`).
+
         Returns:
-            A running :class:`KVLoad`, or None when no group of ``tokens`` is stored.
+            A running :class:`KVLoad`, or None when no group of ``tokens`` from ``offset`` on is stored.
+
+        Raises:
+            SplitFactorError: ``offset`` is not a multiple of split_factor.
         """
         device = checked_device(device)
+        first = checked_offset(offset, self.config.split_factor)
         ids, keys = self._keys(single_row(tokens))
         started = time.perf_counter()
         self._stats.add(lookups=1, lookup_tokens=len(keys) * self.config.split_factor)
         mac_in_copy = self._mac_key is not None and checks_macs_in_copy(
             device, layerwise=layerwise, mapped=not self._catalog.shared
         )
-        fragments, layout = self._catalog.open_prefix(keys, ids, check_macs=not mac_in_copy)
-        self._misses.after_lookup(ids, keys, len(fragments), layout)  # a WARNING when a setting is why
+        fragments, layout = self._catalog.open_prefix(keys, ids, check_macs=not mac_in_copy, first=first)
+        if not first:  # (a caller that holds a prefix looked it up before: its misses were told then)
+            self._misses.after_lookup(ids, keys, len(fragments), layout)  # a WARNING when a setting is why
         logger.debug(
             "lookup: %d of %d groups usable in %.2f ms",
             len(fragments),
@@ -358,8 +370,8 @@ class VUA:
 
         def on_done(load: KVLoad) -> None:
             groups = load.num_groups
-            self._catalog.touch(keys[:groups])
-            self._catalog.quarantine([keys[g] for g in load.damaged_groups])
+            self._catalog.touch(keys[: first + groups])  # the whole prefix was used, the caller's part too
+            self._catalog.quarantine([keys[first + g] for g in load.damaged_groups])
             self._stats.add(
                 hit_tokens=groups * self.config.split_factor,
                 groups_loaded=groups,
@@ -384,6 +396,7 @@ class VUA:
             host_pool=self._host_pool,
             gds=self.config.gds,
             on_done=on_done,
+            offset=first * self.config.split_factor,
         )
 
 

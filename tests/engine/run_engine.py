@@ -32,6 +32,9 @@ def main() -> None:
     parser.add_argument("--max-model-len", type=int, default=4096)
     parser.add_argument("--block-size", type=int, default=32)
     parser.add_argument("--together", action="store_true", help="one generate call for all prompts")
+    parser.add_argument(
+        "--prefix-caching", action="store_true", help="vLLM's own prefix cache on (off by default: every hit is VUA's)"
+    )
     parser.add_argument("--upstream-names", action="store_true", help="VUAStorageConnector_V1 + shared_storage_path")
     parser.add_argument("--kv-cache-gib", default="1", help="vLLM's CPU KV cache space (VLLM_CPU_KVCACHE_SPACE)")
     args = parser.parse_args()
@@ -72,7 +75,7 @@ def main() -> None:
         dtype=args.dtype,
         seed=0,
         enforce_eager=True,
-        enable_prefix_caching=False,  # every hit is VUA's
+        enable_prefix_caching=args.prefix_caching,
         block_size=args.block_size,
         max_model_len=args.max_model_len,
         max_num_batched_tokens=args.max_num_batched_tokens,

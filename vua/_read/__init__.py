@@ -80,6 +80,7 @@ def start_load(
     gds: bool = False,
     on_done: Callable[[KVLoad], None] | None = None,
     mac_key: bytes | None = None,
+    offset: int = 0,
 ) -> KVLoad:
     """Starts copying the open fragments of groups 0..n-1 into fresh outputs on ``device``.
 
@@ -94,12 +95,13 @@ def start_load(
         on_done: called with the load once it has finished without error.
         mac_key: the store's MAC key, when the fragments' MACs were not checked on opening
             (see :func:`checks_macs_in_copy`).
+        offset: the prompt position of the first fragment's first token (see ``KVLoad``).
 
     Returns:
         The load: already finished unless ``layerwise``.
     """
     block, outputs = allocate_outputs(layout, len(fragments) * split_factor, device, host_pool)
-    load = KVLoad(outputs, split_factor, platform=platform)
+    load = KVLoad(outputs, split_factor, platform=platform, offset=offset)
     job = ReadJob(
         fragments, layout, split_factor, block, executor, verify_checksums=verify_checksums, load=load, mac_key=mac_key
     )

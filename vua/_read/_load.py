@@ -29,10 +29,13 @@ class KVLoad:
         outputs: per layer, (K, V) shaped ``(1, heads, tokens, head_dim)`` for all requested groups.
         split_factor: tokens per group.
         platform: the CUDA platform for device outputs, None for host outputs.
+        offset: the prompt position of the outputs' first token (``VUA.load(..., offset=)``):
+            the outputs, and the groups :meth:`wait` counts, begin there.
     """
 
-    def __init__(self, outputs: KVPairs, split_factor: int, *, platform: CudaPlatform | None = None):
+    def __init__(self, outputs: KVPairs, split_factor: int, *, platform: CudaPlatform | None = None, offset: int = 0):
         self.outputs = outputs
+        self.offset = offset
         self._split = split_factor
         self._platform = platform
         self._requested_groups = outputs[0][0].shape[2] // split_factor
@@ -101,7 +104,7 @@ class KVLoad:
         return k[:, :, :tokens], v[:, :, :tokens]
 
     def wait(self) -> int:
-        """Waits for every layer and returns the number of valid groups (0: nothing usable)."""
+        """Waits for every layer and returns the number of valid groups from :attr:`offset` on (0: nothing usable)."""
         self._finished.wait()
         if self._error is not None:
             raise self._error
@@ -129,7 +132,7 @@ class KVLoad:
                 self.damaged_groups.add(group)
             if group < self._valid_groups:
                 self._valid_groups = group
-                logger.warning("stored prefix ends before group %d: %s", group, exc)
+                logger.warning("stored prefix ends before group %d: %s", self.offset // self._split + group, exc)
 
     def layer_landed(self, layer: int, event: torch.cuda.Event | None = None) -> None:
         """Hands out one layer: its copies are done (host) or queued before ``event`` (CUDA; by

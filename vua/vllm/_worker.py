@@ -78,9 +78,12 @@ class WorkerSide:
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         device = next(iter(self._layers.values())).kv.device
+        split = self.settings.split_factor
         for spec in self._step().loads:
             tokens = torch.tensor(spec.token_ids[: spec.end], dtype=torch.long)
-            load = self.vua.load(tokens, device, layerwise=True)
+            # Only from the group holding the first token vLLM lacks: its prefix cache holds
+            # the rest, and reading it from disk to throw it away would cost the same again.
+            load = self.vua.load(tokens, device, layerwise=True, offset=spec.start // split * split)
             if load is None:
                 self._fail_blocks(spec, spec.start)
             self._loads.append((spec, load))
@@ -94,10 +97,11 @@ class WorkerSide:
         for spec, load in self._loads:
             if load is None:
                 continue
-            k, v = load.wait_layer(index)  # (1, heads, verified tokens, width)
-            end = min(spec.end, k.shape[2])
+            k, v = load.wait_layer(index)  # (1, heads, verified tokens from load.offset, width)
+            end = min(spec.end, load.offset + k.shape[2])
             if end > spec.start:
-                layer.scatter(spec.block_ids[group], spec.start, k[:, :, spec.start : end], v[:, :, spec.start : end])
+                lo, hi = spec.start - load.offset, end - load.offset
+                layer.scatter(spec.block_ids[group], spec.start, k[:, :, lo:hi], v[:, :, lo:hi])
         if index == len(self.settings.layer_names) - 1:
             self._finish_loads()
 
@@ -118,7 +122,7 @@ class WorkerSide:
     def _finish_loads(self) -> None:
         for spec, load in self._loads:
             if load is not None:
-                verified = load.wait() * self.settings.split_factor
+                verified = load.offset + load.wait() * self.settings.split_factor
                 if verified < spec.end:
                     self._fail_blocks(spec, verified)
         self._loads = []
