@@ -21,6 +21,7 @@ import time
 import unittest
 
 from tests.engine import env
+from tests.glusterfs import GlusterVolume
 
 SPLIT = 64  # tokens per VUA group; vLLM's CPU attention wants blocks of 32
 WINDOW = 64  # the hybrid model's sliding window: a group must fit in it
@@ -85,6 +86,7 @@ class EngineTest(unittest.TestCase):
         model: str | None = None,
         batched: int = BATCHED,
         prefix_caching: bool = False,
+        index_path: str | None = None,
     ) -> dict:
         """Runs one engine process over the named prompts, in order; returns its results by name."""
         tag = f"{dtype}-{os.path.basename(store or 'none')}-{len(os.listdir(cls.work))}"
@@ -97,6 +99,8 @@ class EngineTest(unittest.TestCase):
             argv += ["--store", store] + (["--upstream-names"] if upstream else [])
         if prefix_caching:
             argv.append("--prefix-caching")
+        if index_path:
+            argv += ["--index-path", index_path]
         started = time.monotonic()
         cls._run(argv)
         print(
@@ -158,6 +162,22 @@ class EngineTest(unittest.TestCase):
         metrics = served["metrics"]
         self.assertEqual(metrics.get("vllm:vua_groups_loaded"), 3, metrics)
         self.assertEqual(metrics.get("vllm:vua_load_errors", 0), 0, metrics)
+
+    def test_two_servers_on_two_glusterfs_mounts_share_one_store(self):
+        # Two nodes: each engine on its own FUSE mount of one GlusterFS volume, each with its
+        # own index on local disk. A prompt one server computed is a hit on the other.
+        volume = GlusterVolume.create()  # or SkipTest, saying why
+        self.addCleanup(volume.destroy)
+        node_a = self.engine(
+            ["a", "b"], store=os.path.join(volume.node_a, "store"), index_path=os.path.join(self.work, "index-a")
+        )
+        node_b = self.engine(
+            ["a"], store=os.path.join(volume.node_b, "store"), index_path=os.path.join(self.work, "index-b")
+        )
+        self.assertEqual(node_a["by_name"]["a"]["num_cached_tokens"], 0)
+        self.assertEqual(node_b["by_name"]["a"]["num_cached_tokens"], self.whole_groups(len(self.prompts["a"])))
+        self.assertEqual(node_b["by_name"]["a"]["token_ids"], node_a["by_name"]["a"]["token_ids"])
+        self.assertEqual(node_b["metrics"].get("vllm:vua_load_errors", 0), 0, node_b["metrics"])
 
     def test_bf16_under_the_original_projects_names(self):
         # kv_connector "VUAStorageConnector_V1" with "shared_storage_path", found through

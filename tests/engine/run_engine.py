@@ -25,6 +25,7 @@ def main() -> None:
     parser.add_argument("--prompts", required=True, help="JSON file: a list of token-id lists")
     parser.add_argument("--out", required=True, help="where to write the results (JSON)")
     parser.add_argument("--store", help="a VUA root: run with the VUA connector on it (else without one)")
+    parser.add_argument("--index-path", help="the store's index directory (a node's own, beside a shared root)")
     parser.add_argument("--split-factor", type=int, default=64)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--max-tokens", type=int, default=8, help="tokens generated per prompt")
@@ -66,7 +67,11 @@ def main() -> None:
                 kv_role="kv_both",
                 kv_connector_module_path="vua.vllm",
                 kv_load_failure_policy="recompute",  # a group that fails verification is computed
-                kv_connector_extra_config={"vua_root": args.store, "split_factor": args.split_factor},
+                kv_connector_extra_config={
+                    "vua_root": args.store,
+                    "split_factor": args.split_factor,
+                    **({"index_path": args.index_path} if args.index_path else {}),
+                },
             )
     started = time.perf_counter()
     llm = LLM(
