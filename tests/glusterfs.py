@@ -14,6 +14,7 @@ Debian's glusterfs-server and glusterfs-client (installed here with apt-get when
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -75,7 +76,10 @@ class GlusterVolume:
         reason = install()
         if reason is not None:
             raise unittest.SkipTest(reason)
-        volume = cls(tempfile.mkdtemp(prefix="vua-gluster-"), f"vua{os.getpid()}")
+        # A name of its own per volume: one process may make several (the engine tests and
+        # the GlusterFS tests run in one), and a volume a failed teardown left behind must
+        # not block the next one.
+        volume = cls(tempfile.mkdtemp(prefix="vua-gluster-"), f"vua{os.getpid()}-{secrets.token_hex(3)}")
         try:
             volume._start()
         except BaseException:
@@ -112,4 +116,9 @@ class GlusterVolume:
         _run("gluster", "--mode=script", "volume", "delete", self.name, check=False)
         if self._started_glusterd:
             _run("pkill", "-x", "glusterd", check=False)
+            # Wait for it to be gone: a volume made next would otherwise find the dying daemon
+            # running, not start its own, and wait for an answer that never comes.
+            deadline = time.monotonic() + 30
+            while _run("pgrep", "-x", "glusterd", check=False).returncode == 0 and time.monotonic() < deadline:
+                time.sleep(0.1)
         shutil.rmtree(self.base, ignore_errors=True)
