@@ -67,7 +67,7 @@ def damage_fragment(rng: random.Random, path: str, donors: list[str], outside: s
         os.truncate(path, rng.randrange(size))
     elif way == "extend":
         with open(path, "ab") as f:
-            f.write(os.urandom(rng.randrange(1, 5000)))
+            f.write(rng.randbytes(rng.randrange(1, 5000)))
     elif way == "zero-fill":
         begin = rng.randrange(size)
         overwrite(path, begin, b"\0" * rng.randrange(1, size - begin + 1))
@@ -182,7 +182,7 @@ _INDEX_TRIALS = """
         elif way == "total-bytes":  # the meta entry: the wrong size, or a value near the limit
             env, _, meta = index_env(vua)
             with env.begin(write=True, db=meta) as txn:
-                txn.put(b"total_bytes", rng.choice([os.urandom(rng.randrange(0, 16)), bytes([255]) * 8]))
+                txn.put(b"total_bytes", rng.choice([rng.randbytes(rng.randrange(0, 16)), bytes([255]) * 8]))
         elif way == "truncate-while-open":
             generation = os.path.join(vua.index_path, _generations.read_current(vua.index_path))
             os.truncate(os.path.join(generation, "data.mdb"), rng.randrange(8192, 4 * 8192))
@@ -203,13 +203,13 @@ _INDEX_TRIALS = """
             os.truncate(data, rng.randrange(size))
         elif way in ("random-bytes", "meta-bytes"):
             offset = rng.randrange(8192) if way == "meta-bytes" else rng.randrange(size)
-            overwrite(data, offset, os.urandom(rng.choice([1, 8, 64, 4096])))
+            overwrite(data, offset, rng.randbytes(rng.choice([1, 8, 64, 4096])))
         elif way == "current":
             with open(os.path.join(vua.index_path, "CURRENT"), "wb") as f:
-                f.write(rng.choice([b"../../elsewhere", os.urandom(40), b"gen-1-1", b""]))
+                f.write(rng.choice([b"../../elsewhere", rng.randbytes(40), b"gen-1-1", b""]))
         else:
             with open(os.path.join(generation, "lock.mdb"), "wb") as f:
-                f.write(os.urandom(rng.randrange(1, 9000)))
+                f.write(rng.randbytes(rng.randrange(1, 9000)))
         vua = VUA(VUAConfig(split_factor=16, namespace="fuzz"), root)
         got = check_hit(vua.get_closest(tokens, device="cpu"), tokens)
         vua.prefix_length(tokens)
