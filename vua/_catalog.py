@@ -186,7 +186,7 @@ class Catalog:
             try:
                 return self._open_group(keys[j].hex(), first + j, layout, ids, check_mac=check_macs)
             except OtherLayoutError as exc:
-                logger.debug("group %d names another layout than its index record: %s", j, exc)
+                logger.debug("group %d names another layout than its index record: %s", first + j, exc)
                 misrecorded.append(keys[j])
                 return None
             except FragmentError as exc:
