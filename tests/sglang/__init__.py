@@ -1,0 +1,1 @@
+"""SGLang HiCache tests: their environment (env.py) and a probe of SGLang's storage interface (probe.py)."""
