@@ -11,8 +11,9 @@ import unittest
 import torch
 
 from tests.helpers import StoreTestCase, flip_byte, kv_slice, overwrite, random_kv
-from vua import _layout
+from vua import KVDestination, _layout
 from vua._read import _gds
+from vua.errors import InvalidInputError
 
 
 class GroupCopiesTest(StoreTestCase):
@@ -86,6 +87,105 @@ class PreadReadTest(StoreTestCase):
         self.assertEqual(vua.prefix_length(tokens), 16)  # the index entry is gone: nothing moved aside
 
 
+class Blocks(KVDestination):
+    """A caller's paged memory: per layer K and V in blocks of 8 tokens laid out (blocks, 8, heads, dim),
+    as vLLM's FlashAttention caches are, handed out last block first. Each 16-token group lands
+    in two strided views; nothing is contiguous with the load's token order."""
+
+    def __init__(self, kv, tokens: int, dtype: torch.dtype | None = None):
+        self.blocks = tokens // 8
+        self.kv = [
+            tuple(torch.zeros(self.blocks, 8, t.shape[1], t.shape[3], dtype=dtype or t.dtype) for t in pair)
+            for pair in kv
+        ]
+        self.calls = 0
+
+    def chunks(self, group, layer):
+        self.calls += 1
+        k, v = self.kv[layer]
+        blocks = [self.blocks - 1 - position // 8 for position in range(group * 16, (group + 1) * 16, 8)]
+        return [(k[b].transpose(0, 1), v[b].transpose(0, 1)) for b in blocks]
+
+    def data(self, groups: int):
+        """(1, heads, tokens, dim) per layer, in token order, for the first ``groups`` groups."""
+        order = [self.blocks - 1 - b for b in range(groups * 2)]
+        return [tuple(t[order].flatten(0, 1).transpose(0, 1)[None] for t in pair) for pair in self.kv]
+
+
+class DestinationTest(StoreTestCase):
+    """VUA.load(..., into=): verified groups land in the caller's memory, on every host read path."""
+
+    def test_every_host_path_lands_exact_bytes_and_cuts_at_damage(self):
+        tokens = torch.arange(64)
+        kv = random_kv(1, 64, dtype=torch.bfloat16, heads=4, head_dim=64)
+        for network_fs in (False, True):  # memory-mapped, and preadv through a buffer
+            vua = self.store(split_factor=16, namespace=f"into-{network_fs}", network_fs=network_fs, io_threads=2)
+            vua.put(tokens, kv)
+            for layerwise in (False, True):
+                with self.subTest(network_fs=network_fs, layerwise=layerwise):
+                    blocks = Blocks(kv, 64)
+                    load = vua.load(tokens, "cpu", layerwise=layerwise, into=blocks)
+                    if layerwise:
+                        self.assertEqual([load.wait_layer_groups(layer) for layer in range(3)], [4, 4, 4])
+                    self.assertEqual(load.wait(), 4)
+                    self.assertKVEqual(blocks.data(4), kv)
+                    self.assertEqual(blocks.calls, 4 * 3)  # each group and layer asked once
+                    with self.assertRaisesRegex(InvalidInputError, "wait_layer_groups"):
+                        load.wait_layer(0)
+                    with self.assertRaisesRegex(InvalidInputError, "landed in the destination"):
+                        load.data()
+            path = _layout.fragment_path(vua.root, vua.config.tokens_to_paths(tokens)[2])
+            flip_byte(path, -7)  # the last layer's V of group 2
+            blocks = Blocks(kv, 64)
+            with self.assertLogs("vua", level="WARNING"):
+                self.assertEqual(vua.load(tokens, "cpu", into=blocks).wait(), 2)
+            self.assertKVEqual(blocks.data(2), kv_slice(kv, 0, 32))
+
+    def test_a_load_from_an_offset_lands_its_groups_from_zero(self):
+        vua = self.store(split_factor=16)
+        tokens = torch.arange(64)
+        kv = random_kv(1, 64, heads=2, head_dim=8)
+        vua.put(tokens, kv)
+        blocks = Blocks(kv, 64)
+        load = vua.load(tokens, "cpu", offset=32, into=blocks)
+        self.assertEqual((load.offset, load.wait()), (32, 2))
+        self.assertKVEqual(blocks.data(2), [(k[:, :, 32:], v[:, :, 32:]) for k, v in kv])
+
+    def test_with_auth_key_the_mac_is_checked_before_the_bytes_count(self):
+        tokens = torch.arange(48)
+        kv = random_kv(1, 48, heads=2, head_dim=64)
+        for network_fs in (False, True):  # checked on opening; checked over the bytes as they are read
+            vua = self.store(split_factor=16, namespace=f"mac-{network_fs}", network_fs=network_fs, auth_key=b"k" * 32)
+            vua.put(tokens, kv)
+            path = _layout.fragment_path(vua.root, vua.config.tokens_to_paths(tokens)[1])
+            flip_byte(path, -3)
+            blocks = Blocks(kv, 48)
+            with self.assertLogs("vua", level="WARNING"):
+                self.assertEqual(vua.load(tokens, "cpu", into=blocks).wait(), 1, network_fs)
+            self.assertKVEqual(blocks.data(1), kv_slice(kv, 0, 16))
+
+    def test_views_that_do_not_fit_are_refused_with_what_fits(self):
+        vua = self.store(split_factor=16)
+        tokens = torch.arange(32)
+        kv = random_kv(1, 32, heads=2, head_dim=8, dtype=torch.bfloat16)
+        vua.put(tokens, kv)
+        # Same width, other dtype: copying the bits would go unnoticed.
+        with self.assertRaisesRegex(
+            InvalidInputError, r"K view for group 0, layer 0 is .*float16.*\(2, tokens, 8\) torch.bfloat16"
+        ):
+            vua.load(tokens, "cpu", into=Blocks(kv, 32, dtype=torch.float16)).wait()
+
+        class Short(Blocks):
+            def chunks(self, group, layer):
+                return super().chunks(group, layer)[:1]
+
+        with self.assertRaisesRegex(InvalidInputError, "cover 8 tokens; a group is split_factor=16"):
+            vua.load(tokens, "cpu", into=Short(kv, 32)).wait()
+        with self.assertRaisesRegex(InvalidInputError, "into must be a vua.KVDestination"):
+            vua.load(tokens, "cpu", into=[torch.zeros(4)])
+        self.assertKVEqual(vua.get_closest(tokens).data, kv)  # the store is as it was
+
+
 @unittest.skipUnless(torch.cuda.is_available(), "needs a CUDA device (tools/gpu_check.py runs the full set)")
 class CudaReadTest(StoreTestCase):
     def test_gpu_equals_cpu_without_host_sync(self):
@@ -140,5 +240,5 @@ class CudaDryRunTest(unittest.TestCase):
         run = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=600)
         self.assertEqual(run.returncode, 0, run.stdout + run.stderr[-3000:])
         cases = run.stdout.splitlines()
-        self.assertEqual(len(cases), 31, run.stdout)  # 30 loads and the refused-GDS fallback
+        self.assertEqual(len(cases), 55, run.stdout)  # 54 loads and the refused-GDS fallback
         self.assertTrue(all(line.startswith("ok ") for line in cases), run.stdout)

@@ -609,8 +609,18 @@ class PagedLayerTest(unittest.TestCase):
         self.assertTrue(torch.equal(k[0, :, 0], legacy[0, 3, 10]))
         self.assertTrue(torch.equal(v[0, :, 9], legacy[1, 5, 3]))
         other = PagedLayer(torch.zeros_like(legacy), BLOCK, None)
-        other.scatter([1, 2], 10, k, v)
-        self.assertTrue(torch.equal(other.kv[0, 1, 10:], legacy[0, 3, 10:]))
+        # Positions [10, 20) of blocks [1, 2]: the views of 10 and 11 are scratch (kept before 12).
+        views = other.views([1, 2], 10, 20, keep_before=12)
+        self.assertEqual([tuple(k.shape) for k, _ in views], [(2, 2, 4), (2, BLOCK - 12, 4), (2, 20 - BLOCK, 4)])
+        at = 0
+        for dest_k, dest_v in views:
+            n = dest_k.shape[1]
+            dest_k.copy_(k[0, :, at : at + n])
+            dest_v.copy_(v[0, :, at : at + n])
+            at += n
+        self.assertTrue(torch.equal(other.kv[0, 1, 12:], legacy[0, 3, 12:]))
+        self.assertTrue(torch.equal(other.kv[1, 2, : 20 - BLOCK], legacy[1, 5, : 20 - BLOCK]))
+        self.assertFalse(other.kv[:, 1, :12].any())  # vLLM's own positions untouched
         mla = torch.randn(8, BLOCK, 6)  # [blocks, block_size, latent]
         k, v = PagedLayer(mla, BLOCK, None).gather([2], 0, 4)
         self.assertEqual((k.shape, v.shape), ((1, 1, 4, 3), (1, 1, 4, 3)))

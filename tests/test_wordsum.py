@@ -16,6 +16,8 @@ from vua._publish import publish_fragment
 from vua._verify import verify_store
 from vua._wordsum import as_words, device_wordsums, host_wordsum, matches, tensor_wordsums
 from vua._writer import GroupSource
+from vua.errors import InvalidInputError
+from vua.integration import word_sums
 
 MASK = (1 << 64) - 1
 
@@ -115,6 +117,28 @@ class StoredSumTest(StoreTestCase):
             key = vua.config.tokens_to_paths(tokens)[0]
             with Fragment(_layout.fragment_path(self.root, key)) as fragment:
                 self.assertEqual(fragment.wordsums is not None, expected, f"gpu_checksums={setting}")
+
+    def test_a_put_with_the_integrations_word_sums_stores_them_as_given(self):
+        # vua.integration.word_sums + put(word_sums=): what the vLLM connector does with sums
+        # computed where the cache lives. Wrong sums are stored as given (a GPU read then
+        # refuses the group); a malformed argument is refused before anything is written.
+        tokens = torch.arange(32)
+        kv = random_kv(1, 32, heads=2, head_dim=128, dtype=torch.bfloat16)
+        sums = word_sums(kv, 32, 16)
+        vua = self.store(split_factor=16, namespace="given", gpu_checksums=False)
+        with self.assertRaisesRegex(InvalidInputError, "word_sums must be the int64"):
+            vua.put(tokens, kv, word_sums=sums.numpy())
+        with self.assertRaisesRegex(InvalidInputError, r"shaped \(1, 1, 6\), expected \(1, 2, 6\)"):
+            vua.put(tokens, kv, word_sums=sums[:, :1])
+        self.assertEqual(vua.prefix_length(tokens), 0)
+        sums[0, 1, 5] += 1  # group 1's last V
+        self.assertEqual(vua.put(tokens, kv, word_sums=sums), 2)
+        for g, key in enumerate(vua.config.tokens_to_paths(tokens)):
+            stored, recomputed = self.stored_and_recomputed(_layout.fragment_path(self.root, key))
+            self.assertTrue(all(map(matches, sums[0, g].tolist(), stored)))  # as given
+            self.assertEqual(
+                [matches(r, s) for r, s in zip(recomputed, stored)], [True] * 6 if g == 0 else [True] * 5 + [False]
+            )
 
     def test_groups_of_partial_rows_store_none_and_still_read(self):
         vua = self.store(split_factor=16, namespace="small", gpu_checksums=True)

@@ -2,8 +2,9 @@
 
     uv run tools/cuda_dry_run.py
 
-For development without a GPU: the staged whole-group path, the layer-wise path and the
-GPUDirect path (its file reads done with plain reads) run their real code on CPU tensors,
+For development without a GPU: the staged whole-group path, the layer-wise path (into the
+load's outputs and into a caller's paged blocks) and the GPUDirect path (its file reads done
+with plain reads) run their real code on CPU tensors,
 the GPU's word-sum checks included, so logic errors show up before a GPU session.
 It proves nothing about CUDA itself (ordering, DMA, speed): `tools/gpu_check.py` does that
 on a GPU. Prints one line per case; exit 0 when every case returns exactly the stored data.
@@ -24,7 +25,7 @@ import torch
 from vua import _layout
 from vua._fragment import Fragment
 from vua._keys import group_keys
-from vua._read import CudaPlatform, KVLoad, PinnedStaging, start_load
+from vua._read import CudaPlatform, KVDestination, KVLoad, PinnedStaging, start_load
 from vua.core import VUA, VUAConfig
 
 CPU = torch.device("cpu")
@@ -88,8 +89,37 @@ class CpuStandIn(CudaPlatform):
         self.disabled_reason = reason
 
 
+class PagedBlocks(KVDestination):
+    """Per layer K and V in blocks of 8 tokens, ``(blocks, 8, heads, dim)`` as vLLM's FlashAttention
+    caches are, handed out in reverse order: each group lands in two strided views."""
+
+    def __init__(self, layers: int, heads: int, tokens: int, dim: int, dtype: torch.dtype):
+        self.blocks = tokens // 8
+        self.kv = [torch.zeros(2, self.blocks, 8, heads, dim, dtype=dtype) for _ in range(layers)]
+
+    def block_of(self, position: int) -> int:
+        return self.blocks - 1 - position // 8
+
+    def chunks(self, group: int, layer: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        k, v = self.kv[layer]
+        blocks = [self.block_of(p) for p in range(group * 16, (group + 1) * 16, 8)]
+        return [(k[b].transpose(0, 1), v[b].transpose(0, 1)) for b in blocks]
+
+    def data(self, tokens: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """What the blocks hold for positions [0, tokens), as (1, heads, tokens, dim) per layer."""
+        order = [self.block_of(p) for p in range(0, tokens, 8)]
+        return [tuple(t[order].flatten(0, 1).transpose(0, 1)[None] for t in kv) for kv in self.kv]  # type: ignore[misc]
+
+
 def staged_load(
-    store: VUA, tokens: torch.Tensor, platform: CpuStandIn, staging: PinnedStaging, *, gds: bool, layerwise: bool
+    store: VUA,
+    tokens: torch.Tensor,
+    platform: CpuStandIn,
+    staging: PinnedStaging,
+    *,
+    gds: bool,
+    layerwise: bool,
+    into: KVDestination | None = None,
 ) -> KVLoad:
     """A load of ``tokens`` down the CUDA paths (a CPU load would take the CPU path)."""
     ids = tokens.numpy().astype(np.int64)
@@ -106,15 +136,17 @@ def staged_load(
         platform=platform,
         staging=staging,
         gds=gds,
+        into=into,
     )
 
 
-def exact(load: KVLoad, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> bool:
-    """Whether the load's data are the stored KV, bit for bit, over the prefix it found."""
+def exact(load: KVLoad, kv: list[tuple[torch.Tensor, torch.Tensor]], into: PagedBlocks | None = None) -> bool:
+    """Whether the load's data (or what it put in ``into``) are the stored KV, bit for bit, over the prefix it found."""
     tokens = load.wait() * 16
+    data = load.data() if into is None else into.data(tokens)
     return all(
         torch.equal(got.view(torch.uint8), put[:, :, :tokens].view(torch.uint8))
-        for got_kv, put_kv in zip(load.data(), kv)
+        for got_kv, put_kv in zip(data, kv)
         for got, put in zip(got_kv, put_kv)
     )
 
@@ -122,15 +154,16 @@ def exact(load: KVLoad, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> bool:
 def main() -> int:
     failures = 0
     cases = [
-        (heads, sums, gds, layerwise, damage)
+        (heads, sums, gds, layerwise, damage, into)
         for heads in (2, 8)  # groups of 24 KiB (each run read inline) and 2 MiB (runs split across threads)
         for sums in (True, False)  # word sums checked on the GPU, or xxh3 on the host
         for gds in (False, True)
         for layerwise in (False, True)
         for damage in (None, "first K", "last V")
-        if not (gds and layerwise) and (sums or not gds)
+        for into in (False, True)  # the load's own outputs, or a caller's paged blocks
+        if not (gds and layerwise) and (sums or not gds) and not (gds and into)
     ]
-    for heads, sums, gds, layerwise, damage in cases:
+    for heads, sums, gds, layerwise, damage, into in cases:
         layers = 3 if heads == 2 else 32
         gen = torch.Generator().manual_seed(heads)
         kv = [
@@ -157,18 +190,20 @@ def main() -> int:
                         f.write(bytes([byte[0] ^ 1]))
                 platform = CpuStandIn()
                 staging = PinnedStaging(platform, config.staging_bytes)
-                load = staged_load(store, tokens, platform, staging, gds=gds, layerwise=layerwise)
+                blocks = PagedBlocks(layers, heads, 160, 128, torch.bfloat16) if into else None
+                load = staged_load(store, tokens, platform, staging, gds=gds, layerwise=layerwise, into=blocks)
                 if layerwise:
                     for layer in range(len(kv)):
-                        load.wait_layer(layer)
+                        load.wait_layer_groups(layer)
                 groups = load.wait()
                 want = 6 if damage is not None else 10
-                same = exact(load, kv)
+                same = exact(load, kv, blocks)
                 ok = groups == want and same
                 failures += not ok
                 print(
                     f"{'ok  ' if ok else 'FAIL'} {group_bytes >> 10} KiB groups, word sums={sums}, gds={gds}, "
-                    f"layerwise={layerwise}, damage at {damage}: {groups} groups (want {want}), data exact: {same}",
+                    f"layerwise={layerwise}, into paged blocks={into}, damage at {damage}: {groups} groups "
+                    f"(want {want}), data exact: {same}",
                     flush=True,
                 )
 

@@ -32,7 +32,7 @@ import torch
 from vua import _layout
 from vua._fragment import Fragment
 from vua._read import _gds
-from vua.core import VUA, VUAConfig
+from vua.core import VUA, KVDestination, VUAConfig
 
 results: list[tuple[str, bool, str]] = []
 
@@ -181,7 +181,35 @@ def main() -> int:
             f"{len(kv)} layers, each consumed as it landed",
         )
         layerwise = gbps(nbytes, best_time(lambda: vua.load(tokens, dev, layerwise=True).wait(), 3))
-        print(f"info  layer-wise load to GPU (vLLM's path): {layerwise:.1f} GB/s", flush=True)
+        print(f"info  layer-wise load to GPU: {layerwise:.1f} GB/s", flush=True)
+
+        # 5a. Layer-wise into paged blocks of the caller's (vLLM's path): (blocks, 16, heads, dim)
+        # per layer, blocks in reverse order, so every view is strided and out of token order.
+        class Paged(KVDestination):
+            def __init__(self) -> None:
+                heads, dim = kv[0][0].shape[1], kv[0][0].shape[3]
+                self.blocks = args.tokens // 16
+                shape = (self.blocks, 16, heads, dim)
+                self.kv = [
+                    (torch.empty(shape, dtype=k.dtype, device=dev), torch.empty(shape, dtype=k.dtype, device=dev))
+                    for k, _ in kv
+                ]
+
+            def chunks(self, group: int, layer: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                k, v = self.kv[layer]
+                ids = [self.blocks - 1 - b for b in range(group * 16, (group + 1) * 16)]
+                return [(k[b].transpose(0, 1), v[b].transpose(0, 1)) for b in ids]
+
+        paged = Paged()
+        load = vua.load(tokens, dev, layerwise=True, into=paged)
+        ok = all(load.wait_layer_groups(i) == args.tokens // 256 for i in range(len(kv)))
+        order = [paged.blocks - 1 - b for b in range(paged.blocks)]
+        for i, (k, v) in enumerate(paged.kv):
+            for got, want in ((k, cpu.data[i][0]), (v, cpu.data[i][1])):
+                ok &= same(got[order].flatten(0, 1).transpose(0, 1)[None], want)
+        check("layer-wise load into paged blocks on the GPU", ok and load.wait() == args.tokens // 256, "exact")
+        into = gbps(nbytes, best_time(lambda: vua.load(tokens, dev, layerwise=True, into=paged).wait(), 3))
+        print(f"info  layer-wise load into paged blocks (vLLM's path): {into:.1f} GB/s", flush=True)
 
         # 5b. Word sums computed on the GPU (a put from CUDA tensors) equal the host's.
         gpu_root = os.path.join(root, "from-gpu")

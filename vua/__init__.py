@@ -20,12 +20,13 @@ from vua.errors import (
 )
 
 if TYPE_CHECKING:
-    from vua.core import VUA, ClosestKV, KVLoad, StoreStats, VUAConfig
+    from vua.core import VUA, ClosestKV, KVDestination, KVLoad, StoreStats, VUAConfig
 
 __all__ = [
     "VUA",
     "VUAConfig",
     "ClosestKV",
+    "KVDestination",
     "KVLoad",
     "StoreStats",
     "VUAError",
@@ -38,7 +39,7 @@ __all__ = [
 ]
 __version__ = "0.2.0"
 
-_FROM_CORE = {"VUA", "VUAConfig", "ClosestKV", "KVLoad", "StoreStats"}
+_FROM_CORE = {"VUA", "VUAConfig", "ClosestKV", "KVDestination", "KVLoad", "StoreStats"}
 
 
 def __getattr__(name: str) -> Any:

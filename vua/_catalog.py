@@ -23,9 +23,8 @@ from vua._fragment import Fragment, OtherLayoutError
 from vua._index import Index
 from vua._kv_layout import TOKENS, Layout
 from vua._publish import mark_used, quarantine_group
-from vua._rebuild import read_stored_group, stored_group
 from vua._record import RECORD_HEAD, GroupRecord, StoredGroup, namespace_id
-from vua._verify import check_fragment
+from vua._stored import check_fragment, read_stored_group, stored_group
 from vua.errors import FragmentError, InvalidInputError, StorageError
 
 logger = logging.getLogger(__name__)

@@ -180,6 +180,26 @@ def checked_offset(offset: int, split_factor: int) -> int:
     return offset // split_factor
 
 
+def checked_word_sums(word_sums: object) -> np.ndarray | None:
+    """``put``'s word sums (int64 on any device, see ``vua.integration.word_sums``) as host uint64."""
+    if word_sums is None:
+        return None
+    if not isinstance(word_sums, torch.Tensor) or word_sums.dtype != torch.int64 or word_sums.dim() != 3:
+        raise InvalidInputError(
+            "word_sums must be the int64 (rows, groups, 2 * layers) tensor vua.integration.word_sums returns, "
+            f"got {type(word_sums).__name__} {getattr(word_sums, 'dtype', '')}"
+        )
+    return word_sums.cpu().numpy().view(np.uint64)
+
+
+def checked_destination(into: object) -> None:
+    """Refuses an ``into=`` that is not a destination, before any fragment is opened."""
+    if into is not None and not callable(getattr(into, "chunks", None)):
+        raise InvalidInputError(
+            f"into must be a vua.KVDestination (an object with chunks(group, layer)), got {type(into).__name__}"
+        )
+
+
 def checked_device(device: str | torch.device) -> torch.device:
     """The device a load writes to: the CPU or a CUDA device with its index filled in."""
     try:

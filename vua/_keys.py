@@ -10,9 +10,13 @@ This module is the bottom of the design: it knows tokens and bytes, nothing of f
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 import xxhash
+
+if TYPE_CHECKING:
+    import torch  # imported where used: the maintenance commands check key chains without torch
 
 TOKEN_DTYPE = np.dtype("<i8")  # the canonical on-disk and hashing form of token ids
 
@@ -30,6 +34,8 @@ def tokens_as_int64(tokens: torch.Tensor) -> np.ndarray:
     Raises:
         TypeError: if ``tokens`` is not an integer tensor.
     """
+    import torch
+
     if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
         raise TypeError(f"token ids must be an integer tensor, got dtype {tokens.dtype}")
     if tokens.device.type != "cpu":
@@ -38,6 +44,11 @@ def tokens_as_int64(tokens: torch.Tensor) -> np.ndarray:
         # numpy conversion of these dtypes is recent in torch; widening first is portable.
         tokens = tokens.to(torch.int64)
     return np.ascontiguousarray(tokens.numpy(), dtype=TOKEN_DTYPE)
+
+
+def chain_key(parent: bytes, token_bytes: bytes | memoryview) -> bytes:
+    """The key of a group whose tokens are ``token_bytes`` (little-endian int64) after the group keyed ``parent``."""
+    return xxhash.xxh3_128_digest(bytes(parent) + token_bytes)
 
 
 def group_keys(ids: np.ndarray, split_factor: int, seed: bytes) -> list[bytes]:
@@ -51,6 +62,6 @@ def group_keys(ids: np.ndarray, split_factor: int, seed: bytes) -> list[bytes]:
     keys = []
     digest = seed
     for start in range(0, (len(ids) // split_factor) * group_bytes, group_bytes):
-        digest = xxhash.xxh3_128_digest(digest + raw[start : start + group_bytes])
+        digest = chain_key(digest, raw[start : start + group_bytes])
         keys.append(digest)
     return keys

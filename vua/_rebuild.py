@@ -18,7 +18,6 @@ from typing import NamedTuple
 import lmdb
 
 from vua import _layout
-from vua._fragment import Fragment
 from vua._generations import (
     GEN_PREFIX,
     Handles,
@@ -33,64 +32,16 @@ from vua._generations import (
     write_current,
 )
 from vua._kv_layout import Layout
-from vua._publish import last_use
-from vua._record import GroupRecord, StoredGroup
-from vua.errors import FragmentError, FragmentState, StorageError
+from vua._record import GroupRecord
+from vua._stored import log_unusable, stored_group
+from vua.errors import FragmentError, StorageError
 
 logger = logging.getLogger(__name__)
-
-
-def read_stored_group(root: str, key_hex: str) -> StoredGroup | None:
-    """What group ``key_hex``'s fragment says it is (header validated); None when it cannot be used.
-
-    See :func:`stored_group`; why it cannot be used is logged here.
-    """
-    try:
-        return stored_group(root, key_hex)
-    except FragmentError as exc:
-        _log_unusable(key_hex, exc)
-        return None
-
-
-def stored_group(root: str, key_hex: str) -> StoredGroup:
-    """What group ``key_hex``'s fragment says it is (header validated).
-
-    Its last use is the tree's record of it (the directory's mtime).
-
-    Raises:
-        FragmentError: DAMAGED, MISSING (evicted by a node since it was listed) or
-            UNREADABLE for now (EIO, ESTALE, ...).
-    """
-    # pread, not a memory map: on a network file system the file may vanish mid-read.
-    with Fragment(_layout.fragment_path(root, key_hex), mapped=False) as fragment:
-        return fragment.stored_group(key_hex, last_used=tree_last_use(root, key_hex))
-
-
-def _log_unusable(key_hex: str, exc: FragmentError) -> None:
-    match exc.state:
-        case FragmentState.MISSING:  # removed since it was listed: on a shared root, another node's eviction
-            logger.debug("group %s is gone: %s", key_hex, exc)
-        case FragmentState.DAMAGED:
-            logger.warning("skipping damaged fragment %s: %s", key_hex, exc)
-        case FragmentState.UNREADABLE:
-            logger.warning("skipping fragment %s, unreadable for now: %s", key_hex, exc)
 
 
 def log_unlisted(fanout: str, exc: OSError) -> None:
     """Tree walkers pass over a fan-out directory that cannot be listed, saying so."""
     logger.warning("cannot list %s (%s); its groups are passed over", fanout, exc.strerror or exc)
-
-
-def tree_last_use(root: str, key_hex: str) -> int:
-    """A group's last use as the tree records it (see ``_publish.last_use``).
-
-    Publishing sets it; hits refresh it in batches (see ``_publish.mark_used``), so a
-    rebuilt index, or another node, sees the same LRU order as this node's index.
-    """
-    try:
-        return last_use(_layout.group_dir(root, key_hex))
-    except OSError:
-        return time.time_ns()
 
 
 class ScanEntry(NamedTuple):
@@ -144,7 +95,7 @@ def scan_tree(
             try:
                 found.append(ScanEntry(key, *stored_group(root, key_hex)))
             except FragmentError as exc:
-                _log_unusable(key_hex, exc)
+                log_unusable(key_hex, exc)
                 if not exc.damaged:
                     continue
                 damaged += 1

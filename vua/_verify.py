@@ -25,17 +25,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 
-import xxhash
-
-from vua import _layout, _wordsum
+from vua import _layout
 from vua._files import age_seconds
-from vua._fragment import Fragment
 from vua._generations import CURRENT_FILE
 from vua._index import Index
-from vua._kv_layout import TOKENS
 from vua._publish import DAMAGED, move_aside, remove_dir_if_empty, remove_moved_aside
 from vua._rebuild import ScanProgress, rebuild
 from vua._record import GroupRecord, StoredGroup
+from vua._stored import UnauthenticatedError, check_fragment
 from vua.errors import FragmentError, FragmentState
 
 DEFAULT_GRACE_SECONDS = 3600.0
@@ -99,62 +96,6 @@ class VerifyReport:
 
     def to_json(self) -> dict:
         return {**asdict(self), "clean": self.clean}
-
-
-class UnauthenticatedError(FragmentError):
-    """A fragment whose checksums hold but whose MAC does not verify under the key given."""
-
-
-def check_fragment(root: str, key_hex: str, mac_key: bytes | None = None) -> StoredGroup:
-    """Fully checks one group; returns what it is (its index record, layout and namespace).
-
-    ``mac_key``: the store's MAC key, for a store with ``auth_key`` (its MAC must verify too).
-
-    Raises:
-        UnauthenticatedError: all is well but the MAC.
-        FragmentError: what is wrong with it.
-    """
-    # pread, not a memory map: on a network file system the file may vanish mid-read.
-    with Fragment(_layout.fragment_path(root, key_hex), mapped=False) as fragment:
-        stored = fragment.stored_group(key_hex, last_used=time.time_ns())
-        try:
-            parent = bytes.fromhex(fragment.metadata.get("parent", ""))
-        except ValueError as exc:
-            raise FragmentError(f"malformed metadata: {exc}") from None
-        for name in fragment.tensors:
-            fragment.verify_checksum(name)
-        _verify_group_sums(fragment)
-        if xxhash.xxh3_128_digest(parent + bytes(fragment.raw(TOKENS))).hex() != key_hex:
-            raise FragmentError("stored tokens do not hash to the group's key")
-        if mac_key is not None:
-            try:
-                fragment.verify_mac(mac_key)
-            except FragmentError as exc:
-                raise UnauthenticatedError(str(exc)) from None
-        return stored
-
-
-def _verify_group_sums(fragment: Fragment) -> None:
-    """Checks the sums over K and V bytes beyond the per-tensor xxh3 (wordsums, kv_checksum).
-
-    Reads check only the per-tensor sums (and the word sums on a GPU); this checks every
-    sum a fragment carries, on the host.
-
-    Raises:
-        FragmentError: a sum does not match (damaged data or metadata).
-    """
-    begin, end = fragment.kv_range
-    expected = fragment.metadata.get("kv_checksum")
-    if expected is not None and xxhash.xxh3_64_hexdigest(fragment.region[begin:end]) != expected:
-        raise FragmentError(f"fragment {fragment.path}: kv_checksum mismatch (damaged data or metadata)")
-    sums = fragment.wordsums
-    if sums is None:
-        return
-    for name, stored in zip(fragment.kv_names, sums):
-        entry = fragment.tensors[name]
-        piece = fragment.region[entry.begin : entry.end].reshape(entry.shape[0], -1)  # (heads, bytes)
-        if not _wordsum.whole_rows(piece.shape[1]) or _wordsum.host_wordsum(piece) != stored:
-            raise FragmentError(f"fragment {fragment.path}: wordsums mismatch in {name} (damaged data or metadata)")
 
 
 def verify_store(

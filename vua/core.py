@@ -30,17 +30,35 @@ from vua._catalog import Catalog
 from vua._config import VUAConfig, check_config
 from vua._files import file_system_type, is_network_file_system
 from vua._index import Index
-from vua._inputs import KVData, LayeredCache, checked_device, checked_offset, checked_put, int64_ids, single_row
+from vua._inputs import (
+    KVData,
+    LayeredCache,
+    checked_destination,
+    checked_device,
+    checked_offset,
+    checked_put,
+    checked_word_sums,
+    int64_ids,
+    single_row,
+)
 from vua._keys import group_keys, namespace_seed
 from vua._mac import mac_key
 from vua._misses import MissReasons
 from vua._publish import make_dir
-from vua._read import CudaPlatform, HostBlockPool, KVLoad, PinnedStaging, checks_macs_in_copy, start_load
+from vua._read import (
+    CudaPlatform,
+    HostBlockPool,
+    KVDestination,
+    KVLoad,
+    PinnedStaging,
+    checks_macs_in_copy,
+    start_load,
+)
 from vua._stats import StatsRecorder, StoreStats
 from vua._writer import GroupSource, GroupToWrite, write_groups
 from vua.errors import InvalidInputError, NotAStoreError, SplitFactorError, StorageError, VUAError
 
-__all__ = ["VUA", "VUAConfig", "ClosestKV", "KVLoad", "StoreStats", "SplitFactorError", "VUAError"]
+__all__ = ["VUA", "VUAConfig", "ClosestKV", "KVDestination", "KVLoad", "StoreStats", "SplitFactorError", "VUAError"]
 
 logger = logging.getLogger(__name__)
 
@@ -163,7 +181,14 @@ class VUA:
 
     # -- put ----------------------------------------------------------------------------
 
-    def put(self, tokens: torch.Tensor, data: KVData | LayeredCache, *, offset: int = 0) -> int:
+    def put(
+        self,
+        tokens: torch.Tensor,
+        data: KVData | LayeredCache,
+        *,
+        offset: int = 0,
+        word_sums: torch.Tensor | None = None,
+    ) -> int:
         """Stores the KV cache of ``tokens``, group by group.
 
         Groups already stored are skipped; the rest are written in parallel, each durable
@@ -180,6 +205,11 @@ class VUA:
             offset: the token position ``data`` starts at, a multiple of split_factor: for
                 callers that hold only the KV past an already stored prefix (groups before
                 it are not written).
+            word_sums: for engine integrations, the GPU-checkable sums of ``data`` computed
+                where it lived (``vua.integration.word_sums(data, n - offset, split_factor)``,
+                on any device), so no host thread hashes the same bytes again. Sums that do
+                not match the data make later GPU reads of those groups fail their check (a
+                shorter prefix, never wrong KV).
 
         Returns:
             The number of groups this call wrote.
@@ -191,18 +221,6 @@ class VUA:
                 process (see :class:`VUA`); groups already published stay valid, nothing
                 partial is left.
         """
-        return self._put(tokens, data, offset=offset)
-
-    def _put(
-        self,
-        tokens: torch.Tensor,
-        data: KVData | LayeredCache,
-        *,
-        offset: int = 0,
-        device_sums: np.ndarray | None = None,
-    ) -> int:
-        """:meth:`put`, with the GPU-checkable word sums computed already where the KV was on the
-        device (the vLLM connector's ``save_kv_layer``; see ``GroupSource.of_put``)."""
         s = self.config.split_factor
         rows, layout, layers = checked_put(tokens, data, offset, s)
         if self.read_only:
@@ -222,7 +240,7 @@ class VUA:
             offset=offset,
             gpu_checksums=self.config.gpu_checksums,
             mac_key=self._mac_key,
-            device_sums=device_sums,
+            device_sums=checked_word_sums(word_sums),
         )
         todo: dict[bytes, GroupToWrite] = {}  # a batch may repeat a prefix: its first row is written
         every_key: list[bytes] = []
@@ -321,7 +339,13 @@ class VUA:
         return groups * self.config.split_factor
 
     def load(
-        self, tokens: torch.Tensor, device: str | torch.device = "cpu", *, layerwise: bool = False, offset: int = 0
+        self,
+        tokens: torch.Tensor,
+        device: str | torch.device = "cpu",
+        *,
+        layerwise: bool = False,
+        offset: int = 0,
+        into: KVDestination | None = None,
     ) -> KVLoad | None:
         """Starts loading the longest stored prefix of ``tokens``; for engines that overlap I/O with compute.
 
@@ -335,14 +359,24 @@ class VUA:
                 as ``put``'s offset writes them. They are checked exactly as in a whole prefix
                 (each group's key chains every token before it); the load's outputs begin at
                 ``offset`` (:attr:`KVLoad.offset`).
+            into: memory of the caller's to land in instead of fresh outputs, such as an
+                engine's paged blocks: a :class:`KVDestination` naming, per group and layer,
+                the views on ``device`` the group's K and V go to. Each tensor is verified as
+                it is copied there (on the host by xxh3, on CUDA by word sums once it is in
+                device memory), and only the groups :meth:`KVLoad.wait` counts are loaded:
+                the views of a group past that may hold bytes of it (see KVDestination).
+                :meth:`KVLoad.wait_layer_groups` then takes the place of ``wait_layer``.
 
         Returns:
             A running :class:`KVLoad`, or None when no group of ``tokens`` from ``offset`` on is stored.
 
         Raises:
             SplitFactorError: ``offset`` is not a multiple of split_factor.
+            InvalidInputError: ``into`` is not a KVDestination; a view it names does not fit
+                the stored layout or the device (raised by :meth:`KVLoad.wait`).
         """
         device = checked_device(device)
+        checked_destination(into)
         first = checked_offset(offset, self.config.split_factor)
         ids, keys = self._keys(single_row(tokens))
         started = time.perf_counter()
@@ -397,6 +431,7 @@ class VUA:
             gds=self.config.gds,
             on_done=on_done,
             offset=first * self.config.split_factor,
+            into=into,
         )
 
 

@@ -1,4 +1,4 @@
-"""The read path: copy verified fragments into output tensors.
+"""The read path: copy verified fragments into output tensors, or into memory the caller names.
 
 A load is a :class:`KVLoad` handle (outputs, groups verified so far, per-layer readiness)
 filled by one copy strategy, picked in :func:`choose_copy` from the device, the layout and
@@ -13,8 +13,12 @@ whether the consumer takes layers as they land:
   stream, checked on the GPU by word sums (``_device_check``), whole groups or layer by
   layer; with ``gds`` (``_direct``) files go straight into GPU memory instead.
 
+A caller that holds the memory the KV belongs in (an engine's paged blocks) passes a
+:class:`KVDestination` (``_destination``): the layer-major strategies then copy each verified
+tensor into its views instead of into outputs of the load's own.
+
 Every strategy runs over a :class:`ReadJob` (the open fragments, their layout, the host-side
-read and check of a group) and reports a failed check to the handle, which ends the prefix
+read and check of a group) and reports a failed check to the load's LoadProgress, which ends the prefix
 before the damaged group (with a warning): the result is only ever shorter, never wrong.
 CUDA is reached only through a :class:`CudaPlatform`, which a dry run replaces.
 """
@@ -29,21 +33,35 @@ import torch
 from vua._fragment import Fragment
 from vua._kv_layout import Layout
 from vua._read._cpu import HostGroups, HostLayers, HostPreads
+from vua._read._destination import KVChunks, KVDestination, Landing
 from vua._read._direct import DirectGroups
 from vua._read._job import CopyStrategy, ReadJob, allocate_outputs
-from vua._read._load import KVLoad
+from vua._read._load import KVLoad, LoadProgress
 from vua._read._platform import CudaPlatform
 from vua._read._staged import StagedGroups, StagedLayers
 from vua._read._staging import HostBlockPool, PinnedStaging
 
-__all__ = ["KVLoad", "CudaPlatform", "HostBlockPool", "PinnedStaging", "checks_macs_in_copy", "start_load"]
+__all__ = [
+    "KVChunks",
+    "KVDestination",
+    "KVLoad",
+    "CudaPlatform",
+    "HostBlockPool",
+    "PinnedStaging",
+    "checks_macs_in_copy",
+    "start_load",
+]
 
 
 def choose_copy(
     job: ReadJob, *, layerwise: bool, platform: CudaPlatform | None, staging: PinnedStaging | None, gds: bool
 ) -> CopyStrategy:
-    """The one place a load's copy path is picked."""
-    whole_groups = job.uniform and not layerwise
+    """The one place a load's copy path is picked.
+
+    Whole groups at a time need the load's own outputs (one block laid out as the files
+    are); a caller's destination is filled group by group, layer by layer.
+    """
+    whole_groups = job.uniform and not layerwise and job.landing is None
     if platform is None or staging is None:
         if not job.mapped:
             return HostPreads(layerwise=layerwise)
@@ -81,8 +99,9 @@ def start_load(
     on_done: Callable[[KVLoad], None] | None = None,
     mac_key: bytes | None = None,
     offset: int = 0,
+    into: KVDestination | None = None,
 ) -> KVLoad:
-    """Starts copying the open fragments of groups 0..n-1 into fresh outputs on ``device``.
+    """Starts copying the open fragments of groups 0..n-1 into fresh outputs on ``device``, or ``into`` a destination.
 
     Args:
         fragments: open, header-validated fragments, in order; closed when the copy is over.
@@ -96,14 +115,30 @@ def start_load(
         mac_key: the store's MAC key, when the fragments' MACs were not checked on opening
             (see :func:`checks_macs_in_copy`).
         offset: the prompt position of the first fragment's first token (see ``KVLoad``).
+        into: the caller's memory to land in, instead of fresh outputs (see ``KVDestination``).
 
     Returns:
         The load: already finished unless ``layerwise``.
     """
-    block, outputs = allocate_outputs(layout, len(fragments) * split_factor, device, host_pool)
-    load = KVLoad(outputs, split_factor, platform=platform, offset=offset)
+    groups, layers = len(fragments), layout.num_layers
+    block, outputs, landing = None, None, None
+    if into is None:
+        block, outputs = allocate_outputs(layout, groups * split_factor, device, host_pool)
+    else:
+        landing = Landing(into, layout, split_factor, device)
+    progress = LoadProgress(groups, layers, first_group=offset // split_factor)
+    load = KVLoad(progress, outputs, split_factor, platform=platform, offset=offset)
     job = ReadJob(
-        fragments, layout, split_factor, block, executor, verify_checksums=verify_checksums, load=load, mac_key=mac_key
+        fragments,
+        layout,
+        split_factor,
+        block,
+        outputs,
+        executor,
+        verify_checksums=verify_checksums,
+        progress=progress,
+        mac_key=mac_key,
+        landing=landing,
     )
     copy = choose_copy(job, layerwise=layerwise, platform=platform, staging=staging, gds=gds)
     if staging is not None and platform is not None:
@@ -124,5 +159,5 @@ def start_load(
         finally:
             job.close()
 
-    load.start(run, background=layerwise, on_done=on_done)
+    progress.start(run, background=layerwise, on_done=None if on_done is None else lambda: on_done(load))
     return load

@@ -7,7 +7,8 @@ from collections.abc import Callable
 import numpy as np
 import xxhash
 
-from vua._kv_layout import as_bits, key_name, value_name
+from vua._kv_layout import as_bits, bits_dtype, key_name, value_name
+from vua._read._destination import spread
 from vua._read._job import CopyStrategy, ReadJob, host_views
 from vua.errors import FragmentError
 
@@ -34,7 +35,7 @@ class HostGroups(CopyStrategy):
                 _copy_group(job, g, block[:, :, :, g * s : (g + 1) * s])
 
         job.parallel(work, 0, job.valid, job.total_bytes)
-        job.load.all_landed()
+        job.progress.all_landed()
 
 
 class HostLayers(CopyStrategy):
@@ -46,25 +47,23 @@ class HostLayers(CopyStrategy):
 
     def run(self, job: ReadJob) -> None:
         job.prefetch_all()  # layer-major copies touch every file at once
-        dests = host_views(job.outputs)
-        s = job.split
+        layers = job.layout.num_layers
 
         def copy(layers: range) -> Callable[[int, int], None]:
             def work(lo: int, hi: int) -> None:
                 for layer in layers:
-                    dest_k, dest_v = dests[layer]
                     for g in range(lo, min(hi, job.valid)):
-                        job.copy_group_layer(g, layer, dest_k[:, g * s : (g + 1) * s], dest_v[:, g * s : (g + 1) * s])
+                        job.copy_group_layer(g, layer, job.host_chunks(g, layer))
 
             return work
 
         if not self.layerwise:
-            job.parallel(copy(range(len(dests))), 0, job.valid, job.total_bytes)
-            job.load.all_landed()
+            job.parallel(copy(range(layers)), 0, job.valid, job.total_bytes)
+            job.progress.all_landed()
             return
-        for layer in range(len(dests)):
-            job.parallel(copy(range(layer, layer + 1)), 0, job.valid, job.total_bytes // len(dests))
-            job.load.layer_landed(layer)
+        for layer in range(layers):
+            job.parallel(copy(range(layer, layer + 1)), 0, job.valid, job.total_bytes // layers)
+            job.progress.layer_landed(layer)
 
 
 def _copy_group(job: ReadJob, group: int, dest: np.ndarray) -> None:
@@ -77,7 +76,7 @@ def _copy_group(job: ReadJob, group: int, dest: np.ndarray) -> None:
         for layer in range(dest.shape[0]):
             if group >= job.valid:
                 return  # a check failed: the rest of the group is not needed
-            job.copy_group_layer(group, layer, dest[layer, 0], dest[layer, 1])
+            job.copy_group_layer(group, layer, [(dest[layer, 0], dest[layer, 1])])
         return
     try:
         source = job.fragments[group].kv_block()
@@ -88,13 +87,15 @@ def _copy_group(job: ReadJob, group: int, dest: np.ndarray) -> None:
 
 
 class HostPreads(CopyStrategy):
-    """Host outputs filled with ``preadv`` straight from each file, no memory map: for network and FUSE
+    """Host memory filled with ``preadv`` straight from each file, no memory map: for network and FUSE
     file systems, where a file another node removes mid-read must be an error, not SIGBUS.
 
-    Each head's tokens of a group are a contiguous run of the outputs, so one ``preadv``
-    per tensor lands every byte of it in place; the tensor is then hashed from where it
-    landed, while it is in cache. With ``auth_key``, a whole-group read checks each
-    group's MAC over the bytes where they landed in the same way, instead of reading the
+    Into the load's own outputs, each head's tokens of a group are a contiguous run, so one
+    ``preadv`` per tensor lands every byte of it in place; the tensor is then hashed from
+    where it landed, while it is in cache. Into a caller's destination (strided views, as
+    paged blocks are), each tensor is read into a small buffer of the thread's own, hashed
+    there and copied into the destination's views. With ``auth_key``, a whole-group read
+    checks each group's MAC over the bytes it read in the same way, instead of reading the
     file through the network once more for the MAC when the group is opened.
     """
 
@@ -106,23 +107,28 @@ class HostPreads(CopyStrategy):
 
     def run(self, job: ReadJob) -> None:
         job.prefetch_all()
-        outputs = [tuple(_HeadRuns(dest, job.split) for dest in pair) for pair in host_views(job.outputs)]
-        layers = len(outputs)
+        outputs = None
+        if job.outputs is not None:
+            outputs = [tuple(_HeadRuns(dest, job.split) for dest in pair) for pair in host_views(job.outputs)]
+        layers = job.layout.num_layers
+        itemsize = job.layout.dtype.itemsize
+        tensor_bytes = max(heads * dim for pair in job.layout.layers for heads, dim in pair) * job.split * itemsize
 
         def read(first: int, last: int) -> Callable[[int, int], None]:
             def work(lo: int, hi: int) -> None:
+                reader = _GroupReader(job, outputs, None if outputs else np.empty(tensor_bytes, dtype=np.uint8))
                 for g in range(lo, min(hi, job.valid)):
-                    _read_group_layers(job, outputs, g, range(first, last))
+                    reader.read(g, range(first, last))
 
             return work
 
         if not self.layerwise:
             job.parallel(read(0, layers), 0, job.valid, job.total_bytes)
-            job.load.all_landed()
+            job.progress.all_landed()
             return
         for layer in range(layers):
             job.parallel(read(layer, layer + 1), 0, job.valid, job.total_bytes // layers)
-            job.load.layer_landed(layer)
+            job.progress.layer_landed(layer)
 
 
 class _HeadRuns:
@@ -144,35 +150,52 @@ class _HeadRuns:
         return [self._bytes[h + start : h + start + run] for h in range(0, len(self._bytes), self._head_bytes)]
 
 
-def _read_group_layers(job: ReadJob, outputs: list[tuple[_HeadRuns, ...]], group: int, layers: range) -> None:
-    """Reads group ``group``'s K and V of ``layers`` into the outputs' runs, checking each tensor as it lands.
+class _GroupReader:
+    """One thread's reads of whole groups' tensors: into the outputs' runs, or through ``buffer`` into a landing."""
 
-    One ``preadv`` per tensor, then its hash (and the MAC's) over the bytes just written,
-    still in cache (measured 5-10% faster on GlusterFS than one ``preadv`` per layer, K and
-    V together, hashed after both had landed).
-    """
-    fragment = job.fragments[group]
-    try:
-        expected = fragment.checksums if job.verify else {}
-        # Fed in file order: the header and tokens, then each layer's K runs and V runs.
-        mac = fragment.start_mac(job.mac_key) if job.mac_key is not None else None
-        for layer in layers:
-            if group >= job.valid:
-                return  # a check failed: the rest of the group is not needed
-            for runs_of, name in zip(outputs[layer], (key_name(layer), value_name(layer))):
-                runs = runs_of.of_group(group)
-                fragment.read_into(runs, fragment.tensors[name].begin)
-                if mac is not None:
-                    for run in runs:
-                        mac.update(run)
-                if not job.verify:
-                    continue
-                digest = xxhash.xxh3_64()
-                for run in runs:
-                    digest.update(run)
-                if digest.intdigest() != expected.get(name):
-                    raise FragmentError(f"fragment {fragment.path}: checksum mismatch in {name} (damaged data)")
-        if mac is not None:
-            mac.verify()
-    except FragmentError as exc:
-        job.fail(group, exc)
+    def __init__(self, job: ReadJob, outputs: list[tuple[_HeadRuns, ...]] | None, buffer: np.ndarray | None):
+        self.job = job
+        self.outputs = outputs
+        self.buffer = buffer
+        self.bits = bits_dtype(job.layout.dtype.itemsize)
+
+    def read(self, group: int, layers: range) -> None:
+        """Reads group ``group``'s K and V of ``layers``, checking each tensor as it lands.
+
+        One ``preadv`` per tensor, then its hash (and the MAC's) over the bytes just
+        written, still in cache (measured 5-10% faster on GlusterFS than one ``preadv`` per
+        layer, K and V together, hashed after both had landed).
+        """
+        job = self.job
+        fragment = job.fragments[group]
+        try:
+            expected = fragment.checksums if job.verify else {}
+            # Fed in file order: the header and tokens, then each layer's K runs and V runs.
+            mac = fragment.start_mac(job.mac_key) if job.mac_key is not None else None
+            for layer in layers:
+                if group >= job.valid:
+                    return  # a check failed: the rest of the group is not needed
+                chunks = job.host_chunks(group, layer) if self.outputs is None else None
+                for side, name in enumerate((key_name(layer), value_name(layer))):
+                    entry = fragment.tensors[name]
+                    if self.outputs is not None:
+                        runs = self.outputs[layer][side].of_group(group)
+                    else:
+                        assert self.buffer is not None
+                        runs = [memoryview(self.buffer)[: entry.end - entry.begin]]
+                    fragment.read_into(runs, entry.begin)
+                    if mac is not None:
+                        for run in runs:
+                            mac.update(run)
+                    if job.verify:
+                        digest = xxhash.xxh3_64()
+                        for run in runs:
+                            digest.update(run)
+                        if digest.intdigest() != expected.get(name):
+                            raise FragmentError(f"fragment {fragment.path}: checksum mismatch in {name} (damaged data)")
+                    if chunks is not None:
+                        spread(np.frombuffer(runs[0], dtype=self.bits).reshape(entry.shape), chunks, side)
+            if mac is not None:
+                mac.verify()
+        except FragmentError as exc:
+            job.fail(group, exc)

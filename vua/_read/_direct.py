@@ -75,5 +75,5 @@ class DirectGroups(CopyStrategy):
                 idle[g % 2] = stream.record_event()
         with platform.on(stream):
             check.settle(sums)
-        job.load.all_landed(stream.record_event())
+        job.progress.all_landed(stream.record_event())
         return True

@@ -17,7 +17,8 @@ import xxhash
 
 from vua._fragment import Fragment
 from vua._kv_layout import Layout, as_bits
-from vua._read._load import KVLoad, KVPairs
+from vua._read._destination import Landing, spread
+from vua._read._load import KVPairs, LoadProgress
 from vua._read._staging import HostBlockPool
 from vua.errors import FragmentError
 
@@ -38,17 +39,20 @@ class CopyStrategy:
 
 
 class ReadJob:
-    """The fragments of groups 0..n-1 (open, header-validated, in order) and the outputs they fill.
+    """The fragments of groups 0..n-1 (open, header-validated, in order) and where they land.
+
+    They land in the load's own ``outputs`` (per layer (K, V), views of ``block``, see
+    :func:`allocate_outputs`), or where the caller's destination says (``landing``; the
+    load then has no outputs).
 
     Args:
         fragments: the open fragments; the job closes them when the copy is over.
         layout: their common layout.
         split_factor: tokens per group.
-        outputs: per layer (K, V), views of ``block`` (see :func:`allocate_outputs`).
-        block: the outputs' one uint8 block.
+        block, outputs: the outputs' one uint8 block and its views (None with a landing).
         executor: threads for parallel copies.
         verify_checksums: check tensors on the host against their xxh3 sums (where the GPU does not).
-        load: the handle to report to.
+        progress: where to report failed groups and landed layers.
         mac_key: the store's MAC key when the fragments' MACs are still to be checked (not
             when they were opened): over the bytes as they land, where the copy can (see
             ``checks_macs`` in ``choose_copy``), else before any is copied.
@@ -59,12 +63,14 @@ class ReadJob:
         fragments: Sequence[Fragment],
         layout: Layout,
         split_factor: int,
-        block: torch.Tensor,
+        block: torch.Tensor | None,
+        outputs: KVPairs | None,
         executor: Executor,
         *,
         verify_checksums: bool,
-        load: KVLoad,
+        progress: LoadProgress,
         mac_key: bytes | None = None,
+        landing: Landing | None = None,
     ):
         self.fragments = list(fragments)
         self.layout = layout
@@ -72,8 +78,11 @@ class ReadJob:
         self.executor = executor
         self.verify = verify_checksums
         self.mac_key = mac_key
-        self.load = load
-        self.outputs = load.outputs
+        self.progress = progress
+        self.outputs = outputs
+        self.landing = landing
+        on_host = outputs is not None and block is not None and block.device.type == "cpu"
+        self._host_outputs = host_views(outputs) if outputs is not None and on_host else None
         self.total_bytes = layout.kv_bytes(split_factor) * len(self.fragments)
         self.mapped = all(fragment.mapped for fragment in self.fragments)  # else read with pread
         heads, dim = layout.layers[0][0]
@@ -82,15 +91,17 @@ class ReadJob:
         # one verified copy instead of one per tensor (far fewer GIL round trips per byte).
         self.uniform = all(kv == (heads, dim) for pair in layout.layers for kv in pair)
         tokens = len(self.fragments) * split_factor
-        self.block5 = block.view(layout.dtype).view(layout.num_layers, 2, heads, tokens, dim) if self.uniform else None
+        self.block5 = None
+        if self.uniform and block is not None:
+            self.block5 = block.view(layout.dtype).view(layout.num_layers, 2, heads, tokens, dim)
 
     @property
     def valid(self) -> int:
         """Groups still in the prefix: a failed check lowers it, and work past it is skipped."""
-        return self.load.num_groups
+        return self.progress.valid_groups
 
     def fail(self, group: int, exc: FragmentError) -> None:
-        self.load.cut(group, exc)
+        self.progress.cut(group, exc)
 
     def verify_macs(self) -> None:
         """Checks every fragment's MAC before any byte is copied (for copies that cannot check it as bytes land)."""
@@ -132,10 +143,22 @@ class ReadJob:
         for future in futures:
             future.result()
 
+    def host_chunks(self, group: int, layer: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Where one group's layer lands on the host: numpy (K, V) views, in token order.
+
+        One pair in the load's own outputs; the destination's views with a landing.
+        """
+        if self.landing is not None:
+            return self.landing.host_chunks(group, layer)
+        assert self._host_outputs is not None
+        dest_k, dest_v = self._host_outputs[layer]
+        s = self.split
+        return [(dest_k[:, group * s : (group + 1) * s], dest_v[:, group * s : (group + 1) * s])]
+
     def copy_group_layer(
-        self, group: int, layer: int, dest_k: np.ndarray, dest_v: np.ndarray, *, check: bool = True
+        self, group: int, layer: int, chunks: list[tuple[np.ndarray, np.ndarray]], *, check: bool = True
     ) -> None:
-        """Verifies and copies one group's K and V of one layer into numpy views of the destination.
+        """Verifies and copies one group's K and V of one layer into numpy (K, V) views, in token order.
 
         ``check=False`` copies only: the GPU checks these bytes after its copy.
         """
@@ -145,7 +168,7 @@ class ReadJob:
         except (FragmentError, IndexError) as exc:
             self.fail(group, exc if isinstance(exc, FragmentError) else FragmentError(str(exc)))
             return
-        for source, dest, expected, name in ((source_k, dest_k, sum_k, "key"), (source_v, dest_v, sum_v, "value")):
+        for side, (source, expected, name) in enumerate(((source_k, sum_k, "key"), (source_v, sum_v, "value"))):
             # Hash first: it pulls the bytes into cache, so the copy reads them from there.
             if check and self.verify and xxhash.xxh3_64_intdigest(memoryview(source)) != expected:
                 self.fail(
@@ -155,7 +178,7 @@ class ReadJob:
                     ),
                 )
                 return
-            np.copyto(dest, source)
+            spread(source, chunks, side)
 
     def read_group(self, group: int, dest: np.ndarray, *, offset: int = 0, check: bool = False) -> None:
         """Reads one group's K and V bytes (file order) from ``offset`` on into ``dest``.

@@ -93,7 +93,7 @@ class StagedGroups(CopyStrategy):
             first = last if n > 0 else job.valid
         with platform.on(stream):
             check.settle(sums)
-        job.load.all_landed(stream.record_event())
+        job.progress.all_landed(stream.record_event())
 
 
 class StagedLayers(CopyStrategy):
@@ -101,7 +101,9 @@ class StagedLayers(CopyStrategy):
 
     Groups with word sums are copied without hashing and checked on the GPU; a layer is
     handed out once its check is back, which the host collects while it reads the next
-    layer (so the check costs no wait unless the GPU falls behind).
+    layer (so the check costs no wait unless the GPU falls behind). Into a caller's
+    destination, each run lands in device memory of the load's own (one slot's worth,
+    reused), where it is summed, and is copied from there into the destination's views.
     """
 
     def __init__(self, platform: CudaPlatform, staging: PinnedStaging):
@@ -116,9 +118,11 @@ class StagedLayers(CopyStrategy):
         dtype = job.layout.dtype
         stream = staging.stream
         on_device = check.any_on_device()
+        layers = job.layout.num_layers
+        landing = job.landing
         if on_device:
             with platform.on(stream):
-                sums = torch.empty(len(job.outputs), len(check.expected), 2, dtype=torch.int64, device=platform.device)
+                sums = torch.empty(layers, len(check.expected), 2, dtype=torch.int64, device=platform.device)
             landed = platform.pinned(sums.numel() * 8).view(torch.int64).view(sums.shape)  # (layers, groups, K|V)
         unsettled: list[tuple[int, torch.cuda.Event]] = []  # layers queued, their check not yet read
 
@@ -126,9 +130,13 @@ class StagedLayers(CopyStrategy):
             checked.synchronize()
             layer_sums = slice(2 * layer, 2 * layer + 2)  # its K and V
             check.cut_at_first_mismatch(landed[layer].tolist(), layer_sums, f"in layer {layer} after the copy")
-            job.load.layer_landed(layer)
+            job.progress.layer_landed(layer)
 
-        for layer, (out_k, out_v) in enumerate(job.outputs):
+        if landing is not None:
+            largest = max((kh * kd + vh * vd) * s * dtype.itemsize for (kh, kd), (vh, vd) in job.layout.layers)
+            with platform.on(stream):  # reused run after run: the stream orders its uses
+                device_run = torch.empty(max(staging.slot_bytes, largest), dtype=torch.uint8, device=platform.device)
+        for layer in range(layers):
             (kh, kd), (vh, vd) = job.layout.layers[layer]
             group_bytes = (kh * kd + vh * vd) * s * dtype.itemsize
             # A slot takes a run of groups of this layer; groups are split across threads.
@@ -156,7 +164,7 @@ class StagedLayers(CopyStrategy):
                     for g in range(lo, min(hi, job.valid)):
                         at = (g - first) * s
                         job.copy_group_layer(
-                            g, layer, bits_k[:, at : at + s], bits_v[:, at : at + s], check=check.on_host(g)
+                            g, layer, [(bits_k[:, at : at + s], bits_v[:, at : at + s])], check=check.on_host(g)
                         )
 
                 job.parallel(work, first, last, (last - first) * group_bytes)
@@ -165,22 +173,31 @@ class StagedLayers(CopyStrategy):
                 with platform.on(stream):
                     if n > 0:
                         # Pinned source + non_blocking: a DMA the host does not wait for.
-                        k_out, v_out = out_k[0, :, first * s : last * s], out_v[0, :, first * s : last * s]
+                        if job.outputs is not None:
+                            out_k, out_v = job.outputs[layer]
+                            k_out, v_out = out_k[0, :, first * s : last * s], out_v[0, :, first * s : last * s]
+                        else:
+                            run = device_run[: (kh * kd + vh * vd) * n * dtype.itemsize].view(dtype)
+                            k_out, v_out = run[: kh * n * kd].view(kh, n, kd), run[kh * n * kd :].view(vh, n, vd)
                         k_out.copy_(stage_k[:, :n], non_blocking=True)
                         v_out.copy_(stage_v[:, :n], non_blocking=True)
                         for kv, out in enumerate((k_out, v_out) if on_device else ()):
                             # (kv_heads, tokens, head_dim) -> (groups,)
                             words = _wordsum.as_words(out, last - first)
                             sums[layer, first:last, kv] = _wordsum.device_wordsums(words)
+                        if landing is not None:
+                            for g in range(first, last):
+                                at = (g - first) * s
+                                landing.place(g, layer, k_out[:, at : at + s], v_out[:, at : at + s])
                     staging.release(slot_id, stream.record_event())
                 first = last if n > 0 else job.valid
             with platform.on(stream):
-                job.load.layer_queued(layer, stream.record_event())
+                job.progress.layer_queued(layer, stream.record_event())
                 if on_device:
                     landed[layer].copy_(sums[layer], non_blocking=True)
                     unsettled.append((layer, stream.record_event()))
             if not on_device:
-                job.load.layer_landed(layer)
+                job.progress.layer_landed(layer)
             while len(unsettled) > 1:  # the previous layer's check, read while this one copies
                 settle(*unsettled.pop(0))
         for layer, checked in unsettled:

@@ -19,8 +19,9 @@ Scheduler side (``_scheduler``): ``get_num_new_matched_tokens`` answers from the
 alone; the metadata of each step (``_metadata``) tells workers which requests to load
 (tokens, block ids, token range) and which groups of prompts that step completes to save.
 
-Worker side (``_worker``): ``start_load_kv`` starts a layer-wise :class:`vua.KVLoad` per request;
-``wait_for_layer_load`` waits for one layer and scatters it into the paged blocks;
+Worker side (``_worker``): ``start_load_kv`` starts a layer-wise :class:`vua.KVLoad` per request
+that lands straight in the request's paged blocks (a :class:`vua.KVDestination`; blocks vLLM
+already holds are never written); ``wait_for_layer_load`` waits for one layer;
 ``save_kv_layer`` gathers the groups a step completes from each layer to host memory
 (and sums them where the cache lives, for GPU-side checks of later loads);
 ``wait_for_save`` hands them to a background writer once the copies are done, so vLLM

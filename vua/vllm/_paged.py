@@ -41,6 +41,10 @@ class PagedLayer:
                 f"unsupported paged KV tensor of shape {tuple(kv.shape)}; VUAConnector knows vLLM's "
                 "[blocks, heads, block_size, content] views and the older 5-D and MLA layouts"
             )
+        # Where a load's bytes for positions vLLM must not get go (see views); shared by
+        # the copy threads, which may all write it at once: nothing reads it.
+        like = self._block_views(NULL_BLOCK, 0, block_size)
+        self._discard = (torch.empty_like(like[0]), torch.empty_like(like[1]))
 
     def _slots(self, block_ids: list[int], positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(block, offset in it) of each position, on the host."""
@@ -66,23 +70,43 @@ class PagedLayer:
             k, v = content[..., : self.key_width], content[..., self.key_width :]
         return k.transpose(0, 1)[None], v.transpose(0, 1)[None]
 
-    def scatter(self, block_ids: list[int], start: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Writes (K, V) of shape ``(1, heads, n, width)`` at positions [start, start + n).
+    def views(
+        self, block_ids: list[int], first: int, last: int, keep_before: int
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(K, V) views of positions [first, last), one pair per block, each ``(heads, n, width)``.
 
-        Positions in vLLM's null block are skipped: the layer keeps nothing there (a
-        sliding-window layer's tokens before its window).
+        A load lands in them directly (see ``VUA.load(..., into=)``). Positions before
+        ``keep_before`` (vLLM computed or cached them: other requests may be reading those
+        blocks) and positions in vLLM's null block get views of scratch memory instead, so
+        a load never writes there.
         """
-        blocks, offsets = self._slots(block_ids, torch.arange(start, start + k.shape[2]))
-        held = blocks != NULL_BLOCK  # checked on the host: no device synchronisation
-        if not bool(held.all()):
-            blocks, offsets = blocks[held], offsets[held]
-            k, v = k[:, :, held.to(k.device)], v[:, :, held.to(v.device)]
-        blocks, offsets = blocks.to(self.kv.device), offsets.to(self.kv.device)
-        k, v = k[0].transpose(0, 1), v[0].transpose(0, 1)  # (n, heads, width)
+        pairs = []
+        position = first
+        while position < last:
+            block, offset = divmod(position, self.block_size)
+            end = min(last, (block + 1) * self.block_size)
+            if position < keep_before:
+                end = min(end, keep_before)
+            n = end - position
+            block_id = block_ids[block]
+            if position < keep_before or block_id == NULL_BLOCK:
+                pairs.append(self._scratch(n))
+            else:
+                pairs.append(self._block_views(block_id, offset, offset + n))
+            position = end
+        return pairs
+
+    def _block_views(self, block_id: int, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(K, V) views of slots [lo, hi) of one block, ``(heads, n, width)``."""
         if self.kind == "split":
-            self.kv[0][blocks, offsets] = k
-            self.kv[1][blocks, offsets] = v
-        elif self.kind == "bhnc":
-            self.kv[blocks, :, offsets] = torch.cat([k, v], dim=-1)
-        else:
-            self.kv[blocks, offsets] = torch.cat([k, v], dim=-1)[:, 0]
+            return self.kv[0, block_id, lo:hi].transpose(0, 1), self.kv[1, block_id, lo:hi].transpose(0, 1)
+        if self.kind == "bhnc":
+            content = self.kv[block_id, :, lo:hi]  # (heads, n, content)
+            return content[..., : self.key_width], content[..., self.key_width :]
+        content = self.kv[block_id, lo:hi][None]  # (1, n, latent)
+        return content[..., : self.key_width], content[..., self.key_width :]
+
+    def _scratch(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of one block's worth of memory that nothing reads: where bytes vLLM must not get go."""
+        k, v = self._discard
+        return k[:, :n], v[:, :n]

@@ -7,10 +7,9 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from vua._mac import read_secret
-from vua._sizes import parse_size
 from vua.core import VUA, VUAConfig
 from vua.errors import InvalidInputError
+from vua.integration import parse_size, read_secret_file
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -254,4 +253,4 @@ def _seconds_setting(extra: dict[str, Any], name: str, default: float) -> float:
 
 def _read_auth_key(path: str | None) -> bytes | None:
     """The store's MAC secret from a file (``auth_key_file``): a secret never goes in a command line."""
-    return read_secret(path, "VUAConnector's auth_key_file") if path else None
+    return read_secret_file(path, "VUAConnector's auth_key_file") if path else None

@@ -8,12 +8,11 @@ import time
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 
-from vua import _wordsum
-from vua.core import VUA, KVLoad
+from vua.core import VUA, KVDestination, KVLoad
 from vua.errors import InvalidInputError, VUAError
+from vua.integration import word_sums
 from vua.vllm._metadata import LoadSpec, SaveSpec, VUAConnectorMetadata
 from vua.vllm._paged import NULL_BLOCK, NullBlockError, PagedLayer
 from vua.vllm._settings import ConnectorSettings
@@ -22,6 +21,25 @@ if TYPE_CHECKING:
     from vllm.forward_context import ForwardContext
 
 logger = logging.getLogger(__name__)
+
+
+class _RequestBlocks(KVDestination):
+    """Where one request's load lands: its paged blocks in every layer, from the load's offset on.
+
+    Positions before ``spec.start`` are vLLM's already (its prefix cache, maybe shared with
+    running requests): their bytes go to scratch, never into those blocks.
+    """
+
+    def __init__(self, layers: list[PagedLayer], block_ids: list[list[int]], spec: LoadSpec, offset: int, split: int):
+        self._layers = layers  # in the store's layer order
+        self._block_ids = block_ids  # each layer's block table (its KV cache group's)
+        self._offset = offset
+        self._keep_before = spec.start
+        self._split = split
+
+    def chunks(self, group: int, layer: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        first = self._offset + group * self._split
+        return self._layers[layer].views(self._block_ids[layer], first, first + self._split, self._keep_before)
 
 
 class WorkerSide:
@@ -83,25 +101,25 @@ class WorkerSide:
             tokens = torch.tensor(spec.token_ids[: spec.end], dtype=torch.long)
             # Only from the group holding the first token vLLM lacks: its prefix cache holds
             # the rest, and reading it from disk to throw it away would cost the same again.
-            load = self.vua.load(tokens, device, layerwise=True, offset=spec.start // split * split)
+            offset = spec.start // split * split
+            names = self.settings.layer_names
+            block_ids = [spec.block_ids[self._group_of[name]] for name in names]
+            blocks = _RequestBlocks([self._layers[name] for name in names], block_ids, spec, offset, split)
+            load = self.vua.load(tokens, device, layerwise=True, offset=offset, into=blocks)
             if load is None:
                 self._fail_blocks(spec, spec.start)
             self._loads.append((spec, load))
 
     def wait_for_layer_load(self, layer_name: str) -> None:
+        # The loads land in the request's blocks as they are verified; this only waits (on
+        # CUDA, makes the forward's stream wait) for the layer. Groups that fail a check
+        # later are reported as not loaded once the last layer is in (_finish_loads).
         if not self._loads:
             return
-        layer = self._layers[layer_name]
         index = self._layer_index(layer_name)
-        group = self._group_of[layer_name]
-        for spec, load in self._loads:
-            if load is None:
-                continue
-            k, v = load.wait_layer(index)  # (1, heads, verified tokens from load.offset, width)
-            end = min(spec.end, load.offset + k.shape[2])
-            if end > spec.start:
-                lo, hi = spec.start - load.offset, end - load.offset
-                layer.scatter(spec.block_ids[group], spec.start, k[:, :, lo:hi], v[:, :, lo:hi])
+        for _, load in self._loads:
+            if load is not None:
+                load.wait_layer_groups(index)
         if index == len(self.settings.layer_names) - 1:
             self._finish_loads()
 
@@ -175,7 +193,7 @@ class WorkerSide:
         sums = self._sums.setdefault(req_id, [])
         if sums is None:
             return
-        layer_sums = _wordsum.tensor_wordsums([(k, v)], tokens, self.settings.split_factor)
+        layer_sums = word_sums([(k, v)], tokens, self.settings.split_factor)
         if layer_sums is None:  # a head's run of a group is not whole 8-byte words
             self._sums[req_id] = None
             return
@@ -208,8 +226,8 @@ class WorkerSide:
                 continue
             tokens = torch.tensor(spec.token_ids, dtype=torch.long)
             sums = self._sums.get(req_id)
-            device_sums = torch.cat(sums, dim=2).numpy().view(np.uint64) if sums and len(sums) == layers else None
-            self._writes.append(self._writer.submit(self._write, tokens, gathered, self._save_start(spec), device_sums))
+            all_sums = torch.cat(sums, dim=2) if sums and len(sums) == layers else None
+            self._writes.append(self._writer.submit(self._write, tokens, gathered, self._save_start(spec), all_sums))
         self._gathered = {}
         self._sums = {}
         self._save_starts = {}
@@ -219,10 +237,10 @@ class WorkerSide:
         tokens: torch.Tensor,
         layers: list[tuple[torch.Tensor, torch.Tensor]],
         offset: int,
-        device_sums: np.ndarray | None,
+        sums: torch.Tensor | None,
     ) -> None:
         try:
-            self.vua._put(tokens, layers, offset=offset, device_sums=device_sums)
+            self.vua.put(tokens, layers, offset=offset, word_sums=sums)
         except VUAError as exc:  # a failed save is a future miss, never a wrong answer
             logger.warning("VUAConnector: storing %d tokens failed: %s", tokens.numel(), exc)
 
