@@ -1,9 +1,11 @@
 """Saves a small randomly initialised Llama (no hub: built from a config) for the engine tests and bench.
 
-    python tests/engine/make_model.py DIR [--size tiny|bench] [--sliding-window N]
+    python tests/engine/make_model.py DIR [--size tiny|bench|serve] [--sliding-window N]
 
 ``tiny`` (about 2M parameters, 2 layers) keeps the engine tests quick on two cores;
-``bench`` (about 150M parameters, 12 layers) is the model ``tools/bench_vllm.py`` times.
+``bench`` (about 150M parameters, 12 layers) is the model ``tools/bench_vllm.py`` times;
+``serve`` (about 56M parameters, 6 layers, hidden 512) the one ``tools/bench_vllm_serve.py``
+serves under load.
 Weights are drawn with a wide spread so greedy decoding has clear winners: the tests
 compare generated token ids, and a near-uniform distribution would let the last bit of
 a float decide between two tokens.
@@ -19,6 +21,9 @@ SIZES = {
     ),
     "bench": dict(
         hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4
+    ),
+    "serve": dict(
+        hidden_size=512, intermediate_size=2048, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=2
     ),
 }
 
