@@ -1,0 +1,342 @@
+"""VUA as SGLang's HiCache storage tier: verified, durable pages that many nodes share.
+
+SGLang loads it through its ``dynamic`` storage backend::
+
+    python -m sglang.launch_server ... --enable-hierarchical-cache --page-size 64 \\
+        --hicache-storage-backend dynamic \\
+        --hicache-storage-backend-extra-config '{"backend_name": "vua", "module_path": "vua.sglang",
+            "class_name": "VUAStorage", "interface_v1": 1, "root": "/mnt/kv"}'
+
+Each SGLang page is one VUA group of ``page_size`` tokens. SGLang hands a storage backend
+no token ids, only each page's key (SHA-256 chained over the page's tokens and every page
+before it), so the group stores the key where a prompt's group stores its tokens: the
+key's 32 bytes as four int64 "tokens", then zeros. Everything VUA checks for a prompt's
+group holds for a page: the group's name is the xxh3-128 chain over those bytes, a read
+compares the stored key with the one asked for and every tensor with its checksum (and the
+MAC with ``auth_key_file``), and a page that fails ends the run of pages there, never an
+exception into SGLang's controller. What cannot be checked is what SGLang's key stands for:
+``vua verify`` re-derives a group's name from its stored key, not the key from tokens.
+
+Pages live in a namespace per model and tensor-parallel rank (``sglang/<model>/tp<r>of<n>``;
+MLA's replicated latent cache: ``sglang/<model>/mla``, written by rank 0 alone), so ranks
+and models never read each other's pages; pages of one model land in any host layout
+(``layer_first``, ``page_first``, ``page_first_direct``) whatever layout wrote them.
+
+The zero-copy calls (``interface_v1``) move each page straight between the host pool and
+the file: ``batch_get_v1`` loads into the pool's own page views (``VUA.load(...,
+into=)``), ``batch_set_v1`` writes from them. Without ``interface_v1`` SGLang uses the
+per-page calls with flat pages, which are stored as such in a namespace of their own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageConfig, HiCacheStorageExtraInfo
+from sglang.srt.observability.metrics_collector import StorageMetrics
+
+from vua.core import VUA, KVDestination, StoreStats, VUAConfig
+from vua.errors import InvalidInputError, VUAError
+from vua.integration import read_secret_file
+from vua.sglang._pages import KEY_TOKENS, PageViews, key_tokens
+
+__all__ = ["VUAStorage", "VUAStorageMetrics"]
+
+logger = logging.getLogger(__name__)
+
+# extra_config keys: SGLang's own (the dynamic factory reads them), then VUA's.
+_SGLANG_KEYS = {"backend_name", "module_path", "class_name", "interface_v1", "tp_lcm_size"}
+_VUA_KEYS = {"root", "index_path", "namespace", "auth_key_file", "io_threads", "create_parents"}
+
+
+@dataclass
+class VUAStorageMetrics(StorageMetrics):
+    """SGLang's storage metrics (pages and bandwidth per call since the last report) and VUA's counters."""
+
+    vua: StoreStats | None = field(default=None)
+
+
+class VUAStorage(HiCacheStorage):
+    """A HiCache storage backend on a VUA store (see the module docstring).
+
+    Args:
+        storage_config: SGLang's; ``extra_config`` holds the keys below besides SGLang's own.
+        kwargs: what SGLang's factory passes besides (an empty dict today); unused.
+
+    extra_config keys:
+        root: the store's root, a local or shared (network, FUSE) directory. Required.
+        index_path: this node's index (on local disk where ``root`` is shared by many nodes).
+        namespace: names the model in the pages' namespace (default: SGLang's model_name).
+        auth_key_file: a file holding the store's secret (``VUAConfig.auth_key``).
+        io_threads: VUA's copy threads.
+        create_parents: create a missing parent of ``root`` (default: refuse, a typo).
+
+    Raises:
+        InvalidInputError: an unknown or malformed key (the message names it).
+    """
+
+    def __init__(self, storage_config: HiCacheStorageConfig, kwargs: dict[str, Any] | None = None):
+        extra = dict(storage_config.extra_config or {})
+        unknown = sorted(set(extra) - _SGLANG_KEYS - _VUA_KEYS)
+        if unknown:
+            raise InvalidInputError(f"VUAStorage: unknown extra_config keys {unknown}; VUA's are {sorted(_VUA_KEYS)}")
+        if not isinstance(extra.get("root"), str) or not extra["root"]:
+            raise InvalidInputError(
+                'VUAStorage: extra_config needs "root": the directory VUA keeps its pages in '
+                '(e.g. {"root": "/mnt/kv", ...})'
+            )
+        self.storage_config = storage_config
+        self._extra = extra
+        self._zero_copy = bool(extra.get("interface_v1"))
+        self._writer = storage_config.is_storage_writer if hasattr(storage_config, "is_storage_writer") else True
+        self._auth_key = (
+            read_secret_file(extra["auth_key_file"], "VUAStorage's auth_key_file")
+            if extra.get("auth_key_file")
+            else None
+        )
+        self.mem_pool_host: Any = None
+        self._pages: PageViews | None = None
+        self._store: VUA | None = None  # opened once the host pool says the page size
+        self._flat_store: VUA | None = None
+        self._metrics = VUAStorageMetrics()
+
+    # -- set-up ---------------------------------------------------------------------------
+
+    def register_mem_pool_host(self, mem_pool_host: Any) -> None:
+        """Takes the host pool: its page size makes VUA's split_factor, its layout the page views."""
+        super().register_mem_pool_host(mem_pool_host)
+        self._pages = PageViews(mem_pool_host)
+        self._store = self._open(self._namespace(self._pages.kind))
+
+    def _namespace(self, kind: str) -> str:
+        config = self.storage_config
+        model = str(self._extra.get("namespace") or config.model_name or "model")
+        if config.is_mla_model:
+            part = f"sglang/{model}/mla"  # the latent cache is the same on every rank
+        else:
+            part = f"sglang/{model}/tp{config.tp_rank}of{config.tp_size}"
+        if getattr(config, "pp_size", 1) > 1:
+            part += f"/pp{config.pp_rank}of{config.pp_size}"
+        return f"{part}/{kind}"
+
+    def _open(self, namespace: str) -> VUA:
+        page = self._page_size()
+        if page < KEY_TOKENS:
+            raise InvalidInputError(
+                f"VUAStorage needs SGLang pages of at least {KEY_TOKENS} tokens (a page's key fills "
+                f"{KEY_TOKENS}), got --page-size {page}; pass --page-size 16 or more"
+            )
+        config = VUAConfig(
+            split_factor=page,
+            namespace=namespace,
+            index_path=self._extra.get("index_path"),
+            auth_key=self._auth_key,
+        )
+        if "io_threads" in self._extra:
+            config = dataclasses.replace(config, io_threads=self._extra["io_threads"])  # checked when the store opens
+        return VUA(config, self._extra["root"], create_parents=bool(self._extra.get("create_parents")))
+
+    def _page_size(self) -> int:
+        if self.mem_pool_host is None:
+            raise InvalidInputError("VUAStorage: SGLang has not registered its host pool yet")
+        return int(self.mem_pool_host.page_size)
+
+    def _flat(self) -> VUA:
+        """The store of flat pages (the calls without interface_v1), opened on first use."""
+        if self._flat_store is None:
+            self._flat_store = self._open(self._namespace("flat"))
+        return self._flat_store
+
+    # -- the zero-copy calls (interface_v1) ---------------------------------------------------
+
+    def batch_exists(self, keys: list[str], extra_info: HiCacheStorageExtraInfo | None = None) -> int:
+        """How many leading ``keys`` are stored (from the index; on a shared root, the tree too)."""
+        store = self._store_for_exists()
+        page = self._page_size()
+        for i, key in enumerate(keys):
+            try:
+                if store.prefix_length(key_tokens(key, page)) != page:
+                    return i
+            except VUAError as exc:
+                logger.warning("VUAStorage: page %s cannot be looked up: %s", key, exc)
+                return i
+        return len(keys)
+
+    def batch_get_v1(
+        self, keys: list[str], host_indices: torch.Tensor, extra_info: HiCacheStorageExtraInfo | None = None
+    ) -> list[bool]:
+        """Loads pages into the host pool at ``host_indices``, each verified before it counts; stops at the first miss."""
+        assert self._store is not None and self._pages is not None
+        started = time.perf_counter()
+        page = self._page_size()
+        done = 0
+        for i, key in enumerate(keys):
+            start = int(host_indices[i * page])
+            try:
+                load = self._store.load(key_tokens(key, page), "cpu", into=_PageDestination(self._pages, start))
+                if load is None or load.wait() != 1:
+                    break
+            except VUAError as exc:  # a malformed key, a store that refuses: a miss, not an error in SGLang
+                logger.warning("VUAStorage: page %s not loaded: %s", key, exc)
+                break
+            done += 1
+        self._record(self._metrics.prefetch_pgs, self._metrics.prefetch_bandwidth, done, started)
+        return [True] * done + [False] * (len(keys) - done)
+
+    def batch_set_v1(
+        self, keys: list[str], host_indices: torch.Tensor, extra_info: HiCacheStorageExtraInfo | None = None
+    ) -> list[bool]:
+        """Stores the pages at ``host_indices`` under ``keys``, durably; pages already stored are skipped."""
+        assert self._store is not None and self._pages is not None
+        if not keys:
+            return []
+        if not self._writer:
+            return [True] * len(keys)  # MLA: rank 0 writes the pages every rank shares
+        started = time.perf_counter()
+        page = self._page_size()
+        try:
+            tokens = torch.stack([key_tokens(key, page) for key in keys])
+            starts = [int(host_indices[i * page]) for i in range(len(keys))]
+            written = self._store.put(tokens, self._pages.gather(starts))
+        except VUAError as exc:  # ENOSPC, a refused write: SGLang keeps the pages in host memory
+            logger.warning("VUAStorage: storing %d pages failed: %s", len(keys), exc)
+            stored = self.batch_exists(keys)  # what did get published is whole and stays
+            return [i < stored for i in range(len(keys))]
+        self._record(self._metrics.backup_pgs, self._metrics.backup_bandwidth, written, started)
+        return [True] * len(keys)
+
+    # -- the per-page calls with flat pages (without interface_v1) ------------------------------
+
+    def exists(self, key: str) -> bool:
+        return self.batch_exists([key]) == 1
+
+    def get(self, key: str, target_location: Any | None = None, target_sizes: Any | None = None) -> torch.Tensor | None:
+        """One flat page (as the host pool's ``get_data_page(flat=True)`` gives it), into ``target_location`` if given."""
+        target = target_location if isinstance(target_location, torch.Tensor) else self._dummy_page()
+        page = self._page_size()
+        try:
+            load = self._flat().load(key_tokens(key, page), "cpu", into=_FlatDestination(target, page))
+            if load is None or load.wait() != 1:
+                return None
+        except VUAError as exc:
+            logger.warning("VUAStorage: page %s not loaded: %s", key, exc)
+            return None
+        return target
+
+    def batch_get(
+        self, keys: list[str], target_locations: Any | None = None, target_sizes: Any | None = None
+    ) -> list[torch.Tensor | None]:
+        targets = target_locations if target_locations is not None else [None] * len(keys)
+        out: list[torch.Tensor | None] = []
+        for key, target in zip(keys, targets):
+            got = self.get(key, target)
+            out.append(got)
+            if got is None:
+                out.extend([None] * (len(keys) - len(out)))  # a run of pages ends at its first miss
+                break
+        return out
+
+    def set(
+        self, key: str, value: Any | None = None, target_location: Any | None = None, target_sizes: Any | None = None
+    ) -> bool:
+        """Stores one flat page ``value``, durably."""
+        return self.batch_set([key], [value])
+
+    def batch_set(
+        self,
+        keys: list[str],
+        values: Any | None = None,
+        target_locations: Any | None = None,
+        target_sizes: Any | None = None,
+    ) -> bool:
+        """Stores flat pages; True when every one is stored (those that were stay whole either way)."""
+        if not keys:
+            return True
+        if not self._writer:
+            return True
+        if values is None or len(values) != len(keys) or not all(isinstance(v, torch.Tensor) for v in values):
+            logger.warning("VUAStorage: batch_set needs one flat page tensor per key")
+            return False
+        page = self._page_size()
+        try:
+            tokens = torch.stack([key_tokens(key, page) for key in keys])
+            halves = [_flat_halves(v.reshape(-1), page) for v in values]
+            data = [(torch.stack([k for k, _ in halves]), torch.stack([v for _, v in halves]))]
+            self._flat().put(tokens, data)
+        except VUAError as exc:
+            logger.warning("VUAStorage: storing %d flat pages failed: %s", len(keys), exc)
+            return False
+        return True
+
+    # -- upkeep -------------------------------------------------------------------------------
+
+    def get_stats(self) -> VUAStorageMetrics:
+        """Pages and bandwidth per call since the last call (SGLang's metrics), with the store's counters."""
+        metrics, self._metrics = self._metrics, VUAStorageMetrics()
+        if self._store is not None:
+            metrics.vua = self._store.stats()
+        return metrics
+
+    def clear(self) -> None:
+        """Leaves the pages: they may be other nodes' too. Capacity is ``vua gc ROOT --max-bytes N``."""
+        logger.info("VUAStorage.clear: the store is shared and kept; run `vua gc` to bound or empty it")
+
+    def close(self) -> None:
+        for store in (self._store, self._flat_store):
+            if store is not None:
+                store.close()
+        self._store = self._flat_store = None
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    def _store_for_exists(self) -> VUA:
+        if self._zero_copy:
+            assert self._store is not None, "register_mem_pool_host comes first"
+            return self._store
+        return self._flat()
+
+    def _dummy_page(self) -> torch.Tensor:
+        return self.mem_pool_host.get_dummy_flat_data_page()
+
+    @staticmethod
+    def _record(pages: list[int], bandwidth: list[float], n: int, started: float) -> None:
+        if n:
+            pages.append(n)
+            bandwidth.append(n / max(time.perf_counter() - started, 1e-9))
+
+
+class _PageDestination(KVDestination):
+    """One page of the host pool as the destination of a one-group load."""
+
+    def __init__(self, pages: PageViews, start: int):
+        self._pages = pages
+        self._start = start
+
+    def chunks(self, group: int, layer: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [self._pages.layer(self._start, layer)]
+
+
+class _FlatDestination(KVDestination):
+    """A flat page tensor as one layer of one head: K its first half per token, V the rest."""
+
+    def __init__(self, target: torch.Tensor, page: int):
+        self._halves = _flat_halves(target.view(-1), page)  # a view: the load must land in target itself
+
+    def chunks(self, group: int, layer: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        k, v = self._halves
+        return [(k, v)]
+
+
+def _flat_halves(flat: torch.Tensor, page: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A flat page viewed as ``(1, page, width)`` and cut in two along the width: the (K, V) VUA stores."""
+    width = flat.numel() // page
+    if width * page != flat.numel() or width < 2:
+        raise InvalidInputError(f"a flat page of {flat.numel()} elements is not {page} tokens of two halves")
+    whole = flat.view(1, page, width)
+    cut = width - width // 2
+    return whole[..., :cut], whole[..., cut:]
