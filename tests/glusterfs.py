@@ -22,6 +22,8 @@ import tempfile
 import time
 import unittest
 
+from tests.installs import apt_install
+
 _PACKAGES = ["glusterfs-server", "glusterfs-client"]
 _HOST = "127.0.0.2"
 
@@ -45,13 +47,9 @@ def install() -> str | None:
         return None
     if not shutil.which("apt-get"):
         return "GlusterFS is not installed and there is no apt-get to install it (Debian: glusterfs-server glusterfs-client)"
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install_cmd = ["apt-get", "install", "-y", "-q", "--no-install-recommends", *_PACKAGES]
-    if subprocess.run(install_cmd, capture_output=True, env=env).returncode != 0:
-        subprocess.run(["apt-get", "update", "-q"], capture_output=True, env=env)
-        done = subprocess.run(install_cmd, capture_output=True, text=True, env=env)
-        if done.returncode != 0:
-            return f"installing {' '.join(_PACKAGES)} failed: {done.stderr[-500:]}"
+    reason = apt_install(_PACKAGES)
+    if reason is not None:
+        return reason
     return None if shutil.which("glusterd") else "glusterd missing after installing GlusterFS"
 
 

@@ -11,17 +11,16 @@ tests/engine/requirements.txt changes.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import platform
-import subprocess
 import sys
 import time
+
+from tests.installs import PinnedVenv
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ENV_DIR = os.path.join(REPO, ".engine-venv")
 REQUIREMENTS = os.path.join(REPO, "tests", "engine", "requirements.txt")
-_STAMP = os.path.join(ENV_DIR, "vua-requirements.sha256")
 # PyPI's torchvision, torchaudio and torchcodec wheels are built for CUDA torch: beside a
 # +cpu torch they break `import transformers` ("operator torchvision::nms does not exist").
 # A text model needs none of them.
@@ -35,41 +34,23 @@ def unsupported_reason() -> str | None:
     return None
 
 
-def _wanted() -> str:
-    with open(REQUIREMENTS, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
-
-
 def python() -> str:
     """The engine environment's Python, building the environment first where needed.
 
     Raises:
         RuntimeError: pip failed (its output says why).
     """
-    exe = os.path.join(ENV_DIR, "bin", "python")
-    try:
-        with open(_STAMP) as f:
-            if f.read().strip() == _wanted() and os.path.exists(exe):
-                return exe
-    except FileNotFoundError:
-        pass
+    venv = PinnedVenv(ENV_DIR, REQUIREMENTS)
+    if venv.ready():
+        return venv.python
     started = time.monotonic()
-    base = getattr(sys, "_base_executable", sys.executable)  # not the uv venv's: a plain interpreter
-    _run([base, "-m", "venv", "--clear", ENV_DIR])
-    pip = [exe, "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
-    _run([*pip, "-r", REQUIREMENTS])
-    _run([exe, "-m", "pip", "uninstall", "--quiet", "--yes", *_CUDA_ONLY_EXTRAS])
-    _run([*pip, "--editable", REPO])  # VUA and its entry points (the vLLM plugin), from this checkout
-    with open(_STAMP, "w") as f:
-        f.write(_wanted())
+    venv.create()
+    venv.pip("install", "-r", REQUIREMENTS)
+    venv.pip("uninstall", "--yes", *_CUDA_ONLY_EXTRAS)
+    venv.pip("install", "--editable", REPO)  # VUA and its entry points (the vLLM plugin), from this checkout
+    venv.mark_built()
     print(f"engine environment built in {time.monotonic() - started:.0f} s: {ENV_DIR}", file=sys.stderr)
-    return exe
-
-
-def _run(argv: list[str]) -> None:
-    done = subprocess.run(argv, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)} failed ({done.returncode}):\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
+    return venv.python
 
 
 if __name__ == "__main__":

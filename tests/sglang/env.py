@@ -17,7 +17,6 @@ that a test does not pay for it.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import platform
 import shutil
@@ -25,10 +24,11 @@ import subprocess
 import sys
 import time
 
+from tests.installs import PinnedVenv, apt_install, run
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ENV_DIR = os.path.join(REPO, ".sglang-venv")
 REQUIREMENTS = os.path.join(REPO, "tests", "sglang", "requirements.txt")
-_STAMP = os.path.join(ENV_DIR, "vua-requirements.sha256")
 _DEBIAN_BUILD_TOOLS = ["g++", "libssl-dev"]
 _OPENSSL_HEADER = "/usr/include/openssl/sha.h"
 # Compiles SGLang's page-hash extension (cached under ~/.cache/torch_extensions).
@@ -46,21 +46,8 @@ def install_build_tools() -> str | None:
     """Installs g++ and OpenSSL's headers where missing; returns why they cannot be had, or None."""
     if shutil.which("g++") and os.path.exists(_OPENSSL_HEADER):
         return None
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        return f"SGLang's page hash needs g++ and OpenSSL's headers (Debian: {' '.join(_DEBIAN_BUILD_TOOLS)})"
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install_cmd = ["apt-get", "install", "-y", "-q", "--no-install-recommends", *_DEBIAN_BUILD_TOOLS]
-    if subprocess.run(install_cmd, capture_output=True, env=env).returncode != 0:
-        subprocess.run(["apt-get", "update", "-q"], capture_output=True, env=env)
-        done = subprocess.run(install_cmd, capture_output=True, text=True, env=env)
-        if done.returncode != 0:
-            return f"installing {' '.join(_DEBIAN_BUILD_TOOLS)} failed: {done.stderr[-500:]}"
-    return None
-
-
-def _wanted() -> str:
-    with open(REQUIREMENTS, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
+    reason = apt_install(_DEBIAN_BUILD_TOOLS)
+    return None if reason is None else f"SGLang's page hash needs g++ and OpenSSL's headers: {reason}"
 
 
 def python() -> str:
@@ -69,39 +56,27 @@ def python() -> str:
     Raises:
         RuntimeError: pip, the build tools or the page-hash build failed (the message says why).
     """
-    exe = os.path.join(ENV_DIR, "bin", "python")
-    try:
-        with open(_STAMP) as f:
-            if f.read().strip() == _wanted() and os.path.exists(exe):
-                return exe
-    except FileNotFoundError:
-        pass
+    venv = PinnedVenv(ENV_DIR, REQUIREMENTS)
+    if venv.ready():
+        return venv.python
     started = time.monotonic()
     reason = install_build_tools()
     if reason is not None:
         raise RuntimeError(reason)
-    base = getattr(sys, "_base_executable", sys.executable)  # not the uv venv's: a plain interpreter
-    _run([base, "-m", "venv", "--clear", ENV_DIR])
-    _run([exe, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps", "-r", REQUIREMENTS])
+    venv.create()
+    venv.pip("install", "--no-deps", "-r", REQUIREMENTS)
     site = subprocess.run(
-        [exe, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        [venv.python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
         capture_output=True,
         text=True,
         check=True,
     ).stdout.strip()
     with open(os.path.join(site, "vua-checkout.pth"), "w") as f:
         f.write(REPO + "\n")  # `import vua` finds this checkout's package
-    _run([exe, "-W", "ignore", "-c", _WARM_HASH])
-    with open(_STAMP, "w") as f:
-        f.write(_wanted())
+    run([venv.python, "-W", "ignore", "-c", _WARM_HASH])
+    venv.mark_built()
     print(f"SGLang environment built in {time.monotonic() - started:.0f} s: {ENV_DIR}", file=sys.stderr)
-    return exe
-
-
-def _run(argv: list[str]) -> None:
-    done = subprocess.run(argv, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)} failed ({done.returncode}):\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
+    return venv.python
 
 
 if __name__ == "__main__":

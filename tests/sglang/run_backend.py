@@ -23,6 +23,7 @@ backend's metrics.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -34,10 +35,9 @@ warnings.filterwarnings("ignore")
 logging.disable(logging.INFO)  # SGLang's chatter; VUA's warnings still show on stderr
 
 import torch  # noqa: E402
-from sglang.srt.mem_cache.hicache_storage import HiCacheStorageConfig  # noqa: E402
 from sglang.srt.mem_cache.storage.backend_factory import StorageBackendFactory  # noqa: E402
 
-from tests.sglang.probe import PAGE, mha_pools, mla_pools  # noqa: E402
+from tests.sglang.probe import PAGE, mha_pools, mla_pools, storage_config  # noqa: E402
 from vua.sglang._pages import PageViews, key_tokens  # noqa: E402
 
 
@@ -72,15 +72,10 @@ def make_backend(args: dict, host, mla: bool):
         "index_path": args["index"],
         **({"interface_v1": 1} if not args.get("flat") else {}),
     }
-    config = HiCacheStorageConfig(
+    config = dataclasses.replace(
+        storage_config(mla),  # SGLang's config as the probe builds it, made this run's
         tp_rank=args.get("tp_rank", 0),
         tp_size=args.get("tp_size", 1),
-        pp_rank=0,
-        pp_size=1,
-        attn_cp_rank=0,
-        attn_cp_size=1,
-        is_mla_model=mla,
-        enable_storage_metrics=False,
         is_page_first_layout=args["layout"] == "page_first",
         model_name="test/model",
         extra_config=extra,
