@@ -14,7 +14,6 @@ result; a put goes keys -> catalog (what is stored) -> writer (``_writer``, ``_p
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import time
@@ -28,7 +27,6 @@ import torch
 from vua import _evict, _layout
 from vua._catalog import Catalog
 from vua._config import VUAConfig, check_config
-from vua._files import file_system_type, is_network_file_system
 from vua._index import Index
 from vua._inputs import (
     KVData,
@@ -44,7 +42,6 @@ from vua._inputs import (
 from vua._keys import group_keys, namespace_seed
 from vua._mac import mac_key
 from vua._misses import MissReasons
-from vua._publish import make_dir
 from vua._read import (
     CudaPlatform,
     HostBlockPool,
@@ -54,9 +51,10 @@ from vua._read import (
     checks_macs_in_copy,
     start_load,
 )
+from vua._root import is_network_root, open_root, write_failure_advice
 from vua._stats import StatsRecorder, StoreStats
 from vua._writer import GroupSource, GroupToWrite, write_groups
-from vua.errors import InvalidInputError, NotAStoreError, SplitFactorError, StorageError, VUAError
+from vua.errors import InvalidInputError, SplitFactorError, StorageError, VUAError
 
 __all__ = ["VUA", "VUAConfig", "ClosestKV", "KVDestination", "KVLoad", "StoreStats", "SplitFactorError", "VUAError"]
 
@@ -119,8 +117,8 @@ class VUA:
                 otherwise="pass VUA(..., create_parents=True) to create it all",
                 create_parents=create_parents,
             )
-        self.root = _open_root(root_path, create_parents)
-        self.network_fs = _is_network_root(self.root, config)
+        self.root = open_root(root_path, create_parents)
+        self.network_fs = is_network_root(self.root, config)
         self.index_path = config.index_path or os.path.join(self.root, _layout.DEFAULT_INDEX_DIR)
         # A root this process may not write (a read-only mount, another user's store) is read
         # only: gets work with an index of this process's own, puts are refused.
@@ -267,7 +265,7 @@ class VUA:
         if failure is not None:
             raise StorageError(
                 f"writing a fragment under {self.root!r} failed: {failure.strerror or failure}; "
-                f"{_write_failure_advice(failure)}, then put again (stored groups stay valid)"
+                f"{write_failure_advice(failure)}, then put again (stored groups stay valid)"
             ) from failure
         if self.config.max_bytes is not None:
             self._catalog.flush_touches()
@@ -433,51 +431,3 @@ class VUA:
             offset=first * self.config.split_factor,
             into=into,
         )
-
-
-def _is_network_root(root: str, config: VUAConfig) -> bool:
-    """Whether ``root`` is a network or FUSE file system (``config.network_fs``, else detected)."""
-    kind = file_system_type(root)
-    network = config.network_fs if config.network_fs is not None else is_network_file_system(kind)
-    if network and config.max_bytes is not None:
-        raise InvalidInputError(
-            f"VUAConfig.max_bytes bounds one node's index, but the root {root!r} is a shared "
-            f"{kind or 'network'} file system whose capacity is the whole store's: leave max_bytes None "
-            "and run `vua gc ROOT --max-bytes N` on one node, on a timer (see the README)"
-        )
-    return network
-
-
-def _write_failure_advice(failure: OSError) -> str:
-    """What to do about a put's failed write, by its errno."""
-    if failure.errno == errno.ESTALE:
-        # Seen on GlusterFS when a directory ended up with a different id on each server: a
-        # lookup racing another node's mkdir does that. make_dir keeps VUA's writers apart;
-        # a reader probing a group at the instant another node makes it is not kept out.
-        return (
-            f"the shared file system called a directory under the root stale ({failure.filename}); "
-            "its client log says why, and a directory the servers disagree about must be repaired or removed there"
-        )
-    return "free space or fix permissions"
-
-
-def _open_root(root_path: str | bytes | os.PathLike[str] | os.PathLike[bytes], create_parents: bool) -> str:
-    """The root as a path, created (and its parents with ``create_parents``) when missing."""
-    try:
-        root = os.fsdecode(os.fspath(root_path))  # bytes too, as os.open takes them
-    except TypeError:
-        raise InvalidInputError(f"root_path must be a path, got {type(root_path).__name__}") from None
-    parent = os.path.dirname(os.path.abspath(root))
-    # Only the parent is looked at: a root whose parent is missing cannot exist, and looking
-    # the root itself up before make_dir holds its lock can break it on GlusterFS (see make_dir).
-    if not create_parents and not os.path.isdir(parent):
-        # A mistyped root would otherwise become a fresh, empty store somewhere unexpected.
-        raise NotAStoreError(
-            f"cannot create the VUA root {root!r}: its parent {parent!r} does not exist; "
-            "check the path, or pass VUA(..., create_parents=True) to create it all"
-        )
-    try:
-        make_dir(root)  # one maker at a time: nodes starting together on a shared file system
-    except OSError as exc:
-        raise StorageError(f"cannot use {root!r} as a VUA root: {exc.strerror}; pass a writable directory") from exc
-    return root
