@@ -143,6 +143,32 @@ class SGLangBackendTest(unittest.TestCase):
                     found += 1
         self.assertEqual(found, 2)
 
+    def test_with_auth_key_file_pages_sealed_with_another_key_are_not_loaded(self):
+        secrets_dir = os.path.join(self.work, "secrets")
+        os.mkdir(secrets_dir)
+        keys = {}
+        for name, secret in (("ours", b"k" * 32), ("theirs", b"t" * 32)):
+            keys[name] = os.path.join(secrets_dir, name)
+            with open(keys[name], "wb") as f:
+                f.write(secret)
+
+        def extra(name: str) -> dict:
+            return {
+                "backend_name": "vua",
+                "module_path": "vua.sglang",
+                "class_name": "VUAStorage",
+                "interface_v1": 1,
+                "root": self.root,
+                "index_path": os.path.join(self.work, f"index-{name}"),
+                "auth_key_file": keys[name],
+            }
+
+        put = self.run_backend(op="put", kind="mha", layout="page_first", pages=3, seed=8, extra_config=extra("ours"))
+        runs = [{"extra_config": extra("ours")}, {"extra_config": extra("theirs")}]
+        ours, theirs = self.run_backend(op="get", kind="mha", layout="page_first", keys=put["keys"], runs=runs)
+        self.assertEqual((ours["got"], ours["pages"]), ([True] * 3, put["pages"]))
+        self.assertEqual(theirs["got"], [False] * 3)  # the MAC does not verify under another secret
+
     def test_the_vua_command_sees_sglang_pages(self):
         self.run_backend(op="put", kind="mha", layout="page_first", pages=4, seed=6)
         self.run_backend(op="put", kind="mla", layout="page_first", pages=3, seed=6)
