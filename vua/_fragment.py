@@ -13,10 +13,9 @@ A fragment is an ordinary safetensors file, so ``safetensors.safe_open`` reads i
                         all K and V bytes) too, which `vua verify` checks; reads need
                         only the per-tensor sums.
 
-The header is padded with spaces (which the format allows) so tensor data starts on a
-4 KiB boundary, as direct and GPUDirect reads want. Writing is ``_publish``'s job.
-Reading memory-maps the file and validates the header completely before any tensor is
-looked at.
+The header is encoded and parsed in ``_header``; the file is written by ``_writer`` and
+published by ``_publish``. Reading memory-maps the file (or reads it with pread on network
+file systems) and validates the header completely before any tensor is looked at.
 """
 
 from __future__ import annotations
@@ -25,7 +24,6 @@ import hmac
 import mmap
 import os
 import struct
-from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
@@ -33,14 +31,12 @@ import xxhash
 
 from vua import _dtypes
 from vua._files import NotRegularFileError, open_regular_file, read_all
-from vua._kv_layout import TOKENS, Layout, bits_dtype, is_size, key_name, loads_untrusted, value_name
+from vua._header import FORMAT, FORMAT_VERSION, MAX_HEADER_BYTES, parse_header
+from vua._kv_layout import TOKENS, Layout, bits_dtype, key_name, loads_untrusted, value_name
 from vua._mac import ALG_FIELD, MAC_FIELD, MacStream, blank, mac_marker
 from vua._record import GroupRecord, StoredGroup
 from vua.errors import FragmentError, FragmentState
 
-FORMAT = "vua.fragment"
-FORMAT_VERSION = "1"
-MAX_HEADER_BYTES = 16 << 20  # a 1000-layer model's header is far below this
 _FIRST_READ = 64 << 10  # pread mode: one read takes a typical header and the tokens
 
 
@@ -81,16 +77,6 @@ class OtherLayoutError(FragmentError):
 
     def __init__(self, message: str):
         super().__init__(message, state=FragmentState.UNREADABLE)
-
-
-@dataclass(frozen=True)
-class TensorEntry:
-    """Where one tensor lies in a fragment file (absolute byte offsets)."""
-
-    dtype: str  # safetensors' name
-    shape: tuple[int, ...]
-    begin: int
-    end: int
 
 
 class MacCheck:
@@ -149,7 +135,7 @@ class Fragment:
                 (header_len,) = struct.unpack_from("<Q", head, 0)
                 if len(head) < 8 + header_len <= min(self.file_size, 8 + MAX_HEADER_BYTES):
                     head += self._pread(len(head), 8 + header_len - len(head))
-            self.metadata, self.tensors, self.data_start = _parse_header(head, self.file_size, path)
+            self.metadata, self.tensors, self.data_start = parse_header(head, self.file_size, path)
             if self._map is None:
                 # The tokens come first in the data: keep them with the header, for validation.
                 tokens = self.tensors.get(TOKENS)
@@ -439,81 +425,3 @@ class Fragment:
             key_hex=key_hex, namespace=namespace, split_factor=split_factor, layout=None, group_index=group_index
         )
         return StoredGroup(GroupRecord.of(namespace, layout, self.file_size, group_index, last_used), layout, namespace)
-
-
-# Fragments of one layout share their tensor table byte for byte; only __metadata__ (which
-# VUA writes first) differs. A table validated once is reused: (table bytes, file size) ->
-# entries. Bounded, since a process sees few layouts.
-_TABLE_MARK = b'},"tokens":'
-_validated_tables: dict[tuple[bytes, int, int], dict[str, TensorEntry]] = {}
-_MAX_TABLES = 64
-
-
-def _parse_header(
-    buf: bytes | mmap.mmap, file_size: int, path: str
-) -> tuple[dict[str, str], dict[str, TensorEntry], int]:
-    """Validates a safetensors header completely: sizes, offsets inside the file, dtypes, shapes."""
-    (header_len,) = struct.unpack_from("<Q", buf, 0)
-    if header_len > MAX_HEADER_BYTES or 8 + header_len > file_size:
-        raise FragmentError(f"fragment {path}: header length {header_len} does not fit a {file_size}-byte file")
-    header = buf[8 : 8 + header_len]
-    mark = header.find(_TABLE_MARK)
-    if mark > 0:
-        table_key = (header[mark + 1 :], header_len, file_size)
-        cached = _validated_tables.get(table_key)
-        if cached is not None:
-            try:
-                metadata = loads_untrusted(header[: mark + 1] + b"}").get("__metadata__")
-            except (UnicodeDecodeError, ValueError, AttributeError):
-                metadata = None
-            if isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values()):
-                return metadata, cached, 8 + header_len
-    metadata, tensors, data_start = _parse_full_header(header, header_len, file_size, path)
-    if mark > 0 and len(_validated_tables) < _MAX_TABLES:
-        _validated_tables[table_key] = tensors
-    return metadata, tensors, data_start
-
-
-def _parse_full_header(
-    header: bytes, header_len: int, file_size: int, path: str
-) -> tuple[dict[str, str], dict[str, TensorEntry], int]:
-    try:
-        body = loads_untrusted(header)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise FragmentError(f"fragment {path}: header is not valid JSON ({exc})") from None
-    if not isinstance(body, dict):
-        raise FragmentError(f"fragment {path}: header is not a JSON object")
-    metadata = body.pop("__metadata__", None)
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise FragmentError(f"fragment {path}: missing or malformed __metadata__")
-    data_start = 8 + header_len
-    data_len = file_size - data_start
-    tensors: dict[str, TensorEntry] = {}
-    for name, spec in body.items():
-        try:
-            dtype = spec["dtype"]
-            itemsize = _dtypes.ITEMSIZE[dtype]
-            if not isinstance(spec["shape"], list):
-                raise ValueError("shape is not a list")
-            shape = tuple(spec["shape"])
-            begin, end = spec["data_offsets"]
-            if not all(is_size(n) for n in (*shape, begin, end)):
-                raise ValueError("negative or non-integer size")
-        except (KeyError, TypeError, ValueError) as exc:
-            raise FragmentError(f"fragment {path}: malformed entry for tensor {name!r} ({exc})") from None
-        nbytes = itemsize
-        for n in shape:
-            nbytes *= n
-        if not begin <= end <= data_len or end - begin != nbytes:
-            raise FragmentError(f"fragment {path}: tensor {name!r} lies outside the file or has the wrong size")
-        tensors[name] = TensorEntry(dtype, shape, data_start + begin, data_start + end)
-    # safetensors' rule: the tensors tile the data exactly, each byte in one tensor. Overlaps
-    # would let one tensor's bytes pass for another's (V aliasing K).
-    position = data_start
-    for entry in sorted(tensors.values(), key=lambda e: (e.begin, e.end)):
-        if entry.begin != position:
-            raise FragmentError(f"fragment {path}: tensor data overlaps or leaves a gap at byte {position}")
-        position = entry.end
-    if position != file_size:
-        raise FragmentError(f"fragment {path}: tensors cover {position - data_start} of {data_len} data bytes")
-    return metadata, tensors, data_start

@@ -18,40 +18,19 @@ Eviction (``_evict.evict_group``) is :func:`move_aside` then :func:`remove_moved
 from __future__ import annotations
 
 import errno
-import json
 import os
 import secrets
 import shutil
 import stat
-import struct
 import time
 from collections.abc import Sequence
 
-from vua import _dtypes, _layout
+from vua import _layout
 from vua._files import fsync_dir, write_all
 
 _RACE_RETRY_SECONDS = (0.05, 0.1, 0.2, 0.4, 0.8)
 _MKDIR_WAIT_SECONDS = 5.0  # a directory maker holds its lock for two metadata operations
-HEADER_ALIGN = 4096  # tensor data starts on a block boundary, as direct and GPUDirect reads want
 DAMAGED = "damaged"  # the word in a quarantined group's temporary name
-
-
-def encode_header(
-    metadata: dict[str, str],
-    specs: Sequence[tuple[str, str, tuple[int, ...]]],
-) -> bytes:
-    """Returns the 8-byte length prefix plus the JSON header, padded to HEADER_ALIGN."""
-    body: dict[str, object] = {"__metadata__": metadata}
-    offset = 0
-    for name, dtype, shape in specs:
-        nbytes = _dtypes.ITEMSIZE[dtype]
-        for n in shape:
-            nbytes *= n
-        body[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    text = json.dumps(body, separators=(",", ":")).encode()
-    padded = -(-(8 + len(text)) // HEADER_ALIGN) * HEADER_ALIGN - 8
-    return struct.pack("<Q", padded) + text + b" " * (padded - len(text))
 
 
 def publish_fragment(

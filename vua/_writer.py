@@ -21,10 +21,10 @@ import torch
 import xxhash
 
 from vua import _wordsum
-from vua._fragment import FORMAT, FORMAT_VERSION
+from vua._header import FORMAT, FORMAT_VERSION, encode_header
 from vua._kv_layout import TOKENS, Layout
 from vua._mac import seal_header, writer_fields
-from vua._publish import encode_header, publish_fragment
+from vua._publish import publish_fragment
 from vua._record import GroupRecord
 from vua.errors import InvalidInputError
 
