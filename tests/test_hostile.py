@@ -37,7 +37,7 @@ from tests.helpers import (
     run_cli,
     small_tmpfs,
 )
-from vua import _catalog, _evict, _generations, _index, _layout, _rebuild
+from vua import _catalog, _evict, _generations, _index, _layout, _lmdb_pages, _rebuild
 from vua._fragment import Fragment
 from vua._publish import quarantine_group
 from vua._record import GroupRecord
@@ -269,10 +269,10 @@ class DamagedIndexTest(StoreTestCase):
         self.assertOpensAndReadsAll()
 
     def test_check_data_file_accepts_a_good_one_and_refuses_a_short_one(self):
-        _generations.check_data_file(self.data_file)  # no exception
+        _lmdb_pages.check_data_file(self.data_file)  # no exception
         os.truncate(self.data_file, os.path.getsize(self.data_file) - 4096)
-        with self.assertRaises(_generations.DamagedIndexError):
-            _generations.check_data_file(self.data_file)
+        with self.assertRaises(_lmdb_pages.DamagedIndexError):
+            _lmdb_pages.check_data_file(self.data_file)
 
 
 class CurrentFileTest(StoreTestCase):

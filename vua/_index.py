@@ -33,7 +33,6 @@ import lmdb
 from vua._generations import (
     _CORRUPTION,
     CURRENT_FILE,
-    DamagedIndexError,
     Handles,
     acquire_environment,
     adjust_total,
@@ -47,6 +46,7 @@ from vua._generations import (
     remove_records,
 )
 from vua._kv_layout import Layout
+from vua._lmdb_pages import DamagedIndexError
 from vua._rebuild import rebuild
 from vua._record import RECORD_SIZE, GroupRecord, namespace_id
 from vua.errors import FragmentError, StorageError
