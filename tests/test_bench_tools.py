@@ -1,4 +1,4 @@
-"""The benchmark tools run and report what their docs say, on tiny sizes (speed is not tested here)."""
+"""The benchmark tools run and report what their docs say, on small sizes (speed is not tested here)."""
 
 from __future__ import annotations
 
@@ -67,6 +67,61 @@ class BenchVllmFsTest(unittest.TestCase):
         # The table on the terminal has both tables.
         self.assertIn("| store (GB/s) |", done.stdout)
         self.assertIn("| fault | vLLM native | VUA |", done.stdout)
+
+
+class BenchSGLangTest(unittest.TestCase):
+    """``tools/bench_sglang.py --quick``: VUA beside SGLang's HiCacheFile on one host pool's pages, 64 MiB."""
+
+    def test_quick_run_reports_both_backends_and_the_targets(self):
+        from tests.sglang import env
+
+        reason = env.unsupported_reason()
+        if reason:
+            self.skipTest(reason)
+        try:
+            python = env.python()  # builds .sglang-venv on first use, as tests/test_sglang.py does
+        except RuntimeError as exc:
+            self.skipTest(f"the SGLang environment could not be built: {exc}")
+        with tempfile.TemporaryDirectory() as out:
+            done = subprocess.run(
+                [python, os.path.join(REPO, "tools", "bench_sglang.py"), "--quick", "--no-cold", "--out", out],
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+            self.assertEqual(done.returncode, 0, done.stdout[-2000:] + done.stderr[-3000:])
+            with open(os.path.join(out, "bench_sglang.json")) as f:
+                results = json.load(f)
+
+        page_bytes = 32 * 2 * 64 * 8 * 128 * 2  # Llama-3-8B-shaped, bf16, page_size 64: 8 MiB
+        self.assertEqual(
+            results["workload"],
+            {
+                "pages": 8,
+                "page_size": 64,
+                "layers": 32,
+                "layout": "page_first",
+                "page_bytes": page_bytes,
+                "nbytes": 8 * page_bytes,
+            },
+        )
+        self.assertEqual((results["repeat"], results["cold_method"]), (2, "off"))
+        expected = {"raw_write", "vua_set", "file_set", "file_set_fsync", "memcpy", "raw_read_warm"}
+        expected |= {"vua_get_warm", "file_get_warm"}
+        self.assertEqual(set(results["GBps"]), expected)
+        for name, gbps in results["GBps"].items():
+            self.assertGreater(gbps, 0, name)
+            self.assertEqual(len(results["seconds"][name]), 2, name)
+        for name in ("vua_exists", "file_exists", "vua_get_warm", "file_get_warm", "vua_set"):
+            self.assertGreater(results["per_call_ms"][name], 0, name)
+        self.assertEqual(
+            set(results["targets"]),
+            {"VUA's durable set >= 0.7x the raw write", "VUA's get >= HiCacheFile's (warm)"},
+        )
+        self.assertIn("| set |", done.stdout)
+        self.assertIn("| batch_exists |", done.stdout)
+        self.assertIn("does not fsync", done.stdout)
 
 
 if __name__ == "__main__":

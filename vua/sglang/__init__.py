@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +54,8 @@ logger = logging.getLogger(__name__)
 # extra_config keys: SGLang's own (the dynamic factory reads them), then VUA's.
 _SGLANG_KEYS = {"backend_name", "module_path", "class_name", "interface_v1", "tp_lcm_size"}
 _VUA_KEYS = {"root", "index_path", "namespace", "auth_key_file", "io_threads", "create_parents"}
+# batch_set_v1 puts a batch in parts of about this many bytes (see VUAStorage._put_in_parts).
+_PART_BYTES = 64 << 20
 
 
 @dataclass
@@ -103,6 +107,9 @@ class VUAStorage(HiCacheStorage):
         self._pages: PageViews | None = None
         self._store: VUA | None = None  # opened once the host pool says the page size
         self._flat_store: VUA | None = None
+        self._parts: tuple[int, list[list[tuple[torch.Tensor, torch.Tensor]]]] | None = None  # see _put_in_parts
+        self._putter: ThreadPoolExecutor | None = None
+        self._parts_lock = threading.Lock()  # the buffers are one caller's at a time
         self._metrics = VUAStorageMetrics()
 
     # -- set-up ---------------------------------------------------------------------------
@@ -202,13 +209,45 @@ class VUAStorage(HiCacheStorage):
         try:
             tokens = torch.stack([key_tokens(key, page) for key in keys])
             starts = [int(host_indices[i * page]) for i in range(len(keys))]
-            written = self._store.put(tokens, self._pages.gather(starts))
+            written = self._put_in_parts(tokens, starts)
         except VUAError as exc:  # ENOSPC, a refused write: SGLang keeps the pages in host memory
             logger.warning("VUAStorage: storing %d pages failed: %s", len(keys), exc)
             stored = self.batch_exists(keys)  # what did get published is whole and stays
             return [i < stored for i in range(len(keys))]
         self._record(self._metrics.backup_pgs, self._metrics.backup_bandwidth, written, started)
         return [True] * len(keys)
+
+    def _put_in_parts(self, tokens: torch.Tensor, starts: list[int]) -> int:
+        """Puts the pages at ``starts`` in parts of about ``_PART_BYTES``, each gathered into one of two
+        reused buffers while the part before it is being written (a put needs (heads, page, dim) runs,
+        every host layout holds (page, heads, dim)): the copy hides behind the writes and fsyncs, and
+        no call pays for fresh memory the size of its batch."""
+        assert self._store is not None and self._pages is not None
+        with self._parts_lock:
+            return self._put_parts_locked(tokens, starts)
+
+    def _put_parts_locked(self, tokens: torch.Tensor, starts: list[int]) -> int:
+        assert self._store is not None and self._pages is not None
+        if self._parts is None:
+            per_part = max(1, min(_PART_BYTES // max(1, self._pages.page_bytes), 128))
+            self._parts = (per_part, [self._pages.buffers(per_part), self._pages.buffers(per_part)])
+            self._putter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vua-sglang-put")
+        per_part, buffers = self._parts
+        assert self._putter is not None
+        written, pending = 0, None
+        try:
+            for i, lo in enumerate(range(0, len(starts), per_part)):
+                data = self._pages.gather(starts[lo : lo + per_part], into=buffers[i % 2])
+                if pending is not None:
+                    written += pending.result()  # its buffer is the next part's
+                pending = self._putter.submit(self._store.put, tokens[lo : lo + per_part], data)
+            if pending is not None:
+                written += pending.result()
+                pending = None
+        finally:
+            if pending is not None:  # a gather failed: the part being written ends first
+                pending.exception()
+        return written
 
     # -- the per-page calls with flat pages (without interface_v1) ------------------------------
 
@@ -287,6 +326,9 @@ class VUAStorage(HiCacheStorage):
         logger.info("VUAStorage.clear: the store is shared and kept; run `vua gc` to bound or empty it")
 
     def close(self) -> None:
+        if self._putter is not None:
+            self._putter.shutdown()
+        self._putter, self._parts = None, None
         for store in (self._store, self._flat_store):
             if store is not None:
                 store.close()

@@ -90,10 +90,36 @@ class PageViews:
         latent = latent.transpose(0, 1)  # (P, 1, C) -> (1, P, C)
         return latent[..., : self._cut], latent[..., self._cut :]
 
-    def gather(self, starts: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per layer, (K, V) of the pages at ``starts``, ``(pages, heads, page, dim)``: a put's data (one copy)."""
+    def gather(
+        self, starts: list[int], into: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer, (K, V) of the pages at ``starts``, ``(pages, heads, page, dim)``: a put's data (one copy).
+
+        ``into``: per layer, (K, V) buffers of at least ``len(starts)`` pages (from :meth:`buffers`) to
+        copy into, reused from call to call: fresh memory costs a page fault per 4 KiB on first touch.
+        """
         out = []
+        n = len(starts)
         for layer in range(self.layers):
             pairs = [self.layer(start, layer) for start in starts]
-            out.append((torch.stack([k for k, _ in pairs]), torch.stack([v for _, v in pairs])))
+            if into is None:
+                out.append((torch.stack([k for k, _ in pairs]), torch.stack([v for _, v in pairs])))
+            else:
+                k_buf, v_buf = into[layer][0][:n], into[layer][1][:n]
+                torch.stack([k for k, _ in pairs], out=k_buf)
+                torch.stack([v for _, v in pairs], out=v_buf)
+                out.append((k_buf, v_buf))
         return out
+
+    def buffers(self, pages: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer, (K, V) buffers for :meth:`gather` of up to ``pages`` pages, touched once."""
+        out = []
+        for layer in range(self.layers):
+            k, v = self.layer(0, layer)
+            out.append((torch.zeros((pages, *k.shape), dtype=k.dtype), torch.zeros((pages, *v.shape), dtype=v.dtype)))
+        return out
+
+    @property
+    def page_bytes(self) -> int:
+        """One page's K and V bytes, every layer."""
+        return sum(k.nbytes + v.nbytes for k, v in (self.layer(0, layer) for layer in range(self.layers)))
