@@ -141,6 +141,49 @@ class DestinationTest(StoreTestCase):
                 self.assertEqual(vua.load(tokens, "cpu", into=blocks).wait(), 2)
             self.assertKVEqual(blocks.data(2), kv_slice(kv, 0, 32))
 
+    def test_a_destination_naming_whole_groups_gets_each_in_one_view(self):
+        # Pages of 16 tokens holding every layer, (pages, 16, layers, 2, heads, dim), as SGLang's
+        # page-first pools do: whole_group is one strided (layers, 2, heads, 16, dim) view.
+        vua = self.store(split_factor=16, io_threads=2)
+        tokens = torch.arange(64)
+        kv = random_kv(1, 64, heads=2, head_dim=64, dtype=torch.bfloat16)
+        vua.put(tokens, kv)
+
+        class Pages(KVDestination):
+            def __init__(self, dtype=torch.bfloat16):
+                self.kv = torch.zeros(4, 16, 3, 2, 2, 64, dtype=dtype)
+                self.whole = 0
+
+            def chunks(self, group, layer):
+                page = self.kv[group, :, layer]  # (16, 2, heads, dim)
+                return [(page[:, 0].transpose(0, 1), page[:, 1].transpose(0, 1))]
+
+            def whole_group(self, group):
+                self.whole += 1
+                return self.kv[group].permute(1, 2, 3, 0, 4)
+
+            def data(self, groups):
+                return [
+                    tuple(self.kv[:groups, :, layer, side].flatten(0, 1).transpose(0, 1)[None] for side in (0, 1))
+                    for layer in range(3)
+                ]
+
+        pages = Pages()
+        self.assertEqual(vua.load(tokens, "cpu", into=pages).wait(), 4)
+        self.assertKVEqual(pages.data(4), kv)
+        self.assertEqual(pages.whole, 4)  # the whole-group path, not chunks()
+        layerwise = Pages()
+        self.assertEqual(vua.load(tokens, "cpu", layerwise=True, into=layerwise).wait(), 4)
+        self.assertKVEqual(layerwise.data(4), kv)
+        self.assertEqual(layerwise.whole, 0)  # a layer-wise consumer gets layers: chunks()
+        flip_byte(_layout.fragment_path(vua.root, vua.config.tokens_to_paths(tokens)[1]), -9)
+        pages = Pages()
+        with self.assertLogs("vua", level="WARNING"):
+            self.assertEqual(vua.load(tokens, "cpu", into=pages).wait(), 1)
+        self.assertKVEqual(pages.data(1), kv_slice(kv, 0, 16))
+        with self.assertRaisesRegex(InvalidInputError, r"whole view of group 0 is .*float16"):
+            vua.load(tokens, "cpu", into=Pages(torch.float16)).wait()
+
     def test_a_load_from_an_offset_lands_its_groups_from_zero(self):
         vua = self.store(split_factor=16)
         tokens = torch.arange(64)

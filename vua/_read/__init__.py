@@ -62,6 +62,8 @@ def choose_copy(
     are); a caller's destination is filled group by group, layer by layer.
     """
     whole_groups = job.uniform and not layerwise and job.landing is None
+    if job.landing is not None and job.landing.has_whole_groups and platform is None and job.mapped:
+        return HostGroups() if job.uniform and not layerwise else HostLayers(layerwise=layerwise)
     if platform is None or staging is None:
         if not job.mapped:
             return HostPreads(layerwise=layerwise)

@@ -18,13 +18,21 @@ class HostGroups(CopyStrategy):
 
     The outputs are one (layers, 2, heads, tokens, dim) array and a fragment's data one
     (layers, 2, heads, split, dim) array, so a thread hashes a tensor, checks it and copies
-    it while it is in cache, and prefetches the next group's file meanwhile.
+    it while it is in cache, and prefetches the next group's file meanwhile. A caller's
+    destination that names whole groups (``KVDestination.whole_group``) is filled the same way.
     """
 
     def run(self, job: ReadJob) -> None:
         s = job.split
-        assert job.block5 is not None  # chosen for uniform layouts only
-        block = as_bits(job.block5)
+        if job.landing is not None:  # a caller's destination that names whole groups
+            landing = job.landing
+            group_view: Callable[[int], np.ndarray] = landing.host_whole_group
+        else:
+            assert job.block5 is not None  # chosen for uniform layouts only
+            block = as_bits(job.block5)
+
+            def group_view(g: int) -> np.ndarray:
+                return block[:, :, :, g * s : (g + 1) * s]
 
         def work(lo: int, hi: int) -> None:
             if lo < len(job.fragments):
@@ -32,7 +40,7 @@ class HostGroups(CopyStrategy):
             for g in range(lo, min(hi, job.valid)):
                 if g + 1 < hi and g + 1 < len(job.fragments):
                     job.fragments[g + 1].prefetch()  # disk reads overlap this copy
-                _copy_group(job, g, block[:, :, :, g * s : (g + 1) * s])
+                _copy_group(job, g, group_view(g))
 
         job.parallel(work, 0, job.valid, job.total_bytes)
         job.progress.all_landed()

@@ -43,6 +43,15 @@ class KVDestination:
         """
         raise NotImplementedError
 
+    def whole_group(self, group: int) -> torch.Tensor | None:
+        """Optionally, every layer's K and V of ``group`` as one ``(layers, 2, kv_heads, split, head_dim)`` view.
+
+        Where the memory allows it (every layer of one shape, as a paged pool holding all
+        layers of a page is), a whole-group load then copies each group in one strided copy
+        per group instead of one per layer and tensor. None (the default): :meth:`chunks`.
+        """
+        return None
+
 
 class Landing:
     """A destination checked against the load it serves: every view's dtype, device and shape.
@@ -86,6 +95,33 @@ class Landing:
                 f"a group is split_factor={self.split} tokens"
             )
         return chunks
+
+    @property
+    def has_whole_groups(self) -> bool:
+        """Whether the destination names whole groups (see :meth:`KVDestination.whole_group`)."""
+        return type(self.destination).whole_group is not KVDestination.whole_group
+
+    def host_whole_group(self, group: int) -> np.ndarray:
+        """The destination's whole-group view, checked, as a numpy view of its bit patterns.
+
+        Raises:
+            InvalidInputError: the view does not fit the stored layout (or there is none).
+        """
+        view = self.destination.whole_group(group)
+        (heads, dim), _ = self.layout.layers[0]
+        shape = (self.layout.num_layers, 2, heads, self.split, dim)
+        if (
+            not isinstance(view, torch.Tensor)
+            or view.dtype != self.layout.dtype
+            or tuple(view.shape) != shape
+            or view.device.type != self.device.type
+        ):
+            got = f"{tuple(view.shape)} {view.dtype} on {view.device}" if isinstance(view, torch.Tensor) else repr(view)
+            raise InvalidInputError(
+                f"the destination's whole view of group {group} is {got}; this store holds {shape} "
+                f"{self.layout.dtype} there, and the load is to {self.device}"
+            )
+        return as_bits(view)
 
     def host_chunks(self, group: int, layer: int) -> list[tuple[np.ndarray, np.ndarray]]:
         """The views for (group, layer) as numpy views of their bit patterns (host memory)."""

@@ -362,6 +362,9 @@ class _PageDestination(KVDestination):
     def chunks(self, group: int, layer: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [self._pages.layer(self._start, layer)]
 
+    def whole_group(self, group: int) -> torch.Tensor | None:
+        return self._pages.whole(self._start)
+
 
 class _FlatDestination(KVDestination):
     """A flat page tensor as one layer of one head: K its first half per token, V the rest."""

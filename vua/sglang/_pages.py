@@ -90,6 +90,31 @@ class PageViews:
         latent = latent.transpose(0, 1)  # (P, 1, C) -> (1, P, C)
         return latent[..., : self._cut], latent[..., self._cut :]
 
+    def whole(self, start: int) -> torch.Tensor | None:
+        """The page at host token ``start``, every layer's K and V, as one ``(layers, 2, heads, page, dim)`` view.
+
+        A load then copies the page in one strided copy instead of one per layer and tensor.
+        None for an MLA pool whose latent width is odd (its K and V halves differ in width).
+        """
+        kv, p = self.kv, self.page
+        if self.kind == "mha":
+            if self.layout == "layer_first":  # (2, L, T, H, D)
+                return kv[:, :, start : start + p].permute(1, 0, 3, 2, 4)
+            if self.layout == "page_first":  # (2, T, L, H, D)
+                return kv[:, start : start + p].permute(2, 0, 3, 1, 4)
+            return kv[:, start // p].permute(1, 0, 3, 2, 4)  # page_first_direct: (2, N, L, P, H, D)
+        width = kv.shape[-1]
+        if width % 2:
+            return None
+        if self.layout == "layer_first":  # (L, T, 1, C)
+            latent = kv[:, start : start + p]
+        elif self.layout == "page_first":  # (T, L, 1, C)
+            latent = kv[start : start + p].transpose(0, 1)
+        else:  # page_first_direct: (N, L, P, 1, C)
+            latent = kv[start // p]
+        # (L, P, 1, C) -> (L, P, 1, 2, C/2) -> (L, 2, 1, P, C/2): K and V are the latent's halves
+        return latent.unflatten(-1, (2, width // 2)).permute(0, 3, 2, 1, 4)
+
     def gather(
         self, starts: list[int], into: list[tuple[torch.Tensor, torch.Tensor]] | None = None
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
