@@ -184,6 +184,25 @@ class DestinationTest(StoreTestCase):
         with self.assertRaisesRegex(InvalidInputError, r"whole view of group 0 is .*float16"):
             vua.load(tokens, "cpu", into=Pages(torch.float16)).wait()
 
+    def test_any_object_with_chunks_is_a_destination(self):
+        # Duck typing, as the docs promise: no subclass of KVDestination, no whole_group.
+        vua = self.store(split_factor=16)
+        tokens = torch.arange(32)
+        kv = random_kv(1, 32, heads=2, head_dim=8)
+        vua.put(tokens, kv)
+
+        class Plain:
+            def __init__(self):
+                self.kv = [(torch.zeros_like(k[0]), torch.zeros_like(v[0])) for k, v in kv]
+
+            def chunks(self, group, layer):
+                k, v = self.kv[layer]
+                return [(k[:, group * 16 : (group + 1) * 16], v[:, group * 16 : (group + 1) * 16])]
+
+        plain = Plain()
+        self.assertEqual(vua.load(tokens, "cpu", into=plain).wait(), 2)
+        self.assertKVEqual([(k[None], v[None]) for k, v in plain.kv], kv)
+
     def test_a_load_from_an_offset_lands_its_groups_from_zero(self):
         vua = self.store(split_factor=16)
         tokens = torch.arange(64)

@@ -99,7 +99,8 @@ class Landing:
     @property
     def has_whole_groups(self) -> bool:
         """Whether the destination names whole groups (see :meth:`KVDestination.whole_group`)."""
-        return type(self.destination).whole_group is not KVDestination.whole_group
+        named = getattr(type(self.destination), "whole_group", KVDestination.whole_group)  # duck-typed: no method
+        return named is not KVDestination.whole_group
 
     def host_whole_group(self, group: int) -> np.ndarray:
         """The destination's whole-group view, checked, as a numpy view of its bit patterns.
