@@ -104,6 +104,7 @@ from sglang.srt.mem_cache.pool_host.mha import MHATokenToKVPoolHost  # noqa: E40
 from sglang.srt.mem_cache.storage.backend_factory import StorageBackendFactory  # noqa: E402
 
 sys.path.insert(0, REPO)
+from vua._files import file_system_type  # noqa: E402
 from vua.core import VUAConfig  # noqa: E402
 
 DTYPE = torch.bfloat16
@@ -601,15 +602,8 @@ def machine() -> str:
 
 
 def file_system(path: str) -> str:
-    """The type of the mount holding ``path`` (the longest mount point that prefixes it)."""
-    path, best, kind = os.path.realpath(path), "", "unknown"
-    with contextlib.suppress(OSError), open("/proc/self/mounts") as f:
-        for line in f:
-            fields = line.split()
-            point = fields[1].replace("\\040", " ")
-            if (path == point or path.startswith(point.rstrip("/") + "/")) and len(point) >= len(best):
-                best, kind = point, fields[2]
-    return kind
+    """The type of the mount holding ``path`` (as VUA itself tells a shared root apart)."""
+    return file_system_type(path) or "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:

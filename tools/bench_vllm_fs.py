@@ -58,6 +58,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from vua._files import file_system_type
 from vua.core import VUA, VUAConfig
 
 GB = 1e9
@@ -522,15 +523,8 @@ def machine() -> str:
 
 
 def file_system(path: str) -> str:
-    """The type of the mount holding ``path``, from /proc/self/mounts (the longest mount point that prefixes it)."""
-    path, best, kind = os.path.realpath(path), "", "unknown"
-    with contextlib.suppress(OSError), open("/proc/self/mounts") as f:
-        for line in f:
-            fields = line.split()
-            point = fields[1].replace("\\040", " ")
-            if (path == point or path.startswith(point.rstrip("/") + "/")) and len(point) >= len(best):
-                best, kind = point, fields[2]
-    return kind
+    """The type of the mount holding ``path`` (as VUA itself tells a shared root apart)."""
+    return file_system_type(path) or "unknown"
 
 
 def table(results: dict) -> str:
