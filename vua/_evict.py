@@ -24,11 +24,9 @@ import os
 import time
 from dataclasses import dataclass
 
-from vua import _layout
-from vua._files import age_seconds
 from vua._index import Index
-from vua._publish import last_use, move_aside, remove_moved_aside
-from vua._rebuild import log_unlisted
+from vua._publish import move_aside, remove_moved_aside
+from vua._tree import stat_groups, walk_tree
 
 logger = logging.getLogger(__name__)
 
@@ -140,15 +138,12 @@ def collect_garbage(
         shared: the root is shared by nodes (a network file system): evicted groups stay in
             the trash for ``grace_seconds`` before a later gc deletes them.
     """
-    groups = tree_groups(root)
-    total = sum(nbytes for _, _, nbytes in groups)
-    depth = {
-        key: record.group_index
-        for key, record in zip([key for key, _, _ in groups], index.records([key for key, _, _ in groups]))
-        if record is not None
-    }
-    order = sorted(groups, key=lambda g: (g[1], -depth.get(g[0], 0)))
-    done = _evict_oldest(root, index, [(key, nbytes) for key, _, nbytes in order], total - max_bytes, keep=shared)
+    groups = stat_groups(root)
+    total = sum(group.nbytes for group in groups)
+    keys = [bytes.fromhex(group.key_hex) for group in groups]
+    depth = {key: record.group_index for key, record in zip(keys, index.records(keys)) if record is not None}
+    order = sorted(zip(keys, groups), key=lambda kg: (kg[1].last_use, -depth.get(kg[0], 0)))
+    done = _evict_oldest(root, index, [(key, g.nbytes) for key, g in order], total - max_bytes, keep=shared)
     deleted = _empty_trash(root, 0.0 if not shared else grace_seconds)
     logger.info(
         "gc: evicted %d of %d groups (%d bytes), deleted %d from the trash",
@@ -181,32 +176,13 @@ def evict_group(root: str, key_hex: str, *, keep: bool = False) -> None:
         remove_moved_aside(doomed)
 
 
-def tree_groups(root: str) -> list[tuple[bytes, int, int]]:
-    """(key, last use in ns, fragment bytes) of every group in the tree; groups that vanish meanwhile are skipped."""
-    found = []
-    for fanout in _layout.iter_fanout_dirs(root):
-        for key_hex, group_dir in _layout.listed_groups(fanout, log_unlisted):
-            try:
-                used = last_use(group_dir)
-                nbytes = os.stat(os.path.join(group_dir, _layout.FRAGMENT_FILE)).st_size
-            except OSError:
-                continue
-            found.append((bytes.fromhex(key_hex), used, nbytes))
-    return found
-
-
 def _empty_trash(root: str, grace_seconds: float) -> int:
-    """Deletes evicted groups' directories moved aside more than ``grace_seconds`` ago."""
-    deleted, now = 0, time.time()
-    for fanout in _layout.iter_fanout_dirs(root):
-        for tmp in _layout.iter_temporaries(fanout):
-            if f"-{EVICTED}-" not in os.path.basename(tmp):
-                continue
-            try:
-                if age_seconds(tmp, now) < grace_seconds:
-                    continue
-            except OSError:
-                continue
-            remove_moved_aside(tmp)
-            deleted += 1
+    """Deletes evicted groups moved aside more than ``grace_seconds`` ago."""
+    deleted = 0
+    # A fan-out directory that cannot be listed is passed over: this gc's walk of the groups said so.
+    for fanout in walk_tree(root, None, trash=True):
+        for tmp in fanout.trash:
+            if tmp.why == EVICTED and tmp.age is not None and tmp.age >= grace_seconds:
+                remove_moved_aside(tmp.path)
+                deleted += 1
     return deleted

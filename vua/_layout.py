@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from typing import NamedTuple
 
 from vua.errors import NotAStoreError
 
@@ -66,25 +67,30 @@ def iter_fanout_dirs(root: str) -> Iterator[str]:
                 yield entry.path
 
 
-def iter_groups(fanout: str) -> Iterator[tuple[str, str]]:
-    """Yields ``(key_hex, group_dir)`` for every published group in one fan-out directory."""
+class FanoutListing(NamedTuple):
+    """One fan-out directory's entries, from one listing."""
+
+    groups: list[tuple[str, str]]  # (key_hex, group_dir) of every published group
+    temporaries: list[str]  # every moved-aside group, lock, or older writer's temporary
+
+
+def list_fanout(fanout: str) -> FanoutListing:
+    """Lists one fan-out directory once: its groups and its temporaries (see :class:`FanoutListing`)."""
     prefix = os.path.basename(fanout)
+    listing = FanoutListing([], [])
     with os.scandir(fanout) as entries:
         for entry in entries:
             name = entry.name
             if is_key_hex(name) and name.startswith(prefix):
-                yield name, entry.path
+                listing.groups.append((name, entry.path))
+            elif name.startswith(TMP_PREFIX):
+                listing.temporaries.append(entry.path)
+    return listing
 
 
-def listed_groups(fanout: str, on_error: Callable[[str, OSError], None]) -> list[tuple[str, str]]:
-    """:func:`iter_groups` as a list; [] when the directory is gone, or cannot be read (``on_error`` is told)."""
-    try:
-        return list(iter_groups(fanout))
-    except FileNotFoundError:
-        return []
-    except OSError as exc:  # EACCES (another user's), EIO: its groups are hidden, not gone
-        on_error(fanout, exc)
-        return []
+def iter_groups(fanout: str) -> Iterator[tuple[str, str]]:
+    """Yields ``(key_hex, group_dir)`` for every published group in one fan-out directory."""
+    yield from list_fanout(fanout).groups
 
 
 def iter_writing(group: str) -> Iterator[str]:
@@ -97,10 +103,7 @@ def iter_writing(group: str) -> Iterator[str]:
 
 def iter_temporaries(fanout: str) -> Iterator[str]:
     """Yields the path of every moved-aside group, lock, or older writer's temporary in one fan-out directory."""
-    with os.scandir(fanout) as entries:
-        for entry in entries:
-            if entry.name.startswith(TMP_PREFIX):
-                yield entry.path
+    yield from list_fanout(fanout).temporaries
 
 
 def check_index_path(index_path: str, *, setting: str, otherwise: str, create_parents: bool = False) -> None:

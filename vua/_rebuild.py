@@ -11,13 +11,11 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import lmdb
 
-from vua import _layout
 from vua._generations import (
     GEN_PREFIX,
     Handles,
@@ -33,15 +31,11 @@ from vua._generations import (
 )
 from vua._kv_layout import Layout
 from vua._record import GroupRecord
-from vua._stored import log_unusable, stored_group
+from vua._stored import log_unusable
+from vua._tree import Check, GroupState, ScanProgress, log_unlisted, walk_tree
 from vua.errors import FragmentError, StorageError
 
 logger = logging.getLogger(__name__)
-
-
-def log_unlisted(fanout: str, exc: OSError) -> None:
-    """Tree walkers pass over a fan-out directory that cannot be listed, saying so."""
-    logger.warning("cannot list %s (%s); its groups are passed over", fanout, exc.strerror or exc)
 
 
 class ScanEntry(NamedTuple):
@@ -53,14 +47,9 @@ class ScanEntry(NamedTuple):
     namespace: str
 
 
-@dataclass
-class ScanProgress:
-    """Where a walk of the fragment tree stands; handed to progress callbacks."""
-
-    fanouts_done: int = 0
-    fanouts_total: int = 0
-    groups: int = 0
-    damaged: int = 0
+# The groups one walk settles: a later walk need not read them again. Not one found without
+# its fragment (a writer may be about to publish it), nor one unreadable for now.
+_SETTLED = (GroupState.VALID, GroupState.DAMAGED)
 
 
 def scan_tree(
@@ -72,46 +61,31 @@ def scan_tree(
     settled: set[bytes] | None = None,
     listed: set[bytes] | None = None,
 ) -> Iterator[ScanEntry]:
-    """Yields (key, record, layout, namespace) for every valid fragment under ``root``.
+    """Yields (key, record, layout, namespace) for every valid fragment under ``root`` (a walk at HEADER).
 
-    Fan-out directories are read in parallel; damaged fragments are logged, counted in
-    ``state.damaged`` and skipped, as are (logged, not counted) groups removed while the
-    scan runs and files that cannot be read for now. ``settled``: groups to pass over
-    without reading their files; every group this scan finds valid or damaged is added
-    (not one it found missing: a writer may be about to publish it). ``listed``: every group
-    directory the listing showed is added (read or not).
+    Damaged fragments are logged, counted in ``state.damaged`` and skipped, as are (logged,
+    not counted) groups removed while the scan runs and files that cannot be read for now.
+    ``settled``: groups to pass over without reading their files; every group this scan
+    finds valid or damaged is added. ``listed``: every group directory the listing showed is
+    added (read or not).
     """
+    if not os.path.isdir(root):
+        return  # a store nothing was written to yet
     settled = settled if settled is not None else set()
-    state = state if state is not None else ScanProgress()
-
-    def scan(fanout: str) -> tuple[list[ScanEntry], int]:
-        found, damaged = [], 0
-        for key_hex, _ in _layout.listed_groups(fanout, log_unlisted):
-            key = bytes.fromhex(key_hex)
+    walk = walk_tree(root, Check.HEADER, passed_over=settled, workers=workers, progress=progress, state=state)
+    for fanout in walk:
+        if fanout.unlisted is not None:
+            log_unlisted(fanout.path, fanout.unlisted)
+        for group in fanout.groups:
+            key = bytes.fromhex(group.key_hex)
             if listed is not None:
                 listed.add(key)
-            if key in settled:
-                continue
-            try:
-                found.append(ScanEntry(key, *stored_group(root, key_hex)))
-            except FragmentError as exc:
-                log_unusable(key_hex, exc)
-                if not exc.damaged:
-                    continue
-                damaged += 1
-            settled.add(key)
-        return found, damaged
-
-    fanouts = list(_layout.iter_fanout_dirs(root)) if os.path.isdir(root) else []
-    state.fanouts_total = len(fanouts)
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for found, damaged in pool.map(scan, fanouts):
-            state.fanouts_done += 1
-            state.groups += len(found)
-            state.damaged += damaged
-            if progress is not None:
-                progress(state)
-            yield from found
+            if group.state in _SETTLED:
+                settled.add(key)
+            if group.stored is not None:
+                yield ScanEntry(key, *group.stored)
+            elif isinstance(group.error, FragmentError):
+                log_unusable(group.key_hex, group.error)
 
 
 @dataclass

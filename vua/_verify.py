@@ -19,21 +19,18 @@ forged: those fragments are reported and left alone.
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 
 from vua import _layout
-from vua._files import age_seconds
 from vua._generations import CURRENT_FILE
 from vua._index import Index
 from vua._publish import DAMAGED, move_aside, remove_dir_if_empty, remove_moved_aside
-from vua._rebuild import ScanProgress, rebuild
+from vua._rebuild import rebuild
 from vua._record import GroupRecord, StoredGroup
-from vua._stored import UnauthenticatedError, check_fragment
-from vua.errors import FragmentError, FragmentState
+from vua._tree import Check, GroupState, ScanProgress, Temporary, TreeGroup, walk_tree
+from vua.errors import FragmentError
 
 DEFAULT_GRACE_SECONDS = 3600.0
 
@@ -118,89 +115,18 @@ def verify_store(
     node's capacity accounting must not take them over).
     """
     report = VerifyReport()
-    fanouts = list(_layout.iter_fanout_dirs(root))
-    state = ScanProgress(fanouts_total=len(fanouts))
-    now = time.time()
-    unlisted: set[str] = set()  # fan-out directories that could not be listed (EACCES, EIO)
-
-    def age_of(path: str) -> float | None:
-        try:
-            return age_seconds(path, now)
-        except FileNotFoundError:
-            return None  # its writer just published or removed it
-
-    def scan(fanout: str) -> tuple[dict[bytes, StoredGroup], list[Problem], int]:
-        valid: dict[bytes, StoredGroup] = {}
-        problems: list[Problem] = []
-        young = 0
-
-        def temporaries(paths: Iterable[str]) -> bool:
-            """Counts young temporaries, reports old ones; True when all of them were old."""
-            nonlocal young
-            all_old = True
-            for tmp in paths:
-                age = age_of(tmp)
-                if age is not None and age > grace_seconds:
-                    problems.append(Problem(ProblemKind.STALE_TEMPORARY, None, f"{tmp} ({age:.0f} s old)", path=tmp))
-                elif age is not None:
-                    young += 1
-                    all_old = False
-            return all_old
-
-        try:
-            groups = list(_layout.iter_groups(fanout))
-        except FileNotFoundError:
-            return valid, problems, young
-        except OSError as exc:
-            unlisted.add(os.path.basename(fanout))  # its groups are hidden, not gone: see dangling entries below
-            return valid, [_unreadable(None, fanout, exc)], young
-        for key_hex, group_dir in groups:
-            try:
-                # A writer killed between its write and its link leaves its file here.
-                writers_done = temporaries(_layout.iter_writing(group_dir))
-            except FileNotFoundError:
-                continue  # the group went meanwhile
-            except OSError as exc:
-                problems.append(_unreadable(key_hex, group_dir, exc))
-                continue
-            try:
-                valid[bytes.fromhex(key_hex)] = check_fragment(root, key_hex, mac_key)
-            except UnauthenticatedError as exc:
-                problems.append(Problem(ProblemKind.UNAUTHENTICATED_FRAGMENT, key_hex, str(exc)))
-            except FragmentError as exc:
-                if exc.state is FragmentState.UNREADABLE:  # EIO, ESTALE: the file system refused
-                    problems.append(_unreadable(key_hex, group_dir, exc))
-                    continue
-                if exc.state is FragmentState.DAMAGED:
-                    problems.append(Problem(ProblemKind.DAMAGED_FRAGMENT, key_hex, str(exc)))
-                    continue
-                # A group directory without its file: a publish at work (its file is written
-                # beside it), or one whose writer died. Harmless: the next put fills it.
-                age = age_of(group_dir)
-                if age is None or not writers_done:
-                    continue  # gone, or its writer (counted above) is at work
-                if age > grace_seconds:
-                    problems.append(
-                        Problem(
-                            ProblemKind.EMPTY_GROUP_DIRECTORY, key_hex, f"{group_dir} ({age:.0f} s old)", path=group_dir
-                        )
-                    )
-                else:
-                    young += 1
-        temporaries(_layout.iter_temporaries(fanout))
-        return valid, problems, young
-
     valid: dict[bytes, StoredGroup] = {}
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for found, problems, young in pool.map(scan, fanouts):
-            valid.update(found)
-            report.problems.extend(problems)
-            report.young_temporaries += young
-            state.fanouts_done += 1
-            state.groups += len(found)
-            state.damaged += sum(p.kind is ProblemKind.DAMAGED_FRAGMENT for p in problems)
-            if progress is not None:
-                progress(state)
+    unlisted: set[str] = set()  # fan-out directories that could not be listed (EACCES, EIO)
+    walk = walk_tree(root, Check.FULL, trash=True, mac_key=mac_key, workers=workers, progress=progress)
+    for fanout in walk:
+        if fanout.unlisted is not None:
+            unlisted.add(os.path.basename(fanout.path))  # its groups are hidden, not gone: see dangling entries below
+            report.problems.append(_unreadable(None, fanout.path, fanout.unlisted))
+            continue
+        for group in fanout.groups:
+            writers_done = _note_temporaries(report, group.writing, grace_seconds)
+            _note_group(report, valid, group, writers_done, grace_seconds)
+        _note_temporaries(report, fanout.trash, grace_seconds)
     report.fragments = len(valid)
     report.bytes = sum(entry.record.nbytes for entry in valid.values())
 
@@ -239,6 +165,54 @@ def verify_store(
         _repair(root, index, report, valid)
     index.close()
     return report
+
+
+def _note_temporaries(report: VerifyReport, temporaries: Iterable[Temporary], grace_seconds: float) -> bool:
+    """Counts young temporaries, reports old ones; True when all of them were old."""
+    all_old = True
+    for tmp in temporaries:
+        if tmp.error is not None:
+            report.problems.append(_unreadable(None, tmp.path, tmp.error))
+        elif tmp.age is not None and tmp.age > grace_seconds:
+            report.problems.append(
+                Problem(ProblemKind.STALE_TEMPORARY, None, f"{tmp.path} ({tmp.age:.0f} s old)", path=tmp.path)
+            )
+        elif tmp.age is not None:
+            report.young_temporaries += 1
+            all_old = False
+    return all_old
+
+
+def _note_group(
+    report: VerifyReport, valid: dict[bytes, StoredGroup], group: TreeGroup, writers_done: bool, grace_seconds: float
+) -> None:
+    """Records what a walk at FULL found a group to be: valid, or a problem, or a writer at work."""
+    key_hex, error = group.key_hex, group.error
+    match group.state:
+        case GroupState.VALID:
+            assert group.stored is not None
+            valid[bytes.fromhex(key_hex)] = group.stored
+        case GroupState.UNAUTHENTICATED:
+            report.problems.append(Problem(ProblemKind.UNAUTHENTICATED_FRAGMENT, key_hex, str(error)))
+        case GroupState.DAMAGED:
+            report.problems.append(Problem(ProblemKind.DAMAGED_FRAGMENT, key_hex, str(error)))
+        case GroupState.UNREADABLE:  # EIO, ESTALE: the file system refused
+            assert error is not None
+            report.problems.append(_unreadable(key_hex, group.path, error))
+        case GroupState.UNPUBLISHED if group.age is not None and writers_done:
+            # Harmless: the next put fills it; old, its writer died.
+            if group.age > grace_seconds:
+                report.problems.append(
+                    Problem(
+                        ProblemKind.EMPTY_GROUP_DIRECTORY,
+                        key_hex,
+                        f"{group.path} ({group.age:.0f} s old)",
+                        path=group.path,
+                    )
+                )
+            else:
+                report.young_temporaries += 1
+        # Otherwise gone meanwhile, or its writer (counted with its files) is at work.
 
 
 def _unreadable(key_hex: str | None, path: str, exc: OSError | FragmentError) -> Problem:

@@ -22,7 +22,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import NoReturn
 
-from vua import _evict, _layout
+from vua import _evict, _layout, _tree
 from vua._files import file_system_type, is_network_file_system
 from vua._generations import CURRENT_FILE
 from vua._index import Index
@@ -166,8 +166,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
     text += [f"  {n:>8} groups  {name!r}" for name, n in namespaces.items()]
     if _node_local_index(args):
         # This node's index knows the groups it wrote or read; the store is the whole tree.
-        tree = _evict.tree_groups(args.root)
-        payload["store"] = {"fragments": len(tree), "bytes": sum(nbytes for _, _, nbytes in tree)}
+        tree = _tree.stat_groups(args.root)
+        payload["store"] = {"fragments": len(tree), "bytes": sum(group.nbytes for group in tree)}
         text.insert(0, f"store (the whole tree): {len(tree)} fragments, {human_size(payload['store']['bytes'])}")
         text[1] = "this node's index: " + text[1]
     _emit(args, payload, "\n".join(text))
