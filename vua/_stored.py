@@ -1,9 +1,9 @@
 """A stored group as the tree holds it: what its fragment says it is, and the full check of one.
 
-The read path (``_catalog``) and maintenance (``_rebuild``, ``_verify``) ask the same two
-questions of a group on disk: what is it (header validated: namespace, layout, record), and
-is every byte of it what its writer wrote (every checksum, the key chain, the MAC). Both
-answers live here, below all of them.
+The read path (``_catalog``) and maintenance (``_tree``'s walk, for rebuild and verify) ask
+the same two questions of a group on disk: what is it (header validated: namespace, layout,
+record), and is every byte of it what its writer wrote (every checksum, the key chain, the
+MAC). Both answers live here, below all of them.
 """
 
 from __future__ import annotations

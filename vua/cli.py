@@ -27,8 +27,9 @@ from vua._files import file_system_type, is_network_file_system
 from vua._generations import CURRENT_FILE
 from vua._index import Index
 from vua._mac import mac_key, read_secret
-from vua._rebuild import ScanProgress, rebuild
+from vua._rebuild import rebuild
 from vua._sizes import human_size, parse_size
+from vua._tree import ScanProgress
 from vua._verify import DEFAULT_GRACE_SECONDS, verify_store
 from vua.errors import InvalidInputError, NotAStoreError, StorageError, VUAError
 
