@@ -37,7 +37,7 @@ from tests.helpers import (
     run_cli,
     small_tmpfs,
 )
-from vua import _catalog, _evict, _generations, _index, _layout, _lmdb_pages, _rebuild
+from vua import _bookkeeping, _evict, _generations, _index, _layout, _lmdb_pages, _rebuild
 from vua._fragment import Fragment
 from vua._publish import quarantine_group
 from vua._record import GroupRecord
@@ -337,7 +337,7 @@ class IndexFaultTest(HostileStoreTestCase):
         forget_in_index(self.vua, [bytes.fromhex(self.keys[2])])  # so the get discovers it in the tree
         full = mock.patch.object(_index, "_touch_in", side_effect=lmdb.DiskError("No space left on device"))
         full_add = mock.patch.object(_index, "adjust_total", side_effect=lmdb.DiskError("No space left on device"))
-        with full, full_add, mock.patch.object(_catalog, "_TOUCH_FLUSH_SECONDS", 0.0):
+        with full, full_add, mock.patch.object(_bookkeeping, "_TOUCH_FLUSH_SECONDS", 0.0):
             with self.assertLogs("vua", level="WARNING") as logs:
                 self.assertPrefix(3)
         self.assertTrue(any("could not record" in line for line in logs.output))

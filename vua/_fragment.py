@@ -15,56 +15,25 @@ A fragment is an ordinary safetensors file, so ``safetensors.safe_open`` reads i
 
 The header is encoded and parsed in ``_header``; the file is written by ``_writer`` and
 published by ``_publish``. Reading memory-maps the file (or reads it with pread on network
-file systems) and validates the header completely before any tensor is looked at.
+file systems: ``_fragment_file``) and validates the header completely before any tensor
+is looked at.
 """
 
 from __future__ import annotations
 
 import hmac
-import mmap
-import os
-import struct
 from functools import cached_property
 
 import numpy as np
 import xxhash
 
 from vua import _dtypes
-from vua._files import NotRegularFileError, open_regular_file, read_all
-from vua._header import FORMAT, FORMAT_VERSION, MAX_HEADER_BYTES, parse_header
+from vua._fragment_file import FragmentFile
+from vua._header import FORMAT, FORMAT_VERSION, parse_header
 from vua._kv_layout import TOKENS, Layout, bits_dtype, key_name, loads_untrusted, value_name
 from vua._mac import ALG_FIELD, MAC_FIELD, MacStream, blank, mac_marker
 from vua._record import GroupRecord, StoredGroup
 from vua.errors import FragmentError, FragmentState
-
-_FIRST_READ = 64 << 10  # pread mode: one read takes a typical header and the tokens
-
-
-def open_regular(path: str) -> int:
-    """Opens a fragment for reading (see :func:`open_regular_file`).
-
-    Raises:
-        FragmentError: DAMAGED when something else than a regular file stands there; MISSING
-            when nothing does (the catalog decides whether that is damage); UNREADABLE for
-            errors that may pass (EIO, ESTALE, EACCES), so the group stays.
-    """
-    try:
-        return open_regular_file(path)
-    except FileNotFoundError:
-        raise FragmentError(f"cannot open fragment {path}: no such file", state=FragmentState.MISSING) from None
-    except OSError as exc:
-        something_else = (IsADirectoryError, NotADirectoryError, NotRegularFileError)
-        state = FragmentState.DAMAGED if isinstance(exc, something_else) else FragmentState.UNREADABLE
-        raise FragmentError(f"cannot open fragment {path}: {exc.strerror}", state=state) from None
-
-
-def _close_quietly(fd: int) -> None:
-    """Closes a descriptor opened for reading. A FUSE file system reports errors at close too
-    (GlusterFS: ENOENT once another node removed the file); the read itself decided already."""
-    try:
-        os.close(fd)
-    except OSError:
-        pass
 
 
 class OtherLayoutError(FragmentError):
@@ -96,116 +65,33 @@ class MacCheck:
             raise FragmentError(f"fragment {self._path}: MAC does not verify (forged, damaged, or another auth_key)")
 
 
-class Fragment:
-    """An open fragment: memory-mapped, its header fully validated, tensors as zero-copy views.
+class Fragment(FragmentFile):
+    """An open fragment: its header fully validated, tensors as zero-copy views (when mapped).
 
-    Use as a context manager. Views handed out by :meth:`tensor` must be dropped before
-    the fragment closes.
+    The file is reached as :class:`FragmentFile` says (memory-mapped, or read with pread on
+    network file systems); this class is what its bytes mean. Use as a context manager.
+    Views handed out by :meth:`array` and :attr:`layers` must be dropped before the fragment
+    closes.
 
     Raises:
         FragmentError: the file is missing, truncated, or its header is malformed.
     """
 
     def __init__(self, path: str, *, mapped: bool = True):
-        self.path = path
-        self._map: mmap.mmap | None = None
-        # Without a mapping the descriptor stays open, so every later read sees this file
-        # even if another node replaces it; close() releases whichever this fragment holds.
-        self._fd: int | None = open_regular(path)
+        super().__init__(path, mapped=mapped)
         try:
-            self.file_size = os.fstat(self._fd).st_size
-            if self.file_size < 8:
-                raise FragmentError(f"fragment {path} is truncated ({self.file_size} bytes)")
-            if mapped:
-                # Read-only and shared: the pages are the page cache's own, nothing is copied.
-                # Pages are mapped as the copy touches them; prefetch() starts disk reads early.
-                try:
-                    self._map = mmap.mmap(self._fd, 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
-                except (OSError, ValueError) as exc:
-                    # The file system's refusal, not the file's bytes.
-                    raise FragmentError(f"cannot map fragment {path}: {exc}", state=FragmentState.UNREADABLE) from None
-                # A get may hold hundreds of fragments: the mapping needs no descriptor.
-                fd, self._fd = self._fd, None
-                _close_quietly(fd)
-                head: bytes | mmap.mmap = self._map
-            else:
-                head = self._pread(0, min(self.file_size, _FIRST_READ))
-                if len(head) < 8:
-                    raise FragmentError(f"fragment {path} is truncated ({len(head)} bytes read)")
-                (header_len,) = struct.unpack_from("<Q", head, 0)
-                if len(head) < 8 + header_len <= min(self.file_size, 8 + MAX_HEADER_BYTES):
-                    head += self._pread(len(head), 8 + header_len - len(head))
-            self.metadata, self.tensors, self.data_start = parse_header(head, self.file_size, path)
-            if self._map is None:
+            self.metadata, self.tensors, self.data_start = parse_header(self._header_bytes(), self.file_size, path)
+            if not self.mapped:
                 # The tokens come first in the data: keep them with the header, for validation.
                 tokens = self.tensors.get(TOKENS)
-                end = tokens.end if tokens is not None and tokens.end <= len(head) + _FIRST_READ else len(head)
-                self._head = bytes(head) + self._pread(len(head), max(0, end - len(head)))
+                self._keep_with_header(tokens.end if tokens is not None else 0)
         except BaseException:
             self.close()
             raise
 
-    def _pread(self, offset: int, length: int) -> bytes:
-        """``length`` bytes at ``offset`` of the open file (pread mode); fewer only where the file ended."""
-        assert self._fd is not None
-        buffer = bytearray(length)
-        got = self._read_at(self._fd, [memoryview(buffer)], offset)
-        return bytes(buffer[:got])
-
-    def _read_at(self, fd: int, buffers: list[memoryview], offset: int) -> int:
-        """:func:`read_all` with its errors as this fragment's: an I/O error or a stale handle is not the file's bytes."""
-        try:
-            return read_all(fd, buffers, offset)
-        except OSError as exc:
-            raise FragmentError(
-                f"reading fragment {self.path} failed: {exc.strerror or exc}", state=FragmentState.UNREADABLE
-            ) from None
-
-    def __enter__(self) -> Fragment:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
     def close(self) -> None:
         self.__dict__.pop("layers", None)
-        self.__dict__.pop("region", None)
-        if self._fd is not None:
-            fd, self._fd = self._fd, None
-            _close_quietly(fd)
-        try:
-            if self._map is not None:
-                self._map.close()
-        except BufferError:
-            pass  # a view is still alive; the mapping goes when the last one does
-
-    @property
-    def mapped(self) -> bool:
-        """Whether the file is memory-mapped (else read with pread: network and FUSE file systems)."""
-        return self._map is not None
-
-    def prefetch(self) -> None:
-        """Asks the kernel to start reading the whole file in the background (cold reads)."""
-        if self._map is not None:
-            self._map.madvise(mmap.MADV_WILLNEED)
-        elif self._fd is not None:
-            os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_WILLNEED)
-
-    def read_into(self, buffers: list[memoryview], offset: int) -> None:
-        """Fills ``buffers``, in order, with the file's bytes from ``offset`` on (one ``preadv`` where it can).
-
-        Raises:
-            FragmentError: the file is shorter than its header says (DAMAGED), or the read
-                failed (an I/O error or a vanished file on a network file system: UNREADABLE).
-        """
-        fd = self._fd if self._fd is not None else open_regular(self.path)  # a file replaced since fails the checksum
-        try:
-            got = self._read_at(fd, buffers, offset)
-        finally:
-            if fd != self._fd:
-                _close_quietly(fd)
-        if got < sum(len(b) for b in buffers):
-            raise FragmentError(f"fragment {self.path} ended early while reading its data")
+        super().close()
 
     def read_kv_into(self, dest: memoryview, offset: int = 0) -> None:
         """Reads K and V bytes (file order) from ``offset`` on into ``dest`` (see :meth:`read_into`).
@@ -220,24 +106,10 @@ class Fragment:
         base = self.tensors[key_name(0)].begin
         return [(name, e.begin - base, e.end - base) for name, e in self.tensors.items() if name != TOKENS]
 
-    @cached_property
-    def region(self) -> np.ndarray:
-        """The whole file as read-only uint8 numpy: zero-copy when mapped, else read into memory once."""
-        if self._map is not None:
-            return np.frombuffer(self._map, dtype=np.uint8)
-        whole = np.empty(self.file_size, dtype=np.uint8)
-        self.read_into([memoryview(whole)], 0)
-        whole.flags.writeable = False
-        return whole
-
     def raw(self, name: str) -> memoryview:
         """One tensor's bytes (the tokens come from memory in pread mode: read with the header)."""
         entry = self.tensors[name]
-        if self._map is not None:
-            return memoryview(self._map)[entry.begin : entry.end]
-        if entry.end <= len(self._head):
-            return memoryview(self._head)[entry.begin : entry.end]
-        return memoryview(self.region)[entry.begin : entry.end]
+        return self.span(entry.begin, entry.end)
 
     def array(self, name: str) -> np.ndarray:
         """A read-only, zero-copy numpy view of one stored tensor's bytes, as same-width integers.
@@ -326,7 +198,8 @@ class Fragment:
         """
         check = self.start_mac(key)
         begin, end = self.kv_range
-        data = memoryview(self._map if self._map is not None else self.region)[begin:end]
+        # Mapped: straight from the mapping; in pread mode the whole file, read once.
+        data = self.span(begin, end) if self.mapped else memoryview(self.region)[begin:end]
         try:
             check.update(data)
         finally:
@@ -347,7 +220,7 @@ class Fragment:
         if not isinstance(stored, str) or len(stored) != 64 or stored.strip("0123456789abcdef"):
             raise FragmentError(f"fragment {self.path} has no MAC, and this store requires one (auth_key)")
         alg = self.metadata.get(ALG_FIELD)
-        header = bytes(self._map[: self.data_start] if self._map is not None else self._head[: self.data_start])
+        header = bytes(self.span(0, self.data_start))
         if header.count(mac_marker(stored)) != 1:
             raise FragmentError(f"fragment {self.path}: MAC field is not where a writer puts it")
         blank_value = blank(alg, stored)
