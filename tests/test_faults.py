@@ -68,47 +68,6 @@ class DiskFaultTest(StoreTestCase):
                 self.vua.put(self.tokens, prefix_kv(self.tokens))
         self.assertUnchangedAndUsable()
 
-    def test_a_put_fsyncs_each_changed_directory_once_after_every_file(self):
-        # A put of many groups fsyncs the directories its links changed once each, at the end
-        # (one journal commit for all of them), and only then calls the groups durable.
-        events = []
-        real_fsync, real_fsync_dir = os.fsync, _publish.fsync_dir
-
-        def fsync(fd):  # (fsync_dir's own fsync comes here too)
-            path = os.readlink(f"/proc/self/fd/{fd}")
-            if os.path.basename(path).startswith(_layout.WRITING_PREFIX):
-                events.append(("file", path))
-            real_fsync(fd)
-
-        def fsync_dir(path):
-            events.append(("dir", path))
-            real_fsync_dir(path)
-
-        with mock.patch.object(_publish.os, "fsync", fsync), mock.patch.object(_publish, "fsync_dir", fsync_dir):
-            self.assertEqual(self.vua.put(self.tokens, prefix_kv(self.tokens)), 4)
-        groups = [_layout.group_dir(self.root, key) for key in self.vua.config.tokens_to_paths(self.tokens)]
-        dirs = [path for kind, path in events if kind == "dir" and path != self.root]  # (the root: new fan-outs)
-        self.assertEqual(sorted(dirs), sorted({*groups, *map(os.path.dirname, groups)}))
-        last_file = max(i for i, (kind, _) in enumerate(events) if kind == "file")
-        self.assertLess(last_file, min(i for i, event in enumerate(events) if event[1] in dirs))
-
-    def test_a_directory_fsync_that_fails_records_nothing(self):
-        # The links may not survive a crash, so the put fails; the files they name are whole
-        # (fsynced), so readers that find them in the tree until then get exact bytes.
-        real_fsync_dir = _publish.fsync_dir
-
-        def fsync_dir(path):
-            if _layout.is_key_hex(os.path.basename(path)):  # a group's directory, after its link
-                raise OSError(errno.EIO, os.strerror(errno.EIO))
-            real_fsync_dir(path)
-
-        with mock.patch.object(_publish, "fsync_dir", fsync_dir):
-            with self.assertRaisesRegex(StorageError, "Input/output error"):
-                self.vua.put(self.tokens, prefix_kv(self.tokens))
-        self.assertEqual(temporaries(self.root), [])
-        self.assertEqual(self.vua.put(self.tokens, prefix_kv(self.tokens)), 0)  # found whole in the tree
-        self.assertEqual(check_hit(self.vua.get_closest(self.tokens, device="cpu"), self.tokens), 64)
-
     def test_permission_denied(self):
         with mock.patch.object(_publish.os, "mkdir", side_effect=PermissionError(errno.EACCES, "Permission denied")):
             with self.assertRaisesRegex(StorageError, "Permission denied.*fix permissions"):

@@ -23,7 +23,7 @@ import secrets
 import shutil
 import stat
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 from vua import _layout
 from vua._files import fsync_dir, write_all
@@ -40,7 +40,6 @@ def publish_fragment(
     buffers: Sequence[memoryview],
     *,
     file_mode: int | None = None,
-    dirs_to_sync: set[str] | None = None,
 ) -> bool:
     """Writes a fragment durably and atomically under ``root``.
 
@@ -52,10 +51,6 @@ def publish_fragment(
     (GlusterFS's DHT) renames a directory on each server in turn, and two nodes renaming
     onto the same group at once left it on one server only, invisible to both.
 
-    ``dirs_to_sync``: a caller publishing many groups at once collects here the directories
-    whose entries changed (the group's, its fan-out directory) and fsyncs each once with
-    :func:`sync_dirs` before it calls any of them durable; without it they are fsynced here.
-
     Returns:
         True if this call published the group, False if it already existed.
 
@@ -64,17 +59,7 @@ def publish_fragment(
     """
     for pause in (*_RACE_RETRY_SECONDS, None):
         try:
-            published = _publish_once(root, key_hex, header, buffers, file_mode)
-            if published:
-                group = _layout.group_dir(root, key_hex)
-                # The link and the unlink live in the group's directory, the group's own
-                # entry in its fan-out directory.
-                changed = (group, os.path.dirname(group))
-                if dirs_to_sync is None:
-                    sync_dirs(changed)
-                else:
-                    dirs_to_sync.update(changed)
-            return published
+            return _publish_once(root, key_hex, header, buffers, file_mode)
         except OSError as exc:
             # Two nodes making the same directories at once on a distributed file system:
             # the loser's handles can go stale (ESTALE) or its view miss them (ENOENT) until
@@ -114,19 +99,11 @@ def _publish_once(root: str, key_hex: str, header: bytes, buffers: Sequence[memo
         _remove_own_file(tmp)
         if not (linked or lost):
             remove_dir_if_empty(group)  # leave the tree as it was (unless another writer is at work there)
-    return not lost
-
-
-def sync_dirs(dirs: Iterable[str]) -> None:
-    """Fsyncs directories whose entries :func:`publish_fragment` changed, deepest first.
-
-    Once for many groups: on ext4 the first fsync commits the journal with every link made
-    so far, and the rest find their directories committed already, where one fsync per
-    directory per group cost a journal commit each (a put of many groups: about one more
-    commit per group than its data needs).
-    """
-    for path in sorted(set(dirs), key=lambda d: -d.count(os.sep)):
-        fsync_dir(path)
+    if lost:
+        return False
+    fsync_dir(group)  # the link and the unlink
+    fsync_dir(os.path.dirname(group))  # the group directory itself
+    return True
 
 
 # Fan-out directories this process made or saw made. VUA never removes one, so a put pays for

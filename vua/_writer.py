@@ -24,7 +24,7 @@ from vua import _wordsum
 from vua._header import FORMAT, FORMAT_VERSION, encode_header
 from vua._kv_layout import TOKENS, Layout
 from vua._mac import seal_header, writer_fields
-from vua._publish import publish_fragment, sync_dirs
+from vua._publish import publish_fragment
 from vua._record import GroupRecord
 from vua.errors import InvalidInputError
 
@@ -222,13 +222,9 @@ def write_groups(
         groups that are whole even when another failed.
     """
 
-    changed_dirs: set[str] = set()  # fsynced once each, after every group's file is
-
     def write(item: GroupToWrite) -> Written:
         header, buffers = source.fragment(item.ids, item.row, item.group, item.key.hex(), item.parent.hex())
-        published = publish_fragment(
-            root, item.key.hex(), header, buffers, file_mode=file_mode, dirs_to_sync=changed_dirs
-        )
+        published = publish_fragment(root, item.key.hex(), header, buffers, file_mode=file_mode)
         return Written(item.key, source.record(header, buffers, item.group), published)
 
     results, failure = [], None
@@ -237,8 +233,4 @@ def write_groups(
             results.append(future.result())
         except OSError as exc:
             failure = failure or exc
-    try:
-        sync_dirs(changed_dirs)
-    except OSError as exc:  # the links may not survive a crash: none of them is called durable
-        return [], failure or exc
     return results, failure
