@@ -134,7 +134,7 @@ def run_once(args: dict) -> dict:
             out["pages"] = [page_digest(pages, s) for s in starts]
         out["keys"] = keys
         inner = getattr(backend, "_backend", backend)  # SGLang's fault injector wraps it
-        store = inner._flat() if args.get("flat") else inner._store
+        store = inner._flat.store if args.get("flat") else inner._store
         out["paths"] = [store.config.tokens_to_paths(key_tokens(k, PAGE))[0] for k in keys]
         out["namespace"] = store.config.namespace
     else:

@@ -32,9 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,7 +43,9 @@ from sglang.srt.observability.metrics_collector import StorageMetrics
 from vua.core import VUA, KVDestination, StoreStats, VUAConfig
 from vua.errors import InvalidInputError, VUAError
 from vua.integration import read_secret_file
+from vua.sglang._flat import FlatPages
 from vua.sglang._pages import KEY_TOKENS, PageViews, key_tokens
+from vua.sglang._parts import PagePutter
 
 __all__ = ["VUAStorage", "VUAStorageMetrics"]
 
@@ -54,8 +54,6 @@ logger = logging.getLogger(__name__)
 # extra_config keys: SGLang's own (the dynamic factory reads them), then VUA's.
 _SGLANG_KEYS = {"backend_name", "module_path", "class_name", "interface_v1", "tp_lcm_size"}
 _VUA_KEYS = {"root", "index_path", "namespace", "auth_key_file", "io_threads", "create_parents"}
-# batch_set_v1 puts a batch in parts of about this many bytes (see VUAStorage._put_in_parts).
-_PART_BYTES = 64 << 20
 
 
 @dataclass
@@ -106,10 +104,12 @@ class VUAStorage(HiCacheStorage):
         self.mem_pool_host: Any = None
         self._pages: PageViews | None = None
         self._store: VUA | None = None  # opened once the host pool says the page size
-        self._flat_store: VUA | None = None
-        self._parts: tuple[int, list[list[tuple[torch.Tensor, torch.Tensor]]]] | None = None  # see _put_in_parts
-        self._putter: ThreadPoolExecutor | None = None
-        self._parts_lock = threading.Lock()  # the buffers are one caller's at a time
+        self._putter: PagePutter | None = None
+        self._flat = FlatPages(
+            lambda: self._open(self._namespace("flat")),
+            self._page_size,
+            lambda: self.mem_pool_host.get_dummy_flat_data_page(),
+        )
         self._metrics = VUAStorageMetrics()
 
     # -- set-up ---------------------------------------------------------------------------
@@ -119,6 +119,7 @@ class VUAStorage(HiCacheStorage):
         super().register_mem_pool_host(mem_pool_host)
         self._pages = PageViews(mem_pool_host)
         self._store = self._open(self._namespace(self._pages.kind))
+        self._putter = PagePutter(self._store, self._pages)
 
     def _namespace(self, kind: str) -> str:
         config = self.storage_config
@@ -152,12 +153,6 @@ class VUAStorage(HiCacheStorage):
         if self.mem_pool_host is None:
             raise InvalidInputError("VUAStorage: SGLang has not registered its host pool yet")
         return int(self.mem_pool_host.page_size)
-
-    def _flat(self) -> VUA:
-        """The store of flat pages (the calls without interface_v1), opened on first use."""
-        if self._flat_store is None:
-            self._flat_store = self._open(self._namespace("flat"))
-        return self._flat_store
 
     # -- the zero-copy calls (interface_v1) ---------------------------------------------------
 
@@ -199,7 +194,7 @@ class VUAStorage(HiCacheStorage):
         self, keys: list[str], host_indices: torch.Tensor, extra_info: HiCacheStorageExtraInfo | None = None
     ) -> list[bool]:
         """Stores the pages at ``host_indices`` under ``keys``, durably; pages already stored are skipped."""
-        assert self._store is not None and self._pages is not None
+        assert self._putter is not None, "register_mem_pool_host comes first"
         if not keys:
             return []
         if not self._writer:
@@ -209,45 +204,13 @@ class VUAStorage(HiCacheStorage):
         try:
             tokens = torch.stack([key_tokens(key, page) for key in keys])
             starts = [int(host_indices[i * page]) for i in range(len(keys))]
-            written = self._put_in_parts(tokens, starts)
+            written = self._putter.put(tokens, starts)
         except VUAError as exc:  # ENOSPC, a refused write: SGLang keeps the pages in host memory
             logger.warning("VUAStorage: storing %d pages failed: %s", len(keys), exc)
             stored = self.batch_exists(keys)  # what did get published is whole and stays
             return [i < stored for i in range(len(keys))]
         self._record(self._metrics.backup_pgs, self._metrics.backup_bandwidth, written, started)
         return [True] * len(keys)
-
-    def _put_in_parts(self, tokens: torch.Tensor, starts: list[int]) -> int:
-        """Puts the pages at ``starts`` in parts of about ``_PART_BYTES``, each gathered into one of two
-        reused buffers while the part before it is being written (a put needs (heads, page, dim) runs,
-        every host layout holds (page, heads, dim)): the copy hides behind the writes and fsyncs, and
-        no call pays for fresh memory the size of its batch."""
-        assert self._store is not None and self._pages is not None
-        with self._parts_lock:
-            return self._put_parts_locked(tokens, starts)
-
-    def _put_parts_locked(self, tokens: torch.Tensor, starts: list[int]) -> int:
-        assert self._store is not None and self._pages is not None
-        if self._parts is None:
-            per_part = max(1, min(_PART_BYTES // max(1, self._pages.page_bytes), 128))
-            self._parts = (per_part, [self._pages.buffers(per_part), self._pages.buffers(per_part)])
-            self._putter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vua-sglang-put")
-        per_part, buffers = self._parts
-        assert self._putter is not None
-        written, pending = 0, None
-        try:
-            for i, lo in enumerate(range(0, len(starts), per_part)):
-                data = self._pages.gather(starts[lo : lo + per_part], into=buffers[i % 2])
-                if pending is not None:
-                    written += pending.result()  # its buffer is the next part's
-                pending = self._putter.submit(self._store.put, tokens[lo : lo + per_part], data)
-            if pending is not None:
-                written += pending.result()
-                pending = None
-        finally:
-            if pending is not None:  # a gather failed: the part being written ends first
-                pending.exception()
-        return written
 
     # -- the per-page calls with flat pages (without interface_v1) ------------------------------
 
@@ -256,29 +219,12 @@ class VUAStorage(HiCacheStorage):
 
     def get(self, key: str, target_location: Any | None = None, target_sizes: Any | None = None) -> torch.Tensor | None:
         """One flat page (as the host pool's ``get_data_page(flat=True)`` gives it), into ``target_location`` if given."""
-        target = target_location if isinstance(target_location, torch.Tensor) else self._dummy_page()
-        page = self._page_size()
-        try:
-            load = self._flat().load(key_tokens(key, page), "cpu", into=_FlatDestination(target, page))
-            if load is None or load.wait() != 1:
-                return None
-        except VUAError as exc:
-            logger.warning("VUAStorage: page %s not loaded: %s", key, exc)
-            return None
-        return target
+        return self._flat.get(key, target_location)
 
     def batch_get(
         self, keys: list[str], target_locations: Any | None = None, target_sizes: Any | None = None
     ) -> list[torch.Tensor | None]:
-        targets = target_locations if target_locations is not None else [None] * len(keys)
-        out: list[torch.Tensor | None] = []
-        for key, target in zip(keys, targets):
-            got = self.get(key, target)
-            out.append(got)
-            if got is None:
-                out.extend([None] * (len(keys) - len(out)))  # a run of pages ends at its first miss
-                break
-        return out
+        return self._flat.batch_get(keys, target_locations)
 
     def set(
         self, key: str, value: Any | None = None, target_location: Any | None = None, target_sizes: Any | None = None
@@ -294,23 +240,9 @@ class VUAStorage(HiCacheStorage):
         target_sizes: Any | None = None,
     ) -> bool:
         """Stores flat pages; True when every one is stored (those that were stay whole either way)."""
-        if not keys:
-            return True
-        if not self._writer:
-            return True
-        if values is None or len(values) != len(keys) or not all(isinstance(v, torch.Tensor) for v in values):
-            logger.warning("VUAStorage: batch_set needs one flat page tensor per key")
-            return False
-        page = self._page_size()
-        try:
-            tokens = torch.stack([key_tokens(key, page) for key in keys])
-            halves = [_flat_halves(v.reshape(-1), page) for v in values]
-            data = [(torch.stack([k for k, _ in halves]), torch.stack([v for _, v in halves]))]
-            self._flat().put(tokens, data)
-        except VUAError as exc:
-            logger.warning("VUAStorage: storing %d flat pages failed: %s", len(keys), exc)
-            return False
-        return True
+        if not keys or not self._writer:
+            return True  # (MLA: rank 0 writes the pages every rank shares)
+        return self._flat.batch_set(keys, values)
 
     # -- upkeep -------------------------------------------------------------------------------
 
@@ -327,12 +259,11 @@ class VUAStorage(HiCacheStorage):
 
     def close(self) -> None:
         if self._putter is not None:
-            self._putter.shutdown()
-        self._putter, self._parts = None, None
-        for store in (self._store, self._flat_store):
-            if store is not None:
-                store.close()
-        self._store = self._flat_store = None
+            self._putter.close()
+        if self._store is not None:
+            self._store.close()
+        self._flat.close()
+        self._putter, self._store = None, None
 
     # -- helpers ---------------------------------------------------------------------------------
 
@@ -340,10 +271,7 @@ class VUAStorage(HiCacheStorage):
         if self._zero_copy:
             assert self._store is not None, "register_mem_pool_host comes first"
             return self._store
-        return self._flat()
-
-    def _dummy_page(self) -> torch.Tensor:
-        return self.mem_pool_host.get_dummy_flat_data_page()
+        return self._flat.store
 
     @staticmethod
     def _record(pages: list[int], bandwidth: list[float], n: int, started: float) -> None:
@@ -364,24 +292,3 @@ class _PageDestination(KVDestination):
 
     def whole_group(self, group: int) -> torch.Tensor | None:
         return self._pages.whole(self._start)
-
-
-class _FlatDestination(KVDestination):
-    """A flat page tensor as one layer of one head: K its first half per token, V the rest."""
-
-    def __init__(self, target: torch.Tensor, page: int):
-        self._halves = _flat_halves(target.view(-1), page)  # a view: the load must land in target itself
-
-    def chunks(self, group: int, layer: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        k, v = self._halves
-        return [(k, v)]
-
-
-def _flat_halves(flat: torch.Tensor, page: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A flat page viewed as ``(1, page, width)`` and cut in two along the width: the (K, V) VUA stores."""
-    width = flat.numel() // page
-    if width * page != flat.numel() or width < 2:
-        raise InvalidInputError(f"a flat page of {flat.numel()} elements is not {page} tokens of two halves")
-    whole = flat.view(1, page, width)
-    cut = width - width // 2
-    return whole[..., :cut], whole[..., cut:]
