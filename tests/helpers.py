@@ -1,5 +1,16 @@
 """Shared test helpers: temporary stores, random KV in the transformers legacy layout, and the
-few looks inside a store that tests need (its index, its layout), in one place."""
+one place tests reach into a store's internals (issue 22).
+
+Tests use the public API (``vua.core``, ``vua.errors``, ``vua.integration``, ``vua.serdes``,
+the ``vua`` command through :func:`run_cli`). What it cannot show or do is here, in small
+functions named for what a test needs: where a group's files are, what a fragment's header
+says, a forged fragment, the index's records and files, the tree's directory making. Only
+unit tests of one private module and fault injection that patches the one function it
+breaks import a private module themselves (tests/test_layering.py holds the list).
+
+torch and the store are imported where used, so a child process that needs only the file
+system helpers (tests/test_glusterfs.py's directory makers) starts at once.
+"""
 
 from __future__ import annotations
 
@@ -12,16 +23,22 @@ import struct
 import subprocess
 import tempfile
 import unittest
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, NamedTuple
+from unittest import mock
 
 import lmdb
-import torch
 
-from vua._inputs import checked_put
-from vua._kv_layout import Layout
+from vua import _bookkeeping, _evict, _files, _generations, _index, _keys, _layout, _lmdb_pages, _mac, _publish
+from vua._fragment import Fragment
 from vua._record import GroupRecord
 from vua.cli import main
-from vua.core import VUA, VUAConfig
+
+if TYPE_CHECKING:
+    import torch
+
+    from vua._kv_layout import Layout
+    from vua.core import VUA, VUAConfig
 
 # A decoder small enough to build from a config in milliseconds (no hub, random weights),
 # for the transformers tests and the local model directory vLLM's configs read.
@@ -43,10 +60,13 @@ def random_kv(
     layers: int = 3,
     heads: int = 2,
     head_dim: int = 8,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     seed: int = 0,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per layer (key, value), each (batch, heads, seq, head_dim), reproducible from ``seed``."""
+    """Per layer (key, value), each (batch, heads, seq, head_dim), reproducible from ``seed`` (float32 by default)."""
+    import torch
+
+    dtype = dtype or torch.float32
     gen = torch.Generator().manual_seed(seed)
 
     def one() -> torch.Tensor:
@@ -59,6 +79,8 @@ def random_kv(
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Bit-for-bit equality (NaN-safe, works for fp8)."""
+    import torch
+
     if a.dtype != b.dtype or a.shape != b.shape:
         return False
     return torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
@@ -149,6 +171,8 @@ class StoreTestCase(unittest.TestCase):
         self.addCleanup(shutil.rmtree, self.root, ignore_errors=True)
 
     def store(self, config: VUAConfig | type[VUAConfig] | None = None, root: str | None = None, **kwargs) -> VUA:
+        from vua.core import VUA, VUAConfig
+
         if config is None:
             config = VUAConfig(split_factor=kwargs.pop("split_factor", 16), **kwargs)
         vua = VUA(config, root or self.root)
@@ -179,6 +203,8 @@ def prefix_kv(
     Any process can recompute it from the tokens alone, so a reader checks a hit against
     exactly what a writer must have put. Shaped (1, heads, n, head_dim), float32.
     """
+    import torch
+
     ids = tokens.reshape(-1).to(torch.float64)
     running = torch.cumsum(ids * 1.000001, 0) % 1e6  # (n,)
     out = []
@@ -192,6 +218,8 @@ def prefix_kv(
 
 def check_hit(hit, query: torch.Tensor) -> int:
     """Asserts a hit holds exactly prefix_kv of its tokens; returns its length (0 for None)."""
+    import torch
+
     if hit is None:
         return 0
     n = hit.tokens.shape[-1]
@@ -212,13 +240,237 @@ def run_cli(*argv: str) -> tuple[int, str, str]:
     return status, out.getvalue(), err.getvalue()
 
 
+def run_cli_json(*argv: str) -> tuple[int, dict]:
+    """Runs ``vua ARGV --json`` in this process: (exit status, the JSON document it printed)."""
+    status, out, _ = run_cli(*argv, "--json")
+    return status, json.loads(out)
+
+
 def layout_of(kv: list[tuple[torch.Tensor, torch.Tensor]], split: int = 16) -> Layout:
     """The layout a put of ``kv`` (batch 1) stores."""
+    import torch
+
+    from vua._inputs import checked_put
+
     tokens = torch.zeros(kv[0][0].shape[2] // split * split, dtype=torch.long)
     return checked_put(tokens, kv, 0, split)[1]
 
 
+# -- where a store keeps things (docs/architecture.md: ROOT/<2 hex>/<32 hex key>/kv.safetensors) --
+
+FRAGMENT_FILE = _layout.FRAGMENT_FILE  # a group's fragment, in its directory
+WRITING_PREFIX = _layout.WRITING_PREFIX  # a writer's unpublished fragment, beside it
+TMP_PREFIX = _layout.TMP_PREFIX  # a group moved aside (or a directory maker's lock), in a fan-out directory
+INDEX_DIR = _layout.DEFAULT_INDEX_DIR  # the index under the root, unless VUAConfig.index_path says otherwise
+EVICTED = _evict.EVICTED  # the word in an evicted group's name in the trash
+
+
+def fragment_path(root: str, key_hex: str) -> str:
+    """The fragment file of the group ``key_hex`` (a hex key from ``VUAConfig.tokens_to_paths``)."""
+    return _layout.fragment_path(root, key_hex)
+
+
+def group_dir(root: str, key_hex: str) -> str:
+    """The directory of the group ``key_hex``."""
+    return _layout.group_dir(root, key_hex)
+
+
+def fanout_dir(root: str, key_hex: str) -> str:
+    """The fan-out directory holding the group ``key_hex`` (and groups whose keys start alike)."""
+    return _layout.fanout_dir(root, key_hex)
+
+
+def fanout_dirs(root: str) -> list[str]:
+    """Every fan-out directory of the tree."""
+    return list(_layout.iter_fanout_dirs(root))
+
+
+def fragment_files(root: str) -> list[str]:
+    """Every published fragment file in the tree."""
+    return [
+        os.path.join(group, FRAGMENT_FILE) for fanout in fanout_dirs(root) for _, group in _layout.iter_groups(fanout)
+    ]
+
+
+def temporaries(root: str) -> list[str]:
+    """Every temporary in the tree: in fan-out directories, and writers' files in group directories."""
+    found = []
+    for fanout in _layout.iter_fanout_dirs(root):
+        found.extend(_layout.iter_temporaries(fanout))
+        for _, group in _layout.iter_groups(fanout):
+            found.extend(_layout.iter_writing(group))
+    return found
+
+
+def file_system_type(path: str) -> str:
+    """The type of the file system ``path`` is on, as the store tells network file systems apart."""
+    return _files.file_system_type(path)
+
+
+# -- fragments: what their headers say, and forgeries ---------------------------------------
+
+
+def fragment_metadata(path: str) -> dict[str, str]:
+    """A fragment's metadata, the header read and validated completely as a reader opens it.
+
+    Raises:
+        FragmentError: what a reader refuses; its state says missing, damaged or unreadable.
+    """
+    with Fragment(path) as fragment:
+        return dict(fragment.metadata)
+
+
+def fragment_word_sums(path: str) -> list[int] | None:
+    """The word sums a fragment stores for its K and V tensors, in file order (None: it stores none)."""
+    with Fragment(path) as fragment:
+        return fragment.wordsums
+
+
+class TensorBytes(NamedTuple):
+    """Where one stored tensor's bytes lie in its fragment file."""
+
+    shape: tuple[int, ...]
+    begin: int  # absolute file offsets
+    end: int
+
+
+def fragment_kv_tensors(path: str) -> dict[str, TensorBytes]:
+    """Every K and V tensor of a fragment, in file order (K0, V0, K1, ...): its shape and bytes' place."""
+    with Fragment(path) as fragment:
+        return {
+            name: TensorBytes(fragment.tensors[name].shape, fragment.tensors[name].begin, fragment.tensors[name].end)
+            for name in fragment.kv_names
+        }
+
+
+def verify_fragment_checksums(path: str) -> None:
+    """Checks every K and V tensor of a fragment against its stored xxh3 checksum, as a host read does.
+
+    Raises:
+        FragmentError: a checksum does not match (or the fragment cannot be opened).
+    """
+    with Fragment(path) as fragment:
+        for name in fragment.kv_names:
+            fragment.verify_checksum(name)
+
+
+def chain_start(namespace: str) -> str:
+    """The parent (hex) that group 0's fragment names: where every key chain of ``namespace`` starts."""
+    return _keys.namespace_seed(namespace).hex()
+
+
+def forge_group(
+    root: str,
+    kv: list[tuple[torch.Tensor, torch.Tensor]],
+    tokens: torch.Tensor,
+    group: int,
+    *,
+    key_hex: str,
+    parent_hex: str,
+    namespace: str,
+    split: int = 16,
+    auth_key: bytes | None = None,
+    host_word_sums: bool = False,
+    edit_header: Callable[[bytes], bytes] | None = None,
+) -> None:
+    """Puts a forged fragment in the place of the group ``key_hex``, as a writer of this version writes one.
+
+    The fragment holds group ``group`` of ``tokens`` and of ``kv`` (batch 1), names ``key_hex``
+    and ``parent_hex``, and carries valid xxh3 checksums (and word sums with
+    ``host_word_sums``); it is sealed with ``auth_key`` (a store's secret) or left unsealed.
+    ``edit_header`` rewrites the encoded header before it is written. The group's directory
+    is moved aside first (to ``ROOT/moved-KEY``), so the forgery is published in a fresh one.
+    """
+    from vua._writer import GroupSource
+
+    source = GroupSource(
+        kv,
+        layout_of(kv, split),
+        split,
+        namespace,
+        host_wordsums=host_word_sums,
+        mac_key=None if auth_key is None else _mac.mac_key(auth_key),
+    )
+    header, buffers = source.fragment(_keys.tokens_as_int64(tokens), 0, group, key_hex, parent_hex)
+    if edit_header is not None:
+        header = edit_header(header)
+    os.rename(group_dir(root, key_hex), os.path.join(root, f"moved-{key_hex}"))
+    if not _publish.publish_fragment(root, key_hex, header, buffers):
+        raise AssertionError(f"group {key_hex} was published again meanwhile")
+
+
+def keyed_blake3_mac(auth_key: bytes, fragment: bytes) -> str:
+    """The MAC the first authenticated stores wrote (keyed BLAKE3, no ``mac_alg``) over a
+    fragment's bytes whose ``mac`` value reads as 64 zeros."""
+    return _mac.mac_value(_mac.mac_key(auth_key), _mac.BLAKE3, "0" * 64, fragment, [])
+
+
+@contextlib.contextmanager
+def fragment_reads() -> Iterator[list[int]]:
+    """Records the bytes of every read of a fragment into a caller's buffers (pread, network
+    roots) while active: one count per call, in the list yielded."""
+    real_read_into = Fragment.read_into
+    counts: list[int] = []
+
+    def counting(fragment, buffers, offset):
+        counts.append(sum(len(b) for b in buffers))
+        return real_read_into(fragment, buffers, offset)
+
+    with mock.patch.object(Fragment, "read_into", counting):
+        yield counts
+
+
+@contextlib.contextmanager
+def counting_host_word_sums() -> Iterator[mock.MagicMock]:
+    """Counts the word sums computed on the host while active: the mock yielded wraps the function."""
+    from vua import _wordsum
+
+    with mock.patch.object(_wordsum, "host_wordsum", wraps=_wordsum.host_wordsum) as spy:
+        yield spy
+
+
+def open_stored_prefix(store: VUA, tokens: torch.Tensor) -> list[Fragment]:
+    """The fragments of the stored prefix of ``tokens``, opened and validated as a get opens
+    them (memory-mapped on a local root) and left open: the caller closes each."""
+    ids = _keys.tokens_as_int64(tokens)
+    keys = _keys.group_keys(ids, store.config.split_factor, store._seed)
+    return store._catalog.open_prefix(keys, ids)[0]
+
+
+# -- the tree: removing groups, making directories ------------------------------------------
+
+
+def evict_group(root: str, key_hex: str, *, keep: bool = False) -> None:
+    """Evicts one group from the tree as gc does (``keep``: leaves it in the trash, as on a shared root)."""
+    _evict.evict_group(root, key_hex, keep=keep)
+
+
+def quarantine_group(root: str, key_hex: str) -> bool:
+    """Moves a damaged group aside as a reader that found the damage does; True if this call moved it."""
+    return _publish.quarantine_group(root, key_hex)
+
+
+def make_dir(path: str) -> bool:
+    """Makes a directory as every put and store opening does (one maker at a time); True if this call made it."""
+    return _publish.make_dir(path)
+
+
+def lock_dir(path: str) -> str | None:
+    """Takes the lock a maker of directory ``path`` holds; its path, or None when another holds it."""
+    return _publish._lock_dir(path)
+
+
+@contextlib.contextmanager
+def mkdir_lock_wait(seconds: float) -> Iterator[None]:
+    """While active, a directory maker takes over a lock held longer than ``seconds`` (its holder died)."""
+    with mock.patch.object(_publish, "_MKDIR_WAIT_SECONDS", seconds):
+        yield
+
+
 # -- the store's index, which tests inspect and damage -----------------------------------
+
+INDEX_CURRENT_FILE = _generations.CURRENT_FILE  # names the live generation
+INDEX_LOCK_FILE = _generations.LOCK_FILE  # a rebuild's lock
 
 
 def index_records(store: VUA) -> dict[bytes, GroupRecord | None]:
@@ -243,3 +495,66 @@ def forget_in_index(store: VUA, keys: list[bytes]) -> None:
 def index_env(store: VUA) -> tuple[lmdb.Environment, lmdb._Database, lmdb._Database]:
     """The index's LMDB environment and its groups and meta databases, for injecting damage."""
     return store._index.env()
+
+
+@contextlib.contextmanager
+def opened_index(index_path: str, root: str) -> Iterator[tuple[lmdb.Environment, lmdb._Database, lmdb._Database]]:
+    """The index at ``index_path`` opened afresh, without a store (as the vua command opens it):
+    its LMDB environment and groups and meta databases; closed on exit."""
+    index = _index.Index(index_path, root)
+    try:
+        yield index.env()
+    finally:
+        index.close()
+
+
+def index_records_at(index_path: str, root: str) -> dict[bytes, GroupRecord | None]:
+    """Every entry of the index at ``index_path`` (opened without a store): key -> record (None for garbage)."""
+    index = _index.Index(index_path, root)
+    try:
+        return dict(index.items())
+    finally:
+        index.close()
+
+
+def edited_record(raw: bytes, **fields: int) -> bytes:
+    """An index record's bytes with ``fields`` (GroupRecord's: namespace_id, layout_id, nbytes,
+    group_index, last_used) replaced: a record that lies."""
+    record = GroupRecord.unpack(raw)
+    assert record is not None, "not a record"
+    return record._replace(**fields).pack()
+
+
+def index_generation(index_path: str) -> str | None:
+    """The directory of the index's live generation (LMDB's data.mdb and lock.mdb); None when
+    CURRENT names none a reader would open."""
+    name = _generations.read_current(index_path)
+    return None if name is None else os.path.join(index_path, name)
+
+
+def index_data_file_is_sound(path: str) -> bool:
+    """Whether the LMDB data file at ``path`` passes the check made before LMDB may map it."""
+    try:
+        _lmdb_pages.check_data_file(path)
+    except _lmdb_pages.DamagedIndexError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def index_writes_fail(error: BaseException) -> Iterator[None]:
+    """While active, every write transaction of an index that records uses or adds groups
+    raises ``error`` (what LMDB raises on a full file system), and uses are written at once."""
+    with (
+        mock.patch.object(_index, "_touch_in", side_effect=error),
+        mock.patch.object(_index, "adjust_total", side_effect=error),
+        mock.patch.object(_bookkeeping, "_TOUCH_FLUSH_SECONDS", 0.0),
+    ):
+        yield
+
+
+@contextlib.contextmanager
+def initial_index_map_size(nbytes: int) -> Iterator[None]:
+    """While active, a new index's LMDB map starts at ``nbytes`` (it grows by doubling when full)."""
+    with mock.patch.object(_generations, "_INITIAL_MAP_SIZE", nbytes):
+        yield

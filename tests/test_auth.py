@@ -6,21 +6,27 @@ import json
 import os
 import secrets
 import shutil
-import struct
 import tempfile
-from unittest import mock
 
 import torch
 
-from tests.helpers import StoreTestCase, layout_of, overwrite, random_kv, rewrite_header, run_cli
-from vua import _layout
-from vua._fragment import Fragment
-from vua._keys import tokens_as_int64
-from vua._mac import mac_key, mac_value, read_secret
-from vua._publish import publish_fragment
-from vua._writer import GroupSource
+from tests.helpers import (
+    StoreTestCase,
+    chain_start,
+    forge_group,
+    fragment_metadata,
+    fragment_path,
+    fragment_reads,
+    keyed_blake3_mac,
+    overwrite,
+    random_kv,
+    rewrite_header,
+    run_cli,
+    verify_fragment_checksums,
+)
 from vua.core import VUAConfig
 from vua.errors import InvalidInputError
+from vua.integration import read_secret_file
 
 KEY = secrets.token_bytes(32)
 
@@ -37,17 +43,18 @@ class AuthTest(StoreTestCase):
     def forge_group(self, group: int, *, key: bytes | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Replaces a group by one holding other K/V with valid xxh3 sums, sealed with ``key`` (None: unsealed)."""
         forged = [(k + 1, v - 1) for k, v in self.kv]
-        layout = layout_of(forged)
-        source = GroupSource(
-            [(k, v) for k, v in forged], layout, 16, "auth", mac_key=None if key is None else mac_key(key)
+        parent = self.keys[group - 1] if group else chain_start("auth")
+        forge_group(
+            self.root,
+            forged,
+            self.tokens,
+            group,
+            key_hex=self.keys[group],
+            parent_hex=parent,
+            namespace="auth",
+            auth_key=key,
         )
-        parent = self.keys[group - 1] if group else self.vua._seed.hex()
-        header, buffers = source.fragment(tokens_as_int64(self.tokens), 0, group, self.keys[group], parent)
-        os.rename(_layout.group_dir(self.root, self.keys[group]), os.path.join(self.root, f"moved-{group}"))
-        self.assertTrue(publish_fragment(self.root, self.keys[group], header, buffers))
-        with Fragment(_layout.fragment_path(self.root, self.keys[group])) as fragment:
-            for name in fragment.kv_names:
-                fragment.verify_checksum(name)  # the forgery passes every checksum
+        verify_fragment_checksums(fragment_path(self.root, self.keys[group]))  # the forgery passes every checksum
         return forged
 
     def assertPrefix(self, groups: int, vua=None) -> None:
@@ -63,22 +70,21 @@ class AuthTest(StoreTestCase):
         self.assertPrefix(3)
         salts = set()
         for key_hex in self.keys:
-            with Fragment(_layout.fragment_path(self.root, key_hex)) as fragment:
-                self.assertEqual(fragment.metadata["mac_alg"], "aes256-gmac")
-                self.assertEqual(len(fragment.metadata["mac"]), 64)  # salt, then tag
-                salts.add(fragment.metadata["mac"][:32])
+            metadata = fragment_metadata(fragment_path(self.root, key_hex))
+            self.assertEqual(metadata["mac_alg"], "aes256-gmac")
+            self.assertEqual(len(metadata["mac"]), 64)  # salt, then tag
+            salts.add(metadata["mac"][:32])
         self.assertEqual(len(salts), 3)  # a key of its own per fragment
 
     def test_the_config_docstring_names_the_mac_puts_write(self):
-        with Fragment(_layout.fragment_path(self.root, self.keys[0])) as fragment:
-            self.assertEqual(fragment.metadata["mac_alg"], "aes256-gmac")
+        self.assertEqual(fragment_metadata(fragment_path(self.root, self.keys[0]))["mac_alg"], "aes256-gmac")
         doc = " ".join((VUAConfig.__doc__ or "").split())
         self.assertIn("AES-256-GMAC", doc)
         self.assertNotIn("keyed BLAKE3", doc)  # the first stores' algorithm, verified but never written
 
     def reseal_with_keyed_blake3(self, group: int) -> None:
         """Seals a group as the first authenticated stores were: keyed BLAKE3, no ``mac_alg``."""
-        path = _layout.fragment_path(self.root, self.keys[group])
+        path = fragment_path(self.root, self.keys[group])
 
         def legacy(body: dict) -> None:
             del body["__metadata__"]["mac_alg"]
@@ -87,21 +93,19 @@ class AuthTest(StoreTestCase):
         rewrite_header(path, legacy)
         with open(path, "rb") as f:
             raw = f.read()
-        data_start = 8 + struct.unpack_from("<Q", raw)[0]
-        value = mac_value(mac_key(KEY), None, "0" * 64, raw[:data_start], [raw[data_start:]])
-        overwrite(path, raw.index(b'"mac":"') + 7, value.encode())
+        overwrite(path, raw.index(b'"mac":"') + 7, keyed_blake3_mac(KEY, raw).encode())
 
     def test_fragments_sealed_with_keyed_blake3_still_verify(self):
         self.reseal_with_keyed_blake3(1)
         self.assertPrefix(3)
         # Naming the current algorithm on a legacy MAC (or dropping it from a current one)
         # makes the MAC fail: the algorithm is part of what is authenticated.
-        path = _layout.fragment_path(self.root, self.keys[1])
+        path = fragment_path(self.root, self.keys[1])
         rewrite_header(path, lambda body: body["__metadata__"].update(mac_alg="aes256-gmac"))
         self.assertRefused(1, "MAC does not verify")
 
     def test_an_unknown_mac_algorithm_is_refused(self):
-        path = _layout.fragment_path(self.root, self.keys[2])
+        path = fragment_path(self.root, self.keys[2])
         rewrite_header(path, lambda body: body["__metadata__"].update(mac_alg="rot13"))
         self.assertRefused(2, "unknown MAC algorithm 'rot13'")
 
@@ -137,7 +141,7 @@ class AuthTest(StoreTestCase):
         # file must give the very key VUAConfig(auth_key=...) was given, or every fragment
         # fails its MAC under vua verify and the vLLM connector.
         edgy = b"\n " + KEY[:28] + b"\t\r"
-        self.assertEqual(read_secret(self.secret_file(edgy), "auth_key_file"), edgy)
+        self.assertEqual(read_secret_file(self.secret_file(edgy), "auth_key_file"), edgy)
         store = self.store(VUAConfig(split_factor=16, namespace="edgy", auth_key=edgy))
         store.put(self.tokens, self.kv)
         status, out, _ = run_cli("verify", self.root, "--auth-key-file", self.secret_file(edgy), "--json")
@@ -148,7 +152,7 @@ class AuthTest(StoreTestCase):
             sorted(p["key"] for p in report["problems"] if p["kind"] == "unauthenticated-fragment"), sorted(self.keys)
         )
         with self.assertRaisesRegex(InvalidInputError, "more than 64 bytes; .* read exactly"):
-            read_secret(self.secret_file(KEY * 3), "auth_key_file")
+            read_secret_file(self.secret_file(KEY * 3), "auth_key_file")
 
     def test_vua_verify_with_the_key_finds_and_removes_forgeries(self):
         self.forge_group(1, key=secrets.token_bytes(32))
@@ -174,11 +178,11 @@ class AuthTest(StoreTestCase):
         self.assertEqual(len(report["problems"]), 3)
         self.assertFalse(any(p["fixed"] for p in report["problems"]))
         self.assertIn("left alone", report["problems"][0]["detail"])
-        self.assertTrue(all(os.path.exists(_layout.fragment_path(self.root, k)) for k in self.keys))
+        self.assertTrue(all(os.path.exists(fragment_path(self.root, k)) for k in self.keys))
 
         status, report = verify(KEY, "--fix")
         self.assertEqual((status, report["clean"]), (0, True))
-        self.assertFalse(os.path.exists(_layout.fragment_path(self.root, self.keys[1])))
+        self.assertFalse(os.path.exists(fragment_path(self.root, self.keys[1])))
         self.assertEqual(self.vua.put(self.tokens, self.kv), 1)  # a key holder writes the real group again
         self.assertPrefix(3)
         self.assertEqual(verify(KEY)[0], 0)
@@ -207,14 +211,7 @@ class AuthTest(StoreTestCase):
         # On a network root a whole-group read checks each MAC over the bytes where the
         # preadv put them, so every file is read once (not once more for the MAC on opening).
         remote = self.store(VUAConfig(split_factor=16, namespace="auth", auth_key=KEY, network_fs=True))
-        read = []
-        real_read_into = Fragment.read_into
-
-        def counting(fragment, buffers, offset):
-            read.append(sum(len(b) for b in buffers))
-            return real_read_into(fragment, buffers, offset)
-
-        with mock.patch.object(Fragment, "read_into", counting):
+        with fragment_reads() as read:
             self.assertPrefix(3, remote)
         kv_bytes = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.kv)
         self.assertEqual(sum(read), kv_bytes)
@@ -233,10 +230,9 @@ class AuthTest(StoreTestCase):
         self.assertTrue(any("MAC does not verify" in line for line in logs.output))
 
     def test_a_stolen_mac_does_not_carry_over(self):
-        with Fragment(_layout.fragment_path(self.root, self.keys[0])) as fragment:
-            stolen = fragment.metadata["mac"]
+        stolen = fragment_metadata(fragment_path(self.root, self.keys[0]))["mac"]
         self.forge_group(0, key=b"attacker-key-of-sixteen+")
-        path = _layout.fragment_path(self.root, self.keys[0])
+        path = fragment_path(self.root, self.keys[0])
         with open(path, "rb") as f:
             start = f.read(4096).index(b'"mac":"') + 7
         overwrite(path, start, stolen.encode())  # the real group's MAC on forged data

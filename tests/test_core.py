@@ -21,6 +21,7 @@ from tests.helpers import (
     StoreTestCase,
     check_hit,
     flip_byte,
+    group_dir,
     indexed_groups,
     kv_slice,
     listing,
@@ -29,7 +30,6 @@ from tests.helpers import (
     run_cli,
     same_bits,
 )
-from vua import _layout
 from vua.core import VUA, ClosestKV, SplitFactorError, VUAConfig
 from vua.errors import FragmentError, FragmentState, InvalidInputError, NotAStoreError, StorageError, VUAError
 
@@ -610,7 +610,7 @@ class MissReasonTest(StoreTestCase):
         self.store(split_factor=16, namespace="shared").put(tokens[:32], random_kv(1, 32, heads=2))
         self.store(split_factor=16, namespace="shared", root=other_root).put(tokens, random_kv(1, 64, heads=4))
         for key in VUAConfig(split_factor=16, namespace="shared").tokens_to_paths(tokens)[2:]:
-            shutil.copytree(_layout.group_dir(other_root, key), _layout.group_dir(self.root, key))
+            shutil.copytree(group_dir(other_root, key), group_dir(self.root, key))
         self.assertEqual(run_cli("rebuild-index", self.root)[0], 0)  # the index now records both layouts
         reader = self.store(split_factor=16, namespace="shared")
         with self.assertLogs("vua", level="WARNING") as logs:

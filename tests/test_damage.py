@@ -7,11 +7,18 @@ import struct
 
 import torch
 
-from tests.helpers import StoreTestCase, flip_byte, index_env, indexed_groups, layout_of, overwrite, random_kv
-from vua import _layout
-from vua._keys import group_keys, tokens_as_int64
-from vua._publish import publish_fragment
-from vua._writer import GroupSource
+from tests.helpers import (
+    StoreTestCase,
+    chain_start,
+    flip_byte,
+    forge_group,
+    fragment_metadata,
+    fragment_path,
+    index_env,
+    indexed_groups,
+    overwrite,
+    random_kv,
+)
 from vua.core import VUAConfig
 
 
@@ -25,7 +32,7 @@ class DamageTest(StoreTestCase):
         self.keys = self.vua.config.tokens_to_paths(self.tokens)
 
     def path(self, group: int) -> str:
-        return _layout.fragment_path(self.root, self.keys[group])
+        return fragment_path(self.root, self.keys[group])
 
     def assertPrefix(self, groups: int, warns: str | None = "vua") -> None:
         def get():
@@ -60,12 +67,7 @@ class DamageTest(StoreTestCase):
         # holding other tokens: what a hash collision would look like.
         forged = self.tokens.clone()
         forged[20] = 7
-        ids = tokens_as_int64(forged)
-        layout = layout_of(self.kv)
-        source = GroupSource([(k, v) for k, v in self.kv], layout, 16, "dmg")
-        header, buffers = source.fragment(ids, 0, 1, self.keys[1], self.keys[0])
-        os.rename(_layout.group_dir(self.root, self.keys[1]), os.path.join(self.root, "moved-away"))
-        self.assertTrue(publish_fragment(self.root, self.keys[1], header, buffers))
+        forge_group(self.root, self.kv, forged, 1, key_hex=self.keys[1], parent_hex=self.keys[0], namespace="dmg")
         self.assertPrefix(1)
 
     def test_fragment_of_another_group_in_place(self):
@@ -89,7 +91,7 @@ class DamageTest(StoreTestCase):
         # Same directory name, other namespace's fragment: forged by moving it into place.
         other.put(self.tokens, self.kv)
         other_keys = other.config.tokens_to_paths(self.tokens)
-        os.replace(_layout.fragment_path(self.root, other_keys[1]), self.path(1))
+        os.replace(fragment_path(self.root, other_keys[1]), self.path(1))
         self.assertPrefix(1)
 
     def test_damage_never_raises_for_a_batch(self):
@@ -121,10 +123,7 @@ class KeyChainTest(StoreTestCase):
         vua = self.store(split_factor=16, namespace="chain")
         tokens = torch.arange(64)
         vua.put(tokens, random_kv(1, 64))
-        keys = group_keys(tokens_as_int64(tokens), 16, vua._seed)
-        from vua._fragment import Fragment
-
+        keys = vua.config.tokens_to_paths(tokens)
         for j, key in enumerate(keys):
-            with Fragment(_layout.fragment_path(self.root, key.hex())) as fragment:
-                parent = fragment.metadata["parent"]
-            self.assertEqual(parent, (keys[j - 1] if j else vua._seed).hex())
+            parent = fragment_metadata(fragment_path(self.root, key))["parent"]
+            self.assertEqual(parent, keys[j - 1] if j else chain_start("chain"))

@@ -18,20 +18,23 @@ from unittest import mock
 
 import torch
 
-from tests.helpers import StoreTestCase, check_hit, index_records, listing, prefix_kv, read_only_mount, run_cli
-from vua import _layout, _publish
+from tests.helpers import (
+    INDEX_DIR,
+    StoreTestCase,
+    check_hit,
+    fanout_dirs,
+    index_records,
+    listing,
+    lock_dir,
+    make_dir,
+    mkdir_lock_wait,
+    prefix_kv,
+    read_only_mount,
+    run_cli,
+    temporaries,
+)
 from vua.core import VUA, VUAConfig
 from vua.errors import StorageError
-
-
-def temporaries(root: str) -> list[str]:
-    """Every temporary in the tree: in fan-out directories, and writers' files in group directories."""
-    found = []
-    for fanout in _layout.iter_fanout_dirs(root):
-        found.extend(_layout.iter_temporaries(fanout))
-        for _, group in _layout.iter_groups(fanout):
-            found.extend(_layout.iter_writing(group))
-    return found
 
 
 class DiskFaultTest(StoreTestCase):
@@ -55,7 +58,7 @@ class DiskFaultTest(StoreTestCase):
             real_writev(fd, buffers[:1])  # part of the file lands, then the disk is full
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-        with mock.patch.object(_publish.os, "writev", full):
+        with mock.patch.object(os, "writev", full):
             with self.assertRaises(StorageError) as ctx:
                 self.vua.put(self.tokens, prefix_kv(self.tokens))
         self.assertIn("No space left on device", str(ctx.exception))
@@ -63,13 +66,13 @@ class DiskFaultTest(StoreTestCase):
         self.assertUnchangedAndUsable()
 
     def test_disk_full_at_fsync(self):
-        with mock.patch.object(_publish.os, "fsync", side_effect=OSError(errno.ENOSPC, "No space left on device")):
+        with mock.patch.object(os, "fsync", side_effect=OSError(errno.ENOSPC, "No space left on device")):
             with self.assertRaisesRegex(StorageError, "No space left on device"):
                 self.vua.put(self.tokens, prefix_kv(self.tokens))
         self.assertUnchangedAndUsable()
 
     def test_permission_denied(self):
-        with mock.patch.object(_publish.os, "mkdir", side_effect=PermissionError(errno.EACCES, "Permission denied")):
+        with mock.patch.object(os, "mkdir", side_effect=PermissionError(errno.EACCES, "Permission denied")):
             with self.assertRaisesRegex(StorageError, "Permission denied.*fix permissions"):
                 self.vua.put(self.tokens, prefix_kv(self.tokens))
         self.assertUnchangedAndUsable()
@@ -78,7 +81,7 @@ class DiskFaultTest(StoreTestCase):
         # GlusterFS answers ESTALE for a directory its servers disagree about: the error must
         # not send the operator to free space or fix permissions.
         stale = OSError(errno.ESTALE, "Stale file handle")
-        with mock.patch.object(_publish.os, "link", side_effect=stale), mock.patch.object(_publish.time, "sleep"):
+        with mock.patch.object(os, "link", side_effect=stale), mock.patch.object(time, "sleep"):
             with self.assertRaisesRegex(StorageError, "Stale file handle; the shared file system called a directory"):
                 self.vua.put(self.tokens, prefix_kv(self.tokens))
         self.assertUnchangedAndUsable()
@@ -94,7 +97,7 @@ class DiskFaultTest(StoreTestCase):
             return real_link(src, dst)
 
         vua = self.store(VUAConfig(split_factor=16, namespace="faults", io_threads=1))
-        with mock.patch.object(_publish.os, "link", link_twice):
+        with mock.patch.object(os, "link", link_twice):
             with self.assertRaises(StorageError):
                 vua.put(self.tokens, prefix_kv(self.tokens))
         self.assertEqual(temporaries(self.root), [])
@@ -200,11 +203,11 @@ class DirectoryMakingTest(StoreTestCase):
         # be whole on every server yet, and looking it up then can break it. make_dir must wait
         # for the lock, then find the directory made (not make it again).
         path = os.path.join(self.root, "ab")
-        lock = _publish._lock_dir(path)
+        lock = lock_dir(path)
         assert lock is not None
         os.mkdir(path)
         made: list[bool] = []
-        waiter = threading.Thread(target=lambda: made.append(_publish.make_dir(path)))
+        waiter = threading.Thread(target=lambda: made.append(make_dir(path)))
         waiter.start()
         waiter.join(0.3)
         self.assertTrue(waiter.is_alive(), "make_dir returned while another process held the lock")
@@ -215,9 +218,9 @@ class DirectoryMakingTest(StoreTestCase):
 
     def test_makes_missing_parents_and_says_what_it_made(self):
         path = os.path.join(self.root, "a", "b", "c")
-        self.assertTrue(_publish.make_dir(path))
+        self.assertTrue(make_dir(path))
         self.assertTrue(os.path.isdir(path))
-        self.assertFalse(_publish.make_dir(path))
+        self.assertFalse(make_dir(path))
         self.assertEqual(os.listdir(os.path.join(self.root, "a")), ["b"])  # only the directories
 
     def test_a_file_in_the_way_is_an_error(self):
@@ -225,22 +228,22 @@ class DirectoryMakingTest(StoreTestCase):
         with open(path, "w"):
             pass
         with self.assertRaises(NotADirectoryError):
-            _publish.make_dir(path)
+            make_dir(path)
         with self.assertRaises(NotADirectoryError):
-            _publish.make_dir(os.path.join(path, "cd"))
+            make_dir(os.path.join(path, "cd"))
 
     def test_the_lock_of_a_dead_maker_is_taken_over(self):
         path = os.path.join(self.root, "ab")
-        _publish._lock_dir(path)  # its holder died before making the directory
-        with mock.patch.object(_publish, "_MKDIR_WAIT_SECONDS", 0.2):
-            self.assertTrue(_publish.make_dir(path))
+        lock_dir(path)  # its holder died before making the directory
+        with mkdir_lock_wait(0.2):
+            self.assertTrue(make_dir(path))
         self.assertEqual(os.listdir(self.root), ["ab"])
 
     def test_a_store_whose_fanout_directory_was_removed_under_it_makes_it_again(self):
         vua = self.store(split_factor=16)
         tokens = torch.arange(32)
         self.assertEqual(vua.put(tokens, prefix_kv(tokens)), 2)
-        for fanout in _layout.iter_fanout_dirs(self.root):
+        for fanout in fanout_dirs(self.root):
             shutil.rmtree(fanout)  # the process still remembers having made them
         vua.close()
         fresh_index = tempfile.mkdtemp(prefix="vua-fresh-index-")
@@ -292,7 +295,7 @@ class ReadOnlyRootTest(StoreTestCase):
 
     def test_the_command_line_on_a_read_only_mount_says_to_pass_index_path(self):
         mount = self.read_only_mount()
-        index = os.path.join(mount, _layout.DEFAULT_INDEX_DIR)
+        index = os.path.join(mount, INDEX_DIR)
         for command in ("stats", "verify", "rebuild-index"):
             with self.subTest(command=command):
                 status, out, err = run_cli(command, mount)

@@ -22,9 +22,16 @@ import textwrap
 
 import torch
 
-from tests.helpers import StoreTestCase, check_hit, flip_byte, overwrite, prefix_kv, rewrite_header
-from vua import _layout
-from vua._verify import verify_store
+from tests.helpers import (
+    StoreTestCase,
+    check_hit,
+    flip_byte,
+    fragment_path,
+    overwrite,
+    prefix_kv,
+    rewrite_header,
+    run_cli_json,
+)
 from vua.core import VUA, VUAConfig
 
 TRIALS = int(os.environ.get("VUA_FUZZ_TRIALS", "40"))
@@ -109,19 +116,19 @@ class FragmentFuzzTest(StoreTestCase):
                 vua.put(TOKENS, prefix_kv(TOKENS))
                 other.put(TOKENS, prefix_kv(TOKENS))
                 keys = vua.config.tokens_to_paths(TOKENS)
-                donors = [_layout.fragment_path(root, k) for k in other.config.tokens_to_paths(TOKENS)]
-                donors += [_layout.fragment_path(root, k) for k in keys]
+                donors = [fragment_path(root, k) for k in other.config.tokens_to_paths(TOKENS)]
+                donors += [fragment_path(root, k) for k in keys]
                 donors = [shutil.copy(d, os.path.join(self.root, f"donor-{i}")) for i, d in enumerate(donors)]
                 ways = [
-                    damage_fragment(rng, _layout.fragment_path(root, key), donors, outside)
+                    damage_fragment(rng, fragment_path(root, key), donors, outside)
                     for key in rng.sample(keys, rng.randint(1, 3))
                 ]
                 seen.update(ways)
                 with self.subTest(trial=trial, ways=ways):
                     self.check_reads(vua, ways)
-                    self.assertTrue(verify_store(root, vua.index_path, fix=True).clean)
-                    report = verify_store(root, vua.index_path)
-                    self.assertTrue(report.clean, [p.kind for p in report.problems])
+                    self.assertTrue(run_cli_json("verify", root, "--index-path", vua.index_path, "--fix")[1]["clean"])
+                    _, report = run_cli_json("verify", root, "--index-path", vua.index_path)
+                    self.assertTrue(report["clean"], [p["kind"] for p in report["problems"]])
                     vua.put(TOKENS, prefix_kv(TOKENS))
                     self.assertEqual(check_hit(vua.get_closest(TOKENS, device="cpu"), TOKENS), 64)
             finally:
@@ -151,10 +158,7 @@ _INDEX_TRIALS = """
     import logging, os, random, shutil, sys, tempfile
     import torch
     logging.disable(logging.CRITICAL)
-    from tests.helpers import check_hit, index_env, overwrite, prefix_kv
-    from vua import _generations
-    from vua._record import GroupRecord
-    from vua._verify import verify_store
+    from tests.helpers import check_hit, edited_record, index_env, index_generation, overwrite, prefix_kv, run_cli_json
     from vua.core import VUA, VUAConfig
 
     rng = random.Random(int(sys.argv[1]))
@@ -178,17 +182,17 @@ _INDEX_TRIALS = """
                         field = rng.choice(["namespace_id", "layout_id", "nbytes", "group_index", "last_used"])
                         bits = 32 if field == "group_index" else 64
                         lie = rng.choice([0, rng.getrandbits(bits), 2**bits - 1])
-                        txn.put(key, GroupRecord.unpack(raw)._replace(**{field: lie}).pack())
+                        txn.put(key, edited_record(raw, **{field: lie}))
         elif way == "total-bytes":  # the meta entry: the wrong size, or a value near the limit
             env, _, meta = index_env(vua)
             with env.begin(write=True, db=meta) as txn:
                 txn.put(b"total_bytes", rng.choice([rng.randbytes(rng.randrange(0, 16)), bytes([255]) * 8]))
         elif way == "truncate-while-open":
-            generation = os.path.join(vua.index_path, _generations.read_current(vua.index_path))
+            generation = index_generation(vua.index_path)
             os.truncate(os.path.join(generation, "data.mdb"), rng.randrange(8192, 4 * 8192))
             check_hit(vua.get_closest(tokens, device="cpu"), tokens)  # in this process, which has it mapped
         vua.close()
-        generation = os.path.join(vua.index_path, _generations.read_current(vua.index_path))
+        generation = index_generation(vua.index_path)
         data = os.path.join(generation, "data.mdb")
         size = os.path.getsize(data)
         if way == "another-stores-index":  # same namespace, another dtype: its records name another layout
@@ -216,8 +220,8 @@ _INDEX_TRIALS = """
         vua.put(tokens, prefix_kv(tokens))
         assert check_hit(vua.get_closest(tokens, device="cpu"), tokens) == 64, way
         vua.close()
-        assert verify_store(root, vua.index_path, fix=True).clean, way
-        assert verify_store(root, vua.index_path).clean, way
+        assert run_cli_json("verify", root, "--index-path", vua.index_path, "--fix")[1]["clean"], way
+        assert run_cli_json("verify", root, "--index-path", vua.index_path)[1]["clean"], way
         print(trial, way, got, flush=True)
         shutil.rmtree(root)
 """

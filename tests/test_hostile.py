@@ -23,25 +23,35 @@ import lmdb
 import torch
 
 from tests.helpers import (
+    INDEX_CURRENT_FILE,
+    TMP_PREFIX,
     StoreTestCase,
+    edited_record,
+    evict_group,
+    fanout_dir,
     forget_in_index,
+    fragment_metadata,
+    fragment_path,
+    group_dir,
+    index_data_file_is_sound,
     index_env,
+    index_generation,
     index_records,
     index_total_bytes,
+    index_writes_fail,
     kv_slice,
     listing,
     overwrite,
     prefix_kv,
+    quarantine_group,
     random_kv,
     rewrite_header,
     run_cli,
+    run_cli_json,
     small_tmpfs,
+    temporaries,
 )
-from vua import _bookkeeping, _evict, _generations, _index, _layout, _lmdb_pages, _rebuild
-from vua._fragment import Fragment
-from vua._publish import quarantine_group
-from vua._record import GroupRecord
-from vua._verify import verify_store as verify
+from vua import _evict
 from vua.core import VUAConfig
 from vua.errors import FragmentError, FragmentState, InvalidInputError, StorageError
 
@@ -72,7 +82,11 @@ class HostileStoreTestCase(StoreTestCase):
         self.keys = self.vua.config.tokens_to_paths(self.tokens)
 
     def path(self, group: int) -> str:
-        return _layout.fragment_path(self.root, self.keys[group])
+        return fragment_path(self.root, self.keys[group])
+
+    def verify(self, *flags: str) -> dict:
+        """``vua verify``'s report on this store (its JSON)."""
+        return run_cli_json("verify", self.root, "--index-path", self.vua.index_path, *flags)[1]
 
     def assertPrefix(self, groups: int, vua=None) -> None:
         self.assertHit((vua or self.vua).get_closest(self.tokens, device="cpu"), groups, self.kv)
@@ -91,11 +105,11 @@ class NonRegularFragmentTest(HostileStoreTestCase):
     def test_the_state_says_damaged_or_missing(self):
         os.unlink(self.path(1))
         with self.assertRaises(FragmentError) as missing:
-            Fragment(self.path(1))
+            fragment_metadata(self.path(1))
         self.assertEqual((missing.exception.state, missing.exception.damaged), (FragmentState.MISSING, False))
         os.mkdir(self.path(1))
         with self.assertRaises(FragmentError) as damaged:
-            Fragment(self.path(1))
+            fragment_metadata(self.path(1))
         self.assertEqual((damaged.exception.state, damaged.exception.missing), (FragmentState.DAMAGED, False))
 
     def test_fifo_in_place_of_the_fragment_does_not_block(self):
@@ -118,10 +132,10 @@ class NonRegularFragmentTest(HostileStoreTestCase):
     def test_verify_reports_and_removes_a_non_regular_fragment(self):
         os.unlink(self.path(2))
         os.mkfifo(self.path(2))
-        report = verify(self.root, self.vua.index_path)
-        self.assertEqual([p.kind for p in report.problems], ["damaged-fragment"])
-        self.assertTrue(verify(self.root, self.vua.index_path, fix=True).clean)
-        self.assertTrue(verify(self.root, self.vua.index_path).clean)
+        report = self.verify()
+        self.assertEqual([p["kind"] for p in report["problems"]], ["damaged-fragment"])
+        self.assertTrue(self.verify("--fix")["clean"])
+        self.assertTrue(self.verify()["clean"])
 
 
 class HostileHeaderTest(HostileStoreTestCase):
@@ -136,11 +150,11 @@ class HostileHeaderTest(HostileStoreTestCase):
 
     def test_deeply_nested_header_in_the_cli_and_a_rebuild(self):
         self.nest(2)
-        report = verify(self.root, self.vua.index_path)
-        self.assertEqual([p.kind for p in report.problems], ["damaged-fragment"])
-        self.assertIn("nested too deeply", report.problems[0].detail)
-        summary = _rebuild.rebuild(self.root, self.vua.index_path)
-        self.assertEqual((summary.groups, summary.damaged), (2, 1))
+        report = self.verify()
+        self.assertEqual([p["kind"] for p in report["problems"]], ["damaged-fragment"])
+        self.assertIn("nested too deeply", report["problems"][0]["detail"])
+        status, summary = run_cli_json("rebuild-index", self.root, "--index-path", self.vua.index_path)
+        self.assertEqual((status, summary["groups"], summary["damaged"]), (0, 2, 1))
         # A store opened with no index at all builds it from the tree, skipping the damage.
         fresh = self.store(VUAConfig(split_factor=16, namespace="hostile", index_path=self.root + "-idx"))
         self.addCleanup(lambda: __import__("shutil").rmtree(self.root + "-idx", ignore_errors=True))
@@ -154,7 +168,7 @@ class HostileHeaderTest(HostileStoreTestCase):
 
         rewrite_header(self.path(0), edit)
         with self.assertRaisesRegex(FragmentError, "non-integer"):
-            Fragment(self.path(0))
+            fragment_metadata(self.path(0))
         with self.assertLogs("vua", level="WARNING"):
             self.assertPrefix(0)
 
@@ -165,7 +179,7 @@ class HostileHeaderTest(HostileStoreTestCase):
 
         rewrite_header(self.path(0), edit)
         with self.assertRaisesRegex(FragmentError, "overlaps"):
-            Fragment(self.path(0))
+            fragment_metadata(self.path(0))
 
 
 # Run in a child: before the fix, LMDB mapped a truncated data.mdb and died of SIGBUS.
@@ -191,8 +205,7 @@ class DamagedIndexTest(StoreTestCase):
             other = torch.arange(i * 1000, i * 1000 + 32)
             vua.put(other, prefix_kv(other))
         vua.close()
-        generation = _generations.read_current(vua.index_path)
-        self.data_file = os.path.join(vua.index_path, generation, "data.mdb")
+        self.data_file = os.path.join(index_generation(vua.index_path), "data.mdb")
 
     def assertOpensAndReadsAll(self):
         child = run_child(_OPEN_AND_GET, self.root)
@@ -206,23 +219,20 @@ class DamagedIndexTest(StoreTestCase):
             with self.subTest(fraction=fraction):
                 os.truncate(self.data_file, max(int(size * fraction) // 4096 * 4096, 8192))
                 self.assertOpensAndReadsAll()
-                generation = _generations.read_current(os.path.join(self.root, "index.lmdb"))
-                self.data_file = os.path.join(self.root, "index.lmdb", generation, "data.mdb")
+                self.data_file = os.path.join(index_generation(os.path.join(self.root, "index.lmdb")), "data.mdb")
                 size = os.path.getsize(self.data_file)
 
     def test_data_file_truncated_while_a_process_has_it_open(self):
         child = run_child(
             """
             import logging, os, sys, torch
-            from tests.helpers import check_hit
-            from vua import _generations
+            from tests.helpers import check_hit, index_generation
             from vua.core import VUA, VUAConfig
             logging.basicConfig(level=logging.WARNING)
             vua = VUA(VUAConfig(split_factor=16, namespace="idx"), sys.argv[1])
             tokens = torch.arange(64)
             print(check_hit(vua.get_closest(tokens, device="cpu"), tokens))
-            generation = _generations.read_current(vua.index_path)
-            os.truncate(os.path.join(vua.index_path, generation, "data.mdb"), 8192)  # in place, while mapped
+            os.truncate(os.path.join(index_generation(vua.index_path), "data.mdb"), 8192)  # in place, while mapped
             print(check_hit(vua.get_closest(tokens, device="cpu"), tokens))
             vua.close()
             """,
@@ -241,8 +251,7 @@ class DamagedIndexTest(StoreTestCase):
         child = run_child(
             """
             import os, random, sys, torch
-            from tests.helpers import check_hit, overwrite, prefix_kv
-            from vua import _generations
+            from tests.helpers import check_hit, index_generation, overwrite, prefix_kv
             from vua.core import VUA, VUAConfig
             root = sys.argv[1]
             vua = VUA(VUAConfig(split_factor=16, namespace="fuzz"), root)
@@ -252,7 +261,7 @@ class DamagedIndexTest(StoreTestCase):
                 other = torch.arange(i * 1000, i * 1000 + 32)
                 vua.put(other, prefix_kv(other))
             vua.close()
-            data = os.path.join(vua.index_path, _generations.read_current(vua.index_path), "data.mdb")
+            data = os.path.join(index_generation(vua.index_path), "data.mdb")
             overwrite(data, 53279, random.Random(int(sys.argv[2])).randbytes(4096))
             vua = VUA(VUAConfig(split_factor=16, namespace="fuzz"), root)
             print(check_hit(vua.get_closest(tokens, device="cpu"), tokens))
@@ -269,10 +278,9 @@ class DamagedIndexTest(StoreTestCase):
         self.assertOpensAndReadsAll()
 
     def test_check_data_file_accepts_a_good_one_and_refuses_a_short_one(self):
-        _lmdb_pages.check_data_file(self.data_file)  # no exception
+        self.assertTrue(index_data_file_is_sound(self.data_file))
         os.truncate(self.data_file, os.path.getsize(self.data_file) - 4096)
-        with self.assertRaises(_lmdb_pages.DamagedIndexError):
-            _lmdb_pages.check_data_file(self.data_file)
+        self.assertFalse(index_data_file_is_sound(self.data_file))
 
 
 class CurrentFileTest(StoreTestCase):
@@ -283,7 +291,7 @@ class CurrentFileTest(StoreTestCase):
         self.kv = random_kv(1, 32)
         self.vua.put(self.tokens, self.kv)
         self.vua.close()
-        self.current = os.path.join(self.vua.index_path, _generations.CURRENT_FILE)
+        self.current = os.path.join(self.vua.index_path, INDEX_CURRENT_FILE)
 
     def assertStoreWorks(self):
         with self.assertLogs("vua._index", level="WARNING"):
@@ -291,7 +299,7 @@ class CurrentFileTest(StoreTestCase):
         hit = vua.get_closest(self.tokens, device="cpu")
         self.assertEqual(hit.tokens.numel(), 32)
         self.assertKVEqual(hit.data, kv_slice(self.kv, 0, 32))
-        self.assertIsNotNone(_generations.read_current(self.vua.index_path))
+        self.assertIsNotNone(index_generation(self.vua.index_path))
 
     def test_a_path_outside_the_store(self):
         outside = os.path.join(self.root, "..", os.path.basename(self.root) + "-outside")
@@ -315,7 +323,7 @@ class CurrentFileTest(StoreTestCase):
 class IndexFaultTest(HostileStoreTestCase):
     def test_map_grown_by_another_process(self):
         self.assertPrefix(3)
-        generation = _generations.read_current(self.vua.index_path)
+        generation = index_generation(self.vua.index_path)
         child = run_child(
             """
             import sys, lmdb
@@ -325,7 +333,7 @@ class IndexFaultTest(HostileStoreTestCase):
             with env.begin(write=True, db=meta) as txn:
                 txn.put(b"grown", b"1")
             """,
-            os.path.join(self.vua.index_path, generation),
+            generation,
         )
         self.assertEqual(child.returncode, 0, child.stderr)
         self.assertPrefix(3)
@@ -335,9 +343,7 @@ class IndexFaultTest(HostileStoreTestCase):
     def test_full_index_does_not_fail_reads(self):
         # The fault: every write transaction of the index fails as on a full file system.
         forget_in_index(self.vua, [bytes.fromhex(self.keys[2])])  # so the get discovers it in the tree
-        full = mock.patch.object(_index, "_touch_in", side_effect=lmdb.DiskError("No space left on device"))
-        full_add = mock.patch.object(_index, "adjust_total", side_effect=lmdb.DiskError("No space left on device"))
-        with full, full_add, mock.patch.object(_bookkeeping, "_TOUCH_FLUSH_SECONDS", 0.0):
+        with index_writes_fail(lmdb.DiskError("No space left on device")):
             with self.assertLogs("vua", level="WARNING") as logs:
                 self.assertPrefix(3)
         self.assertTrue(any("could not record" in line for line in logs.output))
@@ -376,10 +382,9 @@ class IndexFaultTest(HostileStoreTestCase):
 
     def test_record_of_another_namespace_heals(self):
         key, record = self.misrecord(1, "namespace_id")
-        report = verify(self.root, self.vua.index_path)
-        self.assertEqual([p.kind for p in report.problems], ["misrecorded-index-entry"])
+        self.assertEqual([p["kind"] for p in self.verify()["problems"]], ["misrecorded-index-entry"])
         self.assertPrefix(3)  # the fragment agrees with the prefix: the record is healed
-        self.assertTrue(verify(self.root, self.vua.index_path).clean)
+        self.assertTrue(self.verify()["clean"])
         healed = index_records(self.vua)[key]
         self.assertEqual(healed, record._replace(last_used=healed.last_used))
 
@@ -417,9 +422,11 @@ class IndexFaultTest(HostileStoreTestCase):
             self.assertPrefix(3, vua)  # every get missed and moved the good groups aside, before
         self.assertTrue(any("recorded them as the fragments say" in line for line in logs.output), logs.output)
         self.assertTrue(all(os.path.exists(self.path(g)) for g in range(3)))
-        self.assertTrue(verify(self.root, vua.index_path).clean)
+        self.assertTrue(run_cli_json("verify", self.root, "--index-path", vua.index_path)[1]["clean"])
 
     def test_eviction_racing_a_quarantine_leaves_no_temporaries(self):
+        # The fault: a reader quarantines the group between eviction's rename and its removal
+        # (_evict.remove_moved_aside, the one function patched).
         real_remove = _evict.remove_moved_aside
         key_hex = self.keys[2]
 
@@ -428,22 +435,21 @@ class IndexFaultTest(HostileStoreTestCase):
             real_remove(path)
 
         with mock.patch.object(_evict, "remove_moved_aside", side_effect=racing_remove):
-            _evict.evict_group(self.root, key_hex)
-        fanout = _layout.fanout_dir(self.root, key_hex)
-        self.assertEqual(list(_layout.iter_temporaries(fanout)), [])
-        self.assertFalse(os.path.exists(_layout.group_dir(self.root, key_hex)))
+            evict_group(self.root, key_hex)
+        self.assertEqual(temporaries(self.root), [])
+        self.assertFalse(os.path.exists(group_dir(self.root, key_hex)))
 
 
 class IndexFileModeTest(StoreTestCase):
     def test_file_mode_applies_to_the_index_files(self):
         vua = self.store(split_factor=16, namespace="mode", file_mode=0o600)
         vua.put(torch.arange(16), random_kv(1, 16))
-        generation = os.path.join(vua.index_path, _generations.read_current(vua.index_path))
+        generation = index_generation(vua.index_path)
         for path in (
             os.path.join(generation, "data.mdb"),
             os.path.join(generation, "lock.mdb"),
-            os.path.join(vua.index_path, _generations.CURRENT_FILE),
-            _layout.fragment_path(self.root, vua.config.tokens_to_paths(torch.arange(16))[0]),
+            os.path.join(vua.index_path, INDEX_CURRENT_FILE),
+            fragment_path(self.root, vua.config.tokens_to_paths(torch.arange(16))[0]),
         ):
             self.assertEqual(os.stat(path).st_mode & 0o7777, 0o600, path)
 
@@ -451,7 +457,7 @@ class IndexFileModeTest(StoreTestCase):
         self.addCleanup(os.umask, os.umask(0o077))
         vua = self.store(split_factor=16, namespace="mode", file_mode=0o640)
         vua.put(torch.arange(16), random_kv(1, 16))
-        generation = os.path.join(vua.index_path, _generations.read_current(vua.index_path))
+        generation = index_generation(vua.index_path)
         for name in ("data.mdb", "lock.mdb"):  # data.mdb was 0o600: LMDB creates it through the umask
             self.assertEqual(os.stat(os.path.join(generation, name)).st_mode & 0o7777, 0o640, name)
 
@@ -463,7 +469,7 @@ class TreeDateTest(HostileStoreTestCase):
         """A new store on the same root, its groups dated ``ns`` and its index gone (every record from the tree)."""
         self.vua.close()  # flushes the put's pending uses into the tree first
         for key_hex in self.keys:
-            os.utime(_layout.group_dir(self.root, key_hex), ns=(ns, ns))
+            os.utime(group_dir(self.root, key_hex), ns=(ns, ns))
         shutil.rmtree(self.vua.index_path)
         return self.store(split_factor=16, namespace="hostile")
 
@@ -478,7 +484,7 @@ class TreeDateTest(HostileStoreTestCase):
         now = time.time_ns()
         for key_hex in self.keys:  # read as now, in the index and in the tree
             self.assertLessEqual(index_records(vua)[bytes.fromhex(key_hex)].last_used, now)
-            self.assertLessEqual(os.stat(_layout.group_dir(self.root, key_hex)).st_mtime_ns, now)
+            self.assertLessEqual(os.stat(group_dir(self.root, key_hex)).st_mtime_ns, now)
         # So a newer prompt outlives it: capacity for one prompt keeps the newer one (before,
         # the 2100 groups outlived everything else for ever).
         newer = torch.arange(5000, 5048)
@@ -496,21 +502,20 @@ class TreeDateTest(HostileStoreTestCase):
         with env.begin(write=True, db=groups) as txn:
             for key_hex in self.keys:
                 key = bytes.fromhex(key_hex)
-                record = GroupRecord.unpack(txn.get(key))
-                txn.put(key, record._replace(last_used=4102444800 * 10**9).pack())
+                txn.put(key, edited_record(txn.get(key), last_used=4102444800 * 10**9))
         capped.put(torch.arange(5000, 5048), self.kv)  # over capacity: the dates ahead read as now...
         self.assertTrue(all(r.last_used <= time.time_ns() for r in index_records(capped).values() if r))
         capped.put(torch.arange(6000, 6048), self.kv)  # ...and age from there: this put evicts them
         self.assertPrefix(0, capped)
 
     def test_a_temporary_dated_in_the_future_is_stale(self):
-        fanout = _layout.fanout_dir(self.root, self.keys[0])
-        tmp = os.path.join(fanout, f"{_layout.TMP_PREFIX}{self.keys[0]}-damaged-1-abcd")
+        fanout = fanout_dir(self.root, self.keys[0])
+        tmp = os.path.join(fanout, f"{TMP_PREFIX}{self.keys[0]}-damaged-1-abcd")
         with open(tmp, "wb") as f:
             f.write(b"left by a writer whose clock was far ahead")
         os.utime(tmp, ns=(4102444800 * 10**9,) * 2)
-        report = verify(self.root, self.vua.index_path, fix=True)
-        self.assertEqual([(p.kind, p.path) for p in report.problems], [("stale-temporary", tmp)])
+        report = self.verify("--fix")
+        self.assertEqual([(p["kind"], p["path"]) for p in report["problems"]], [("stale-temporary", tmp)])
         self.assertFalse(os.path.exists(tmp))
 
 

@@ -7,6 +7,9 @@
 - The module listing in docs/architecture.md runs bottom to top: every unit imports only
   units listed above it (a package listed whole, such as ``vllm/``, is one unit; ``_read/``
   lists its modules one by one, in the same order).
+- Tests go through the public API or tests/helpers.py, the one place they reach into
+  internals (issue 22): a test module imports a private module only where
+  ``TEST_PRIVATE_IMPORTS`` says why.
 """
 
 from __future__ import annotations
@@ -21,6 +24,22 @@ PACKAGE = os.path.join(REPO, "vua")
 PUBLIC = {"vua", "vua.core", "vua.errors", "vua.integration", "vua.serdes"}
 INTEGRATIONS = ("vllm", "sglang", "integrations")
 WHOLE_PACKAGES = ("vllm", "sglang", "integrations")  # listed as one unit each
+TESTS = os.path.join(REPO, "tests")
+# The private modules a test module may import; every other look inside goes through
+# tests/helpers.py. Only the unit test of one private module, and fault injection that
+# patches the one function it breaks (the test says which), have a place here.
+TEST_PRIVATE_IMPORTS = {
+    # the unit test of the word sum (its definition, host and device code)
+    "test_wordsum.py": {"vua._wordsum"},
+    # the unit test of the tree walk (what each depth of check finds)
+    "test_tree.py": {"vua._tree"},
+    # the unit test of GDS's alignment arithmetic (aligned_span), beside the read paths' tests
+    "test_read_paths.py": {"vua._read._gds"},
+    # fault injection: gc and a rebuild in each other's window (evict_group, write_current)
+    "test_upkeep_faults.py": {"vua._evict", "vua._rebuild"},
+    # fault injection: a quarantine between eviction's rename and removal (remove_moved_aside)
+    "test_hostile.py": {"vua._evict"},
+}
 
 
 def is_module(name: str) -> bool:
@@ -55,6 +74,16 @@ def vua_imports(path: str, module: str = "") -> set[str]:
             if len(modules) < len(node.names):
                 found.add(name)
     return found
+
+
+def private_imports(path: str) -> set[str]:
+    """Every private module of VUA's (a ``_`` name anywhere below ``vua``) that a file imports."""
+    return {m for m in vua_imports(path) if any(part.startswith("_") for part in m.split(".")[1:])}
+
+
+def test_modules() -> list[str]:
+    """The file name of every test module (tests/test_*.py)."""
+    return sorted(name for name in os.listdir(TESTS) if name.startswith("test_") and name.endswith(".py"))
 
 
 def package_modules() -> dict[str, str]:
@@ -138,6 +167,47 @@ class IntegrationImportsTest(unittest.TestCase):
             f.write("from vua import _wordsum, KVDestination\nimport vua._mac\nfrom vua.core import VUA\n")
         self.addCleanup(os.unlink, f.name)
         self.assertEqual(vua_imports(f.name) - PUBLIC, {"vua._wordsum", "vua._mac"})
+
+
+class TestImportsTest(unittest.TestCase):
+    """Tests use the public API or tests/helpers.py; TEST_PRIVATE_IMPORTS lists the exceptions."""
+
+    def test_tests_import_only_the_private_modules_listed(self):
+        offending = {}
+        for name in test_modules():
+            extra = private_imports(os.path.join(TESTS, name)) - TEST_PRIVATE_IMPORTS.get(name, set())
+            if extra:
+                offending[name] = sorted(extra)
+        self.assertEqual(offending, {}, "go through tests/helpers.py, or say in TEST_PRIVATE_IMPORTS why not")
+
+    def test_every_listed_import_is_still_made(self):
+        # A stale entry would let a later test import the module unremarked.
+        stale = {}
+        for name, modules in TEST_PRIVATE_IMPORTS.items():
+            path = os.path.join(TESTS, name)
+            unused = modules - (private_imports(path) if os.path.exists(path) else set())
+            if unused:
+                stale[name] = sorted(unused)
+        self.assertEqual(stale, {})
+
+    def test_the_check_sees_every_spelling_of_a_private_import(self):
+        import tempfile
+
+        with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
+            f.write(
+                "from vua import _layout, KVDestination\n"
+                "import vua._mac\n"
+                "from vua._keys import group_keys\n"
+                "from vua._read import _gds\n"
+                "from vua.core import VUA\n"
+                "from vua.integration import word_sums\n"
+                "def later():\n"
+                "    from vua.vllm import _paged\n"
+            )
+        self.addCleanup(os.unlink, f.name)
+        self.assertEqual(
+            private_imports(f.name), {"vua._layout", "vua._mac", "vua._keys", "vua._read._gds", "vua.vllm._paged"}
+        )
 
 
 if __name__ == "__main__":

@@ -18,18 +18,29 @@ from unittest import mock
 import torch
 
 from tests.helpers import (
+    FRAGMENT_FILE,
+    INDEX_DIR,
+    INDEX_LOCK_FILE,
+    WRITING_PREFIX,
     StoreTestCase,
     check_hit,
     flip_byte,
+    fragment_files,
+    fragment_path,
+    group_dir,
     index_env,
     index_records,
+    index_records_at,
     index_total_bytes,
     indexed_groups,
+    initial_index_map_size,
+    lock_dir,
+    open_stored_prefix,
+    opened_index,
     prefix_kv,
     random_kv,
     run_cli,
 )
-from vua import _evict, _generations, _index, _layout, _publish, _tree
 from vua.cli import human_size, main, parse_size
 from vua.core import VUA, VUAConfig
 from vua.errors import InvalidInputError
@@ -54,11 +65,7 @@ class CommandTest(StoreTestCase):
         self.assertIsNotNone(stats["oldest_use"])
 
     def fragment_files(self) -> list[str]:
-        return [
-            os.path.join(d, _layout.FRAGMENT_FILE)
-            for f in _layout.iter_fanout_dirs(self.root)
-            for _, d in _layout.iter_groups(f)
-        ]
+        return fragment_files(self.root)
 
     def test_verify_clean_then_damaged_then_fixed(self):
         self.assertEqual(run_cli("verify", self.root)[0], 0)
@@ -92,7 +99,7 @@ class CommandTest(StoreTestCase):
                 raise OSError(errno.EIO, "Input/output error", victim)
             return real_scandir(path, *rest)
 
-        with mock.patch.object(_layout.os, "scandir", failing_scandir):
+        with mock.patch.object(os, "scandir", failing_scandir):
             status, out, _ = run_cli("verify", self.root, "--json")
             report = json.loads(out)
             problems = [(p["kind"], p["key"]) for p in report["problems"]]
@@ -103,7 +110,7 @@ class CommandTest(StoreTestCase):
             self.assertEqual(status, 1)
             self.assertIn("left alone", out)
             self.assertNotIn("run `vua verify --fix`", out)  # it just ran
-        self.assertTrue(os.path.exists(os.path.join(victim, _layout.FRAGMENT_FILE)))
+        self.assertTrue(os.path.exists(os.path.join(victim, FRAGMENT_FILE)))
         status, out, _ = run_cli("verify", self.root, "--json")
         self.assertEqual((status, json.loads(out)["problems"], json.loads(out)["fragments"]), (0, [], 4))
 
@@ -111,20 +118,20 @@ class CommandTest(StoreTestCase):
         # A writer killed between writing its file and linking it leaves the file in the
         # group's directory: beside a fragment another writer published, or alone.
         published = os.path.dirname(self.fragment_files()[0])
-        beside = os.path.join(published, _layout.WRITING_PREFIX + "111-dead")
-        orphan_group = _layout.group_dir(self.root, "ab" * 16)
+        beside = os.path.join(published, WRITING_PREFIX + "111-dead")
+        orphan_group = group_dir(self.root, "ab" * 16)
         os.makedirs(orphan_group)
-        alone = os.path.join(orphan_group, _layout.WRITING_PREFIX + "222-dead")
-        live_group = _layout.group_dir(self.root, "cd" * 16)
+        alone = os.path.join(orphan_group, WRITING_PREFIX + "222-dead")
+        live_group = group_dir(self.root, "cd" * 16)
         os.makedirs(live_group)
-        live = os.path.join(live_group, _layout.WRITING_PREFIX + "333-writing")
+        live = os.path.join(live_group, WRITING_PREFIX + "333-writing")
         for path in (beside, alone, live):
             with open(path, "wb") as f:
                 f.write(b"partial")
         # A writer killed between making a group's directory and releasing its lock.
-        locked_group = _layout.group_dir(self.root, "ef" * 16)
+        locked_group = group_dir(self.root, "ef" * 16)
         os.makedirs(locked_group)
-        dead_lock = _publish._lock_dir(locked_group)
+        dead_lock = lock_dir(locked_group)
         hour_ago = time.time() - 3600
         for path in (beside, alone, orphan_group, locked_group, dead_lock):
             os.utime(path, (hour_ago, hour_ago))
@@ -142,7 +149,7 @@ class CommandTest(StoreTestCase):
 
     def test_verify_finds_index_disagreements(self):
         keys = self.vua.config.tokens_to_paths(torch.arange(48))
-        shutil.rmtree(_layout.group_dir(self.root, keys[2]))  # indexed, gone from the tree
+        shutil.rmtree(group_dir(self.root, keys[2]))  # indexed, gone from the tree
         env, groups, _ = index_env(self.vua)
         with env.begin(write=True, db=groups) as txn:
             txn.delete(bytes.fromhex(keys[0]))  # in the tree, not indexed
@@ -169,11 +176,11 @@ class CommandTest(StoreTestCase):
 
     def test_rebuild_counts_damage_not_groups_removed_meanwhile(self):
         keys = self.vua.config.tokens_to_paths(torch.arange(48))
-        with open(_layout.fragment_path(self.root, keys[2]), "r+b") as f:
+        with open(fragment_path(self.root, keys[2]), "r+b") as f:
             f.truncate(10)  # no header left: damaged
         # What a scan meets when another node evicts a group between listing its directory
         # and opening its file: the directory, without the fragment.
-        os.unlink(_layout.fragment_path(self.root, keys[1]))
+        os.unlink(fragment_path(self.root, keys[1]))
         with self.assertLogs("vua", level="DEBUG") as logs:
             status, out, _ = run_cli("rebuild-index", self.root, "--json")
         self.assertEqual(status, 0)
@@ -229,8 +236,8 @@ class CommandTest(StoreTestCase):
                 self.assertFalse(os.path.exists(os.path.join(self.root, "x")))
 
     def test_an_index_lock_that_cannot_be_opened_is_a_vua_error(self):
-        index = os.path.join(self.root, _layout.DEFAULT_INDEX_DIR)
-        lock = os.path.join(index, _generations.LOCK_FILE)
+        index = os.path.join(self.root, INDEX_DIR)
+        lock = os.path.join(index, INDEX_LOCK_FILE)
         os.unlink(lock)
         os.mkdir(lock)  # the fault: LMDB's directory is writable, the lock file cannot be opened (EISDIR)
         status, _, err = run_cli("rebuild-index", self.root)
@@ -287,13 +294,9 @@ class CommandTest(StoreTestCase):
         vua.close()  # records pending hits, in the index and in the tree
 
         def last_use(index_path: str) -> dict[str, int]:
-            index = _index.Index(index_path, self.root)
-            try:
-                return {k.hex(): r.last_used for k, r in index.items() if r is not None}
-            finally:
-                index.close()
+            return {k.hex(): r.last_used for k, r in index_records_at(index_path, self.root).items() if r is not None}
 
-        index_path = os.path.join(self.root, _layout.DEFAULT_INDEX_DIR)
+        index_path = os.path.join(self.root, INDEX_DIR)
         before = last_use(index_path)
         self.assertEqual(run_cli("rebuild-index", self.root)[0], 0)
         self.assertEqual(last_use(index_path), before)
@@ -305,7 +308,7 @@ class CommandTest(StoreTestCase):
         keys_new = VUAConfig(split_factor=16, namespace="lru-rebuild").tokens_to_paths(new)
         self.assertGreater(min(from_tree[k] for k in keys_old), max(from_tree[k] for k in keys_new))
         # ...so gc takes the groups not used since.
-        one_prompt = sum(os.path.getsize(_layout.fragment_path(self.root, k)) for k in keys_old)
+        one_prompt = sum(os.path.getsize(fragment_path(self.root, k)) for k in keys_old)
         self.assertEqual(run_cli("gc", self.root, "--max-bytes", str(one_prompt))[0], 0)
         survivors = set(last_use(index_path))
         self.assertTrue(set(keys_old) <= survivors)
@@ -340,13 +343,13 @@ class CommandTest(StoreTestCase):
 
 class CapacityTest(StoreTestCase):
     def fragment_bytes(self, vua: VUA, tokens: torch.Tensor) -> int:
-        return sum(os.path.getsize(_layout.fragment_path(self.root, k)) for k in vua.config.tokens_to_paths(tokens))
+        return sum(os.path.getsize(fragment_path(self.root, k)) for k in vua.config.tokens_to_paths(tokens))
 
     def test_lru_eviction_keeps_hit_prefixes(self):
         probe = self.store(split_factor=16, namespace="probe")
         a, b, c = torch.arange(0, 32), torch.arange(1000, 1032), torch.arange(2000, 2032)
         probe.put(a, prefix_kv(a))
-        group_bytes = os.path.getsize(_layout.fragment_path(self.root, probe.config.tokens_to_paths(a)[0]))
+        group_bytes = os.path.getsize(fragment_path(self.root, probe.config.tokens_to_paths(a)[0]))
         vua = self.store(VUAConfig(split_factor=16, namespace="lru", max_bytes=4 * group_bytes + group_bytes // 2))
         vua.put(a, prefix_kv(a))
         vua.put(b, prefix_kv(b))
@@ -372,10 +375,7 @@ class CapacityTest(StoreTestCase):
         tokens = torch.arange(32)
         vua = self.store(split_factor=16, namespace="mapped")
         vua.put(tokens, prefix_kv(tokens))
-        from vua._keys import group_keys, tokens_as_int64
-
-        ids = tokens_as_int64(tokens)
-        fragments, _ = vua._catalog.open_prefix(group_keys(ids, 16, vua._seed), ids)
+        fragments = open_stored_prefix(vua, tokens)
         self.assertEqual(len(fragments), 2)
         self.assertEqual(run_cli("gc", self.root, "--max-bytes", "0")[0], 0)
         self.assertIsNone(vua.get_closest(tokens, device="cpu"))
@@ -417,7 +417,7 @@ class SharedStorageTest(StoreTestCase):
 
 class IndexUpkeepTest(StoreTestCase):
     def test_map_full_grows_the_map(self):
-        with mock.patch.object(_generations, "_INITIAL_MAP_SIZE", 64 * 1024):
+        with initial_index_map_size(64 * 1024):
             vua = self.store(split_factor=1, namespace="grow")
             tokens = torch.arange(3000)
             vua.put(tokens, [(torch.zeros(1, 1, 3000, 1), torch.zeros(1, 1, 3000, 1))])
@@ -476,13 +476,12 @@ class IndexUpkeepTest(StoreTestCase):
         vua = self.store(split_factor=16, namespace="slots")
         vua.put(torch.arange(16), prefix_kv(torch.arange(16)))
         holder = (
-            "import sys, os, time, lmdb\n"
-            "from vua._index import Index\n"
-            "index = Index(sys.argv[1], sys.argv[2])\n"
-            "env, groups, _ = index.env()\n"
-            "txn = env.begin()\n"
-            "print(os.getpid(), flush=True)\n"
-            "time.sleep(60)\n"
+            "import sys, os, time\n"
+            "from tests.helpers import opened_index\n"
+            "with opened_index(sys.argv[1], sys.argv[2]) as (env, groups, _):\n"
+            "    txn = env.begin()\n"
+            "    print(os.getpid(), flush=True)\n"
+            "    time.sleep(60)\n"
         )
         child = subprocess.Popen(
             [sys.executable, "-c", holder, vua.index_path, self.root],
@@ -496,96 +495,5 @@ class IndexUpkeepTest(StoreTestCase):
         child.kill()
         child.wait()
         child.stdout.close()
-        fresh = _index.Index(vua.index_path, self.root)
-        fresh_env, _, _ = fresh.env()  # opening runs the reader check
-        self.assertNotIn(f" {child_pid} ", fresh_env.readers())
-        fresh.close()
-
-
-class TreeWalkTest(StoreTestCase):
-    """The one walk over the tree that rebuild, verify, gc and stats make (``vua._tree``)."""
-
-    def setUp(self):
-        super().setUp()
-        vua = self.store(split_factor=16, namespace="walk")
-        vua.put(torch.arange(48), random_kv(1, 48))
-        vua.put(torch.arange(1000, 1016), random_kv(1, 16))
-        self.keys = vua.config.tokens_to_paths(torch.arange(48))
-        self.evicted = vua.config.tokens_to_paths(torch.arange(1000, 1016))[0]
-        vua.close()  # its pending uses are in the tree now, not arriving mid-test
-
-    def states(self, check: _tree.Check | None, **walk) -> dict[str, _tree.GroupState]:
-        return {g.key_hex: g.state for f in _tree.walk_tree(self.root, check, **walk) for g in f.groups}
-
-    def test_each_depth_of_check_tells_what_it_can(self):
-        valid, damaged, unpublished = self.keys
-        flip_byte(_layout.fragment_path(self.root, damaged), -1)  # data, not the header
-        os.unlink(_layout.fragment_path(self.root, unpublished))
-        writer = os.path.join(_layout.group_dir(self.root, unpublished), _layout.WRITING_PREFIX + "1-live")
-        open(writer, "wb").close()
-        _evict.evict_group(self.root, self.evicted, keep=True)
-        ahead = time.time() + 7200  # a node's clock two hours fast: that far past, not young for ever
-        trashed = next(t for t in _layout.iter_temporaries(_layout.fanout_dir(self.root, self.evicted)))
-        os.utime(trashed, (ahead, ahead))
-        State = _tree.GroupState
-        header_only = {valid: State.VALID, damaged: State.VALID, unpublished: State.UNPUBLISHED}
-        self.assertEqual(self.states(_tree.Check.STAT), header_only)
-        self.assertEqual(self.states(_tree.Check.HEADER), header_only)
-        self.assertEqual(
-            self.states(_tree.Check.FULL), {valid: State.VALID, damaged: State.DAMAGED, unpublished: State.UNPUBLISHED}
-        )
-        self.assertEqual(self.states(_tree.Check.HEADER, passed_over={bytes.fromhex(valid)})[valid], State.PASSED_OVER)
-        full = {g.key_hex: g for f in _tree.walk_tree(self.root, _tree.Check.FULL) for g in f.groups}
-        self.assertEqual([t.path for t in full[unpublished].writing], [writer])
-        self.assertLess(full[unpublished].writing[0].age, 60)
-        self.assertIsNotNone(full[unpublished].age)
-        self.assertEqual(full[valid].stored.record.nbytes, os.path.getsize(_layout.fragment_path(self.root, valid)))
-        trash = [t for f in _tree.walk_tree(self.root, None, trash=True) for t in f.trash]
-        self.assertEqual([(t.path, t.why) for t in trash], [(trashed, _evict.EVICTED)])
-        self.assertGreater(trash[0].age, 7000)
-        self.assertEqual(self.states(None), {})
-
-    def test_stat_reads_a_future_last_use_as_now(self):
-        future = 4102444800 * 10**9  # 2100
-        os.utime(_layout.group_dir(self.root, self.keys[0]), ns=(future, future))
-        groups = {g.key_hex: g for g in _tree.stat_groups(self.root)}
-        self.assertEqual(set(groups), {*self.keys, self.evicted})
-        self.assertLessEqual(groups[self.keys[0]].last_use, time.time_ns())
-        self.assertEqual(groups[self.keys[1]].nbytes, os.path.getsize(_layout.fragment_path(self.root, self.keys[1])))
-
-    def test_gc_passes_over_a_fan_out_directory_it_cannot_list(self):
-        hidden = _layout.fanout_dir(self.root, self.keys[0])
-        hidden_keys = [key for key in (*self.keys, self.evicted) if _layout.fanout_dir(self.root, key) == hidden]
-        real_scandir = os.scandir
-
-        def refusing_scandir(path=".", *rest):
-            if os.fspath(path) == hidden:
-                raise PermissionError(errno.EACCES, "Permission denied", hidden)
-            return real_scandir(path, *rest)
-
-        with mock.patch.object(os, "scandir", refusing_scandir), self.assertLogs("vua", "WARNING") as logs:
-            status, out, _ = run_cli("gc", self.root, "--max-bytes", "0", "--json")
-        # Before: status 2, the trash's walk of the tree stopped at the directory the groups' walk passed over.
-        self.assertEqual((status, json.loads(out)["groups_before"]), (0, 4 - len(hidden_keys)))
-        self.assertTrue(any(f"cannot list {hidden}" in line for line in logs.output), logs.output)
-        for key in hidden_keys:
-            self.assertTrue(os.path.exists(_layout.fragment_path(self.root, key)))
-
-    def test_verify_reports_a_temporary_it_cannot_stat(self):
-        fanout = _layout.fanout_dir(self.root, self.keys[0])
-        broken = os.path.join(fanout, f"{_layout.TMP_PREFIX}{self.keys[0]}-damaged-1-abcd")
-        open(broken, "wb").close()
-        real_stat = os.stat
-
-        def failing_stat(path, *rest, **kwargs):
-            if os.fspath(path) == broken:
-                raise OSError(errno.EIO, "Input/output error", broken)
-            return real_stat(path, *rest, **kwargs)
-
-        with mock.patch.object(os, "stat", failing_stat):
-            status, out, _ = run_cli("verify", self.root, "--json")
-        # Before: status 2, verify stopped at the first temporary it could not stat.
-        report = json.loads(out)
-        problems = [(p["kind"], p["key"], p["path"]) for p in report["problems"]]
-        self.assertEqual((status, problems, report["fragments"]), (1, [("unreadable", None, broken)], 4))
-        self.assertIn("Input/output error", report["problems"][0]["detail"])
+        with opened_index(vua.index_path, self.root) as (fresh_env, _, _):  # opening runs the reader check
+            self.assertNotIn(f" {child_pid} ", fresh_env.readers())

@@ -17,9 +17,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from tests.helpers import check_hit, index_records, index_total_bytes, prefix_kv, run_cli
-from vua import _layout
-from vua._rebuild import rebuild
+from tests.helpers import check_hit, fragment_path, index_records, index_total_bytes, prefix_kv, run_cli
 from vua.core import VUA, VUAConfig
 
 SPLIT = 4
@@ -90,14 +88,14 @@ class StoreMachine(RuleBasedStateMachine):
 
     @rule()
     def rebuild_index(self):
-        rebuild(self.root, self.vua.index_path)
+        assert run_cli("rebuild-index", self.root, "--index-path", self.vua.index_path)[0] == 0
 
     @precondition(lambda self: self.possible)
     @rule(data=st.data())
     def damage(self, data):
         group = data.draw(st.sampled_from(sorted(self.possible)))
         key = self.config.tokens_to_paths(torch.tensor(group))[-1]
-        path = _layout.fragment_path(self.root, key)
+        path = fragment_path(self.root, key)
         if not os.path.exists(path):
             return
         os.truncate(path, os.path.getsize(path) // 2)

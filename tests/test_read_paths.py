@@ -1,4 +1,8 @@
-"""Each read path returns exactly what was put: CPU whole groups, CPU layer by layer, CUDA, GDS."""
+"""Each read path returns exactly what was put: CPU whole groups, CPU layer by layer, CUDA, GDS.
+
+Besides the public API, this module is the unit test of ``vua._read._gds``'s alignment
+arithmetic (``aligned_span``), which it imports; see tests/test_layering.py.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +14,8 @@ import unittest
 
 import torch
 
-from tests.helpers import StoreTestCase, flip_byte, kv_slice, overwrite, random_kv
-from vua import KVDestination, _layout
+from tests.helpers import StoreTestCase, fanout_dir, flip_byte, fragment_path, group_dir, kv_slice, overwrite, random_kv
+from vua import KVDestination
 from vua._read import _gds
 from vua.errors import InvalidInputError
 
@@ -25,7 +29,7 @@ class GroupCopiesTest(StoreTestCase):
         kv = random_kv(1, 64, dtype=torch.bfloat16)
         vua.put(tokens, kv)
         self.assertKVEqual(vua.get_closest(tokens, device="cpu").data, kv)
-        path = _layout.fragment_path(self.root, vua.config.tokens_to_paths(tokens)[2])
+        path = fragment_path(self.root, vua.config.tokens_to_paths(tokens)[2])
         overwrite(path, -5, b"\x00\x01\x02")
         with self.assertLogs("vua", level="WARNING"):
             hit = vua.get_closest(tokens, device="cpu")
@@ -68,7 +72,7 @@ class PreadReadTest(StoreTestCase):
         mixed[1] = (torch.randn(1, 4, 32, 8), torch.randn(1, 4, 32, 16))
         vua.put(torch.arange(500, 532), mixed)
         self.assertKVEqual(vua.get_closest(torch.arange(500, 532), device="cpu").data, mixed)
-        flip_byte(_layout.fragment_path(self.root, vua.config.tokens_to_paths(tokens)[2]), -7)
+        flip_byte(fragment_path(self.root, vua.config.tokens_to_paths(tokens)[2]), -7)
         with self.assertLogs("vua", level="WARNING"):
             hit = vua.get_closest(tokens, device="cpu")
         self.assertKVEqual(hit.data, kv_slice(kv, 0, 32))
@@ -78,12 +82,12 @@ class PreadReadTest(StoreTestCase):
         vua = self.store(split_factor=16, namespace="pread", network_fs=True)
         tokens = torch.arange(48)
         vua.put(tokens, random_kv(1, 48))
-        group = _layout.group_dir(self.root, vua.config.tokens_to_paths(tokens)[1])
+        group = group_dir(self.root, vua.config.tokens_to_paths(tokens)[1])
         shutil.rmtree(group)  # evicted by another node
         with self.assertLogs("vua", level="WARNING") as logs:
             self.assertEqual(vua.get_closest(tokens, device="cpu").tokens.numel(), 16)
         self.assertIn("no such file", "\n".join(logs.output))
-        self.assertEqual(os.listdir(_layout.fanout_dir(self.root, vua.config.tokens_to_paths(tokens)[1])), [])
+        self.assertEqual(os.listdir(fanout_dir(self.root, vua.config.tokens_to_paths(tokens)[1])), [])
         self.assertEqual(vua.prefix_length(tokens), 16)  # the index entry is gone: nothing moved aside
 
 
@@ -134,7 +138,7 @@ class DestinationTest(StoreTestCase):
                         load.wait_layer(0)
                     with self.assertRaisesRegex(InvalidInputError, "landed in the destination"):
                         load.data()
-            path = _layout.fragment_path(vua.root, vua.config.tokens_to_paths(tokens)[2])
+            path = fragment_path(vua.root, vua.config.tokens_to_paths(tokens)[2])
             flip_byte(path, -7)  # the last layer's V of group 2
             blocks = Blocks(kv, 64)
             with self.assertLogs("vua", level="WARNING"):
@@ -176,7 +180,7 @@ class DestinationTest(StoreTestCase):
         self.assertEqual(vua.load(tokens, "cpu", layerwise=True, into=layerwise).wait(), 4)
         self.assertKVEqual(layerwise.data(4), kv)
         self.assertEqual(layerwise.whole, 0)  # a layer-wise consumer gets layers: chunks()
-        flip_byte(_layout.fragment_path(vua.root, vua.config.tokens_to_paths(tokens)[1]), -9)
+        flip_byte(fragment_path(vua.root, vua.config.tokens_to_paths(tokens)[1]), -9)
         pages = Pages()
         with self.assertLogs("vua", level="WARNING"):
             self.assertEqual(vua.load(tokens, "cpu", into=pages).wait(), 1)
@@ -219,7 +223,7 @@ class DestinationTest(StoreTestCase):
         for network_fs in (False, True):  # checked on opening; checked over the bytes as they are read
             vua = self.store(split_factor=16, namespace=f"mac-{network_fs}", network_fs=network_fs, auth_key=b"k" * 32)
             vua.put(tokens, kv)
-            path = _layout.fragment_path(vua.root, vua.config.tokens_to_paths(tokens)[1])
+            path = fragment_path(vua.root, vua.config.tokens_to_paths(tokens)[1])
             flip_byte(path, -3)
             blocks = Blocks(kv, 48)
             with self.assertLogs("vua", level="WARNING"):
@@ -269,12 +273,12 @@ class CudaReadTest(StoreTestCase):
         tokens = torch.arange(48)
         kv = random_kv(1, 48, heads=2, head_dim=128, dtype=torch.bfloat16)  # 4 KiB chunks: word sums stored
         vua.put(tokens, kv)
-        flip_byte(_layout.fragment_path(self.root, vua.config.tokens_to_paths(tokens)[1]), -4096)
+        flip_byte(fragment_path(self.root, vua.config.tokens_to_paths(tokens)[1]), -4096)
         with self.assertLogs("vua", level="WARNING"):
             hit = vua.get_closest(tokens, device="cuda")
         self.assertKVEqual([(k.cpu(), v.cpu()) for k, v in hit.data], kv_slice(kv, 0, 16))
         vua.put(tokens, kv)  # the damaged group was moved aside: written again
-        flip_byte(_layout.fragment_path(self.root, vua.config.tokens_to_paths(tokens)[1]), -4096)
+        flip_byte(fragment_path(self.root, vua.config.tokens_to_paths(tokens)[1]), -4096)
         with self.assertLogs("vua", level="WARNING"):
             load = vua.load(tokens, "cuda", layerwise=True)
             layers = [load.wait_layer(i) for i in range(3)]

@@ -21,9 +21,8 @@ import time
 import unittest
 
 from tests.glusterfs import GlusterVolume
-from tests.helpers import flip_byte, run_cli
+from tests.helpers import flip_byte, fragment_path, run_cli
 from tests.sglang import env
-from vua import _layout
 
 LAYOUTS = ("layer_first", "page_first", "page_first_direct")
 
@@ -84,7 +83,7 @@ class SGLangBackendTest(unittest.TestCase):
 
     def test_damaged_truncated_and_missing_pages_end_the_run_without_an_error(self):
         put = self.run_backend(op="put", kind="mha", layout="page_first", pages=6, seed=3)
-        paths = [_layout.fragment_path(self.root, p) for p in put["paths"]]
+        paths = [fragment_path(self.root, p) for p in put["paths"]]
         flip_byte(paths[4], -5)  # data damage: its checksum fails on reading
         index = os.path.join(self.work, "reader")
         got = self.run_backend(op="get", kind="mha", layout="page_first", keys=put["keys"], index=index)

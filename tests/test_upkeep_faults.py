@@ -1,5 +1,10 @@
 """Maintenance against faults: gc and verify --fix where the root cannot be written, rebuilds racing gc,
-fan-out directories this user cannot read. Each test failed against the code before its fix."""
+fan-out directories this user cannot read. Each test failed against the code before its fix.
+
+The races patch the one function whose window they open (``vua._rebuild.write_current``,
+``vua._evict.evict_group``), so this module imports those two private modules; everything
+else goes through the ``vua`` command and tests/helpers.py.
+"""
 
 from __future__ import annotations
 
@@ -13,9 +18,18 @@ from unittest import mock
 
 import torch
 
-from tests.helpers import StoreTestCase, flip_byte, index_records, random_kv, read_only_mount, run_cli
-from vua import _evict, _layout, _rebuild
-from vua._verify import verify_store
+from tests.helpers import (
+    StoreTestCase,
+    fanout_dir,
+    flip_byte,
+    fragment_path,
+    index_records,
+    random_kv,
+    read_only_mount,
+    run_cli,
+    run_cli_json,
+)
+from vua import _evict, _rebuild
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,7 +47,7 @@ class UpkeepTestCase(StoreTestCase):
         self.keys = [key for tokens in self.prompts for key in self.vua.config.tokens_to_paths(tokens)]
 
     def fragments_present(self) -> int:
-        return sum(os.path.exists(_layout.fragment_path(self.root, key)) for key in self.keys)
+        return sum(os.path.exists(fragment_path(self.root, key)) for key in self.keys)
 
     def own_index_path(self) -> str:
         folder = tempfile.mkdtemp(prefix="vua-index-")
@@ -58,15 +72,16 @@ class ReadOnlyRootTest(UpkeepTestCase):
         self.assertEqual((status, json.loads(out)["fragments"]), (0, 6))  # still in its index
 
     def test_verify_fix_that_cannot_delete_does_not_call_it_fixed(self):
-        flip_byte(_layout.fragment_path(self.root, self.keys[1]), 5000)
+        flip_byte(fragment_path(self.root, self.keys[1]), 5000)
         self.vua.close()
         view = read_only_mount(self, self.root)
-        report = verify_store(view, self.own_index_path(), fix=True, node_local_index=True)
-        damaged = [p for p in report.problems if p.kind == "damaged-fragment"]
+        # An index of this node's own, outside the root: the command treats it as node-local.
+        status, report = run_cli_json("verify", view, "--index-path", self.own_index_path(), "--fix")
+        damaged = [p for p in report["problems"] if p["kind"] == "damaged-fragment"]
         self.assertEqual(len(damaged), 1)
-        self.assertFalse(damaged[0].fixed)  # it said fixed, before
-        self.assertIn("Read-only file system", damaged[0].detail)
-        self.assertFalse(report.clean)
+        self.assertFalse(damaged[0]["fixed"])  # it said fixed, before
+        self.assertIn("Read-only file system", damaged[0]["detail"])
+        self.assertEqual((status, report["clean"]), (1, False))
 
 
 class RebuildRacingGcTest(UpkeepTestCase):
@@ -78,8 +93,8 @@ class RebuildRacingGcTest(UpkeepTestCase):
         self.assertEqual(status, 0)
 
     def assertNoDanglingEntries(self) -> None:
-        report = verify_store(self.root, self.vua.index_path)
-        self.assertEqual([p.kind for p in report.problems], [])
+        _, report = run_cli_json("verify", self.root, "--index-path", self.vua.index_path)
+        self.assertEqual([p["kind"] for p in report["problems"]], [])
         self.assertEqual(self.fragments_present(), 3)
 
     def test_gc_between_the_rebuilds_first_read_and_its_swap(self):
@@ -90,7 +105,7 @@ class RebuildRacingGcTest(UpkeepTestCase):
             real_write_current(*args, **kwargs)
 
         with mock.patch.object(_rebuild, "write_current", side_effect=gc_then_swap):
-            _rebuild.rebuild(self.root, self.vua.index_path)
+            self.assertEqual(run_cli("rebuild-index", self.root, "--index-path", self.vua.index_path)[0], 0)
         self.assertNoDanglingEntries()  # 3 dangling-index-entry, before
 
     def test_rebuild_between_gcs_index_removal_and_its_renames(self):
@@ -99,12 +114,13 @@ class RebuildRacingGcTest(UpkeepTestCase):
 
         def rebuild_then_evict(*args, **kwargs):  # the window: out of the index, still in the tree
             if not rebuilt:
-                rebuilt.append(_rebuild.rebuild(self.root, self.vua.index_path))
+                rebuilt.append(run_cli_json("rebuild-index", self.root, "--index-path", self.vua.index_path))
             real_evict(*args, **kwargs)
 
         with mock.patch.object(_evict, "evict_group", side_effect=rebuild_then_evict):
             self.gc_to_one_prompt()
-        self.assertEqual(rebuilt[0].groups, 6)
+        status, summary = rebuilt[0]
+        self.assertEqual((status, summary["groups"]), (0, 6))
         self.assertNoDanglingEntries()
 
 
@@ -124,12 +140,12 @@ class UnreadableFanoutTest(UpkeepTestCase):
         for path in (self.root, os.path.dirname(index_path)):
             os.chmod(path, 0o755)
         subprocess.run(["chown", "-R", "65534:65534", os.path.dirname(index_path)], check=True)
-        hidden = _layout.fanout_dir(self.root, self.keys[0])
+        hidden = fanout_dir(self.root, self.keys[0])
         os.chmod(hidden, 0o700)  # root's own: nobody may not list it
         probe = self.run_as_nobody("--help")
         if probe.returncode != 0:  # e.g. a Python under /root, which nobody may not enter
             self.skipTest(f"cannot run the vua command as another user here: {probe.stderr[-300:]}")
-        hidden_keys = {key for key in self.keys if _layout.fanout_dir(self.root, key) == hidden}
+        hidden_keys = {key for key in self.keys if fanout_dir(self.root, key) == hidden}
         child = self.run_as_nobody("verify", self.root, "--index-path", index_path, "--fix", "--json")
         report = json.loads(child.stdout)
         # Before: its groups were dangling-index-entry problems, and --fix dropped their entries.

@@ -19,9 +19,14 @@ from unittest import mock
 
 import torch
 
-from tests.helpers import TINY_DECODER, flip_byte, run_cli
-from vua import _layout, _publish, _wordsum
-from vua._fragment import Fragment
+from tests.helpers import (
+    TINY_DECODER,
+    counting_host_word_sums,
+    flip_byte,
+    fragment_path,
+    fragment_word_sums,
+    run_cli,
+)
 from vua.core import VUA, VUAConfig
 from vua.errors import InvalidInputError, VUAError
 
@@ -362,13 +367,12 @@ class VLLMConnectorTest(unittest.TestCase):
                 self.addCleanup(shutil.rmtree, self.root, ignore_errors=True)
                 h = self.harness(mla=mla, split=128, extra_config={"gpu_checksums": True})
                 h.request("a", prompt)
-                with mock.patch.object(_wordsum, "host_wordsum", wraps=_wordsum.host_wordsum) as host_sums:
+                with counting_host_word_sums() as host_sums:
                     _, _, blocks, _ = h.step(compute={"a": 1})
                 self.assertEqual(host_sums.call_count, 0)
                 self.assertEqual(h.worker.vua.prefix_length(torch.tensor(prompt)), 256)
                 for key_hex in h.worker.vua.config.tokens_to_paths(torch.tensor(prompt[:256])):
-                    with Fragment(_layout.fragment_path(self.root, key_hex)) as fragment:
-                        self.assertEqual(len(fragment.wordsums or []), 2 * len(LAYERS))
+                    self.assertEqual(len(fragment_word_sums(fragment_path(self.root, key_hex)) or []), 2 * len(LAYERS))
                 status, out, _ = run_cli("verify", self.root)  # checks every stored word sum on the host
                 self.assertEqual(status, 0, out)
                 h.request("b", prompt)
@@ -443,7 +447,7 @@ class VLLMConnectorTest(unittest.TestCase):
             release.wait(30)
             real_fsync(fd)
 
-        with mock.patch.object(_publish.os, "fsync", slow_fsync):
+        with mock.patch.object(os, "fsync", slow_fsync):
             h.step(compute={"slow": 3}, flush=False)
             pending = list(h.worker.worker_side._writes)
             self.assertEqual(len(pending), 1)
@@ -531,7 +535,7 @@ class VLLMConnectorTest(unittest.TestCase):
     def test_damaged_fragment_is_reported_as_load_error(self):
         h, prompt = self.check_round_trip()
         keys = h.worker.vua.config.tokens_to_paths(torch.tensor(prompt[:96]))
-        path = _layout.fragment_path(self.root, keys[1])
+        path = fragment_path(self.root, keys[1])
         flip_byte(path, -1, 0xFF)  # damage the last byte of group 1's data
         h.request("c", prompt)
         with self.assertLogs("vua", level="WARNING"):

@@ -1,21 +1,26 @@
-"""The word sums a GPU checks after its copy: the definition, what writers store, what it catches."""
+"""The word sums a GPU checks after its copy: the definition, what writers store, what it catches.
+
+The unit test of ``vua._wordsum``, which it imports; what a store writes and reads goes
+through the public API and tests/helpers.py.
+"""
 
 from __future__ import annotations
 
-import os
 import unittest
 
 import numpy as np
 import torch
 
-from tests.helpers import StoreTestCase, layout_of, random_kv
-from vua import _layout
-from vua._fragment import Fragment
-from vua._keys import tokens_as_int64
-from vua._publish import publish_fragment
-from vua._verify import verify_store
+from tests.helpers import (
+    StoreTestCase,
+    forge_group,
+    fragment_kv_tensors,
+    fragment_path,
+    fragment_word_sums,
+    random_kv,
+    run_cli_json,
+)
 from vua._wordsum import as_words, device_wordsums, host_wordsum, matches, tensor_wordsums
-from vua._writer import GroupSource
 from vua.errors import InvalidInputError
 from vua.integration import word_sums
 
@@ -85,13 +90,11 @@ class StoredSumTest(StoreTestCase):
     """Writers store the sum the device code computes over the fragment's K and V bytes."""
 
     def stored_and_recomputed(self, path: str) -> tuple[list[int] | None, list[int]]:
-        with Fragment(path) as fragment:
-            recomputed = []
-            for name in fragment.kv_names:
-                entry = fragment.tensors[name]
-                data = np.fromfile(path, dtype=np.uint8)[entry.begin : entry.end]
-                recomputed.append(on_torch(data, chunks=entry.shape[0]))
-            return fragment.wordsums, recomputed
+        recomputed = []
+        for entry in fragment_kv_tensors(path).values():
+            data = np.fromfile(path, dtype=np.uint8)[entry.begin : entry.end]
+            recomputed.append(on_torch(data, chunks=entry.shape[0]))
+        return fragment_word_sums(path), recomputed
 
     def test_every_group_of_a_strided_batch(self):
         vua = self.store(split_factor=16, namespace="sums", gpu_checksums=True)
@@ -103,7 +106,7 @@ class StoredSumTest(StoreTestCase):
         on_device = tensor_wordsums(kv, 48, 16)  # what a put from CUDA tensors stores instead
         for r, row in enumerate(tokens):
             for g, key in enumerate(vua.config.tokens_to_paths(row)):
-                stored, recomputed = self.stored_and_recomputed(_layout.fragment_path(self.root, key))
+                stored, recomputed = self.stored_and_recomputed(fragment_path(self.root, key))
                 self.assertEqual(len(stored), 6)  # 3 layers x (K, V)
                 self.assertTrue(all(map(matches, recomputed, stored)))
                 self.assertTrue(all(map(matches, on_device[r, g].tolist(), stored)))
@@ -115,8 +118,8 @@ class StoredSumTest(StoreTestCase):
             vua = self.store(split_factor=16, namespace=f"default-{setting}", gpu_checksums=setting)
             vua.put(tokens, kv)
             key = vua.config.tokens_to_paths(tokens)[0]
-            with Fragment(_layout.fragment_path(self.root, key)) as fragment:
-                self.assertEqual(fragment.wordsums is not None, expected, f"gpu_checksums={setting}")
+            stored = fragment_word_sums(fragment_path(self.root, key))
+            self.assertEqual(stored is not None, expected, f"gpu_checksums={setting}")
 
     def test_a_put_with_the_integrations_word_sums_stores_them_as_given(self):
         # vua.integration.word_sums + put(word_sums=): what the vLLM connector does with sums
@@ -134,7 +137,7 @@ class StoredSumTest(StoreTestCase):
         sums[0, 1, 5] += 1  # group 1's last V
         self.assertEqual(vua.put(tokens, kv, word_sums=sums), 2)
         for g, key in enumerate(vua.config.tokens_to_paths(tokens)):
-            stored, recomputed = self.stored_and_recomputed(_layout.fragment_path(self.root, key))
+            stored, recomputed = self.stored_and_recomputed(fragment_path(self.root, key))
             self.assertTrue(all(map(matches, sums[0, g].tolist(), stored)))  # as given
             self.assertEqual(
                 [matches(r, s) for r, s in zip(recomputed, stored)], [True] * 6 if g == 0 else [True] * 5 + [False]
@@ -145,8 +148,7 @@ class StoredSumTest(StoreTestCase):
         kv = random_kv(1, 32)  # 16 tokens x 8 floats: 512-byte chunks
         vua.put(torch.arange(32), kv)
         key = vua.config.tokens_to_paths(torch.arange(32))[0]
-        with Fragment(_layout.fragment_path(self.root, key)) as fragment:
-            self.assertIsNone(fragment.wordsums)
+        self.assertIsNone(fragment_word_sums(fragment_path(self.root, key)))
         self.assertKVEqual(vua.get_closest(torch.arange(32)).data, kv)
 
     def test_verify_reports_a_wrong_stored_sum(self):
@@ -155,20 +157,24 @@ class StoredSumTest(StoreTestCase):
         kv = random_kv(1, 32, heads=2, head_dim=128, dtype=torch.bfloat16)
         vua.put(tokens, kv)
         keys = vua.config.tokens_to_paths(tokens)
-        self.assertTrue(verify_store(self.root, vua.index_path).clean)
+        self.assertTrue(run_cli_json("verify", self.root, "--index-path", vua.index_path)[1]["clean"])
         # Group 1 again, byte for byte, but for a stored sum one off.
-        layout = layout_of(kv)
-        header, buffers = GroupSource(kv, layout, 16, "forged", host_wordsums=True).fragment(
-            tokens_as_int64(tokens), 0, 1, keys[1], keys[0]
-        )
-        with Fragment(_layout.fragment_path(self.root, keys[1])) as fragment:
-            good = format(fragment.wordsums[3], "016x")  # layer 1's value
+        good = format(fragment_word_sums(fragment_path(self.root, keys[1]))[3], "016x")  # layer 1's value
         wrong = format((int(good, 16) + 1) & MASK, "016x")
-        os.rename(_layout.group_dir(self.root, keys[1]), os.path.join(self.root, "moved-away"))
-        self.assertTrue(publish_fragment(self.root, keys[1], header.replace(good.encode(), wrong.encode()), buffers))
-        report = verify_store(self.root, vua.index_path)
-        self.assertEqual([(p.kind, p.key) for p in report.problems], [("damaged-fragment", keys[1])])
-        self.assertIn("wordsums mismatch in layers.1.value", report.problems[0].detail)
+        forge_group(
+            self.root,
+            kv,
+            tokens,
+            1,
+            key_hex=keys[1],
+            parent_hex=keys[0],
+            namespace="forged",
+            host_word_sums=True,
+            edit_header=lambda header: header.replace(good.encode(), wrong.encode()),
+        )
+        _, report = run_cli_json("verify", self.root, "--index-path", vua.index_path)
+        self.assertEqual([(p["kind"], p["key"]) for p in report["problems"]], [("damaged-fragment", keys[1])])
+        self.assertIn("wordsums mismatch in layers.1.value", report["problems"][0]["detail"])
 
 
 if __name__ == "__main__":
