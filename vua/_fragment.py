@@ -198,8 +198,7 @@ class Fragment(FragmentFile):
         """
         check = self.start_mac(key)
         begin, end = self.kv_range
-        # Mapped: straight from the mapping; in pread mode the whole file, read once.
-        data = self.span(begin, end) if self.mapped else memoryview(self.region)[begin:end]
+        data = self.span(begin, end)  # mapped: straight from the mapping; else the bytes read once
         try:
             check.update(data)
         finally:
