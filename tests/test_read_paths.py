@@ -116,6 +116,28 @@ class Blocks(KVDestination):
         return [tuple(t[order].flatten(0, 1).transpose(0, 1)[None] for t in pair) for pair in self.kv]
 
 
+class GroupPages(KVDestination):
+    """Pages of one group each holding every layer, (pages, layers, 2, heads, 16, dim): each K and V
+    of a group is one contiguous view."""
+
+    def __init__(self, pages: int, layers: int = 3, heads: int = 2, head_dim: int = 64):
+        self.kv = torch.zeros(pages, layers, 2, heads, 16, head_dim, dtype=torch.bfloat16)
+
+    def chunks(self, group, layer):
+        return [(self.kv[group, layer, 0], self.kv[group, layer, 1])]
+
+    def whole_group(self, group):
+        return self.kv[group]
+
+    def data(self, groups: int, first: int = 0):
+        """(1, heads, tokens, dim) per layer for ``groups`` pages from ``first``, in order."""
+        pages = self.kv[first : first + groups]
+        return [
+            tuple(pages[:, layer, side].permute(1, 0, 2, 3).flatten(1, 2)[None] for side in (0, 1))
+            for layer in range(self.kv.shape[1])
+        ]
+
+
 class DestinationTest(StoreTestCase):
     """VUA.load(..., into=): verified groups land in the caller's memory, on every host read path."""
 
@@ -187,6 +209,54 @@ class DestinationTest(StoreTestCase):
         self.assertKVEqual(pages.data(1), kv_slice(kv, 0, 16))
         with self.assertRaisesRegex(InvalidInputError, r"whole view of group 0 is .*float16"):
             vua.load(tokens, "cpu", into=Pages(torch.float16)).wait()
+
+    def test_contiguous_views_are_filled_in_place_exactly_and_damage_cuts(self):
+        # Each tensor of a group has a contiguous view of its own here (as SGLang's pools in the
+        # pool's own order have), so the load reads the file straight into it and checks it there.
+        for network_fs in (False, True):
+            vua = self.store(split_factor=16, namespace=f"in-place-{network_fs}", network_fs=network_fs, io_threads=2)
+            tokens = torch.arange(64)
+            kv = random_kv(1, 64, heads=2, head_dim=64, dtype=torch.bfloat16)
+            vua.put(tokens, kv)
+            pages = GroupPages(4)
+            self.assertEqual(vua.load(tokens, "cpu", into=pages).wait(), 4)
+            self.assertKVEqual(pages.data(4), kv)
+            flip_byte(fragment_path(vua.root, vua.config.tokens_to_paths(tokens)[2]), -5)  # group 2's last V
+            pages = GroupPages(4)
+            with self.assertLogs("vua", level="WARNING") as logs:
+                self.assertEqual(vua.load(tokens, "cpu", into=pages).wait(), 2, network_fs)
+            self.assertIn("checksum mismatch", "\n".join(logs.output))
+            self.assertKVEqual(pages.data(2), kv_slice(kv, 0, 32))
+
+    def test_load_groups_takes_many_one_group_prompts_and_stops_at_the_first_not_stored(self):
+        vua = self.store(split_factor=16, io_threads=2)
+        rows = torch.arange(6 * 16).view(6, 16) * 7  # six prompts of one group each
+        kv = random_kv(6, 16, heads=2, head_dim=64, dtype=torch.bfloat16)
+        for r in (0, 1, 2, 4, 5):  # row 3 is never stored
+            vua.put(rows[r], kv_slice(kv, r, 16))
+        pages = GroupPages(6)
+        self.assertEqual(vua.load_groups(rows[:3], into=pages).wait(), 3)
+        for r in range(3):
+            self.assertKVEqual(pages.data(1, first=r), kv_slice(kv, r, 16))
+        self.assertEqual(vua.load_groups(rows, into=GroupPages(6)).wait(), 3)  # up to row 3
+        self.assertIsNone(vua.load_groups(rows[3:], into=GroupPages(6)))
+        stats = vua.stats()
+        self.assertEqual((stats.groups_loaded, stats.hit_tokens), (6, 96))
+
+        # A damaged row ends the run there; the rows before it are whole.
+        flip_byte(fragment_path(vua.root, vua.config.tokens_to_paths(rows[1])[0]), -3)
+        pages = GroupPages(6)
+        with self.assertLogs("vua", level="WARNING"):
+            self.assertEqual(vua.load_groups(rows[:3], into=pages).wait(), 1)
+        self.assertKVEqual(pages.data(1), kv_slice(kv, 0, 16))
+
+        # The second group of a longer prompt is not a prompt of one group: its key chains the first.
+        vua.put(torch.arange(32) + 1000, random_kv(1, 32, heads=2, head_dim=64, dtype=torch.bfloat16))
+        self.assertIsNone(vua.load_groups((torch.arange(32) + 1000)[16:].view(1, 16), into=GroupPages(1)))
+
+        for wrong in (rows[0], rows[:, :8], [[1] * 16]):
+            with self.assertRaisesRegex(InvalidInputError, r"\[n, split_factor=16\]"):
+                vua.load_groups(wrong, into=GroupPages(1))
 
     def test_any_object_with_chunks_is_a_destination(self):
         # Duck typing, as the docs promise: no subclass of KVDestination, no whole_group.

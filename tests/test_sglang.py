@@ -3,7 +3,7 @@
 Each case runs tests/sglang/run_backend.py in the SGLang environment (tests/sglang/env.py
 builds it on first use, a few minutes) as SGLang would run the backend: real MHA and MLA
 host pools on the CPU in each layout, VUAStorage created by the ``dynamic`` factory. Pages
-go from one process to another (and one layout to another), damage shortens the run of
+go from one process to another (and between layouts of one byte order), damage shortens the run of
 pages and raises nothing, SGLang's fault injector never makes a wrong page count as
 loaded, the controller's backup and prefetch threads move pages through VUA, two nodes
 share pages on GlusterFS, and the ``vua`` command sees SGLang's pages like any others.
@@ -61,23 +61,34 @@ class SGLangBackendTest(unittest.TestCase):
         self.assertEqual(done.returncode, 0, done.stdout[-2000:] + done.stderr[-3000:])
         return json.loads(done.stdout.splitlines()[-1])
 
-    def test_pages_go_from_one_process_and_layout_to_another_exactly(self):
-        for kind in ("mha", "mla"):
-            put = self.run_backend(op="put", kind=kind, layout="layer_first", pages=5, seed=1)
+    def test_pages_go_from_one_process_to_another_exactly_and_between_layouts_of_one_byte_order(self):
+        # MHA pages are stored in the pool's own byte order: layer_first and page_first_direct
+        # share one (each layer's K and V token-major), page_first has its own (the whole
+        # page token-major), so a page_first pool finds none of the others' pages and the
+        # others none of its. MLA pages load into every layout.
+        cases = (
+            ("mha", "layer_first", "tp0of1/mha-layer", {"layer_first", "page_first_direct"}),
+            ("mha", "page_first", "tp0of1/mha-page", {"page_first"}),
+            ("mla", "layer_first", "mla/mla", set(LAYOUTS)),
+        )
+        for seed, (kind, written_in, namespace, shared_with) in enumerate(cases, start=1):
+            put = self.run_backend(op="put", kind=kind, layout=written_in, pages=5, seed=seed)
             self.assertEqual(put["wrapped"], "VUAStorage")
             self.assertEqual(put["stored"], [True] * 5)
             self.assertEqual(put["metrics"]["backup_pgs"], 5)
-            expected = "sglang/test/model/mla/mla" if kind == "mla" else "sglang/test/model/tp0of1/mha"
-            self.assertEqual(put["namespace"], expected)
-            runs = [{"layout": layout, "index": os.path.join(self.work, f"{kind}-{layout}")} for layout in LAYOUTS]
+            self.assertEqual(put["namespace"], f"sglang/test/model/{namespace}")
+            runs = [{"layout": layout, "index": os.path.join(self.work, f"{seed}-{layout}")} for layout in LAYOUTS]
             if kind == "mha":  # another rank's pages are another namespace: rank 1 finds none of rank 0's
-                runs.append({"layout": "page_first", "tp_rank": 1, "tp_size": 2})
-            gets = self.run_backend(op="get", kind=kind, keys=put["keys"], seed=2, runs=runs)
+                runs.append({"layout": written_in, "tp_rank": 1, "tp_size": 2})
+            gets = self.run_backend(op="get", kind=kind, keys=put["keys"], seed=10 + seed, runs=runs)
             for layout, got in zip(LAYOUTS, gets):
-                with self.subTest(kind=kind, layout=layout):
-                    self.assertEqual((got["exists"], got["got"]), (5, [True] * 5))
-                    self.assertEqual(got["pages"], put["pages"])  # bit for bit, whatever the layout
-                    self.assertEqual(got["metrics"]["vua"]["groups_loaded"], 5)
+                with self.subTest(kind=kind, written_in=written_in, read_in=layout):
+                    if layout in shared_with:
+                        self.assertEqual((got["exists"], got["got"]), (5, [True] * 5))
+                        self.assertEqual(got["pages"], put["pages"])  # bit for bit
+                        self.assertEqual(got["metrics"]["vua"]["groups_loaded"], 5)
+                    else:
+                        self.assertEqual((got["exists"], got["got"]), (0, [False] * 5))
             if kind == "mha":
                 self.assertEqual((gets[-1]["exists"], gets[-1]["got"]), (0, [False] * 5))
 

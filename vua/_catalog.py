@@ -62,6 +62,7 @@ class Catalog:
         self._mac_key = mac_key
         self._executor = executor
         self.shared = shared  # a network or FUSE root other nodes write: pread reads, damage confirmed
+        self._split = split_factor
         self._opener = GroupOpener(
             root, index, namespace=namespace, split_factor=split_factor, mac_key=mac_key, shared=shared
         )
@@ -124,13 +125,23 @@ class Catalog:
         return groups, first.layout_id
 
     def open_prefix(
-        self, keys: list[bytes], ids: np.ndarray, *, check_macs: bool = True, first: int = 0
+        self,
+        keys: list[bytes],
+        ids: np.ndarray,
+        *,
+        check_macs: bool = True,
+        first: int = 0,
+        one_group_each: bool = False,
     ) -> tuple[list[Fragment], Layout | None]:
         """Opens and validates the fragments of the stored prefix of ``keys`` (token ids ``ids``); cut at the first bad one.
 
         ``first``: start at this group instead of group 0 (the caller holds the KV before it).
         A group's key chains every token before it, and its fragment holds its own tokens,
         so groups from ``first`` on are checked exactly as in a whole prefix.
+
+        ``one_group_each``: each key is a prompt of one group of its own (an engine's page,
+        keyed by the engine), not the next group of one prompt: every fragment must be the
+        first group of its prompt, and ``ids`` holds each key's tokens in turn.
 
         Each fragment's header must name this group, namespace and layout; its stored tokens
         must be the query's; with a MAC key, its MAC must verify (unless ``check_macs`` is
@@ -141,15 +152,19 @@ class Catalog:
         Returns:
             (open fragments of groups first..n-1, their layout); ([], None) when none is usable.
         """
-        fragments, layout, misrecorded = self._open_prefix_once(keys, ids, check_macs=check_macs, first=first)
+
+        def once() -> tuple[list[Fragment], Layout | None, list[bytes]]:
+            return self._open_prefix_once(keys, ids, check_macs=check_macs, first=first, one_group_each=one_group_each)
+
+        fragments, layout, misrecorded = once()
         if misrecorded and self._bookkeeper.heal_records(misrecorded):
             for fragment in fragments:
                 fragment.close()
-            fragments, layout, _ = self._open_prefix_once(keys, ids, check_macs=check_macs, first=first)
+            fragments, layout, _ = once()
         return fragments, layout
 
     def _open_prefix_once(
-        self, keys: list[bytes], ids: np.ndarray, *, check_macs: bool, first: int
+        self, keys: list[bytes], ids: np.ndarray, *, check_macs: bool, first: int, one_group_each: bool
     ) -> tuple[list[Fragment], Layout | None, list[bytes]]:
         """:meth:`open_prefix` from the index as it is: also the groups whose fragment named another
         layout than their record, when one of them cut the prefix."""
@@ -167,9 +182,15 @@ class Catalog:
         missing: list[bytes] = []
         misrecorded: list[bytes] = []
 
+        s = self._split
+
         def open_group(j: int) -> Fragment | None:
+            group = first + j  # in the prompt: its place in ids, and (chained) in the group's header
+            tokens = ids[group * s : (group + 1) * s]
             try:
-                return self._opener.open_group(keys[j].hex(), first + j, layout, ids, check_mac=check_macs)
+                return self._opener.open_group(
+                    keys[j].hex(), 0 if one_group_each else group, tokens, layout, check_mac=check_macs
+                )
             except OtherLayoutError as exc:
                 logger.debug("group %d names another layout than its index record: %s", first + j, exc)
                 misrecorded.append(keys[j])

@@ -10,9 +10,11 @@ MAC) is :class:`vua._fragment.Fragment`'s part, built on this one.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import struct
+from collections.abc import Iterator
 from functools import cached_property
 from typing import TypeVar
 
@@ -159,6 +161,24 @@ class FragmentFile:
             self._map.madvise(mmap.MADV_WILLNEED)
         elif self._fd is not None:
             os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_WILLNEED)
+
+    @contextlib.contextmanager
+    def held_open(self) -> Iterator[None]:
+        """Holds a descriptor for a run of :meth:`read_into` calls (a mapped file keeps none).
+
+        Raises:
+            FragmentError: the file cannot be opened again (see :func:`open_regular`).
+        """
+        if self._fd is not None:
+            yield
+            return
+        self._fd = open_regular(self.path)  # a file replaced since fails the checksum
+        try:
+            yield
+        finally:
+            fd, self._fd = self._fd, None
+            if fd is not None:
+                _close_quietly(fd)
 
     def read_into(self, buffers: list[memoryview], offset: int) -> None:
         """Fills ``buffers``, in order, with the file's bytes from ``offset`` on (one ``preadv`` where it can).

@@ -48,10 +48,13 @@ class GroupOpener:
         self._mac_key = mac_key
         self.shared = shared
 
-    def open_group(self, key_hex: str, j: int, layout: Layout, ids: np.ndarray, *, check_mac: bool) -> Fragment:
-        """Opens group ``j`` (key ``key_hex``) of a query with token ids ``ids``, checked as that group.
+    def open_group(
+        self, key_hex: str, group_index: int, tokens: np.ndarray, layout: Layout, *, check_mac: bool
+    ) -> Fragment:
+        """Opens the group with key ``key_hex``, checked as group ``group_index`` of its prompt holding ``tokens``.
 
         Args:
+            tokens: the group's own token ids (int64), as the query has them.
             layout: the layout of the prefix the group belongs to.
             check_mac: verify the MAC here (with a MAC key); False where the caller's copy does.
 
@@ -60,11 +63,16 @@ class GroupOpener:
                 namespace or layout (:class:`~vua._fragment.OtherLayoutError`), tokens that are
                 not the query's, a MAC that does not verify.
         """
-        s = self._split
         fragment = self.open_fragment(key_hex)
         try:
-            fragment.validate(key_hex=key_hex, namespace=self.namespace, split_factor=s, layout=layout, group_index=j)
-            if bytes(fragment.raw(TOKENS)) != ids[j * s : (j + 1) * s].tobytes():
+            fragment.validate(
+                key_hex=key_hex,
+                namespace=self.namespace,
+                split_factor=self._split,
+                layout=layout,
+                group_index=group_index,
+            )
+            if bytes(fragment.raw(TOKENS)) != tokens.tobytes():
                 raise FragmentError(
                     f"fragment {fragment.path}: stored tokens differ from the query (hash collision or damage)"
                 )

@@ -19,7 +19,7 @@ import os
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import NamedTuple, overload
+from typing import TYPE_CHECKING, NamedTuple, overload
 
 import numpy as np
 import torch
@@ -55,6 +55,10 @@ from vua._root import is_network_root, open_root, write_failure_advice
 from vua._stats import StatsRecorder, StoreStats
 from vua._writer import GroupSource, GroupToWrite, write_groups
 from vua.errors import InvalidInputError, SplitFactorError, StorageError, VUAError
+
+if TYPE_CHECKING:
+    from vua._fragment import Fragment
+    from vua._kv_layout import Layout
 
 __all__ = ["VUA", "VUAConfig", "ClosestKV", "KVDestination", "KVLoad", "StoreStats", "SplitFactorError", "VUAError"]
 
@@ -393,6 +397,70 @@ class VUA:
         )
         if not fragments or layout is None:
             return None
+        return self._start(
+            fragments, layout, keys, first, device, started, layerwise=layerwise, mac_in_copy=mac_in_copy, into=into
+        )
+
+    def load_groups(
+        self, groups: torch.Tensor, device: str | torch.device = "cpu", *, into: KVDestination
+    ) -> KVLoad | None:
+        """Starts loading many one-group prompts at once, each into its place in ``into``: for engines that key pages themselves.
+
+        Each row of ``groups`` is a prompt of exactly one group, stored by ``put`` as such
+        (an engine's page, whose tokens stand for the engine's own page key). They are
+        looked up in one index transaction and copied by all the store's threads at once,
+        each checked as :meth:`load` checks a group; the load stops at the first row that
+        is not stored or fails a check, as a prefix does.
+
+        Args:
+            groups: ``[n, split_factor]`` token ids, one prompt per row.
+            into: where row ``i`` lands: its :meth:`KVDestination.chunks` and
+                :meth:`~KVDestination.whole_group` for group ``i``.
+
+        Returns:
+            A finished :class:`KVLoad` (:meth:`KVLoad.wait` says how many leading rows were
+            loaded), or None when the first row is not stored.
+
+        Raises:
+            InvalidInputError: ``groups`` is not ``[n, split_factor]`` integer ids, or
+                ``into`` is not a KVDestination; a view it names does not fit (from ``wait``).
+        """
+        device = checked_device(device)
+        checked_destination(into)
+        s = self.config.split_factor
+        if not isinstance(groups, torch.Tensor) or groups.dim() != 2 or groups.shape[1] != s:
+            got = list(groups.shape) if isinstance(groups, torch.Tensor) else type(groups).__name__
+            raise InvalidInputError(
+                f"groups must be a [n, split_factor={s}] tensor of token ids, one prompt a row; got {got}"
+            )
+        ids = int64_ids(groups.reshape(-1))
+        keys = [group_keys(ids[r * s : (r + 1) * s], s, self._seed)[0] for r in range(groups.shape[0])]
+        started = time.perf_counter()
+        self._stats.add(lookups=len(keys), lookup_tokens=len(keys) * s)
+        mac_in_copy = self._mac_key is not None and checks_macs_in_copy(
+            device, layerwise=False, mapped=not self._catalog.shared
+        )
+        fragments, layout = self._catalog.open_prefix(keys, ids, check_macs=not mac_in_copy, one_group_each=True)
+        if not fragments or layout is None:
+            return None
+        return self._start(
+            fragments, layout, keys, 0, device, started, layerwise=False, mac_in_copy=mac_in_copy, into=into
+        )
+
+    def _start(
+        self,
+        fragments: list[Fragment],
+        layout: Layout,
+        keys: list[bytes],
+        first: int,
+        device: torch.device,
+        started: float,
+        *,
+        layerwise: bool,
+        mac_in_copy: bool,
+        into: KVDestination | None,
+    ) -> KVLoad:
+        """Starts copying the open ``fragments`` of ``keys[first:]``; its end is counted and recorded."""
         platform, staging = None, None
         if device.type == "cuda":
             platform = CudaPlatform(device)

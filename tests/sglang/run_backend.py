@@ -54,7 +54,7 @@ def page_keys(count: int, seed: int) -> list[str]:
 def page_digest(pages: PageViews, start: int) -> str:
     digest = hashlib.sha256()
     for layer in range(pages.layers):
-        for t in pages.layer(start, layer):
+        for t in pages.model_layer(start, layer):
             digest.update(t.contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 

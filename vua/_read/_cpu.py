@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import numpy as np
@@ -81,10 +82,17 @@ def _copy_group(job: ReadJob, group: int, dest: np.ndarray) -> None:
     which beats one hash and one copy of the whole group (see the README's design notes).
     """
     if job.verify:
-        for layer in range(dest.shape[0]):
-            if group >= job.valid:
-                return  # a check failed: the rest of the group is not needed
-            job.copy_group_layer(group, layer, [(dest[layer, 0], dest[layer, 1])])
+        fragment = job.fragments[group]
+        # Contiguous destination tensors are read into in place (see ReadJob.copy_group_layer): one open for them all.
+        held = fragment.held_open() if dest[0, 0].flags.c_contiguous else contextlib.nullcontext()
+        try:
+            with held:
+                for layer in range(dest.shape[0]):
+                    if group >= job.valid:
+                        return  # a check failed: the rest of the group is not needed
+                    job.copy_group_layer(group, layer, [(dest[layer, 0], dest[layer, 1])])
+        except FragmentError as exc:
+            job.fail(group, exc)
         return
     try:
         source = job.fragments[group].kv_block()

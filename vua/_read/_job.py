@@ -16,13 +16,14 @@ import torch
 import xxhash
 
 from vua._fragment import Fragment
-from vua._kv_layout import Layout, as_bits
+from vua._kv_layout import Layout, as_bits, key_name, value_name
 from vua._read._destination import Landing, spread
 from vua._read._load import KVPairs, LoadProgress
 from vua._read._staging import HostBlockPool
 from vua.errors import FragmentError
 
 _INLINE_BYTES = 4 << 20  # below this a range is copied on the calling thread: fan-out costs more
+_SLICE_BYTES = 512 << 10  # read into place and hashed a slice at a time, while it is in cache (L2)
 
 
 class CopyStrategy:
@@ -163,6 +164,9 @@ class ReadJob:
         ``check=False`` copies only: the GPU checks these bytes after its copy.
         """
         fragment = self.fragments[group]
+        if check and self.verify and len(chunks) == 1 and all(dest.flags.c_contiguous for dest in chunks[0]):
+            self._read_checked(group, layer, chunks[0])
+            return
         try:
             source_k, source_v, sum_k, sum_v = fragment.layers[layer]
         except (FragmentError, IndexError) as exc:
@@ -179,6 +183,30 @@ class ReadJob:
                 )
                 return
             spread(source, chunks, side)
+
+    def _read_checked(self, group: int, layer: int, dests: tuple[np.ndarray, np.ndarray]) -> None:
+        """Reads one group's K and V of one layer straight into ``dests``, contiguous views, and checks them there.
+
+        The kernel copies the file's bytes into place (no mapping touched, no second copy),
+        a slice at a time, each hashed while it is still in cache. Bytes that do not match
+        the stored checksum, or cannot be read, end the prefix before the group.
+        """
+        fragment = self.fragments[group]
+        try:
+            for name, dest in zip((key_name(layer), value_name(layer)), dests):
+                begin = fragment.tensors[name].begin
+                landed = memoryview(dest).cast("B")
+                digest = xxhash.xxh3_64()
+                for at in range(0, len(landed), _SLICE_BYTES):
+                    part = landed[at : at + _SLICE_BYTES]
+                    fragment.read_into([part], begin + at)
+                    digest.update(part)
+                if digest.intdigest() != fragment.checksums.get(name):
+                    raise FragmentError(f"fragment {fragment.path}: checksum mismatch in {name} (damaged data)")
+        except (FragmentError, KeyError) as exc:
+            self.fail(
+                group, exc if isinstance(exc, FragmentError) else FragmentError(f"fragment {fragment.path}: no {exc}")
+            )
 
     def read_group(self, group: int, dest: np.ndarray, *, offset: int = 0, check: bool = False) -> None:
         """Reads one group's K and V bytes (file order) from ``offset`` on into ``dest``.

@@ -19,8 +19,10 @@ exception into SGLang's controller. What cannot be checked is what SGLang's key 
 
 Pages live in a namespace per model and tensor-parallel rank (``sglang/<model>/tp<r>of<n>``;
 MLA's replicated latent cache: ``sglang/<model>/mla``, written by rank 0 alone), so ranks
-and models never read each other's pages; pages of one model land in any host layout
-(``layer_first``, ``page_first``, ``page_first_direct``) whatever layout wrote them.
+and models never read each other's pages. MHA pages are stored in the host pool's own byte
+order (see ``PageViews``), one namespace per order: ``page_first`` pools share pages with
+each other, ``layer_first`` and ``page_first_direct`` pools with each other. MLA pages load
+into any of the three layouts.
 
 The zero-copy calls (``interface_v1``) move each page straight between the host pool and
 the file: ``batch_get_v1`` loads into the pool's own page views (``VUA.load(...,
@@ -172,21 +174,23 @@ class VUAStorage(HiCacheStorage):
     def batch_get_v1(
         self, keys: list[str], host_indices: torch.Tensor, extra_info: HiCacheStorageExtraInfo | None = None
     ) -> list[bool]:
-        """Loads pages into the host pool at ``host_indices``, each verified before it counts; stops at the first miss."""
+        """Loads pages into the host pool at ``host_indices``, each verified before it counts; stops at the first miss.
+
+        One load takes the call's pages (one index transaction, every copy thread at work).
+        """
         assert self._store is not None and self._pages is not None
+        if not keys:
+            return []
         started = time.perf_counter()
         page = self._page_size()
         done = 0
-        for i, key in enumerate(keys):
-            start = int(host_indices[i * page])
-            try:
-                load = self._store.load(key_tokens(key, page), "cpu", into=_PageDestination(self._pages, start))
-                if load is None or load.wait() != 1:
-                    break
-            except VUAError as exc:  # a malformed key, a store that refuses: a miss, not an error in SGLang
-                logger.warning("VUAStorage: page %s not loaded: %s", key, exc)
-                break
-            done += 1
+        try:
+            tokens = torch.stack([key_tokens(key, page) for key in keys])
+            starts = [int(host_indices[i * page]) for i in range(len(keys))]
+            load = self._store.load_groups(tokens, "cpu", into=_PageDestination(self._pages, starts))
+            done = 0 if load is None else load.wait()
+        except VUAError as exc:  # a malformed key, a store that refuses: a miss, not an error in SGLang
+            logger.warning("VUAStorage: %d pages not loaded: %s", len(keys), exc)
         self._record(self._metrics.prefetch_pgs, self._metrics.prefetch_bandwidth, done, started)
         return [True] * done + [False] * (len(keys) - done)
 
@@ -281,14 +285,14 @@ class VUAStorage(HiCacheStorage):
 
 
 class _PageDestination(KVDestination):
-    """One page of the host pool as the destination of a one-group load."""
+    """Pages of the host pool as the destination of a load of one-group prompts: group ``i`` is the page at ``starts[i]``."""
 
-    def __init__(self, pages: PageViews, start: int):
+    def __init__(self, pages: PageViews, starts: list[int]):
         self._pages = pages
-        self._start = start
+        self._starts = starts
 
     def chunks(self, group: int, layer: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return [self._pages.layer(self._start, layer)]
+        return [self._pages.layer(self._starts[group], layer)]
 
     def whole_group(self, group: int) -> torch.Tensor | None:
-        return self._pages.whole(self._start)
+        return self._pages.whole(self._starts[group])

@@ -36,16 +36,22 @@ def key_tokens(key: str, page: int) -> torch.Tensor:
 
 
 class PageViews:
-    """One SGLang host pool's pages as per-layer (K, V) views, ``(heads, page, dim)`` each.
+    """One SGLang host pool's pages as VUA stores them: per stored layer, (K, V) views ``(heads, page, dim)``.
 
-    MHA pools hold K and V per layer; an MLA pool holds one latent vector per token and
-    layer, stored as VUA's (K, V) pair cut in two along its width (one "head"). Every
-    host layout is indexing on ``kv_buffer``, so a page lands in place whatever its order:
+    MHA pages are stored in the pool's own byte order, so a page moves between the pool
+    and its file in contiguous runs (one read into the pool, each tensor checked where it
+    landed) instead of a transposing copy:
 
-    - MHA: layer_first ``(2, L, T, H, D)``, page_first ``(2, T, L, H, D)``,
-      page_first_direct ``(2, pages, L, P, H, D)``;
-    - MLA: layer_first ``(L, T, 1, C)``, page_first ``(T, L, 1, C)``,
-      page_first_direct ``(pages, L, P, 1, C)``.
+    - ``page_first`` ``(2, T, L, H, D)``: a page's K is one run of ``(page, L, H, D)``, stored
+      as one layer of one "head" ``(1, page, L*H*D)`` (kind ``mha-page``);
+    - ``layer_first`` ``(2, L, T, H, D)`` and ``page_first_direct`` ``(2, pages, L, P, H, D)``:
+      each layer's K is one run of ``(page, H, D)``, stored as ``(1, page, H*D)`` per layer
+      (kind ``mha-layer``): pages written from either of these two layouts load into the other.
+
+    An MLA pool holds one latent vector per token and layer, stored per layer as VUA's
+    (K, V) pair cut in two along its width (one "head", kind ``mla``): ``layer_first``
+    ``(L, T, 1, C)``, ``page_first`` ``(T, L, 1, C)``, ``page_first_direct`` ``(pages, L, P, 1, C)``.
+    Its pages load into any of the three layouts.
     """
 
     # kv_buffer's dimensions per layout: MHA's has K|V in front, MLA's one vector per token.
@@ -57,11 +63,13 @@ class PageViews:
         self.layout = str(pool.layout)
         mha_dims, mla_dims = self._DIMS.get(self.layout, (None, None))
         if self.kv.dim() == mha_dims and self.kv.shape[0] == 2:
-            self.kind = "mha"
+            self.kind = "mha-page" if self.layout == "page_first" else "mha-layer"
             self.layers = self.kv.shape[1] if self.layout == "layer_first" else self.kv.shape[2]
+            self.stored_layers = 1 if self.kind == "mha-page" else self.layers
         elif self.kv.dim() == mla_dims and self.kv.shape[-2] == 1:
             self.kind = "mla"
             self.layers = self.kv.shape[0] if self.layout == "layer_first" else self.kv.shape[1]
+            self.stored_layers = self.layers
             width = self.kv.shape[-1]
             self._cut = width - width // 2  # where the latent is cut into VUA's (K, V)
         else:
@@ -70,39 +78,47 @@ class PageViews:
                 f"{tuple(self.kv.shape)}; it knows layer_first, page_first and page_first_direct, MHA and MLA"
             )
 
-    def layer(self, start: int, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(K, V) views of the page beginning at host token ``start``, in ``layer``."""
+    def model_layer(self, start: int, layer: int) -> tuple[torch.Tensor, ...]:
+        """The page at host token ``start`` in one of the model's layers, token-major: MHA's (K, V), each
+        ``(page, H, D)``; MLA's latent ``(page, 1, C)``. The same bytes in every layout."""
         kv, p = self.kv, self.page
-        if self.kind == "mha":
+        if self.kind == "mla":
             if self.layout == "layer_first":
-                k, v = kv[0, layer, start : start + p], kv[1, layer, start : start + p]
-            elif self.layout == "page_first":
-                k, v = kv[0, start : start + p, layer], kv[1, start : start + p, layer]
-            else:
-                k, v = kv[0, start // p, layer], kv[1, start // p, layer]
-            return k.transpose(0, 1), v.transpose(0, 1)  # (P, H, D) -> (H, P, D)
+                return (kv[layer, start : start + p],)
+            if self.layout == "page_first":
+                return (kv[start : start + p, layer],)
+            return (kv[start // p, layer],)
         if self.layout == "layer_first":
-            latent = kv[layer, start : start + p]
-        elif self.layout == "page_first":
-            latent = kv[start : start + p, layer]
-        else:
-            latent = kv[start // p, layer]
+            return kv[0, layer, start : start + p], kv[1, layer, start : start + p]
+        if self.layout == "page_first":
+            return kv[0, start : start + p, layer], kv[1, start : start + p, layer]
+        return kv[0, start // p, layer], kv[1, start // p, layer]
+
+    def layer(self, start: int, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(K, V) views of the page at host token ``start`` in stored layer ``layer``, ``(heads, page, dim)`` each."""
+        p = self.page
+        if self.kind == "mha-page":  # (2, T, L, H, D): the page's K and V, each one contiguous run
+            k, v = self.kv[0, start : start + p], self.kv[1, start : start + p]
+            return k.view(1, p, -1), v.view(1, p, -1)  # views, never copies: a load lands in them
+        if self.kind == "mha-layer":
+            k, v = self.model_layer(start, layer)
+            return k.view(1, p, -1), v.view(1, p, -1)
+        (latent,) = self.model_layer(start, layer)
         latent = latent.transpose(0, 1)  # (P, 1, C) -> (1, P, C)
         return latent[..., : self._cut], latent[..., self._cut :]
 
     def whole(self, start: int) -> torch.Tensor | None:
-        """The page at host token ``start``, every layer's K and V, as one ``(layers, 2, heads, page, dim)`` view.
+        """The page at host token ``start``, every stored layer's K and V, as one ``(layers, 2, heads, page, dim)`` view.
 
-        A load then copies the page in one strided copy instead of one per layer and tensor.
-        None for an MLA pool whose latent width is odd (its K and V halves differ in width).
+        A load then takes the page as one whole group instead of layer by layer. None for
+        an MLA pool whose latent width is odd (its K and V halves differ in width).
         """
         kv, p = self.kv, self.page
-        if self.kind == "mha":
-            if self.layout == "layer_first":  # (2, L, T, H, D)
-                return kv[:, :, start : start + p].permute(1, 0, 3, 2, 4)
-            if self.layout == "page_first":  # (2, T, L, H, D)
-                return kv[:, start : start + p].permute(2, 0, 3, 1, 4)
-            return kv[:, start // p].permute(1, 0, 3, 2, 4)  # page_first_direct: (2, N, L, P, H, D)
+        if self.kind == "mha-page":  # (2, T, L, H, D) -> (2, P, L*H*D) -> (1, 2, 1, P, L*H*D)
+            return kv[:, start : start + p].view(2, p, -1)[None, :, None]
+        if self.kind == "mha-layer":  # (2, L, P, H, D) -> (L, 2, 1, P, H*D)
+            page = kv[:, :, start : start + p] if self.layout == "layer_first" else kv[:, start // p]
+            return page.view(*page.shape[:3], -1).transpose(0, 1)[:, :, None]
         width = kv.shape[-1]
         if width % 2:
             return None
@@ -118,14 +134,14 @@ class PageViews:
     def gather(
         self, starts: list[int], into: list[tuple[torch.Tensor, torch.Tensor]] | None = None
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per layer, (K, V) of the pages at ``starts``, ``(pages, heads, page, dim)``: a put's data (one copy).
+        """Per stored layer, (K, V) of the pages at ``starts``, ``(pages, heads, page, dim)``: a put's data (one copy).
 
-        ``into``: per layer, (K, V) buffers of at least ``len(starts)`` pages (from :meth:`buffers`) to
-        copy into, reused from call to call: fresh memory costs a page fault per 4 KiB on first touch.
+        ``into``: per stored layer, (K, V) buffers of at least ``len(starts)`` pages (from :meth:`buffers`)
+        to copy into, reused from call to call: fresh memory costs a page fault per 4 KiB on first touch.
         """
         out = []
         n = len(starts)
-        for layer in range(self.layers):
+        for layer in range(self.stored_layers):
             pairs = [self.layer(start, layer) for start in starts]
             if into is None:
                 out.append((torch.stack([k for k, _ in pairs]), torch.stack([v for _, v in pairs])))
@@ -137,9 +153,9 @@ class PageViews:
         return out
 
     def buffers(self, pages: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per layer, (K, V) buffers for :meth:`gather` of up to ``pages`` pages, touched once."""
+        """Per stored layer, (K, V) buffers for :meth:`gather` of up to ``pages`` pages, touched once."""
         out = []
-        for layer in range(self.layers):
+        for layer in range(self.stored_layers):
             k, v = self.layer(0, layer)
             out.append((torch.zeros((pages, *k.shape), dtype=k.dtype), torch.zeros((pages, *v.shape), dtype=v.dtype)))
         return out
@@ -147,4 +163,4 @@ class PageViews:
     @property
     def page_bytes(self) -> int:
         """One page's K and V bytes, every layer."""
-        return sum(k.nbytes + v.nbytes for k, v in (self.layer(0, layer) for layer in range(self.layers)))
+        return sum(k.nbytes + v.nbytes for k, v in (self.layer(0, layer) for layer in range(self.stored_layers)))
