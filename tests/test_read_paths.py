@@ -239,6 +239,7 @@ class DestinationTest(StoreTestCase):
         for r in range(3):
             self.assertKVEqual(pages.data(1, first=r), kv_slice(kv, r, 16))
         self.assertEqual(vua.load_groups(rows, into=GroupPages(6)).wait(), 3)  # up to row 3
+        self.assertEqual([vua.stored_groups(rows), vua.stored_groups(rows[4:]), vua.stored_groups(rows[3:])], [3, 2, 0])
         self.assertIsNone(vua.load_groups(rows[3:], into=GroupPages(6)))
         stats = vua.stats()
         self.assertEqual((stats.groups_loaded, stats.hit_tokens), (6, 96))
@@ -257,6 +258,8 @@ class DestinationTest(StoreTestCase):
         for wrong in (rows[0], rows[:, :8], [[1] * 16]):
             with self.assertRaisesRegex(InvalidInputError, r"\[n, split_factor=16\]"):
                 vua.load_groups(wrong, into=GroupPages(1))
+            with self.assertRaisesRegex(InvalidInputError, r"\[n, split_factor=16\]"):
+                vua.stored_groups(wrong)
 
     def test_any_object_with_chunks_is_a_destination(self):
         # Duck typing, as the docs promise: no subclass of KVDestination, no whole_group.

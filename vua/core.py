@@ -428,13 +428,7 @@ class VUA:
         device = checked_device(device)
         checked_destination(into)
         s = self.config.split_factor
-        if not isinstance(groups, torch.Tensor) or groups.dim() != 2 or groups.shape[1] != s:
-            got = list(groups.shape) if isinstance(groups, torch.Tensor) else type(groups).__name__
-            raise InvalidInputError(
-                f"groups must be a [n, split_factor={s}] tensor of token ids, one prompt a row; got {got}"
-            )
-        ids = int64_ids(groups.reshape(-1))
-        keys = [group_keys(ids[r * s : (r + 1) * s], s, self._seed)[0] for r in range(groups.shape[0])]
+        ids, keys = self._group_rows(groups)
         started = time.perf_counter()
         self._stats.add(lookups=len(keys), lookup_tokens=len(keys) * s)
         mac_in_copy = self._mac_key is not None and checks_macs_in_copy(
@@ -446,6 +440,28 @@ class VUA:
         return self._start(
             fragments, layout, keys, 0, device, started, layerwise=False, mac_in_copy=mac_in_copy, into=into
         )
+
+    def stored_groups(self, groups: torch.Tensor) -> int:
+        """How many leading rows of ``groups`` (one-group prompts, as :meth:`load_groups` takes) are stored,
+        without reading fragments: :meth:`prefix_length` for many one-group prompts, in one index transaction.
+
+        Raises:
+            InvalidInputError: ``groups`` is not ``[n, split_factor]`` integer ids.
+        """
+        _, keys = self._group_rows(groups)
+        count, _ = self._catalog.usable_groups(keys, read_headers=False)
+        return count
+
+    def _group_rows(self, groups: torch.Tensor) -> tuple[np.ndarray, list[bytes]]:
+        """The token ids of one-group prompts (``[n, split_factor]``), flat, and each row's key."""
+        s = self.config.split_factor
+        if not isinstance(groups, torch.Tensor) or groups.dim() != 2 or groups.shape[1] != s:
+            got = list(groups.shape) if isinstance(groups, torch.Tensor) else type(groups).__name__
+            raise InvalidInputError(
+                f"groups must be a [n, split_factor={s}] tensor of token ids, one prompt a row; got {got}"
+            )
+        ids = int64_ids(groups.reshape(-1))
+        return ids, [group_keys(ids[r * s : (r + 1) * s], s, self._seed)[0] for r in range(groups.shape[0])]
 
     def _start(
         self,

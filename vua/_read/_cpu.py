@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 
 import numpy as np
@@ -78,21 +77,29 @@ class HostLayers(CopyStrategy):
 def _copy_group(job: ReadJob, group: int, dest: np.ndarray) -> None:
     """Verifies and copies one group's whole KV into ``dest``, a (layers, 2, heads, split, dim) integer view.
 
-    Tensor by tensor, hash then copy: the copy reads what the hash just pulled into cache,
-    which beats one hash and one copy of the whole group (see the README's design notes).
+    Where each of its tensors is one contiguous run (a destination holding pages in the
+    stored order), the file is read straight into them (``ReadJob.read_group_in_place``).
+    Else tensor by tensor, hash then copy: the copy reads what the hash just pulled into
+    cache, which beats one hash and one copy of the whole group.
     """
     if job.verify:
-        fragment = job.fragments[group]
-        # Contiguous destination tensors are read into in place (see ReadJob.copy_group_layer): one open for them all.
-        held = fragment.held_open() if dest[0, 0].flags.c_contiguous else contextlib.nullcontext()
-        try:
-            with held:
-                for layer in range(dest.shape[0]):
-                    if group >= job.valid:
-                        return  # a check failed: the rest of the group is not needed
-                    job.copy_group_layer(group, layer, [(dest[layer, 0], dest[layer, 1])])
-        except FragmentError as exc:
-            job.fail(group, exc)
+        tensors = (
+            [dest[layer, side] for layer in range(dest.shape[0]) for side in (0, 1)]
+            if dest[0, 0].flags.c_contiguous
+            else []
+        )
+        if tensors and all(t.flags.c_contiguous for t in tensors):  # each tensor one run: read in place, checked there
+            fragment = job.fragments[group]
+            try:
+                with fragment.held_open():
+                    job.read_group_in_place(group, tensors)
+            except FragmentError as exc:
+                job.fail(group, exc)
+            return
+        for layer in range(dest.shape[0]):
+            if group >= job.valid:
+                return  # a check failed: the rest of the group is not needed
+            job.copy_group_layer(group, layer, [(dest[layer, 0], dest[layer, 1])])
         return
     try:
         source = job.fragments[group].kv_block()

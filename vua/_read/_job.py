@@ -16,7 +16,7 @@ import torch
 import xxhash
 
 from vua._fragment import Fragment
-from vua._kv_layout import Layout, as_bits, key_name, value_name
+from vua._kv_layout import Layout, as_bits
 from vua._read._destination import Landing, spread
 from vua._read._load import KVPairs, LoadProgress
 from vua._read._staging import HostBlockPool
@@ -164,9 +164,6 @@ class ReadJob:
         ``check=False`` copies only: the GPU checks these bytes after its copy.
         """
         fragment = self.fragments[group]
-        if check and self.verify and len(chunks) == 1 and all(dest.flags.c_contiguous for dest in chunks[0]):
-            self._read_checked(group, layer, chunks[0])
-            return
         try:
             source_k, source_v, sum_k, sum_v = fragment.layers[layer]
         except (FragmentError, IndexError) as exc:
@@ -184,29 +181,47 @@ class ReadJob:
                 return
             spread(source, chunks, side)
 
-    def _read_checked(self, group: int, layer: int, dests: tuple[np.ndarray, np.ndarray]) -> None:
-        """Reads one group's K and V of one layer straight into ``dests``, contiguous views, and checks them there.
+    def read_group_in_place(self, group: int, dests: Sequence[np.ndarray]) -> None:
+        """Reads one group's K and V straight into ``dests`` (contiguous views, one per tensor in file
+        order: K0, V0, K1, ...) and checks each tensor there.
 
-        The kernel copies the file's bytes into place (no mapping touched, no second copy),
-        a slice at a time, each hashed while it is still in cache. Bytes that do not match
-        the stored checksum, or cannot be read, end the prefix before the group.
+        The kernel copies the file's bytes into place (no mapping touched, no second copy), a
+        slice of about ``_SLICE_BYTES`` at a time (one ``preadv`` over as many tensors as fit),
+        and each slice is hashed right after, while it is in cache. Bytes that do not match
+        the stored checksums, or cannot be read, end the prefix before the group.
         """
         fragment = self.fragments[group]
         try:
-            for name, dest in zip((key_name(layer), value_name(layer)), dests):
-                begin = fragment.tensors[name].begin
+            names = fragment.kv_names
+            if len(names) != len(dests):
+                raise FragmentError(f"fragment {fragment.path}: {len(names)} tensors for {len(dests)} views")
+            digests = [xxhash.xxh3_64() for _ in names]
+            offset = fragment.kv_range[0]  # the tensors lie back to back in file order (validated on opening)
+            parts: list[memoryview] = []
+            owners: list[int] = []  # the tensor each part belongs to
+            size = 0
+            for tensor, dest in enumerate(dests):
                 landed = memoryview(dest).cast("B")
-                digest = xxhash.xxh3_64()
                 for at in range(0, len(landed), _SLICE_BYTES):
                     part = landed[at : at + _SLICE_BYTES]
-                    fragment.read_into([part], begin + at)
-                    digest.update(part)
-                if digest.intdigest() != fragment.checksums.get(name):
+                    if parts and size + len(part) > _SLICE_BYTES:
+                        fragment.read_into(parts, offset)
+                        for owner, done in zip(owners, parts):
+                            digests[owner].update(done)
+                        offset += size
+                        parts, owners, size = [], [], 0
+                    parts.append(part)
+                    owners.append(tensor)
+                    size += len(part)
+            fragment.read_into(parts, offset)
+            for owner, done in zip(owners, parts):
+                digests[owner].update(done)
+            sums = fragment.checksums
+            for name, digest in zip(names, digests):
+                if digest.intdigest() != sums.get(name):
                     raise FragmentError(f"fragment {fragment.path}: checksum mismatch in {name} (damaged data)")
-        except (FragmentError, KeyError) as exc:
-            self.fail(
-                group, exc if isinstance(exc, FragmentError) else FragmentError(f"fragment {fragment.path}: no {exc}")
-            )
+        except FragmentError as exc:
+            self.fail(group, exc)
 
     def read_group(self, group: int, dest: np.ndarray, *, offset: int = 0, check: bool = False) -> None:
         """Reads one group's K and V bytes (file order) from ``offset`` on into ``dest``.

@@ -159,17 +159,16 @@ class VUAStorage(HiCacheStorage):
     # -- the zero-copy calls (interface_v1) ---------------------------------------------------
 
     def batch_exists(self, keys: list[str], extra_info: HiCacheStorageExtraInfo | None = None) -> int:
-        """How many leading ``keys`` are stored (from the index; on a shared root, the tree too)."""
+        """How many leading ``keys`` are stored (one index transaction; on a shared root, the tree too)."""
         store = self._store_for_exists()
+        if not keys:
+            return 0
         page = self._page_size()
-        for i, key in enumerate(keys):
-            try:
-                if store.prefix_length(key_tokens(key, page)) != page:
-                    return i
-            except VUAError as exc:
-                logger.warning("VUAStorage: page %s cannot be looked up: %s", key, exc)
-                return i
-        return len(keys)
+        try:
+            return store.stored_groups(torch.stack([key_tokens(key, page) for key in keys]))
+        except VUAError as exc:
+            logger.warning("VUAStorage: %d pages cannot be looked up: %s", len(keys), exc)
+            return 0
 
     def batch_get_v1(
         self, keys: list[str], host_indices: torch.Tensor, extra_info: HiCacheStorageExtraInfo | None = None

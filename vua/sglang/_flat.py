@@ -39,27 +39,24 @@ class FlatPages:
 
     def get(self, key: str, target: Any | None = None) -> torch.Tensor | None:
         """One flat page, into ``target`` if it is a tensor (else a fresh page); None when it is not loaded."""
-        into = target if isinstance(target, torch.Tensor) else self._dummy_page()
-        page = self._page()
-        try:
-            load = self.store.load(key_tokens(key, page), "cpu", into=_FlatDestination(into, page))
-            if load is None or load.wait() != 1:
-                return None
-        except VUAError as exc:
-            logger.warning("VUAStorage: page %s not loaded: %s", key, exc)
-            return None
-        return into
+        return self.batch_get([key], [target])[0]
 
     def batch_get(self, keys: list[str], targets: Any | None = None) -> list[torch.Tensor | None]:
-        targets = targets if targets is not None else [None] * len(keys)
-        out: list[torch.Tensor | None] = []
-        for key, target in zip(keys, targets):
-            got = self.get(key, target)
-            out.append(got)
-            if got is None:
-                out.extend([None] * (len(keys) - len(out)))  # a run of pages ends at its first miss
-                break
-        return out
+        """Flat pages, each into its target where that is a tensor (else a fresh page), in one load; the run
+        ends at its first miss (None from there on)."""
+        if not keys:
+            return []
+        targets = targets if targets is not None and len(targets) == len(keys) else [None] * len(keys)
+        intos = [t if isinstance(t, torch.Tensor) else self._dummy_page() for t in targets]
+        page = self._page()
+        done = 0
+        try:
+            tokens = torch.stack([key_tokens(key, page) for key in keys])
+            load = self.store.load_groups(tokens, "cpu", into=_FlatDestination(intos, page))
+            done = 0 if load is None else load.wait()
+        except VUAError as exc:
+            logger.warning("VUAStorage: %d flat pages not loaded: %s", len(keys), exc)
+        return [*intos[:done], *[None] * (len(keys) - done)]
 
     def batch_set(self, keys: list[str], values: Any | None) -> bool:
         """Stores flat pages, durably; True when every one is stored (those that were stay whole either way)."""
@@ -84,14 +81,13 @@ class FlatPages:
 
 
 class _FlatDestination(KVDestination):
-    """A flat page tensor as one layer of one head: K its first half per token, V the rest."""
+    """Flat page tensors, group ``i`` the ``i``-th: each one layer of one head, K its first half per token, V the rest."""
 
-    def __init__(self, target: torch.Tensor, page: int):
-        self._halves = flat_halves(target.view(-1), page)  # a view: the load must land in target itself
+    def __init__(self, targets: list[torch.Tensor], page: int):
+        self._halves = [flat_halves(t.view(-1), page) for t in targets]  # views: the load must land in each target
 
     def chunks(self, group: int, layer: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        k, v = self._halves
-        return [(k, v)]
+        return [self._halves[group]]
 
 
 def flat_halves(flat: torch.Tensor, page: int) -> tuple[torch.Tensor, torch.Tensor]:
