@@ -118,10 +118,15 @@ class Blocks(KVDestination):
 
 class GroupPages(KVDestination):
     """Pages of one group each holding every layer, (pages, layers, 2, heads, 16, dim): each K and V
-    of a group is one contiguous view."""
+    of a group is one contiguous view. ``heads_apart``: the memory is (heads, pages, layers, 2, 16,
+    dim) instead, each head of a K or V one run, the heads far apart (as SGLang's layer_first pool)."""
 
-    def __init__(self, pages: int, layers: int = 3, heads: int = 2, head_dim: int = 64):
-        self.kv = torch.zeros(pages, layers, 2, heads, 16, head_dim, dtype=torch.bfloat16)
+    def __init__(self, pages: int, layers: int = 3, heads: int = 2, head_dim: int = 64, *, heads_apart: bool = False):
+        if heads_apart:
+            memory = torch.zeros(heads, pages, layers, 2, 16, head_dim, dtype=torch.bfloat16)
+            self.kv = memory.permute(1, 2, 3, 0, 4, 5)
+        else:
+            self.kv = torch.zeros(pages, layers, 2, heads, 16, head_dim, dtype=torch.bfloat16)
 
     def chunks(self, group, layer):
         return [(self.kv[group, layer, 0], self.kv[group, layer, 1])]
@@ -213,16 +218,18 @@ class DestinationTest(StoreTestCase):
     def test_contiguous_views_are_filled_in_place_exactly_and_damage_cuts(self):
         # Each tensor of a group has a contiguous view of its own here (as SGLang's pools in the
         # pool's own order have), so the load reads the file straight into it and checks it there.
-        for network_fs in (False, True):
-            vua = self.store(split_factor=16, namespace=f"in-place-{network_fs}", network_fs=network_fs, io_threads=2)
+        for network_fs, heads_apart in ((False, False), (False, True), (True, False)):
+            vua = self.store(
+                split_factor=16, namespace=f"in-place-{network_fs}-{heads_apart}", network_fs=network_fs, io_threads=2
+            )
             tokens = torch.arange(64)
             kv = random_kv(1, 64, heads=2, head_dim=64, dtype=torch.bfloat16)
             vua.put(tokens, kv)
-            pages = GroupPages(4)
+            pages = GroupPages(4, heads_apart=heads_apart)
             self.assertEqual(vua.load(tokens, "cpu", into=pages).wait(), 4)
             self.assertKVEqual(pages.data(4), kv)
             flip_byte(fragment_path(vua.root, vua.config.tokens_to_paths(tokens)[2]), -5)  # group 2's last V
-            pages = GroupPages(4)
+            pages = GroupPages(4, heads_apart=heads_apart)
             with self.assertLogs("vua", level="WARNING") as logs:
                 self.assertEqual(vua.load(tokens, "cpu", into=pages).wait(), 2, network_fs)
             self.assertIn("checksum mismatch", "\n".join(logs.output))
@@ -260,6 +267,23 @@ class DestinationTest(StoreTestCase):
                 vua.load_groups(wrong, into=GroupPages(1))
             with self.assertRaisesRegex(InvalidInputError, r"\[n, split_factor=16\]"):
                 vua.stored_groups(wrong)
+
+    def test_put_groups_writes_each_prompt_from_its_row_of_a_pool(self):
+        vua = self.store(split_factor=16, io_threads=2)
+        pool = random_kv(8, 16, heads=2, head_dim=64, dtype=torch.bfloat16)  # 8 pages of 16 tokens, every layer
+        rows = [5, 2, 7]
+        groups = torch.arange(3 * 16).view(3, 16) + 500
+        for wrong, message in (([5, 2], "one int per row"), ([5, 2, 8], "0 to 7"), ([5, 2, 7.0], "one int per row")):
+            with self.assertRaisesRegex(InvalidInputError, message):
+                vua.put_groups(groups, pool, rows=wrong)
+        self.assertEqual(vua.stored_groups(groups), 0)  # a refused call wrote nothing
+        self.assertEqual(vua.put_groups(groups, pool, rows=rows), 3)
+        self.assertEqual(vua.put_groups(groups, pool, rows=rows), 0)  # stored already: skipped
+        pages = GroupPages(3)
+        self.assertEqual(vua.load_groups(groups, into=pages).wait(), 3)
+        for i, row in enumerate(rows):
+            self.assertKVEqual(pages.data(1, first=i), kv_slice(pool, row, 16))
+            self.assertKVEqual(vua.get_closest(groups[i]).data, kv_slice(pool, row, 16))  # a prompt like any other
 
     def test_any_object_with_chunks_is_a_destination(self):
         # Duck typing, as the docs promise: no subclass of KVDestination, no whole_group.

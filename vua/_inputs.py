@@ -89,9 +89,18 @@ def int64_ids(row: torch.Tensor) -> np.ndarray:
 
 
 def checked_put(
-    tokens: torch.Tensor, data: KVData | LayeredCache, offset: int, split_factor: int
+    tokens: torch.Tensor,
+    data: KVData | LayeredCache,
+    offset: int,
+    split_factor: int,
+    *,
+    data_rows: Sequence[int] | None = None,
 ) -> tuple[list[torch.Tensor], Layout, list[tuple[torch.Tensor, torch.Tensor]]]:
-    """Validates put's arguments (``data`` a list of (key, value) pairs or a cache object); raises before anything touches the disk."""
+    """Validates put's arguments (``data`` a list of (key, value) pairs or a cache object); raises before anything touches the disk.
+
+    ``data_rows``: where each token row's KV lies in ``data``'s batch dimension (``put_groups``);
+    None: row for row.
+    """
     if not isinstance(tokens, torch.Tensor):
         raise InvalidInputError(
             f"tokens must be a torch.Tensor of token ids, got {type(tokens).__name__}; "
@@ -106,6 +115,10 @@ def checked_put(
         raise InvalidInputError(f"tokens must be shaped [n], [1, n] or [B, n], got {list(tokens.shape)}")
     if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
         raise InvalidInputError(f"tokens must hold integer ids, got dtype {tokens.dtype}; convert with tokens.long()")
+    if data_rows is not None and (
+        len(data_rows) != len(rows) or not all(isinstance(r, int) and not isinstance(r, bool) for r in data_rows)
+    ):
+        raise InvalidInputError(f"rows must be one int per row of groups ({len(rows)}), got {len(data_rows)} values")
     n, s = tokens.shape[-1], split_factor
     if n % s:
         raise SplitFactorError(
@@ -134,9 +147,13 @@ def checked_put(
                 raise InvalidInputError(
                     f"data[{i}] {name} must be a 4-D tensor [batch, kv_heads, seq, head_dim], got {got}"
                 )
-            if t.shape[0] != batch:
+            if data_rows is None and t.shape[0] != batch:
                 raise InvalidInputError(
                     f"data[{i}] {name} has batch {t.shape[0]} but tokens has {batch} rows; they must agree"
+                )
+            if data_rows is not None and not all(0 <= r < t.shape[0] for r in data_rows):
+                raise InvalidInputError(
+                    f"rows must index data's batch dimension, 0 to {t.shape[0] - 1}; got {list(data_rows)[:8]}..."
                 )
             if t.shape[2] < n - offset:
                 hint = (

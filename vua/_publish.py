@@ -40,8 +40,14 @@ def publish_fragment(
     buffers: Sequence[memoryview],
     *,
     file_mode: int | None = None,
+    shared: bool = True,
 ) -> bool:
     """Writes a fragment durably and atomically under ``root``.
+
+    ``shared``: ``root`` is a file system other nodes write too (the default, the careful
+    one): directories are made under a lock (see :func:`make_dir`). On a local file system a
+    plain ``mkdir`` is atomic, and the lock's two extra metadata operations per group wait
+    on the journal behind every other writer's fsync.
 
     The group's directory is made (if missing), the file written beside its final name
     (see ``_layout.WRITING_PREFIX``) and fsynced, then hard-linked to that name, which
@@ -59,7 +65,7 @@ def publish_fragment(
     """
     for pause in (*_RACE_RETRY_SECONDS, None):
         try:
-            return _publish_once(root, key_hex, header, buffers, file_mode)
+            return _publish_once(root, key_hex, header, buffers, file_mode, shared)
         except OSError as exc:
             # Two nodes making the same directories at once on a distributed file system:
             # the loser's handles can go stale (ESTALE) or its view miss them (ENOENT) until
@@ -71,10 +77,12 @@ def publish_fragment(
     raise AssertionError("unreachable")
 
 
-def _publish_once(root: str, key_hex: str, header: bytes, buffers: Sequence[memoryview], file_mode: int | None) -> bool:
+def _publish_once(
+    root: str, key_hex: str, header: bytes, buffers: Sequence[memoryview], file_mode: int | None, shared: bool
+) -> bool:
     group = _layout.group_dir(root, key_hex)
-    _make_fanout_dir(root, key_hex)
-    make_dir(group)  # before any look at the group: see make_dir
+    _make_fanout_dir(root, key_hex, shared)
+    make_dir(group, locked=shared)  # before any look at the group: see make_dir
     final = os.path.join(group, _layout.FRAGMENT_FILE)
     if os.path.lexists(final):
         return False
@@ -112,17 +120,21 @@ def _publish_once(root: str, key_hex: str, header: bytes, buffers: Sequence[memo
 _fanouts_made: set[str] = set()
 
 
-def _make_fanout_dir(root: str, key_hex: str) -> None:
+def _make_fanout_dir(root: str, key_hex: str, shared: bool) -> None:
     fanout = _layout.fanout_dir(root, key_hex)
     if fanout in _fanouts_made:
         return
-    if make_dir(fanout):
+    if make_dir(fanout, locked=shared):
         fsync_dir(root)  # its entry in the root, as the group's is in it
     _fanouts_made.add(fanout)
 
 
-def make_dir(path: str) -> bool:
+def make_dir(path: str, *, locked: bool = True) -> bool:
     """Makes a directory (and its missing parents) unless it exists, one maker at a time.
+
+    ``locked=False``: a plain ``mkdir``, for local file systems, where it is atomic and none
+    of the hazards below exist. A group directory removed between this and the file's
+    creation (``remove_dir_if_empty`` does take the lock) makes the publish start over.
 
     Two hazards on GlusterFS, both seen in the two-node tests, shape this:
     - two nodes making the same directory at the same instant left it with an inconsistent
@@ -143,6 +155,19 @@ def make_dir(path: str) -> bool:
     Raises:
         OSError: the file system refused (EACCES, ENOSPC, ...), or a file stands at ``path``.
     """
+    if not locked:
+        try:
+            os.mkdir(path)
+        except FileNotFoundError:
+            parent = os.path.dirname(path)
+            if parent == path:
+                raise
+            make_dir(parent, locked=False)
+            return make_dir(path, locked=False)
+        except FileExistsError:
+            _require_directory(path)
+            return False
+        return True
     deadline = time.monotonic() + _MKDIR_WAIT_SECONDS
     while True:
         try:

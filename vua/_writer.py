@@ -213,9 +213,17 @@ class Written(NamedTuple):
 
 
 def write_groups(
-    root: str, source: GroupSource, groups: Iterable[GroupToWrite], executor: Executor, *, file_mode: int | None
+    root: str,
+    source: GroupSource,
+    groups: Iterable[GroupToWrite],
+    executor: Executor,
+    *,
+    file_mode: int | None,
+    shared: bool = True,
 ) -> tuple[list[Written], OSError | None]:
     """Builds and publishes each group's fragment, in parallel; every one is durable when this returns.
+
+    ``shared``: other nodes write ``root`` too (see ``publish_fragment``).
 
     Returns:
         (the groups published or found published, the first error), so a caller records the
@@ -224,7 +232,7 @@ def write_groups(
 
     def write(item: GroupToWrite) -> Written:
         header, buffers = source.fragment(item.ids, item.row, item.group, item.key.hex(), item.parent.hex())
-        published = publish_fragment(root, item.key.hex(), header, buffers, file_mode=file_mode)
+        published = publish_fragment(root, item.key.hex(), header, buffers, file_mode=file_mode, shared=shared)
         return Written(item.key, source.record(header, buffers, item.group), published)
 
     results, failure = [], None

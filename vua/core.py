@@ -225,11 +225,7 @@ class VUA:
         """
         s = self.config.split_factor
         rows, layout, layers = checked_put(tokens, data, offset, s)
-        if self.read_only:
-            raise StorageError(
-                f"cannot put into {self.root!r}: the root is read-only to this process (a read-only mount or "
-                "another user's store), so this store only reads; put from a process that may write it"
-            )
+        self._refuse_read_only()
         if not rows or rows[0].numel() == 0:
             return 0
         n = rows[0].numel()
@@ -254,8 +250,62 @@ class VUA:
             for g in range(offset // s, len(keys)):
                 if not present[g]:
                     todo.setdefault(keys[g], GroupToWrite(r, g, keys[g], parents[g], ids))
+        return self._write(source, layout, todo, every_key)
+
+    def put_groups(self, groups: torch.Tensor, data: KVData, *, rows: Sequence[int]) -> int:
+        """Stores many one-group prompts at once, each taken from its own row of ``data``: for engines that key pages themselves.
+
+        The counterpart of :meth:`load_groups`. Row ``i`` of ``groups`` is a prompt of one
+        group, and its KV is row ``rows[i]`` of ``data``: an engine passes its whole page pool
+        (per layer, ``[pages, kv_heads, split_factor, head_dim]`` views of it, on the host) and
+        the pages to store, and each fragment is written straight from the pool, with no copy
+        into a batch first. Otherwise as :meth:`put`: stored prompts are skipped, the rest
+        written in parallel, durable when this returns, recorded in one transaction.
+
+        Returns:
+            The number of groups this call wrote.
+
+        Raises:
+            InvalidInputError: ``groups`` is not ``[n, split_factor]``, ``rows`` does not give
+                one row of ``data`` per row of it, or ``data`` is malformed (nothing written).
+            StorageError: as :meth:`put`.
+        """
+        s = self.config.split_factor
+        ids, keys = self._group_rows(groups)
+        _, layout, layers = checked_put(groups, data, 0, s, data_rows=rows)
+        self._refuse_read_only()
+        source = GroupSource.of_put(
+            layers,
+            layout,
+            s,
+            self.config.namespace,
+            tokens=s,
+            offset=0,
+            gpu_checksums=self.config.gpu_checksums,
+            mac_key=self._mac_key,
+        )
+        present = self._catalog.stored_for_put(keys, layout)
+        todo: dict[bytes, GroupToWrite] = {}
+        for r, key in enumerate(keys):
+            if not present[r]:
+                todo.setdefault(key, GroupToWrite(rows[r], 0, key, self._seed, ids[r * s : (r + 1) * s]))
+        return self._write(source, layout, todo, keys)
+
+    def _refuse_read_only(self) -> None:
+        if self.read_only:
+            raise StorageError(
+                f"cannot put into {self.root!r}: the root is read-only to this process (a read-only mount or "
+                "another user's store), so this store only reads; put from a process that may write it"
+            )
+
+    def _write(
+        self, source: GroupSource, layout: Layout, todo: dict[bytes, GroupToWrite], every_key: list[bytes]
+    ) -> int:
+        """Writes and publishes ``todo``'s groups, records them and the use of ``every_key``; the groups written."""
         started = time.perf_counter()
-        results, failure = write_groups(self.root, source, todo.values(), self._pool(), file_mode=self.config.file_mode)
+        results, failure = write_groups(
+            self.root, source, todo.values(), self._pool(), file_mode=self.config.file_mode, shared=self._catalog.shared
+        )
         # Record what did get published even when another group failed: those are whole.
         self._catalog.record_put(((r.key, r.record) for r in results), layout, every_key)
         written = sum(r.published for r in results)
@@ -265,7 +315,7 @@ class VUA:
             bytes_saved=sum(r.record.nbytes for r in results if r.published),
             save_seconds=elapsed_ms / 1e3,
         )
-        logger.debug("put: %d rows, %d new groups, %d written in %.1f ms", len(rows), len(todo), written, elapsed_ms)
+        logger.debug("put: %d new groups, %d written in %.1f ms", len(todo), written, elapsed_ms)
         if failure is not None:
             raise StorageError(
                 f"writing a fragment under {self.root!r} failed: {failure.strerror or failure}; "

@@ -77,18 +77,15 @@ class HostLayers(CopyStrategy):
 def _copy_group(job: ReadJob, group: int, dest: np.ndarray) -> None:
     """Verifies and copies one group's whole KV into ``dest``, a (layers, 2, heads, split, dim) integer view.
 
-    Where each of its tensors is one contiguous run (a destination holding pages in the
+    Where each head of each tensor is one contiguous run (a destination holding pages in the
     stored order), the file is read straight into them (``ReadJob.read_group_in_place``).
     Else tensor by tensor, hash then copy: the copy reads what the hash just pulled into
     cache, which beats one hash and one copy of the whole group.
     """
     if job.verify:
-        tensors = (
-            [dest[layer, side] for layer in range(dest.shape[0]) for side in (0, 1)]
-            if dest[0, 0].flags.c_contiguous
-            else []
-        )
-        if tensors and all(t.flags.c_contiguous for t in tensors):  # each tensor one run: read in place, checked there
+        in_runs = _runs(dest[0, 0])  # each head of each tensor one run: read in place, checked there
+        tensors = [dest[layer, side] for layer in range(dest.shape[0]) for side in (0, 1)] if in_runs else []
+        if tensors and all(_runs(t) for t in tensors):
             fragment = job.fragments[group]
             try:
                 with fragment.held_open():
@@ -107,6 +104,13 @@ def _copy_group(job: ReadJob, group: int, dest: np.ndarray) -> None:
         job.fail(group, exc)
         return
     np.copyto(dest, source)
+
+
+def _runs(tensor: np.ndarray) -> bool:
+    """Whether each head of a ``(heads, split, dim)`` view is one contiguous run of ``split * dim`` elements."""
+    _, split, dim = tensor.shape
+    item = tensor.itemsize
+    return (tensor.strides[2] == item or dim == 1) and (tensor.strides[1] == dim * item or split == 1)
 
 
 class HostPreads(CopyStrategy):

@@ -182,8 +182,8 @@ class ReadJob:
             spread(source, chunks, side)
 
     def read_group_in_place(self, group: int, dests: Sequence[np.ndarray]) -> None:
-        """Reads one group's K and V straight into ``dests`` (contiguous views, one per tensor in file
-        order: K0, V0, K1, ...) and checks each tensor there.
+        """Reads one group's K and V straight into ``dests`` (one view per tensor in file order: K0, V0,
+        K1, ...; each head's ``(split, dim)`` one contiguous run) and checks each tensor there.
 
         The kernel copies the file's bytes into place (no mapping touched, no second copy), a
         slice of about ``_SLICE_BYTES`` at a time (one ``preadv`` over as many tensors as fit),
@@ -200,8 +200,8 @@ class ReadJob:
             parts: list[memoryview] = []
             owners: list[int] = []  # the tensor each part belongs to
             size = 0
-            for tensor, dest in enumerate(dests):
-                landed = memoryview(dest).cast("B")
+            runs = ((tensor, memoryview(head).cast("B")) for tensor, dest in enumerate(dests) for head in dest)
+            for tensor, landed in runs:  # the file holds each tensor's heads in order, back to back
                 for at in range(0, len(landed), _SLICE_BYTES):
                     part = landed[at : at + _SLICE_BYTES]
                     if parts and size + len(part) > _SLICE_BYTES:

@@ -105,6 +105,7 @@ class VUAStorage(HiCacheStorage):
         )
         self.mem_pool_host: Any = None
         self._pages: PageViews | None = None
+        self._pool: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._store: VUA | None = None  # opened once the host pool says the page size
         self._putter: PagePutter | None = None
         self._flat = FlatPages(
@@ -121,7 +122,8 @@ class VUAStorage(HiCacheStorage):
         super().register_mem_pool_host(mem_pool_host)
         self._pages = PageViews(mem_pool_host)
         self._store = self._open(self._namespace(self._pages.kind))
-        self._putter = PagePutter(self._store, self._pages)
+        self._pool = self._pages.pool()  # MHA: pages are written straight from the pool
+        self._putter = PagePutter(self._store, self._pages) if self._pool is None else None
 
     def _namespace(self, kind: str) -> str:
         config = self.storage_config
@@ -197,7 +199,7 @@ class VUAStorage(HiCacheStorage):
         self, keys: list[str], host_indices: torch.Tensor, extra_info: HiCacheStorageExtraInfo | None = None
     ) -> list[bool]:
         """Stores the pages at ``host_indices`` under ``keys``, durably; pages already stored are skipped."""
-        assert self._putter is not None, "register_mem_pool_host comes first"
+        assert self._store is not None, "register_mem_pool_host comes first"
         if not keys:
             return []
         if not self._writer:
@@ -207,7 +209,11 @@ class VUAStorage(HiCacheStorage):
         try:
             tokens = torch.stack([key_tokens(key, page) for key in keys])
             starts = [int(host_indices[i * page]) for i in range(len(keys))]
-            written = self._putter.put(tokens, starts)
+            if self._pool is not None:
+                written = self._store.put_groups(tokens, self._pool, rows=[start // page for start in starts])
+            else:
+                assert self._putter is not None
+                written = self._putter.put(tokens, starts)
         except VUAError as exc:  # ENOSPC, a refused write: SGLang keeps the pages in host memory
             logger.warning("VUAStorage: storing %d pages failed: %s", len(keys), exc)
             stored = self.batch_exists(keys)  # what did get published is whole and stays

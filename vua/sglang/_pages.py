@@ -38,15 +38,15 @@ def key_tokens(key: str, page: int) -> torch.Tensor:
 class PageViews:
     """One SGLang host pool's pages as VUA stores them: per stored layer, (K, V) views ``(heads, page, dim)``.
 
-    MHA pages are stored in the pool's own byte order, so a page moves between the pool
-    and its file in contiguous runs (one read into the pool, each tensor checked where it
-    landed) instead of a transposing copy:
+    MHA pages are stored in the pool's own byte order, as one "layer" whose K and V each hold
+    the whole page, so a page moves between the pool and its file in long runs (read into
+    the pool in place, each run checked where it landed) instead of a transposing copy:
 
-    - ``page_first`` ``(2, T, L, H, D)``: a page's K is one run of ``(page, L, H, D)``, stored
-      as one layer of one "head" ``(1, page, L*H*D)`` (kind ``mha-page``);
+    - ``page_first`` ``(2, T, L, H, D)``: a page's K is one run ``(page, L, H, D)``, stored as
+      one "head" ``(1, page, L*H*D)`` (kind ``mha-page``);
     - ``layer_first`` ``(2, L, T, H, D)`` and ``page_first_direct`` ``(2, pages, L, P, H, D)``:
-      each layer's K is one run of ``(page, H, D)``, stored as ``(1, page, H*D)`` per layer
-      (kind ``mha-layer``): pages written from either of these two layouts load into the other.
+      a page's K is a run ``(page, H, D)`` per layer, stored with the layers as "heads"
+      ``(L, page, H*D)`` (kind ``mha-layer``): pages written from either layout load into the other.
 
     An MLA pool holds one latent vector per token and layer, stored per layer as VUA's
     (K, V) pair cut in two along its width (one "head", kind ``mla``): ``layer_first``
@@ -65,7 +65,7 @@ class PageViews:
         if self.kv.dim() == mha_dims and self.kv.shape[0] == 2:
             self.kind = "mha-page" if self.layout == "page_first" else "mha-layer"
             self.layers = self.kv.shape[1] if self.layout == "layer_first" else self.kv.shape[2]
-            self.stored_layers = 1 if self.kind == "mha-page" else self.layers
+            self.stored_layers = 1
         elif self.kv.dim() == mla_dims and self.kv.shape[-2] == 1:
             self.kind = "mla"
             self.layers = self.kv.shape[0] if self.layout == "layer_first" else self.kv.shape[1]
@@ -96,13 +96,10 @@ class PageViews:
 
     def layer(self, start: int, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(K, V) views of the page at host token ``start`` in stored layer ``layer``, ``(heads, page, dim)`` each."""
-        p = self.page
-        if self.kind == "mha-page":  # (2, T, L, H, D): the page's K and V, each one contiguous run
-            k, v = self.kv[0, start : start + p], self.kv[1, start : start + p]
-            return k.view(1, p, -1), v.view(1, p, -1)  # views, never copies: a load lands in them
-        if self.kind == "mha-layer":
-            k, v = self.model_layer(start, layer)
-            return k.view(1, p, -1), v.view(1, p, -1)
+        if self.kind != "mla":
+            whole = self.whole(start)
+            assert whole is not None
+            return whole[0, 0], whole[0, 1]
         (latent,) = self.model_layer(start, layer)
         latent = latent.transpose(0, 1)  # (P, 1, C) -> (1, P, C)
         return latent[..., : self._cut], latent[..., self._cut :]
@@ -114,11 +111,12 @@ class PageViews:
         an MLA pool whose latent width is odd (its K and V halves differ in width).
         """
         kv, p = self.kv, self.page
+        # views, never copies: a load lands in them
         if self.kind == "mha-page":  # (2, T, L, H, D) -> (2, P, L*H*D) -> (1, 2, 1, P, L*H*D)
             return kv[:, start : start + p].view(2, p, -1)[None, :, None]
-        if self.kind == "mha-layer":  # (2, L, P, H, D) -> (L, 2, 1, P, H*D)
+        if self.kind == "mha-layer":  # (2, L, P, H, D) -> (1, 2, L, P, H*D)
             page = kv[:, :, start : start + p] if self.layout == "layer_first" else kv[:, start // p]
-            return page.view(*page.shape[:3], -1).transpose(0, 1)[:, :, None]
+            return page.view(*page.shape[:3], -1)[None]
         width = kv.shape[-1]
         if width % 2:
             return None
@@ -130,6 +128,23 @@ class PageViews:
             latent = kv[start // p]
         # (L, P, 1, C) -> (L, P, 1, 2, C/2) -> (L, 2, 1, P, C/2): K and V are the latent's halves
         return latent.unflatten(-1, (2, width // 2)).permute(0, 3, 2, 1, 4)
+
+    def pool(self) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """Per stored layer, (K, V) of the whole pool as ``(pool pages, heads, page, dim)`` views, page ``i`` at
+        host token ``i * page``: a put takes its pages straight from there (``VUA.put_groups``).
+
+        None for MLA, whose K and V (the latent's halves) are not runs in the pool: its pages are gathered.
+        """
+        kv, p = self.kv, self.page
+        if self.kind == "mha-page":  # (2, T, L, H, D): page i's K is kv[0, i*P:(i+1)*P], one run
+            return [(kv[0].view(-1, 1, p, kv[0, 0].numel()), kv[1].view(-1, 1, p, kv[1, 0].numel()))]
+        if self.kind == "mha-layer":
+            if self.layout == "layer_first":  # (2, L, T, H, D) -> per K|V (pages, L, P, H*D)
+                k, v = (kv[i].view(self.layers, -1, p, kv.shape[-2] * kv.shape[-1]).transpose(0, 1) for i in (0, 1))
+            else:  # page_first_direct: (2, N, L, P, H, D) -> per K|V (N, L, P, H*D)
+                k, v = (kv[i].view(*kv.shape[1:4], -1) for i in (0, 1))
+            return [(k, v)]  # views, never copies
+        return None
 
     def gather(
         self, starts: list[int], into: list[tuple[torch.Tensor, torch.Tensor]] | None = None
