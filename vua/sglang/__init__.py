@@ -25,9 +25,11 @@ each other, ``layer_first`` and ``page_first_direct`` pools with each other. MLA
 into any of the three layouts.
 
 The zero-copy calls (``interface_v1``) move each page straight between the host pool and
-the file: ``batch_get_v1`` loads into the pool's own page views (``VUA.load(...,
-into=)``), ``batch_set_v1`` writes from them. Without ``interface_v1`` SGLang uses the
-per-page calls with flat pages, which are stored as such in a namespace of their own.
+the file, a call's pages at once: ``batch_get_v1`` is one ``VUA.load_groups`` into the
+pool's own page views, ``batch_set_v1`` one ``VUA.put_groups`` from the pool (MLA pages
+are gathered first), ``batch_exists`` one ``VUA.stored_groups``. Without ``interface_v1``
+SGLang uses the per-page calls with flat pages, which are stored as such in a namespace of
+their own.
 """
 
 from __future__ import annotations

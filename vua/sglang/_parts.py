@@ -1,7 +1,8 @@
-"""Storing a batch of an SGLang host pool's pages in parts, through two reused buffers.
+"""Storing a batch of an MLA host pool's pages in parts, through two reused buffers.
 
-A put needs each layer's K and V as ``(heads, page, dim)`` runs; every host layout holds
-``(page, heads, dim)``, so pages are gathered (one copy) before they are written. A batch is
+MHA pages are written straight from the pool (``VUA.put_groups``). An MLA page's K and V
+are the halves of each token's latent vector, not runs in the pool, so its pages are
+gathered into ``(heads, page, dim)`` runs (one copy) before they are written. A batch is
 put in parts of about ``PART_BYTES``, each gathered into one of two buffers while the part
 before it is being written: the copy hides behind the writes and fsyncs, and no call pays
 for fresh memory the size of its batch (a page fault per 4 KiB on first touch).
