@@ -43,7 +43,7 @@ from tests.helpers import (
 )
 from vua.cli import human_size, main, parse_size
 from vua.core import VUA, VUAConfig
-from vua.errors import InvalidInputError
+from vua.errors import FragmentError, InvalidInputError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -385,6 +385,24 @@ class CapacityTest(StoreTestCase):
         )
         for f in fragments:
             f.close()
+
+    def test_a_mapped_group_written_again_since_is_not_read_from_the_new_file(self):
+        # A reader that opened a group, then reads it again by path (in place, or for staging),
+        # must not take the new file's bytes with the old header: the group was evicted and put again.
+        tokens = torch.arange(32)
+        vua = self.store(split_factor=16, namespace="rewritten")
+        vua.put(tokens, prefix_kv(tokens))
+        fragments = open_stored_prefix(vua, tokens)
+        self.addCleanup(lambda: [f.close() for f in fragments])
+        self.assertEqual(run_cli("gc", self.root, "--max-bytes", "0")[0], 0)
+        vua.put(tokens, prefix_kv(tokens))  # the same group, in a new file
+        with self.assertRaisesRegex(FragmentError, "replaced since it was opened") as caught:
+            with fragments[1].held_open():
+                pass
+        self.assertFalse(caught.exception.damaged)  # not damage: nothing is moved aside
+        with self.assertRaisesRegex(FragmentError, "replaced since it was opened"):
+            fragments[1].read_into([memoryview(bytearray(16))], fragments[1].kv_range[0])
+        self.assertEqual(check_hit(vua.get_closest(tokens, device="cpu"), tokens), 32)  # the new files serve
 
 
 class SharedStorageTest(StoreTestCase):

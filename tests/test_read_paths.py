@@ -276,6 +276,8 @@ class DestinationTest(StoreTestCase):
         for wrong, message in (([5, 2], "one int per row"), ([5, 2, 8], "0 to 7"), ([5, 2, 7.0], "one int per row")):
             with self.assertRaisesRegex(InvalidInputError, message):
                 vua.put_groups(groups, pool, rows=wrong)
+        with self.assertRaisesRegex(InvalidInputError, "in place"):
+            vua.put_groups(groups, [(k.transpose(2, 3), v.transpose(2, 3)) for k, v in pool], rows=rows)
         self.assertEqual(vua.stored_groups(groups), 0)  # a refused call wrote nothing
         self.assertEqual(vua.put_groups(groups, pool, rows=rows), 3)
         self.assertEqual(vua.put_groups(groups, pool, rows=rows), 0)  # stored already: skipped

@@ -74,7 +74,9 @@ class FragmentFile:
         # even if another node replaces it; close() releases whichever this file holds.
         self._fd: int | None = open_regular(path)
         try:
-            self.file_size = os.fstat(self._fd).st_size
+            status = os.fstat(self._fd)
+            self.file_size = status.st_size
+            self._identity = (status.st_dev, status.st_ino)  # a file opened again must be this one
             if self.file_size < 8:
                 raise FragmentError(f"fragment {path} is truncated ({self.file_size} bytes)")
             if mapped:
@@ -162,17 +164,34 @@ class FragmentFile:
         elif self._fd is not None:
             os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_WILLNEED)
 
+    def _open_again(self) -> int:
+        """A descriptor of this same file (a mapped one keeps none).
+
+        Raises:
+            FragmentError: UNREADABLE when the path now names another file (the group was
+                moved aside and written again since it was opened: its header is not this
+                file's); see :func:`open_regular` for the rest.
+        """
+        fd = open_regular(self.path)
+        status = os.fstat(fd)
+        if (status.st_dev, status.st_ino) != self._identity:
+            _close_quietly(fd)
+            raise FragmentError(
+                f"fragment {self.path} was replaced since it was opened", state=FragmentState.UNREADABLE
+            )
+        return fd
+
     @contextlib.contextmanager
     def held_open(self) -> Iterator[None]:
         """Holds a descriptor for a run of :meth:`read_into` calls (a mapped file keeps none).
 
         Raises:
-            FragmentError: the file cannot be opened again (see :func:`open_regular`).
+            FragmentError: the file cannot be opened again (see :meth:`_open_again`).
         """
         if self._fd is not None:
             yield
             return
-        self._fd = open_regular(self.path)  # a file replaced since fails the checksum
+        self._fd = self._open_again()
         try:
             yield
         finally:
@@ -187,7 +206,7 @@ class FragmentFile:
             FragmentError: the file is shorter than its header says (DAMAGED), or the read
                 failed (an I/O error or a vanished file on a network file system: UNREADABLE).
         """
-        fd = self._fd if self._fd is not None else open_regular(self.path)  # a file replaced since fails the checksum
+        fd = self._fd if self._fd is not None else self._open_again()
         try:
             got = self._read_at(fd, buffers, offset)
         finally:

@@ -273,6 +273,13 @@ class VUA:
         s = self.config.split_factor
         ids, keys = self._group_rows(groups)
         _, layout, layers = checked_put(groups, data, 0, s, data_rows=rows)
+        for k, v in layers:
+            for t in (k, v):  # what host_kv would copy, here the whole pool: refused instead
+                if t.device.type != "cpu" or t.stride(-1) != 1 or t.stride(-2) != t.shape[-1]:
+                    raise InvalidInputError(
+                        "put_groups writes from data in place: it must be on the host with each head's "
+                        f"(split_factor, head_dim) block contiguous; got a {t.device.type} tensor with strides {t.stride()}"
+                    )
         self._refuse_read_only()
         source = GroupSource.of_put(
             layers,
