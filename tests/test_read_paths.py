@@ -116,12 +116,15 @@ class Blocks(KVDestination):
         return [tuple(t[order].flatten(0, 1).transpose(0, 1)[None] for t in pair) for pair in self.kv]
 
 
+WIDE = 4096  # head_dim: a head's 16 tokens are one 128 KiB run, long enough to be read in place
+
+
 class GroupPages(KVDestination):
     """Pages of one group each holding every layer, (pages, layers, 2, heads, 16, dim): each K and V
     of a group is one contiguous view. ``heads_apart``: the memory is (heads, pages, layers, 2, 16,
     dim) instead, each head of a K or V one run, the heads far apart (as SGLang's layer_first pool)."""
 
-    def __init__(self, pages: int, layers: int = 3, heads: int = 2, head_dim: int = 64, *, heads_apart: bool = False):
+    def __init__(self, pages: int, layers: int = 3, heads: int = 2, head_dim: int = WIDE, *, heads_apart: bool = False):
         if heads_apart:
             memory = torch.zeros(heads, pages, layers, 2, 16, head_dim, dtype=torch.bfloat16)
             self.kv = memory.permute(1, 2, 3, 0, 4, 5)
@@ -223,7 +226,7 @@ class DestinationTest(StoreTestCase):
                 split_factor=16, namespace=f"in-place-{network_fs}-{heads_apart}", network_fs=network_fs, io_threads=2
             )
             tokens = torch.arange(64)
-            kv = random_kv(1, 64, heads=2, head_dim=64, dtype=torch.bfloat16)
+            kv = random_kv(1, 64, heads=2, head_dim=WIDE, dtype=torch.bfloat16)
             vua.put(tokens, kv)
             pages = GroupPages(4, heads_apart=heads_apart)
             self.assertEqual(vua.load(tokens, "cpu", into=pages).wait(), 4)
@@ -238,7 +241,7 @@ class DestinationTest(StoreTestCase):
     def test_load_groups_takes_many_one_group_prompts_and_stops_at_the_first_not_stored(self):
         vua = self.store(split_factor=16, io_threads=2)
         rows = torch.arange(6 * 16).view(6, 16) * 7  # six prompts of one group each
-        kv = random_kv(6, 16, heads=2, head_dim=64, dtype=torch.bfloat16)
+        kv = random_kv(6, 16, heads=2, head_dim=WIDE, dtype=torch.bfloat16)
         for r in (0, 1, 2, 4, 5):  # row 3 is never stored
             vua.put(rows[r], kv_slice(kv, r, 16))
         pages = GroupPages(6)
@@ -259,7 +262,7 @@ class DestinationTest(StoreTestCase):
         self.assertKVEqual(pages.data(1), kv_slice(kv, 0, 16))
 
         # The second group of a longer prompt is not a prompt of one group: its key chains the first.
-        vua.put(torch.arange(32) + 1000, random_kv(1, 32, heads=2, head_dim=64, dtype=torch.bfloat16))
+        vua.put(torch.arange(32) + 1000, random_kv(1, 32, heads=2, head_dim=WIDE, dtype=torch.bfloat16))
         self.assertIsNone(vua.load_groups((torch.arange(32) + 1000)[16:].view(1, 16), into=GroupPages(1)))
 
         for wrong in (rows[0], rows[:, :8], [[1] * 16]):
@@ -270,7 +273,7 @@ class DestinationTest(StoreTestCase):
 
     def test_put_groups_writes_each_prompt_from_its_row_of_a_pool(self):
         vua = self.store(split_factor=16, io_threads=2)
-        pool = random_kv(8, 16, heads=2, head_dim=64, dtype=torch.bfloat16)  # 8 pages of 16 tokens, every layer
+        pool = random_kv(8, 16, heads=2, head_dim=WIDE, dtype=torch.bfloat16)  # 8 pages of 16 tokens, every layer
         rows = [5, 2, 7]
         groups = torch.arange(3 * 16).view(3, 16) + 500
         for wrong, message in (([5, 2], "one int per row"), ([5, 2, 8], "0 to 7"), ([5, 2, 7.0], "one int per row")):
