@@ -37,9 +37,15 @@ def host_kv(t: torch.Tensor, n: int) -> torch.Tensor:
     t = t[:, :, :n]
     if t.device.type != "cpu":
         return t.to("cpu")
-    if t.stride(-1) != 1 or t.stride(-2) != t.shape[-1]:
+    if not heads_are_runs(t):
         return t.contiguous()
     return t
+
+
+def heads_are_runs(t: torch.Tensor) -> bool:
+    """Whether each head's ``(seq, head_dim)`` of a ``[batch, heads, seq, head_dim]`` tensor is one
+    contiguous run: what a fragment is written from without a copy."""
+    return t.stride(-1) == 1 and t.stride(-2) == t.shape[-1]
 
 
 def _raw_bytes(t: torch.Tensor) -> memoryview:

@@ -53,7 +53,7 @@ from vua._read import (
 )
 from vua._root import is_network_root, open_root, write_failure_advice
 from vua._stats import StatsRecorder, StoreStats
-from vua._writer import GroupSource, GroupToWrite, write_groups
+from vua._writer import GroupSource, GroupToWrite, heads_are_runs, write_groups
 from vua.errors import InvalidInputError, SplitFactorError, StorageError, VUAError
 
 if TYPE_CHECKING:
@@ -275,7 +275,7 @@ class VUA:
         _, layout, layers = checked_put(groups, data, 0, s, data_rows=rows)
         for k, v in layers:
             for t in (k, v):  # what host_kv would copy, here the whole pool: refused instead
-                if t.device.type != "cpu" or t.stride(-1) != 1 or t.stride(-2) != t.shape[-1]:
+                if t.device.type != "cpu" or not heads_are_runs(t):
                     raise InvalidInputError(
                         "put_groups writes from data in place: it must be on the host with each head's "
                         f"(split_factor, head_dim) block contiguous; got a {t.device.type} tensor with strides {t.stride()}"

@@ -199,23 +199,27 @@ class ReadJob:
             offset = fragment.kv_range[0]  # the tensors lie back to back in file order (validated on opening)
             parts: list[memoryview] = []
             owners: list[int] = []  # the tensor each part belongs to
-            size = 0
+            size = 0  # the parts' bytes
+
+            def land() -> None:  # one preadv for the parts so far, each hashed while in cache
+                nonlocal offset, size
+                fragment.read_into(parts, offset)
+                for owner, done in zip(owners, parts):
+                    digests[owner].update(done)
+                offset, size = offset + size, 0
+                parts.clear()
+                owners.clear()
+
             runs = ((tensor, memoryview(head).cast("B")) for tensor, dest in enumerate(dests) for head in dest)
             for tensor, landed in runs:  # the file holds each tensor's heads in order, back to back
                 for at in range(0, len(landed), _SLICE_BYTES):
                     part = landed[at : at + _SLICE_BYTES]
                     if parts and size + len(part) > _SLICE_BYTES:
-                        fragment.read_into(parts, offset)
-                        for owner, done in zip(owners, parts):
-                            digests[owner].update(done)
-                        offset += size
-                        parts, owners, size = [], [], 0
+                        land()
                     parts.append(part)
                     owners.append(tensor)
                     size += len(part)
-            fragment.read_into(parts, offset)
-            for owner, done in zip(owners, parts):
-                digests[owner].update(done)
+            land()
             sums = fragment.checksums
             for name, digest in zip(names, digests):
                 if digest.intdigest() != sums.get(name):
