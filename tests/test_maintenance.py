@@ -24,6 +24,7 @@ from tests.helpers import (
     WRITING_PREFIX,
     StoreTestCase,
     check_hit,
+    evict_group,
     flip_byte,
     fragment_files,
     fragment_path,
@@ -40,6 +41,7 @@ from tests.helpers import (
     prefix_kv,
     random_kv,
     run_cli,
+    temporaries,
 )
 from vua.cli import human_size, main, parse_size
 from vua.core import VUA, VUAConfig
@@ -208,6 +210,38 @@ class CommandTest(StoreTestCase):
         result = json.loads(out)
         self.assertLessEqual(result["bytes_after"], total // 2)
         self.assertEqual(len(self.fragment_files()), len(list(index_records(self.vua).items())))
+
+    def test_gc_lists_each_fanout_directory_once_and_empties_the_trash(self):
+        # On a network root each listing is a round trip: gc walks the tree once for its
+        # groups and its trash together. Counted through the audit event every os.scandir raises.
+        victim = os.path.basename(os.path.dirname(self.fragment_files()[0]))
+        evict_group(self.root, victim, keep=True)  # in the trash, as a shared root's gc leaves it
+        script = (
+            "import collections, json, os, sys\n"
+            "root = sys.argv[1]\n"
+            "listed = collections.Counter()\n"
+            "def count(event, args):\n"
+            "    if event == 'os.scandir' and os.path.dirname(os.fsdecode(args[0])) == root:\n"
+            "        listed[os.path.basename(os.fsdecode(args[0]))] += 1\n"
+            "sys.addaudithook(count)\n"
+            "from vua.cli import main\n"
+            "status = main(['gc', root, '--max-bytes', '0', '--json'])\n"
+            "print(json.dumps({'status': status, 'listed': listed}))\n"
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", script, self.root],
+            capture_output=True,
+            text=True,
+            env=dict(os.environ, PYTHONPATH=REPO),
+            timeout=120,
+        )
+        printed, _, last_line = done.stdout.rstrip().rpartition("\n")  # gc's JSON, then the counts
+        gc_summary, counts = json.loads(printed), json.loads(last_line)
+        fanouts = {name for name in os.listdir(self.root) if name != INDEX_DIR and not name.startswith(".")}
+        self.assertEqual((counts["status"], gc_summary["groups_evicted"], gc_summary["trash_deleted"]), (0, 3, 1))
+        self.assertEqual(counts["listed"], dict.fromkeys(fanouts, 1), done.stderr)
+        self.assertEqual(self.fragment_files(), [])
+        self.assertEqual(temporaries(self.root), [])
 
     def test_errors(self):
         status, _, err = run_cli("stats", os.path.join(self.root, "missing"))

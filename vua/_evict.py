@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from vua._index import Index
 from vua._publish import move_aside, remove_moved_aside
-from vua._tree import stat_groups, walk_tree
+from vua._tree import Check, GroupState, Temporary, log_unlisted, walk_tree
 
 logger = logging.getLogger(__name__)
 
@@ -132,19 +132,29 @@ def collect_garbage(
     """Evicts the least recently used groups of the whole tree until it holds at most ``max_bytes``.
 
     Sizes and last uses come from the tree (one stat per group), so every node's puts and
-    hits count; ties go deepest group first where this node's index knows the group.
+    hits count; ties go deepest group first where this node's index knows the group. The
+    tree is walked once, for the groups and the trash together: on a network root each
+    listing is a round trip per fan-out directory.
 
     Args:
         shared: the root is shared by nodes (a network file system): evicted groups stay in
             the trash for ``grace_seconds`` before a later gc deletes them.
     """
-    groups = stat_groups(root)
+    groups, trash = [], []
+    for fanout in walk_tree(root, Check.STAT, trash=True):
+        if fanout.unlisted is not None:
+            log_unlisted(fanout.path, fanout.unlisted)
+        groups += [group for group in fanout.groups if group.state is GroupState.VALID]
+        trash += fanout.trash
     total = sum(group.nbytes for group in groups)
     keys = [bytes.fromhex(group.key_hex) for group in groups]
     depth = {key: record.group_index for key, record in zip(keys, index.records(keys)) if record is not None}
     order = sorted(zip(keys, groups), key=lambda kg: (kg[1].last_use, -depth.get(kg[0], 0)))
-    done = _evict_oldest(root, index, [(key, g.nbytes) for key, g in order], total - max_bytes, keep=shared)
-    deleted = _empty_trash(root, 0.0 if not shared else grace_seconds)
+    grace = grace_seconds if shared else 0.0
+    # With no grace period this run's victims go at once (the listing above predates them).
+    victims = [(key, g.nbytes) for key, g in order]
+    done = _evict_oldest(root, index, victims, total - max_bytes, keep=grace > 0)
+    deleted = _empty_trash(trash, grace)
     logger.info(
         "gc: evicted %d of %d groups (%d bytes), deleted %d from the trash",
         done.groups,
@@ -176,13 +186,11 @@ def evict_group(root: str, key_hex: str, *, keep: bool = False) -> None:
         remove_moved_aside(doomed)
 
 
-def _empty_trash(root: str, grace_seconds: float) -> int:
-    """Deletes evicted groups moved aside more than ``grace_seconds`` ago."""
+def _empty_trash(trash: list[Temporary], grace_seconds: float) -> int:
+    """Deletes the evicted groups among ``trash`` moved aside more than ``grace_seconds`` ago."""
     deleted = 0
-    # A fan-out directory that cannot be listed is passed over: this gc's walk of the groups said so.
-    for fanout in walk_tree(root, None, trash=True):
-        for tmp in fanout.trash:
-            if tmp.why == EVICTED and tmp.age is not None and tmp.age >= grace_seconds:
-                remove_moved_aside(tmp.path)
-                deleted += 1
+    for tmp in trash:
+        if tmp.why == EVICTED and tmp.age is not None and tmp.age >= grace_seconds:
+            remove_moved_aside(tmp.path)
+            deleted += 1
     return deleted
