@@ -51,6 +51,15 @@ def chain_key(parent: bytes, token_bytes: bytes | memoryview) -> bytes:
     return xxhash.xxh3_128_digest(bytes(parent) + token_bytes)
 
 
+def first_group_keys(ids: np.ndarray, split_factor: int, seed: bytes) -> list[bytes]:
+    """Returns the key of every whole group of ``ids`` taken as the first group of a prompt of
+    its own (``VUA.load_groups``' rows): each chained from ``seed``, not from the group before."""
+    group_bytes = split_factor * TOKEN_DTYPE.itemsize
+    raw = memoryview(ids).cast("B")
+    whole = len(ids) // split_factor * group_bytes
+    return [chain_key(seed, raw[start : start + group_bytes]) for start in range(0, whole, group_bytes)]
+
+
 def group_keys(ids: np.ndarray, split_factor: int, seed: bytes) -> list[bytes]:
     """Returns the key of every whole group of ``ids`` (an int64 array), in order.
 

@@ -39,7 +39,7 @@ from vua._inputs import (
     int64_ids,
     single_row,
 )
-from vua._keys import group_keys, namespace_seed
+from vua._keys import first_group_keys, group_keys, namespace_seed
 from vua._mac import mac_key
 from vua._misses import MissReasons
 from vua._read import (
@@ -518,7 +518,7 @@ class VUA:
                 f"groups must be a [n, split_factor={s}] tensor of token ids, one prompt a row; got {got}"
             )
         ids = int64_ids(groups.reshape(-1))
-        return ids, [group_keys(ids[r * s : (r + 1) * s], s, self._seed)[0] for r in range(groups.shape[0])]
+        return ids, first_group_keys(ids, s, self._seed)
 
     def _start(
         self,

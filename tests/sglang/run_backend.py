@@ -38,7 +38,7 @@ import torch  # noqa: E402
 from sglang.srt.mem_cache.storage.backend_factory import StorageBackendFactory  # noqa: E402
 
 from tests.sglang.probe import PAGE, mha_pools, mla_pools, storage_config  # noqa: E402
-from vua.sglang._pages import PageViews, key_tokens  # noqa: E402
+from vua.sglang._pages import PageViews, page_tokens  # noqa: E402
 
 
 def page_keys(count: int, seed: int) -> list[str]:
@@ -135,7 +135,7 @@ def run_once(args: dict) -> dict:
         out["keys"] = keys
         inner = getattr(backend, "_backend", backend)  # SGLang's fault injector wraps it
         store = inner._flat.store if args.get("flat") else inner._store
-        out["paths"] = [store.config.tokens_to_paths(key_tokens(k, PAGE))[0] for k in keys]
+        out["paths"] = [store.config.tokens_to_paths(row)[0] for row in page_tokens(keys, PAGE)]
         out["namespace"] = store.config.namespace
     else:
         keys = args["keys"]

@@ -48,7 +48,7 @@ from vua.core import VUA, KVDestination, StoreStats, VUAConfig
 from vua.errors import InvalidInputError, VUAError
 from vua.integration import read_secret_file
 from vua.sglang._flat import FlatPages
-from vua.sglang._pages import KEY_TOKENS, PageViews, key_tokens
+from vua.sglang._pages import KEY_TOKENS, PageViews, page_tokens
 from vua.sglang._parts import PagePutter
 
 __all__ = ["VUAStorage", "VUAStorageMetrics"]
@@ -169,7 +169,7 @@ class VUAStorage(HiCacheStorage):
             return 0
         page = self._page_size()
         try:
-            return store.stored_groups(torch.stack([key_tokens(key, page) for key in keys]))
+            return store.stored_groups(page_tokens(keys, page))
         except VUAError as exc:
             logger.warning("VUAStorage: %d pages cannot be looked up: %s", len(keys), exc)
             return 0
@@ -188,7 +188,7 @@ class VUAStorage(HiCacheStorage):
         page = self._page_size()
         done = 0
         try:
-            tokens = torch.stack([key_tokens(key, page) for key in keys])
+            tokens = page_tokens(keys, page)
             starts = [int(host_indices[i * page]) for i in range(len(keys))]
             load = self._store.load_groups(tokens, "cpu", into=_PageDestination(self._pages, starts))
             done = 0 if load is None else load.wait()
@@ -209,7 +209,7 @@ class VUAStorage(HiCacheStorage):
         started = time.perf_counter()
         page = self._page_size()
         try:
-            tokens = torch.stack([key_tokens(key, page) for key in keys])
+            tokens = page_tokens(keys, page)
             starts = [int(host_indices[i * page]) for i in range(len(keys))]
             if self._pool is not None:
                 written = self._store.put_groups(tokens, self._pool, rows=[start // page for start in starts])

@@ -17,7 +17,7 @@ import torch
 
 from vua.core import VUA, KVDestination
 from vua.errors import InvalidInputError, VUAError
-from vua.sglang._pages import key_tokens
+from vua.sglang._pages import page_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class FlatPages:
         page = self._page()
         done = 0
         try:
-            tokens = torch.stack([key_tokens(key, page) for key in keys])
+            tokens = page_tokens(keys, page)
             load = self.store.load_groups(tokens, "cpu", into=_FlatDestination(intos, page))
             done = 0 if load is None else load.wait()
         except VUAError as exc:
@@ -65,7 +65,7 @@ class FlatPages:
             return False
         page = self._page()
         try:
-            tokens = torch.stack([key_tokens(key, page) for key in keys])
+            tokens = page_tokens(keys, page)
             halves = [flat_halves(v.reshape(-1), page) for v in values]
             data = [(torch.stack([k for k, _ in halves]), torch.stack([v for _, v in halves]))]
             self.store.put(tokens, data)
