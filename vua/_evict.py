@@ -151,8 +151,8 @@ def collect_garbage(
     depth = {key: record.group_index for key, record in zip(keys, index.records(keys)) if record is not None}
     order = sorted(zip(keys, groups), key=lambda kg: (kg[1].last_use, -depth.get(kg[0], 0)))
     grace = grace_seconds if shared else 0.0
-    # With no grace period this run's victims go at once (the listing above predates them).
     victims = [(key, g.nbytes) for key, g in order]
+    # With no grace period this run's victims go at once: the trash listed above predates them.
     done = _evict_oldest(root, index, victims, total - max_bytes, keep=grace > 0)
     deleted = _empty_trash(trash, grace)
     logger.info(
