@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from vua._index import Index
 from vua._publish import move_aside, remove_moved_aside
-from vua._tree import Check, GroupState, Temporary, log_unlisted, walk_tree
+from vua._tree import Temporary, stat_tree
 
 logger = logging.getLogger(__name__)
 
@@ -140,12 +140,7 @@ def collect_garbage(
         shared: the root is shared by nodes (a network file system): evicted groups stay in
             the trash for ``grace_seconds`` before a later gc deletes them.
     """
-    groups, trash = [], []
-    for fanout in walk_tree(root, Check.STAT, trash=True):
-        if fanout.unlisted is not None:
-            log_unlisted(fanout.path, fanout.unlisted)
-        groups += [group for group in fanout.groups if group.state is GroupState.VALID]
-        trash += fanout.trash
+    groups, trash = stat_tree(root, trash=True)
     total = sum(group.nbytes for group in groups)
     keys = [bytes.fromhex(group.key_hex) for group in groups]
     depth = {key: record.group_index for key, record in zip(keys, index.records(keys)) if record is not None}

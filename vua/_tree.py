@@ -195,12 +195,19 @@ def stat_groups(root: str, *, workers: int = 8) -> list[TreeGroup]:
     Groups removed or unreadable meanwhile are left out; fan-out directories that cannot be
     listed are passed over, saying so.
     """
-    found = []
-    for fanout in walk_tree(root, Check.STAT, workers=workers):
+    return stat_tree(root, workers=workers)[0]
+
+
+def stat_tree(root: str, *, trash: bool = False, workers: int = 8) -> tuple[list[TreeGroup], list[Temporary]]:
+    """:func:`stat_groups`, and with ``trash`` every fan-out directory's temporaries, from the one walk."""
+    groups: list[TreeGroup] = []
+    temporaries: list[Temporary] = []
+    for fanout in walk_tree(root, Check.STAT, trash=trash, workers=workers):
         if fanout.unlisted is not None:
             log_unlisted(fanout.path, fanout.unlisted)
-        found += [group for group in fanout.groups if group.state is GroupState.VALID]
-    return found
+        groups += [group for group in fanout.groups if group.state is GroupState.VALID]
+        temporaries += fanout.trash
+    return groups, temporaries
 
 
 def log_unlisted(fanout: str, exc: OSError) -> None:
