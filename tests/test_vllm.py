@@ -13,6 +13,7 @@ import shutil
 import sys
 import tempfile
 import threading
+import time
 import unittest
 from importlib.metadata import entry_points
 from unittest import mock
@@ -61,7 +62,7 @@ try:
     from vllm.v1.request import Request
     from vllm.v1.structured_output import StructuredOutputManager
 
-    from vua.vllm import PagedLayer, VUAConnector, VUAConnectorStats
+    from vua.vllm import PagedLayer, VUAConnector, VUAConnectorMetadata, VUAConnectorStats
 except ImportError as exc:  # vllm installs on Linux with Python >= 3.11 only
     raise unittest.SkipTest(f"vllm is not installed here: {exc}") from None
 
@@ -98,9 +99,10 @@ class ConnectorHarness:
         groups=None,
         load_failure_policy="recompute",
         prefix_caching=False,
+        load_mode="async",
     ):
         heads, head = (1, 576) if mla else (2, 16)
-        extra = {"vua_root": root, "split_factor": split}
+        extra = {"vua_root": root, "split_factor": split, "load_mode": load_mode}
         if auth_key_file:
             extra["auth_key_file"] = auth_key_file
         extra.update(extra_config or {})
@@ -169,7 +171,19 @@ class ConnectorHarness:
         it into the positions it computes, before the connector saves them. ``commit``
         hands the step's outcome back to the scheduler (a sampled token where a prompt is
         done), which is when vLLM frees blocks that fell out of a sliding window.
+
+        An asynchronous load that a step starts is waited for (with ``flush``) and reported
+        to the scheduler, which admits its request in the next step, as vLLM does: that step
+        runs too, and the metadata returned holds both steps' loads and saves.
         """
+        output, meta, errors, loads_over = self._one_step(compute, flush=flush, commit=commit)
+        if loads_over:
+            output, second, more, _ = self._one_step(compute, flush=flush, commit=commit)
+            meta = VUAConnectorMetadata(loads=meta.loads + second.loads, saves=meta.saves + second.saves)
+            errors = errors | more
+        return output, meta, {r: groups[0] for r, groups in self.blocks.items()}, errors
+
+    def _one_step(self, compute, *, flush, commit):
         output = self.scheduler.schedule()
         meta = output.kv_connector_metadata
         self.worker.bind_connector_metadata(meta)
@@ -191,11 +205,12 @@ class ConnectorHarness:
                     self.write_known(name, self.blocks[req_id][self.group_of[name]], first, n, compute[req_id])
             self.worker.save_kv_layer(name, self.caches[name], None)
         self.worker.wait_for_save()
-        errors = self.worker.get_block_ids_with_load_errors()
-        self.worker.clear_connector_metadata()
         if flush:
             self.worker.flush()
-        if commit:
+        transfers = self.worker.get_transfer_results(set(output.finished_req_ids))
+        errors = self.worker.get_block_ids_with_load_errors()
+        self.worker.clear_connector_metadata()
+        if commit or transfers.finished_recving:
             ids = list(output.num_scheduled_tokens)
             done = [
                 self.scheduler.requests[r].num_computed_tokens >= self.scheduler.requests[r].num_prompt_tokens
@@ -204,11 +219,15 @@ class ConnectorHarness:
             sampled = ModelRunnerOutput(
                 req_ids=ids,
                 req_id_to_index={r: i for i, r in enumerate(ids)},
-                sampled_token_ids=[[7] if d else [] for d in done],
-                kv_connector_output=KVConnectorOutput(invalid_block_ids=errors),
+                sampled_token_ids=[[7] if d and commit else [] for d in done],
+                kv_connector_output=KVConnectorOutput(
+                    finished_recving=transfers.finished_recving,
+                    failed_recving=transfers.failed_recving,
+                    invalid_block_ids=errors,
+                ),
             )
             self.scheduler.update_from_output(output, sampled)
-        return output, meta, {r: groups[0] for r, groups in self.blocks.items()}, errors
+        return output, meta, errors, bool(transfers.finished_recving)
 
     def known(self, layer: str, seed: int, start: int, end: int) -> torch.Tensor:
         """The KV the simulated model computes for positions [start, end) of a prompt seeded ``seed``."""
@@ -385,22 +404,28 @@ class VLLMConnectorTest(unittest.TestCase):
             self.harness(extra_config={"gpu_checksums": "yes"})
 
     def test_scheduler_hit_partial_hit_and_miss(self):
-        h = self.harness()
-        connector = h.scheduler.get_kv_connector()
-        prompt = list(range(1000, 1100))
-        h.request("seed", prompt)
-        h.step(compute={"seed": 2})
+        for mode, loads_async in (("async", True), ("layerwise", False)):
+            with self.subTest(load_mode=mode):
+                h = self.harness(load_mode=mode)
+                connector = h.scheduler.get_kv_connector()
+                prompt = list(range(1000, 1100))
+                h.request("seed", prompt)
+                h.step(compute={"seed": 2})
+                asked = iter(range(1000))
 
-        def matched(tokens, computed=0):
-            return connector.get_num_new_matched_tokens(Request("q", tokens, SamplingParams(), None), computed)
+                def matched(tokens, computed=0):
+                    # A request of its own each time (answers are kept per request until admitted).
+                    request = Request(f"q{next(asked)}", tokens, SamplingParams(), None)
+                    return connector.get_num_new_matched_tokens(request, computed)
 
-        self.assertEqual(matched(prompt), (96, False))  # hit: all whole groups but the last token's
-        self.assertEqual(matched(prompt[:97]), (96, False))
-        self.assertEqual(matched(prompt[:96]), (64, False))  # the last token must be computed
-        self.assertEqual(matched(prompt[:50] + [7] * 50), (32, False))  # partial: diverges in group 1
-        self.assertEqual(matched(prompt, computed=48), (48, False))  # beyond vLLM's own hits
-        self.assertEqual(matched(prompt, computed=96), (0, False))
-        self.assertEqual(matched(list(range(5000, 5100))), (0, False))  # miss
+                hit = loads_async  # a hit loads asynchronously by default; a miss never does
+                self.assertEqual(matched(prompt), (96, hit))  # hit: all whole groups but the last token's
+                self.assertEqual(matched(prompt[:97]), (96, hit))
+                self.assertEqual(matched(prompt[:96]), (64, hit))  # the last token must be computed
+                self.assertEqual(matched(prompt[:50] + [7] * 50), (32, hit))  # partial: diverges in group 1
+                self.assertEqual(matched(prompt, computed=48), (48, hit))  # beyond vLLM's own hits
+                self.assertEqual(matched(prompt, computed=96), (0, False))
+                self.assertEqual(matched(list(range(5000, 5100))), (0, False))  # miss
 
     def test_split_factor_must_be_a_multiple_of_the_block_size(self):
         with self.assertRaisesRegex(VUAError, "not a multiple of vLLM's block size 16"):
@@ -449,18 +474,23 @@ class VLLMConnectorTest(unittest.TestCase):
 
         with mock.patch.object(os, "fsync", slow_fsync):
             h.step(compute={"slow": 3}, flush=False)
-            pending = list(h.worker.worker_side._writes)
-            self.assertEqual(len(pending), 1)
+            # The save's fsync waits for release: shutdown returns with it unfinished.
             with self.assertLogs("vua.vllm", level="WARNING") as logs:
                 h.worker.shutdown()
-            self.assertFalse(pending[0].done())  # shutdown did not wait for it
             self.assertIn("1 prompt saves unfinished", "\n".join(logs.output))
             self.assertEqual(h.worker.get_kv_connector_stats().data["saves_dropped_at_shutdown"], 1)
             release.set()
-            pending[0].result(timeout=60)
-        # A later engine reads what got published: the whole prompt or a shorter prefix.
-        with VUA(VUAConfig(split_factor=SPLIT, namespace=h.worker.vua.config.namespace), self.root) as later:
-            self.assertIn(later.prefix_length(torch.tensor(prompt[:96])), (0, 32, 64, 96))
+            # The save that was running goes on to publish every group; a later engine reads
+            # what got published at any moment: the whole prompt or a shorter prefix.
+            namespace = h.worker.vua.config.namespace
+            with VUA(VUAConfig(split_factor=SPLIT, namespace=namespace), self.root) as later:
+                deadline = time.monotonic() + 60
+                seen = {later.prefix_length(torch.tensor(prompt[:96]))}
+                while 96 not in seen and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    seen.add(later.prefix_length(torch.tensor(prompt[:96])))
+                self.assertLessEqual(seen, {0, 32, 64, 96})
+                self.assertIn(96, seen)
 
     def test_upstream_names_work_through_vllms_plugin_loading(self):
         # vLLM loads the vllm.general_plugins entry points in each of its processes; VUA's
@@ -533,23 +563,45 @@ class VLLMConnectorTest(unittest.TestCase):
                     self.assertEqual((status, json.loads(out)["max_bytes"]), (0, expected or 0))
 
     def test_damaged_fragment_is_reported_as_load_error(self):
-        h, prompt = self.check_round_trip()
-        keys = h.worker.vua.config.tokens_to_paths(torch.tensor(prompt[:96]))
-        path = fragment_path(self.root, keys[1])
-        flip_byte(path, -1, 0xFF)  # damage the last byte of group 1's data
-        h.request("c", prompt)
-        with self.assertLogs("vua", level="WARNING"):
-            _, meta, blocks, errors = h.step(commit=True)  # hands the load errors back to vLLM's scheduler
-        (load,) = meta.loads
-        self.assertEqual((load.start, load.end), (0, 96))
-        expected = {blocks["c"][p // BLOCK] for p in range(32, 96)}  # groups 1 and 2 must be recomputed
-        self.assertEqual(errors, expected)
-        # vLLM computes them again, and the connector stores group 1 again (it was moved aside).
-        self.assertEqual(h.worker.vua.prefix_length(torch.tensor(prompt)), 32)
-        self.assertEqual(h.scheduler.requests["c"].num_computed_tokens, 32)
-        while h.scheduler.requests["c"].num_computed_tokens < len(prompt):
-            h.step(compute={"c": 1}, commit=True)
-        self.assertEqual(h.worker.vua.prefix_length(torch.tensor(prompt)), 96)
+        # Layer-wise, the blocks from the damaged group on are reported as load errors and
+        # vLLM recomputes them; asynchronously, the load is reported failed and vLLM computes
+        # the request from the start (its first load is not counted as tokens from VUA).
+        for mode in ("layerwise", "async"):
+            with self.subTest(load_mode=mode):
+                self.root = tempfile.mkdtemp(prefix=f"vua-vllm-{mode}-")
+                self.addCleanup(shutil.rmtree, self.root, ignore_errors=True)
+                h, prompt = self.check_round_trip(load_mode=mode)
+                keys = h.worker.vua.config.tokens_to_paths(torch.tensor(prompt[:96]))
+                path = fragment_path(self.root, keys[1])
+                flip_byte(path, -1, 0xFF)  # damage the last byte of group 1's data
+                h.request("c", prompt)
+                with self.assertLogs("vua", level="WARNING"):
+                    # Hands the load errors back to vLLM's scheduler; computes what vLLM schedules.
+                    _, meta, blocks, errors = h.step(compute={"c": 1}, commit=True)
+                load = meta.loads[0]
+                self.assertEqual((load.start, load.end), (0, 96))
+                if mode == "layerwise":
+                    expected = {blocks["c"][p // BLOCK] for p in range(32, 96)}  # groups 1 and 2 must be recomputed
+                    self.assertEqual(errors, expected)
+                    # vLLM computes them again from there, and the connector stores group 1 again (it was moved aside).
+                    self.assertEqual(h.worker.vua.prefix_length(torch.tensor(prompt)), 32)
+                    self.assertEqual(h.scheduler.requests["c"].num_computed_tokens, 32)
+                else:
+                    # Reported failed: vLLM admits the request again and, the connector not
+                    # offering the load twice, computes it from the start in the next step.
+                    self.assertEqual(errors, set())
+                    self.assertEqual(len(meta.loads), 1)
+                    stats = h.worker.get_kv_connector_stats().data
+                    self.assertEqual((stats["loads_failed"], stats["loads_timed_out"]), (1, 0))
+                    self.assertEqual(h.scheduler.requests["c"].num_computed_tokens, len(prompt))
+                while h.scheduler.requests["c"].num_computed_tokens < len(prompt):
+                    h.step(compute={"c": 1}, commit=True)
+                self.assertEqual(h.worker.vua.prefix_length(torch.tensor(prompt)), 96)
+                hit = h.worker.vua.get_closest(torch.tensor(prompt[:96]))
+                for name, (k, v) in zip(LAYERS, hit.data):  # what was stored again is what the model computed
+                    known = h.known(name, 1, 0, 96)  # (positions, heads, K|V)
+                    self.assertTrue(torch.equal(k[0].transpose(0, 1), known[..., :16]), name)
+                    self.assertTrue(torch.equal(v[0].transpose(0, 1), known[..., 16:]), name)
 
     def test_sliding_window_model_keeps_vllms_hybrid_manager_and_round_trips(self):
         # Layer 1 has a 32-token window: while a 200-token prompt is prefilled in chunks of

@@ -8,7 +8,10 @@ Integrations (``vua.vllm``, an SGLang backend, your own) import from here and fr
   the same bytes again;
 - :func:`read_secret_file`: a store's ``auth_key`` from a file, byte for byte, as the
   ``vua`` command and ``VUAConfig`` users must read it to get the same key;
-- :func:`parse_size`: sizes written as text in a config ("500M", "10G").
+- :func:`parse_size`: sizes written as text in a config ("500M", "10G");
+- :class:`BoundedCalls` and :class:`StoreHealth`: store calls an engine waits for, each with
+  a deadline, and a store that keeps failing skipped for a while (a network file system
+  that slows down or stops answering must not stall a server).
 
 A load into an engine's own memory takes a :class:`vua.KVDestination` (``VUA.load(...,
 into=)``); the counters an engine reports are ``VUA.stats()``.
@@ -19,13 +22,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from vua._deadline import BoundedCalls, StoreHealth
 from vua._mac import read_secret
 from vua._sizes import parse_size as _parse_size
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["parse_size", "read_secret_file", "word_sums"]
+__all__ = ["BoundedCalls", "StoreHealth", "parse_size", "read_secret_file", "word_sums"]
 
 
 def word_sums(

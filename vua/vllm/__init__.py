@@ -10,7 +10,11 @@ the root is on NFS), ``split_factor`` (default 256; a multiple of vLLM's block s
 ``vua gc --max-bytes`` takes it), ``namespace`` (appended to the
 derived one), ``auth_key_file``, ``shutdown_timeout`` (seconds pending saves get at
 shutdown, default 4; vLLM kills its engine 5 s after SIGTERM), ``gpu_checksums``
-(``VUAConfig.gpu_checksums``; by default word sums are computed on the device for CUDA caches).
+(``VUAConfig.gpu_checksums``; by default word sums are computed on the device for CUDA caches),
+``load_mode`` ("async", the default, or "layerwise"), ``load_timeout`` and
+``load_timeout_per_gib`` (an asynchronous load's deadline: 2 s plus 2 s per GiB by default),
+``lookup_timeout`` (the scheduler's lookup, 0.5 s), ``unhealthy_seconds`` (how long a store
+past a deadline is skipped, 30 s) and ``save_queue_bytes`` (host copies of saves waiting, 2 GiB).
 Any other key is refused with the nearest valid name, since a misspelt one would be ignored.
 
 The connector only dispatches, by role, as vLLM's larger connectors do:
@@ -19,9 +23,12 @@ Scheduler side (``_scheduler``): ``get_num_new_matched_tokens`` answers from the
 alone; the metadata of each step (``_metadata``) tells workers which requests to load
 (tokens, block ids, token range) and which groups of prompts that step completes to save.
 
-Worker side (``_worker``): ``start_load_kv`` starts a layer-wise :class:`vua.KVLoad` per request
-that lands straight in the request's paged blocks (a :class:`vua.KVDestination`; blocks vLLM
-already holds are never written); ``wait_for_layer_load`` waits for one layer;
+Worker side (``_worker``): ``start_load_kv`` starts an asynchronous load per request
+(``_loads``: read and verified into memory of its own, then copied into the request's paged
+blocks under a lock that a deadline or an abort takes first, so a late read never lands;
+blocks vLLM already holds are never written), which ``get_transfer_results`` reports once over
+or cut; with ``load_mode: "layerwise"`` a :class:`vua.KVLoad` lands straight in the blocks
+within the step instead, and ``wait_for_layer_load`` waits for one layer;
 ``save_kv_layer`` gathers the groups a step completes from each layer to host memory
 (and sums them where the cache lives, for GPU-side checks of later loads);
 ``wait_for_save`` hands them to a background writer once the copies are done, so vLLM
@@ -56,6 +63,7 @@ try:
         KVConnectorBase_V1,
         KVConnectorMetadata,
         KVConnectorRole,
+        KVConnectorTransferResults,
         SupportsHMA,
     )
 except ImportError as exc:
@@ -81,6 +89,7 @@ if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
 __all__ = [
@@ -142,6 +151,9 @@ class VUAConnector(KVConnectorBase_V1, SupportsHMA):
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         return self.scheduler_side.build_connector_meta(scheduler_output)
 
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        self.scheduler_side.update_connector_output(connector_output)
+
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         return self.scheduler_side.request_finished(request)
 
@@ -168,8 +180,15 @@ class VUAConnector(KVConnectorBase_V1, SupportsHMA):
     def wait_for_save(self) -> None:
         self.worker_side.wait_for_save()
 
+    def get_transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
+        """Asynchronous loads over (finished_recving) and those that failed (failed_recving: vLLM
+        recomputes those requests); saves hold no blocks, so nothing is sending."""
+        finished, failed = self.worker_side.transfer_results(finished_req_ids)
+        return KVConnectorTransferResults(finished_recving=finished, failed_recving=failed)
+
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
-        return self.worker_side.get_finished(finished_req_ids)
+        # vLLM asks get_transfer_results, which reports failed loads too; this is its older form.
+        return None, self.get_transfer_results(finished_req_ids).finished_recving or None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self.worker_side.get_block_ids_with_load_errors()
@@ -198,7 +217,7 @@ class VUAConnector(KVConnectorBase_V1, SupportsHMA):
         return VUAPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def flush(self) -> None:
-        """Waits for background writes (tests and shutdown)."""
+        """Waits for background writes and loads in flight, each at most until its deadline (tests)."""
         if self._worker is not None:
             self._worker.flush()
 

@@ -41,6 +41,8 @@ class PagedLayer:
                 f"unsupported paged KV tensor of shape {tuple(kv.shape)}; VUAConnector knows vLLM's "
                 "[blocks, heads, block_size, content] views and the older 5-D and MLA layouts"
             )
+        # K and V bytes of one token position in this layer (both parts of MLA's latent).
+        self.token_bytes = self.heads * (width if self.kind != "split" else 2 * width) * kv.element_size()
         # Where a load's bytes for positions vLLM must not get go (see views); shared by
         # the copy threads, which may all write it at once: nothing reads it.
         like = self._block_views(NULL_BLOCK, 0, block_size)

@@ -39,6 +39,14 @@ class ConnectorSettings:
     shutdown_timeout: float = 4.0  # seconds pending saves get at shutdown; vLLM kills its engine 5 s after SIGTERM
     gpu_checksums: bool | None = None  # VUAConfig.gpu_checksums: None means on for CUDA caches
     load_failure_policy: str = "recompute"  # vLLM's kv_load_failure_policy
+    # How loads run: "async" (off the engine's path, with a deadline) or "layerwise" (within
+    # the step, overlapped with the forward; local roots only).
+    load_mode: str = "async"
+    load_timeout: float = 2.0  # seconds an asynchronous load gets before its first byte ...
+    load_timeout_per_gib: float = 2.0  # ... plus this per GiB it reads (0.5 GiB/s at least)
+    lookup_timeout: float = 0.5  # seconds the scheduler's lookup gets (it is asked again meanwhile)
+    unhealthy_seconds: float = 30.0  # a store past a deadline is skipped this long, then tried again
+    save_queue_bytes: int = 2 << 30  # host copies of saves waiting to be written, at most
 
     @classmethod
     def from_vllm(cls, vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> ConnectorSettings:
@@ -81,6 +89,14 @@ class ConnectorSettings:
             gpu_checksums=_optional_bool_setting(extra, "gpu_checksums"),
             # vLLM before 0.32 always recomputed what a connector failed to load.
             load_failure_policy=str(getattr(transfer, "kv_load_failure_policy", "recompute")),
+            load_mode=_choice_setting(extra, "load_mode", ("async", "layerwise")),
+            load_timeout=_seconds_setting(extra, "load_timeout", 2.0),
+            load_timeout_per_gib=_seconds_setting(extra, "load_timeout_per_gib", 2.0),
+            lookup_timeout=_seconds_setting(extra, "lookup_timeout", 0.5),
+            unhealthy_seconds=_seconds_setting(extra, "unhealthy_seconds", 30.0),
+            save_queue_bytes=parse_size(
+                extra.get("save_queue_bytes", 2 << 30), "VUAConnector: kv_connector_extra_config.save_queue_bytes"
+            ),
         )
 
     def namespace(self, rank: int) -> str:
@@ -192,6 +208,12 @@ KEYS = (
     "auth_key_file",
     "shutdown_timeout",
     "gpu_checksums",
+    "load_mode",
+    "load_timeout",
+    "load_timeout_per_gib",
+    "lookup_timeout",
+    "unhealthy_seconds",
+    "save_queue_bytes",
 )
 # Keys vLLM itself writes into the dict, which are not the user's to get wrong: vLLM 0.33 adds
 # only "cpu_bytes_to_use" (VllmConfig._post_init_kv_transfer_config, for --kv-offloading-size).
@@ -225,6 +247,17 @@ def _int_setting(extra: dict[str, Any], name: str, default: int) -> int:
         raise InvalidInputError(
             f"VUAConnector: kv_connector_extra_config.{name} must be an integer, got {value!r}"
         ) from None
+
+
+def _choice_setting(extra: dict[str, Any], name: str, choices: tuple[str, ...]) -> str:
+    """One of ``choices`` (the first when absent)."""
+    value = extra.get(name, choices[0])
+    if value not in choices:
+        raise InvalidInputError(
+            f"VUAConnector: kv_connector_extra_config.{name} must be one of {', '.join(map(repr, choices))}, "
+            f"got {value!r}"
+        )
+    return str(value)
 
 
 def _optional_bool_setting(extra: dict[str, Any], name: str) -> bool | None:

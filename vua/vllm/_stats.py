@@ -15,8 +15,16 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
 
 from vua.core import StoreStats
 
+# The asynchronous loads' counters (the worker's), then the bounded calls' and the save queue's.
+LOAD_COUNTERS = ("loads_timed_out", "load_bytes_abandoned", "loads_failed")
+HEALTH_COUNTERS = ("unhealthy_periods", "lookups_skipped", "lookups_timed_out", "saves_dropped")
 # The store's counters, then the connector's own.
-FIELDS = [f.name for f in fields(StoreStats)] + ["load_error_blocks", "saves_dropped_at_shutdown"]
+FIELDS = (
+    [f.name for f in fields(StoreStats)]
+    + ["load_error_blocks", "saves_dropped_at_shutdown"]
+    + list(LOAD_COUNTERS)
+    + list(HEALTH_COUNTERS)
+)
 
 _HELP = {
     "lookups": "Loads VUA was asked for (hits or not).",
@@ -31,6 +39,13 @@ _HELP = {
     "save_seconds": "Seconds VUA spent saving.",
     "load_error_blocks": "Blocks the VUA connector reported as load errors (vLLM recomputes them).",
     "saves_dropped_at_shutdown": "Prompt saves abandoned when the engine shut down.",
+    "loads_timed_out": "Asynchronous loads cut at their deadline (load_timeout); their requests were computed.",
+    "load_bytes_abandoned": "K/V bytes of loads cut at their deadline that did not land.",
+    "loads_failed": "Asynchronous loads that did not land every planned group (vLLM recomputed the request).",
+    "unhealthy_periods": "Times the store stopped answering in time and was skipped for unhealthy_seconds.",
+    "lookups_skipped": "Loads and lookups skipped because the store was unhealthy.",
+    "lookups_timed_out": "Lookups answered as misses at their deadline (lookup_timeout).",
+    "saves_dropped": "Prompt saves dropped to keep the save queue within save_queue_bytes.",
 }
 
 

@@ -1,45 +1,34 @@
-"""The worker side: layer-wise loads into the paged blocks, and saves gathered to host and written in the background."""
+"""The worker side: loads into the paged blocks (asynchronous by default), and saves gathered to host and written in the background.
+
+Nothing here waits on the store without a deadline: asynchronous loads run on threads of
+their own and are cut at theirs (``_loads``); a save's lookup of what is stored already is a
+bounded call; saves are written by a bounded queue (``_saves``); shutdown waits
+``shutdown_timeout``. The layer-wise mode (``load_mode: "layerwise"``) is for local roots only,
+where the reads come from the page cache or a local disk.
+"""
 
 from __future__ import annotations
 
 import logging
 import threading
-import time
-from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from vua.core import VUA, KVDestination, KVLoad
+from vua.core import VUA, KVLoad
 from vua.errors import InvalidInputError, VUAError
-from vua.integration import word_sums
+from vua.integration import BoundedCalls, StoreHealth, word_sums
+from vua.vllm._loads import AsyncLoads, RequestBlocks
 from vua.vllm._metadata import LoadSpec, SaveSpec, VUAConnectorMetadata
 from vua.vllm._paged import NULL_BLOCK, NullBlockError, PagedLayer
+from vua.vllm._saves import SaveQueue
 from vua.vllm._settings import ConnectorSettings
+from vua.vllm._stats import HEALTH_COUNTERS, LOAD_COUNTERS
 
 if TYPE_CHECKING:
     from vllm.forward_context import ForwardContext
 
 logger = logging.getLogger(__name__)
-
-
-class _RequestBlocks(KVDestination):
-    """Where one request's load lands: its paged blocks in every layer, from the load's offset on.
-
-    Positions before ``spec.start`` are vLLM's already (its prefix cache, maybe shared with
-    running requests): their bytes go to scratch, never into those blocks.
-    """
-
-    def __init__(self, layers: list[PagedLayer], block_ids: list[list[int]], spec: LoadSpec, offset: int, split: int):
-        self._layers = layers  # in the store's layer order
-        self._block_ids = block_ids  # each layer's block table (its KV cache group's)
-        self._offset = offset
-        self._keep_before = spec.start
-        self._split = split
-
-    def chunks(self, group: int, layer: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        first = self._offset + group * self._split
-        return self._layers[layer].views(self._block_ids[layer], first, first + self._split, self._keep_before)
 
 
 class WorkerSide:
@@ -54,6 +43,12 @@ class WorkerSide:
     def __init__(self, settings: ConnectorSettings, rank: int, metadata: Any):
         self.settings = settings
         self.vua: VUA = settings.open_store(rank)
+        if settings.load_mode == "layerwise" and self.vua.network_fs:
+            raise InvalidInputError(
+                f'VUAConnector: load_mode "layerwise" reads on the engine\'s own thread, and {settings.root} is a '
+                "network file system, which may slow down or stop answering: remove load_mode (the default, "
+                '"async", loads off the engine\'s path with a deadline)'
+            )
         self._metadata = metadata
         self._layers: dict[str, PagedLayer] = {}
         self._group_of = {name: g for g, group in enumerate(settings.groups) for name in group.layer_names}
@@ -65,11 +60,14 @@ class WorkerSide:
         self._save_starts: dict[str, int] = {}
         self._unsaveable: set[str] = set()  # requests whose KV a layer no longer held when a group was due
         self._load_errors: set[int] = set()
-        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vua-save")
-        self._writes: list[Future[None]] = []
+        self.health = StoreHealth(settings.root, cooldown=settings.unhealthy_seconds)
+        self._bounded = BoundedCalls(self.health, name="vua-worker-lookup")
+        self._async: AsyncLoads | None = None  # built once the caches are registered
+        self._saves = SaveQueue(settings.save_queue_bytes)
         self._lock = threading.Lock()
         self._reported = self.vua.stats()  # the store's counters at the last stats report
-        self._own = dict.fromkeys(("load_error_blocks", "saves_dropped_at_shutdown"), 0)
+        self._own = dict.fromkeys(("load_error_blocks", "saves_dropped_at_shutdown", *LOAD_COUNTERS), 0)
+        self._seen = dict.fromkeys(HEALTH_COUNTERS, 0)  # those counters at the last stats report
 
     def _step(self) -> VUAConnectorMetadata:
         meta = self._metadata()
@@ -81,6 +79,17 @@ class WorkerSide:
         missing = [n for n in self.settings.layer_names if n not in self._layers]
         if missing:
             raise InvalidInputError(f"VUAConnector: no KV cache registered for layers {missing[:3]}...")
+        if self.settings.load_mode == "async":
+            names = self.settings.layer_names
+            self._async = AsyncLoads(
+                self.vua,
+                [self._layers[name] for name in names],
+                [self._group_of[name] for name in names],
+                self.settings.split_factor,
+                timeout=self.settings.load_timeout,
+                timeout_per_gib=self.settings.load_timeout_per_gib,
+                health=self.health,
+            )
 
     def _paged(self, layer_name: str, kv: torch.Tensor) -> PagedLayer:
         group = self.settings.groups[self._group_of[layer_name]]
@@ -95,6 +104,10 @@ class WorkerSide:
     # -- loads ------------------------------------------------------------------------------
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        if self._async is not None:
+            for spec in self._step().loads:
+                self._async.start(spec)
+            return
         device = next(iter(self._layers.values())).kv.device
         split = self.settings.split_factor
         for spec in self._step().loads:
@@ -104,7 +117,7 @@ class WorkerSide:
             offset = spec.start // split * split
             names = self.settings.layer_names
             block_ids = [spec.block_ids[self._group_of[name]] for name in names]
-            blocks = _RequestBlocks([self._layers[name] for name in names], block_ids, spec, offset, split)
+            blocks = RequestBlocks([self._layers[name] for name in names], block_ids, spec, offset, split)
             load = self.vua.load(tokens, device, layerwise=True, offset=offset, into=blocks)
             if load is None:
                 self._fail_blocks(spec, spec.start)
@@ -204,7 +217,16 @@ class WorkerSide:
         start = self._save_starts.get(spec.req_id)
         if start is None:
             tokens = torch.tensor(spec.token_ids, dtype=torch.long)
-            start = self._save_starts[spec.req_id] = max(spec.start, self.vua.prefix_length(tokens))
+            # Bounded: on a shared root the lookup probes the tree, and a step must not wait on
+            # a file system that hangs (then every group from spec.start on is gathered, and
+            # the put skips those stored).
+            stored = self._bounded.call(
+                lambda: self.vua.prefix_length(tokens),
+                timeout=self.settings.lookup_timeout,
+                default=0,
+                what="a lookup before a save",
+            )
+            start = self._save_starts[spec.req_id] = max(spec.start, stored)
         return start
 
     def wait_for_save(self) -> None:
@@ -227,7 +249,9 @@ class WorkerSide:
             tokens = torch.tensor(spec.token_ids, dtype=torch.long)
             sums = self._sums.get(req_id)
             all_sums = torch.cat(sums, dim=2) if sums and len(sums) == layers else None
-            self._writes.append(self._writer.submit(self._write, tokens, gathered, self._save_start(spec), all_sums))
+            start = self._save_start(spec)
+            nbytes = sum(k.nbytes + v.nbytes for k, v in gathered)
+            self._saves.submit(lambda t=tokens, g=gathered, o=start, w=all_sums: self._write(t, g, o, w), nbytes)
         self._gathered = {}
         self._sums = {}
         self._save_starts = {}
@@ -244,11 +268,22 @@ class WorkerSide:
         except VUAError as exc:  # a failed save is a future miss, never a wrong answer
             logger.warning("VUAConnector: storing %d tokens failed: %s", tokens.numel(), exc)
 
-    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
-        # Loads finish within their step and saves hold no blocks: nothing is pending.
-        self._writes = [w for w in self._writes if not w.done()]
+    def transfer_results(self, finished_req_ids: set[str]) -> tuple[set[str], set[str]]:
+        """(loads over, loads that failed) since the last call: vLLM's finished_recving and failed_recving.
+
+        Saves hold no blocks, so nothing is ever reported as sending. A load that failed is
+        recomputed by vLLM from the start (its request is admitted again).
+        """
         self._unsaveable -= finished_req_ids
-        return None, None
+        if self._async is None:  # layer-wise loads finish within their step
+            return set(), set()
+        result = self._async.poll(finished_req_ids)
+        if result.timed_out or result.failed:
+            with self._lock:
+                self._own["loads_timed_out"] += result.timed_out
+                self._own["load_bytes_abandoned"] += result.bytes_abandoned
+                self._own["loads_failed"] += len(result.failed)
+        return result.finished, result.failed
 
     def stats_since_last_report(self) -> dict[str, int | float] | None:
         """The increments of the store's and the connector's counters since the last call; None when nothing moved."""
@@ -258,33 +293,38 @@ class WorkerSide:
         with self._lock:
             delta.update(self._own)
             self._own = dict.fromkeys(self._own, 0)
+        seen = dict(
+            zip(
+                HEALTH_COUNTERS,
+                (self.health.periods, self.health.skipped, self._bounded.timed_out, self._saves.dropped),
+            )
+        )
+        for name, value in seen.items():
+            delta[name] = value - self._seen[name]
+        self._seen = seen
         return delta if any(delta.values()) else None
 
     def flush(self) -> None:
-        """Waits for background writes (tests and shutdown)."""
-        for write in self._writes:
-            write.result()
-        self._writes = []
+        """Waits for background writes, and for loads in flight until each is done or past its deadline (tests)."""
+        if self._async is not None:
+            self._async.wait()
+        self._saves.wait()
 
     def shutdown(self) -> None:
-        """Gives pending saves ``shutdown_timeout`` seconds, then abandons the rest.
+        """Gives pending saves ``shutdown_timeout`` seconds, then abandons the rest; cancels loads in flight.
 
         vLLM kills its engine process a few seconds after SIGTERM, so waiting for every save
         could be cut short anywhere. Each group is published atomically: an abandoned save
         leaves the groups it finished, and a later engine loads the whole prompt or a
         shorter prefix, never a partial group or an error.
         """
-        deadline = time.monotonic() + self.settings.shutdown_timeout
-        unfinished = 0
-        for write in self._writes:
-            try:
-                write.result(timeout=max(0.0, deadline - time.monotonic()))
-            except (TimeoutError, CancelledError):
-                unfinished += 1
-        self._writes = []
-        self._writer.shutdown(wait=False, cancel_futures=True)
+        if self._async is not None:
+            self._async.shutdown()
+        self._bounded.shutdown()
+        finished = self._saves.wait(timeout=self.settings.shutdown_timeout)
+        unfinished = self._saves.close()
         self._own["saves_dropped_at_shutdown"] += unfinished
-        if unfinished:
+        if not finished:
             # The store stays open for the save still running (closing would wait for it).
             logger.warning(
                 "VUAConnector: shut down with %d prompt saves unfinished after %.1f s; their remaining "
