@@ -22,6 +22,7 @@ import shutil
 import struct
 import subprocess
 import tempfile
+import threading
 import unittest
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, NamedTuple
@@ -418,6 +419,35 @@ def fragment_reads() -> Iterator[list[int]]:
 
     with mock.patch.object(Fragment, "read_into", counting):
         yield counts
+
+
+@contextlib.contextmanager
+def frozen_file_system(root: str, *, opens: bool = True, probes: bool = False) -> Iterator[threading.Event]:
+    """A file system that stops answering, as a frozen network server does: while active, every
+    open of a fragment under ``root`` (and, with ``probes``, every existence check there) blocks
+    until the event yielded is set, as a thread inside a FUSE or hard NFS wait does. Leaving the
+    block sets it, so the blocked threads go on (the server answers again)."""
+    answer = threading.Event()
+    real_open, real_lexists = os.open, os.path.lexists
+
+    def under_root(path: object) -> bool:
+        return isinstance(path, str) and path.startswith(root)
+
+    def frozen_open(path, *args, **kwargs):
+        if opens and under_root(path) and path.endswith(_layout.FRAGMENT_FILE):
+            answer.wait()
+        return real_open(path, *args, **kwargs)
+
+    def frozen_lexists(path):
+        if probes and under_root(path):
+            answer.wait()
+        return real_lexists(path)
+
+    try:
+        with mock.patch.object(os, "open", frozen_open), mock.patch.object(os.path, "lexists", frozen_lexists):
+            yield answer
+    finally:
+        answer.set()
 
 
 @contextlib.contextmanager

@@ -23,7 +23,9 @@ from tests.helpers import (
     StoreTestCase,
     check_hit,
     fanout_dirs,
+    fragment_path,
     index_records,
+    indexed_groups,
     listing,
     lock_dir,
     make_dir,
@@ -115,6 +117,30 @@ def _crash_writer(root: str, seed: int, ready) -> None:
         tail = [rng.randrange(50) for _ in range(16 * rng.randrange(1, 9))]
         tokens = torch.cat([torch.arange(base * 1000, base * 1000 + 32), torch.tensor(tail)])
         vua.put(tokens, prefix_kv(tokens, layers=2, heads=2, head_dim=64))
+
+
+class SharedRootOutageTest(StoreTestCase):
+    def test_a_fragment_missing_for_a_while_keeps_its_record_an_evicted_one_does_not(self):
+        # A GlusterFS server restarting answers ENOENT for the files on it while every
+        # directory is still there: a lookup ends the prefix there (a miss), and the group
+        # stays in the index. Eviction (any node's) removes the directory too: forgotten.
+        vua = self.store(split_factor=16, namespace="outage", network_fs=True)
+        tokens = torch.arange(64)
+        vua.put(tokens, prefix_kv(tokens))
+        keys = [bytes.fromhex(k) for k in vua.config.tokens_to_paths(tokens)]
+        path = fragment_path(self.root, keys[2].hex())
+        away = os.path.join(self.root, "away")
+        os.rename(path, away)  # the server holding it is down
+        with self.assertLogs("vua", level="WARNING"):
+            self.assertEqual(check_hit(vua.get_closest(tokens), tokens), 32)
+        self.assertEqual(indexed_groups(vua, keys), 4)
+        os.rename(away, path)  # it is back
+        self.assertEqual(check_hit(vua.get_closest(tokens), tokens), 64)
+        os.rename(path, away)  # evicted: the file moved aside, the directory removed
+        os.rmdir(os.path.dirname(path))
+        with self.assertLogs("vua", level="WARNING"):
+            self.assertEqual(check_hit(vua.get_closest(tokens), tokens), 32)
+        self.assertEqual(indexed_groups(vua, keys), 2)
 
 
 class CrashTest(StoreTestCase):

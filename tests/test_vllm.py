@@ -413,7 +413,7 @@ class VLLMConnectorTest(unittest.TestCase):
                 h.step(compute={"seed": 2})
                 asked = iter(range(1000))
 
-                def matched(tokens, computed=0):
+                def matched(tokens, computed=0, connector=connector, asked=asked):
                     # A request of its own each time (answers are kept per request until admitted).
                     request = Request(f"q{next(asked)}", tokens, SamplingParams(), None)
                     return connector.get_num_new_matched_tokens(request, computed)

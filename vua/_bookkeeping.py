@@ -11,10 +11,12 @@ never raised: the answer it would have improved was already given.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterable, Sequence
 
+from vua import _layout
 from vua._index import Index
 from vua._kv_layout import Layout
 from vua._publish import mark_used, quarantine_group
@@ -25,6 +27,10 @@ from vua.errors import FragmentError, StorageError
 logger = logging.getLogger(__name__)
 
 _TOUCH_FLUSH_SECONDS = 5.0
+# A fragment missing on a shared root is forgotten once it has been missing this long: past
+# GlusterFS's 42 s ping timeout, so a server that restarts does not cost good groups.
+_MISSING_GRACE_SECONDS = 60.0
+_MISSING_REMEMBERED = 100_000  # groups seen missing at most (their first sighting each)
 
 
 class Bookkeeper:
@@ -47,6 +53,7 @@ class Bookkeeper:
         self._touch_lock = threading.Lock()
         self._pending_touches: dict[bytes, int] = {}  # key -> time of its last use (ns)
         self._last_touch_flush = time.monotonic()
+        self._missing_since: dict[bytes, float] = {}  # shared roots: key -> when first found missing
 
     # -- groups recorded --------------------------------------------------------------------
 
@@ -117,6 +124,34 @@ class Bookkeeper:
             return exc.damaged
         logger.warning("group %s read whole and valid on a second look (replaced meanwhile?); keeping it", key_hex)
         return False
+
+    def forget_missing(self, keys: Sequence[bytes]) -> None:
+        """Drops groups whose fragment a lookup found missing; on a shared root, one whose directory is
+        still there only once it has been missing for a grace period.
+
+        Eviction (by any node) moves the file aside and removes the group's directory, so a
+        directory without its file is a publish in its last step or a file system that
+        reports a file as missing for a while: a GlusterFS server restarting answers ENOENT
+        for the files on it while the directories, on every server, are still there. A
+        record dropped for that would lose the group's last use (LRU order) and cost every
+        lookup a tree probe until it is found again. So on a shared root such a group is
+        forgotten when it was missing before, ``_MISSING_GRACE_SECONDS`` or more ago; a
+        local root, and a group whose directory is gone, are forgotten at once.
+        """
+        if not self.shared:
+            self.forget(keys)
+            return
+        now = time.monotonic()
+        due = []
+        with self._touch_lock:
+            if len(self._missing_since) > _MISSING_REMEMBERED:
+                self._missing_since.clear()  # bounded memory: the grace starts over
+            for key in keys:
+                first = self._missing_since.setdefault(key, now)
+                if now - first >= _MISSING_GRACE_SECONDS or not os.path.isdir(_layout.group_dir(self.root, key.hex())):
+                    due.append(key)
+                    del self._missing_since[key]
+        self.forget(due)
 
     def forget(self, keys: Sequence[bytes]) -> None:
         """Drops groups from this node's index (their files are gone or moved aside)."""

@@ -215,7 +215,7 @@ class Catalog:
             if fragment is not None:
                 fragment.close()
         self._bookkeeper.quarantine(damaged)
-        self._bookkeeper.forget(missing)
+        self._bookkeeper.forget_missing(missing)
         cut_by_a_record = len(fragments) < count and keys[len(fragments)] in misrecorded
         return fragments, layout, misrecorded if cut_by_a_record else []
 

@@ -217,7 +217,7 @@ class VUAConnector(KVConnectorBase_V1, SupportsHMA):
         return VUAPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def flush(self) -> None:
-        """Waits for background writes and loads in flight, each at most until its deadline (tests)."""
+        """Waits for background writes and load threads (tests: one inside a hung file system waits with it)."""
         if self._worker is not None:
             self._worker.flush()
 

@@ -124,6 +124,8 @@ class AsyncLoads:
         self._stream = torch.cuda.Stream(self._device) if self._device.type == "cuda" else None
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="vua-async-load")
         self._loads: dict[str, _Load] = {}
+        self._busy = 0  # load threads inside a load (reported or not), under _idle
+        self._idle = threading.Condition()
 
     def __len__(self) -> int:
         return len(self._loads)
@@ -138,6 +140,8 @@ class AsyncLoads:
             load.cancelled = True
             load.done.set()
             return
+        with self._idle:
+            self._busy += 1
         self._pool.submit(self._run, load)
 
     def _run(self, load: _Load) -> None:
@@ -169,6 +173,9 @@ class AsyncLoads:
             logger.exception("VUAConnector: loading request %s failed", spec.req_id)
         finally:
             load.done.set()
+            with self._idle:
+                self._busy -= 1
+                self._idle.notify_all()
 
     def _land(self, blocks: RequestBlocks, outputs: list[tuple[torch.Tensor, torch.Tensor]], groups: int) -> None:
         """Copies ``groups`` verified groups from the load's own outputs into the request's blocks."""
@@ -220,9 +227,13 @@ class AsyncLoads:
         return result
 
     def wait(self) -> None:
-        """Waits until every load in flight is done or past its deadline (tests, and a worker's flush)."""
-        for load in list(self._loads.values()):
-            load.done.wait(max(0.0, load.deadline - time.monotonic()))
+        """Waits until no load thread is reading, those already reported (cut at a deadline) too.
+
+        For tests (a worker's flush): a thread inside a file system that hangs waits with it.
+        """
+        with self._idle:
+            while self._busy:
+                self._idle.wait()
 
     def shutdown(self) -> None:
         """Cancels every load; a thread inside the file system finishes on its own, landing nothing."""

@@ -305,7 +305,7 @@ class WorkerSide:
         return delta if any(delta.values()) else None
 
     def flush(self) -> None:
-        """Waits for background writes, and for loads in flight until each is done or past its deadline (tests)."""
+        """Waits for background writes and load threads (tests: one inside a hung file system waits with it)."""
         if self._async is not None:
             self._async.wait()
         self._saves.wait()
