@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -63,6 +64,7 @@ class GlusterVolume:
         self.node_b = os.path.join(base, "node-b")
         self.bricks = [os.path.join(base, f"brick{i}") for i in (1, 2)]  # the servers' own directories
         self._started_glusterd = False
+        self._frozen: list[int] = []  # brick servers stopped by freeze()
 
     @classmethod
     def create(cls) -> GlusterVolume:
@@ -112,7 +114,35 @@ class GlusterVolume:
         if self.node_a not in mounted or self.node_b not in mounted:
             raise RuntimeError(f"GlusterFS mounts did not appear: {mounted}")
 
+    def set(self, option: str, value: str) -> None:
+        """Sets a volume option (``gluster volume set``)."""
+        _run("gluster", "--mode=script", "volume", "set", self.name, option, value)
+
+    def brick_processes(self) -> list[int]:
+        """The pids of the volume's brick servers (glusterfsd), which hold the files."""
+        done = _run("pgrep", "-f", f"glusterfsd.*--volfile-id {self.name}\\.", check=False)
+        return [int(pid) for pid in done.stdout.split()]
+
+    def freeze(self) -> None:
+        """Stops every brick server (SIGSTOP), as a frozen or unreachable server: calls on the mounts hang."""
+        pids = self.brick_processes()
+        if not pids:
+            raise RuntimeError(f"no brick process of volume {self.name} found")
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        self._frozen = pids
+
+    def thaw(self) -> None:
+        """Lets frozen brick servers run again (SIGCONT)."""
+        for pid in self._frozen:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        self._frozen = []
+
     def destroy(self) -> None:
+        self.thaw()  # a stopped brick would hold the SIGTERM of "volume stop" pending
         for mount in (self.node_a, self.node_b):
             if os.path.ismount(mount):
                 _run("umount", "-l", mount, check=False)

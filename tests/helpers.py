@@ -422,11 +422,12 @@ def fragment_reads() -> Iterator[list[int]]:
 
 
 @contextlib.contextmanager
-def frozen_file_system(root: str, *, opens: bool = True, probes: bool = False) -> Iterator[threading.Event]:
+def frozen_file_system(root: str, *, every_open: bool = False, probes: bool = False) -> Iterator[threading.Event]:
     """A file system that stops answering, as a frozen network server does: while active, every
-    open of a fragment under ``root`` (and, with ``probes``, every existence check there) blocks
-    until the event yielded is set, as a thread inside a FUSE or hard NFS wait does. Leaving the
-    block sets it, so the blocked threads go on (the server answers again)."""
+    open of a fragment under ``root`` (with ``every_open``, of any file there: a put's too; with
+    ``probes``, every existence check there) blocks until the event yielded is set, as a thread
+    inside a FUSE or hard NFS wait does. Leaving the block sets it, so the blocked threads go on
+    (the server answers again)."""
     answer = threading.Event()
     real_open, real_lexists = os.open, os.path.lexists
 
@@ -434,7 +435,7 @@ def frozen_file_system(root: str, *, opens: bool = True, probes: bool = False) -
         return isinstance(path, str) and path.startswith(root)
 
     def frozen_open(path, *args, **kwargs):
-        if opens and under_root(path) and path.endswith(_layout.FRAGMENT_FILE):
+        if under_root(path) and (every_open or path.endswith(_layout.FRAGMENT_FILE)):
             answer.wait()
         return real_open(path, *args, **kwargs)
 

@@ -110,6 +110,27 @@ class SGLangBackendTest(unittest.TestCase):
         got = self.run_backend(op="get", kind="mha", layout="page_first", keys=put["keys"], index=index)
         self.assertEqual((got["exists"], got["got"]), (1, [True] + [False] * 5))  # the missing page is forgotten
 
+    def test_a_hung_store_answers_misses_at_the_deadline_and_never_touches_the_pool_afterwards(self):
+        # bounded_io: what shared roots get by default (this root is local). SGLang frees a
+        # call's pages as soon as it returns, so nothing may write them (a late load) or read
+        # them (a late save) after that.
+        bounded = {"bounded_io": True, "load_timeout": 0.3, "load_timeout_per_gib": 0, "unhealthy_seconds": 0}
+        put = self.run_backend(op="put", kind="mha", layout="page_first", pages=4, seed=12, extra=bounded)
+        self.assertEqual(put["stored"], [True] * 4)
+        got = self.run_backend(op="get", kind="mha", layout="page_first", keys=put["keys"], extra=bounded, freeze=True)
+        self.assertEqual(got["exists"], 4)  # the index answers
+        self.assertEqual(got["got"], [False] * 4)  # the load passed its deadline
+        self.assertTrue(got["late_read_done"])
+        self.assertTrue(got["pages_untouched"])  # the late read landed in staging alone
+        self.assertEqual(got["metrics"]["vua"]["groups_loaded"], 4)
+        # A save past its deadline stores the pages as they were at the call, from its own copy.
+        late = self.run_backend(op="put", kind="mha", layout="page_first", pages=3, seed=13, extra=bounded, freeze=True)
+        self.assertEqual(late["stored"], [False] * 3)
+        self.assertTrue(late["late_write_done"])
+        back = self.run_backend(op="get", kind="mha", layout="page_first", keys=late["keys"], extra=bounded)
+        self.assertEqual(back["got"], [True] * 3)
+        self.assertEqual(back["pages"], late["pages"])
+
     def test_flat_pages_without_interface_v1(self):
         put = self.run_backend(op="put", kind="mha", layout="layer_first", pages=3, seed=4, flat=True)
         self.assertEqual(put["stored"], [True] * 3)

@@ -12,6 +12,9 @@ set) and registers the host pool as SGLang's controller does. Then, by ``op``:
   flat pages with ``"flat": true``);
 - ``get``: asks how many of ``keys`` are stored and loads them into fresh pages of the pool
   (batch_exists, then batch_get_v1 or batch_get);
+- ``"freeze": true`` with ``put`` or ``get``: the store's file opens hang during the call (as
+  on a frozen network file system), then answer again; says whether the pool's pages stayed
+  as they were (get) and stores what they held at the call (put) although SGLang reuses them;
 - ``controller``: a backup and a prefetch of three pages through SGLang's HiCacheController
   (its storage threads, a gloo group of one).
 
@@ -29,6 +32,7 @@ import json
 import logging
 import os
 import sys
+import time
 import warnings
 
 warnings.filterwarnings("ignore")
@@ -37,6 +41,7 @@ logging.disable(logging.INFO)  # SGLang's chatter; VUA's warnings still show on 
 import torch  # noqa: E402
 from sglang.srt.mem_cache.storage.backend_factory import StorageBackendFactory  # noqa: E402
 
+from tests.helpers import frozen_file_system  # noqa: E402
 from tests.sglang.probe import PAGE, mha_pools, mla_pools, storage_config  # noqa: E402
 from vua.sglang._pages import PageViews, page_tokens  # noqa: E402
 
@@ -71,6 +76,7 @@ def make_backend(args: dict, host, mla: bool):
         "root": args["root"],
         "index_path": args["index"],
         **({"interface_v1": 1} if not args.get("flat") else {}),
+        **args.get("extra", {}),
     }
     config = dataclasses.replace(
         storage_config(mla),  # SGLang's config as the probe builds it, made this run's
@@ -111,6 +117,47 @@ def through_controller(args: dict) -> dict:
     return {"backend": type(backend).__name__, "vua": stats.vua.as_dict()}
 
 
+def _inner_store(backend):
+    return getattr(backend, "_backend", backend)._store  # SGLang's fault injector wraps it
+
+
+def _wait_for(condition, seconds: float = 60.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def frozen_get(args: dict, backend, pages: PageViews, keys, indices, starts) -> dict:
+    """batch_get_v1 while the store's file opens hang; the pages are looked at again after the late read."""
+    before = [page_digest(pages, s) for s in starts]
+    store = _inner_store(backend)
+    with frozen_file_system(args["root"]) as answer:
+        started = time.monotonic()
+        got = list(backend.batch_get_v1(keys, indices))
+        seconds = time.monotonic() - started
+        answer.set()  # the file system answers again: the late read goes on, into staging alone
+        late_read = _wait_for(lambda: store.stats().groups_loaded >= len(keys))
+    untouched = [page_digest(pages, s) for s in starts] == before
+    return {"got": got, "seconds": seconds, "late_read_done": late_read, "pages_untouched": untouched}
+
+
+def frozen_put(args: dict, backend, raw, pages: PageViews, keys, indices, starts) -> dict:
+    """batch_set_v1 while every open under the root hangs; SGLang reuses the pages once it has returned."""
+    at_call = [page_digest(pages, s) for s in starts]
+    store = _inner_store(backend)
+    with frozen_file_system(args["root"], every_open=True) as answer:
+        started = time.monotonic()
+        stored = list(backend.batch_set_v1(keys, indices))
+        seconds = time.monotonic() - started
+        raw.copy_(torch.randint(-(2**15), 2**15, raw.shape, dtype=torch.int16))  # other pages' bytes now
+        answer.set()  # the late write goes on, from its own copy
+        late_write = _wait_for(lambda: store.stats().groups_saved >= len(keys))
+    return {"stored": stored, "seconds": seconds, "late_write_done": late_write, "pages": at_call}
+
+
 def run_once(args: dict) -> dict:
     """One backend on fresh pools of ``args["layout"]``, doing ``args["op"]``."""
     mla = args["kind"] == "mla"
@@ -129,6 +176,8 @@ def run_once(args: dict) -> dict:
             flats = [host.get_data_page(s, flat=True) for s in starts]
             out["stored"] = [bool(backend.batch_set(keys, flats))] * len(keys)
             out["pages"] = [flat_digest(f) for f in flats]
+        elif args.get("freeze"):
+            out.update(frozen_put(args, backend, raw, pages, keys, indices, starts))
         else:
             out["stored"] = list(backend.batch_set_v1(keys, indices))
             out["pages"] = [page_digest(pages, s) for s in starts]
@@ -147,6 +196,8 @@ def run_once(args: dict) -> dict:
             got = backend.batch_get(keys, targets)
             out["got"] = [g is not None for g in got]
             out["pages"] = [flat_digest(g) if g is not None else None for g in got]
+        elif args.get("freeze"):
+            out.update(frozen_get(args, backend, pages, keys, indices, starts))
         else:
             out["got"] = list(backend.batch_get_v1(keys, indices))
             out["pages"] = [page_digest(pages, s) if ok else None for s, ok in zip(starts, out["got"])]

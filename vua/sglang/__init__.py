@@ -46,7 +46,8 @@ from sglang.srt.observability.metrics_collector import StorageMetrics
 
 from vua.core import VUA, KVDestination, StoreStats, VUAConfig
 from vua.errors import InvalidInputError, VUAError
-from vua.integration import read_secret_file
+from vua.integration import StoreHealth, read_secret_file
+from vua.sglang._bounded import BoundedPages
 from vua.sglang._flat import FlatPages
 from vua.sglang._pages import KEY_TOKENS, PageViews, page_tokens
 from vua.sglang._parts import PagePutter
@@ -57,14 +58,25 @@ logger = logging.getLogger(__name__)
 
 # extra_config keys: SGLang's own (the dynamic factory reads them), then VUA's.
 _SGLANG_KEYS = {"backend_name", "module_path", "class_name", "interface_v1", "tp_lcm_size"}
-_VUA_KEYS = {"root", "index_path", "namespace", "auth_key_file", "io_threads", "create_parents"}
+_VUA_KEYS = {"root", "index_path", "namespace", "auth_key_file", "io_threads", "create_parents", "bounded_io"}
+# Deadlines of the bounded calls (seconds) and how long a store past one is skipped.
+_SECONDS = {"load_timeout": 2.0, "load_timeout_per_gib": 2.0, "lookup_timeout": 0.5, "unhealthy_seconds": 30.0}
+_VUA_KEYS |= set(_SECONDS)
 
 
 @dataclass
 class VUAStorageMetrics(StorageMetrics):
-    """SGLang's storage metrics (pages and bandwidth per call since the last report) and VUA's counters."""
+    """SGLang's storage metrics (pages and bandwidth per call since the last report) and VUA's counters.
+
+    ``calls_timed_out``, ``calls_skipped`` and ``unhealthy_periods`` count, since the backend
+    started, bounded calls answered as misses at their deadline, calls skipped while the store
+    was unhealthy, and the periods it was.
+    """
 
     vua: StoreStats | None = field(default=None)
+    calls_timed_out: int = 0
+    calls_skipped: int = 0
+    unhealthy_periods: int = 0
 
 
 class VUAStorage(HiCacheStorage):
@@ -81,6 +93,11 @@ class VUAStorage(HiCacheStorage):
         auth_key_file: a file holding the store's secret (``VUAConfig.auth_key``).
         io_threads: VUA's copy threads.
         create_parents: create a missing parent of ``root`` (default: refuse, a typo).
+        bounded_io: every zero-copy call under a deadline, through copies of VUA's own
+            (``_bounded``); default: on shared (network, FUSE) roots only.
+        load_timeout, load_timeout_per_gib: a bounded load's or save's deadline, 2 s plus 2 s per GiB.
+        lookup_timeout: a bounded ``batch_exists``'s deadline, 0.5 s.
+        unhealthy_seconds: how long a store past a deadline is skipped (calls miss at once), 30 s.
 
     Raises:
         InvalidInputError: an unknown or malformed key (the message names it).
@@ -105,6 +122,13 @@ class VUAStorage(HiCacheStorage):
             if extra.get("auth_key_file")
             else None
         )
+        self._seconds = {name: _seconds(extra, name, default) for name, default in _SECONDS.items()}
+        if extra.get("bounded_io") not in (None, True, False):
+            raise InvalidInputError(
+                f"VUAStorage: bounded_io must be true, false or absent, got {extra['bounded_io']!r}"
+            )
+        self.health = StoreHealth(extra["root"], cooldown=self._seconds["unhealthy_seconds"])
+        self._bounded: BoundedPages | None = None  # on shared roots (bounded_io), once the pool is registered
         self.mem_pool_host: Any = None
         self._pages: PageViews | None = None
         self._pool: list[tuple[torch.Tensor, torch.Tensor]] | None = None
@@ -126,6 +150,16 @@ class VUAStorage(HiCacheStorage):
         self._store = self._open(self._namespace(self._pages.kind))
         self._pool = self._pages.pool()  # MHA: pages are written straight from the pool
         self._putter = PagePutter(self._store, self._pages) if self._pool is None else None
+        bounded = self._extra.get("bounded_io")
+        if bounded or (bounded is None and self._store.network_fs):
+            seconds = self._seconds
+            self._bounded = BoundedPages(
+                self._pages,
+                self.health,
+                load_timeout=seconds["load_timeout"],
+                load_timeout_per_gib=seconds["load_timeout_per_gib"],
+                lookup_timeout=seconds["lookup_timeout"],
+            )
 
     def _namespace(self, kind: str) -> str:
         config = self.storage_config
@@ -169,6 +203,8 @@ class VUAStorage(HiCacheStorage):
             return 0
         page = self._page_size()
         try:
+            if self._bounded is not None and self._zero_copy:
+                return self._bounded.exists(store, page_tokens(keys, page))
             return store.stored_groups(page_tokens(keys, page))
         except VUAError as exc:
             logger.warning("VUAStorage: %d pages cannot be looked up: %s", len(keys), exc)
@@ -190,8 +226,11 @@ class VUAStorage(HiCacheStorage):
         try:
             tokens = page_tokens(keys, page)
             starts = [int(host_indices[i * page]) for i in range(len(keys))]
-            load = self._store.load_groups(tokens, "cpu", into=_PageDestination(self._pages, starts))
-            done = 0 if load is None else load.wait()
+            if self._bounded is not None:
+                done = self._bounded.get(self._store, tokens, starts)
+            else:
+                load = self._store.load_groups(tokens, "cpu", into=_PageDestination(self._pages, starts))
+                done = 0 if load is None else load.wait()
         except VUAError as exc:  # a malformed key, a store that refuses: a miss, not an error in SGLang
             logger.warning("VUAStorage: %d pages not loaded: %s", len(keys), exc)
         self._record(self._metrics.prefetch_pgs, self._metrics.prefetch_bandwidth, done, started)
@@ -211,7 +250,12 @@ class VUAStorage(HiCacheStorage):
         try:
             tokens = page_tokens(keys, page)
             starts = [int(host_indices[i * page]) for i in range(len(keys))]
-            if self._pool is not None:
+            if self._bounded is not None:
+                bounded = self._bounded.put(self._store, tokens, starts)
+                if bounded is None:  # past its deadline (the write goes on from its own copy)
+                    return [False] * len(keys)
+                written = bounded
+            elif self._pool is not None:
                 written = self._store.put_groups(tokens, self._pool, rows=[start // page for start in starts])
             else:
                 assert self._putter is not None
@@ -262,6 +306,8 @@ class VUAStorage(HiCacheStorage):
         metrics, self._metrics = self._metrics, VUAStorageMetrics()
         if self._store is not None:
             metrics.vua = self._store.stats()
+        metrics.calls_timed_out = 0 if self._bounded is None else self._bounded.timed_out
+        metrics.calls_skipped, metrics.unhealthy_periods = self.health.skipped, self.health.periods
         return metrics
 
     def clear(self) -> None:
@@ -269,6 +315,8 @@ class VUAStorage(HiCacheStorage):
         logger.info("VUAStorage.clear: the store is shared and kept; run `vua gc` to bound or empty it")
 
     def close(self) -> None:
+        if self._bounded is not None:
+            self._bounded.close()
         if self._putter is not None:
             self._putter.close()
         if self._store is not None:
@@ -289,6 +337,13 @@ class VUAStorage(HiCacheStorage):
         if n:
             pages.append(n)
             bandwidth.append(n / max(time.perf_counter() - started, 1e-9))
+
+
+def _seconds(extra: dict[str, Any], name: str, default: float) -> float:
+    value = extra.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise InvalidInputError(f"VUAStorage: extra_config {name} must be a number of seconds >= 0, got {value!r}")
+    return float(value)
 
 
 class _PageDestination(KVDestination):
