@@ -214,23 +214,33 @@ def free_port() -> int:
 
 
 def start_server(
-    python: str, model: str, port: int, store: str | None, args: argparse.Namespace, logfile: str
+    python: str,
+    model: str,
+    port: int,
+    store: str | dict | None,
+    args: argparse.Namespace,
+    logfile: str,
+    *,
+    prefix_caching: bool = True,
 ) -> subprocess.Popen:
+    """Starts ``vllm serve`` and waits for /health; ``store``: a root, or the connector's whole extra config."""
     max_len = -(-(args.prefix + args.suffix + args.output) // BLOCK) * BLOCK + BLOCK
     argv = [python, "-c", VLLM_CLI, "serve", model, "--port", str(port), "--host", "127.0.0.1"]
-    argv += ["--dtype", "float32", "--seed", "0", "--enforce-eager", "--enable-prefix-caching"]
+    argv += ["--dtype", "float32", "--seed", "0", "--enforce-eager"]
+    argv += ["--enable-prefix-caching" if prefix_caching else "--no-enable-prefix-caching"]
     argv += ["--block-size", str(BLOCK), "--max-model-len", str(max_len)]
     argv += ["--max-num-batched-tokens", str(args.batched), "--max-num-seqs", "16"]
     # vLLM keeps one block aside (its null block): one more for KV_CACHE_TOKENS usable.
     argv += ["--num-gpu-blocks-override", str(args.kv_cache_tokens // BLOCK + 1)]
     argv += ["--distributed-executor-backend", "uni"]  # the worker in the engine process: one import less
     if store:
+        extra = store if isinstance(store, dict) else {"vua_root": store, "index_path": store + "-index"}
         transfer = {
             "kv_connector": "VUAConnector",
             "kv_role": "kv_both",
             "kv_connector_module_path": "vua.vllm",
             "kv_load_failure_policy": "recompute",
-            "kv_connector_extra_config": {"vua_root": store, "index_path": store + "-index", "split_factor": SPLIT},
+            "kv_connector_extra_config": {"split_factor": SPLIT, **extra},
         }
         argv += ["--kv-transfer-config", json.dumps(transfer)]
     out = open(logfile, "w")
