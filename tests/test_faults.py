@@ -142,6 +142,27 @@ class SharedRootOutageTest(StoreTestCase):
             self.assertEqual(check_hit(vua.get_closest(tokens), tokens), 32)
         self.assertEqual(indexed_groups(vua, keys), 2)
 
+    def test_an_unreachable_fragment_stays_in_the_index(self):
+        # The mount answers ENOTCONN (a GlusterFS client that lost its servers), EIO or
+        # ETIMEDOUT: the group cannot be read now, which is not to say it is gone.
+        vua = self.store(split_factor=16, namespace="unreachable", network_fs=True)
+        tokens = torch.arange(48)
+        vua.put(tokens, prefix_kv(tokens))
+        keys = [bytes.fromhex(k) for k in vua.config.tokens_to_paths(tokens)]
+        real_open = os.open
+        for code in (errno.ENOTCONN, errno.EIO, errno.ETIMEDOUT):
+            with self.subTest(errno=errno.errorcode[code]):
+
+                def unreachable(path, *args, code=code, **kwargs):
+                    if isinstance(path, str) and path.endswith("kv.safetensors") and keys[1].hex() in path:
+                        raise OSError(code, os.strerror(code), path)
+                    return real_open(path, *args, **kwargs)
+
+                with mock.patch.object(os, "open", unreachable), self.assertLogs("vua", level="WARNING"):
+                    self.assertEqual(check_hit(vua.get_closest(tokens), tokens), 16)
+                self.assertEqual(indexed_groups(vua, keys), 3)
+                self.assertEqual(check_hit(vua.get_closest(tokens), tokens), 48)  # reachable again
+
 
 class CrashTest(StoreTestCase):
     def test_writer_killed_at_random_moments(self):

@@ -246,6 +246,8 @@ class FrozenStoreServeTest(unittest.TestCase):
 
         # 4. Every brick read delayed 200 ms (delay-gen above the bricks' storage), the
         # fragments out of this machine's page cache so that the reads reach the bricks.
+        for cache in ("io-cache", "read-ahead", "quick-read"):  # the client's own caches of file contents
+            self.volume.set(f"performance.{cache}", "off")
         self.volume.set("debug.delay-gen", "posix")
         self.volume.set("delay-gen.delay-percentage", "100")
         self.volume.set("delay-gen.delay-duration", "200000")

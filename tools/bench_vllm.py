@@ -37,7 +37,8 @@ MISS_COST_TARGET = 0.05
 
 
 def engine_python() -> str:
-    done = subprocess.run([sys.executable, os.path.join(ENGINE, "env.py")], capture_output=True, text=True)
+    # As a module from the checkout: env.py imports tests.installs.
+    done = subprocess.run([sys.executable, "-m", "tests.engine.env"], capture_output=True, text=True, cwd=REPO)
     if done.returncode != 0:
         sys.exit(f"cannot build the engine environment: {done.stderr[-2000:]}")
     return done.stdout.strip().splitlines()[-1]
