@@ -154,7 +154,7 @@ class AsyncLoads:
                 end = min(spec.end, first + self._chunk_groups * self._split)
                 kv = self.vua.load(tokens[:end], self._device, offset=first)
                 groups = 0 if kv is None else kv.wait()
-                if not groups:
+                if kv is None or kv.outputs is None or not groups:
                     break
                 blocks = RequestBlocks(self._layers, block_ids, spec, first, self._split)
                 with load.lock:
@@ -165,7 +165,8 @@ class AsyncLoads:
                 if load.landed_upto < end:
                     break  # a group failed a check: the prefix ends there
                 first = end
-            self._health.succeeded()
+            if not load.cancelled:  # in time: the store answers (a late finish proves nothing)
+                self._health.succeeded()
         except OSError as exc:  # the file system refused (ENOTCONN, EIO): not a damaged group
             self._health.failed(f"a load failed: {exc}")
             logger.warning("VUAConnector: loading request %s failed: %s", spec.req_id, exc)

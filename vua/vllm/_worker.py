@@ -9,21 +9,26 @@ where the reads come from the page cache or a local disk.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from vua.core import VUA, KVLoad
+from vua.core import VUA
 from vua.errors import InvalidInputError, VUAError
 from vua.integration import BoundedCalls, StoreHealth, word_sums
-from vua.vllm._loads import AsyncLoads, RequestBlocks
-from vua.vllm._metadata import LoadSpec, SaveSpec, VUAConnectorMetadata
-from vua.vllm._paged import NULL_BLOCK, NullBlockError, PagedLayer
+from vua.vllm._layerwise import LayerwiseLoads
+from vua.vllm._loads import AsyncLoads
+from vua.vllm._metadata import SaveSpec, VUAConnectorMetadata
+from vua.vllm._paged import NullBlockError, PagedLayer
 from vua.vllm._saves import SaveQueue
 from vua.vllm._settings import ConnectorSettings
 from vua.vllm._stats import HEALTH_COUNTERS, LOAD_COUNTERS
+
+# Counters kept as totals by the parts that count them; the stats report their increments.
+CUMULATIVE = (*HEALTH_COUNTERS, "load_error_blocks")
 
 if TYPE_CHECKING:
     from vllm.forward_context import ForwardContext
@@ -52,22 +57,21 @@ class WorkerSide:
         self._metadata = metadata
         self._layers: dict[str, PagedLayer] = {}
         self._group_of = {name: g for g, group in enumerate(settings.groups) for name in group.layer_names}
-        self._loads: list[tuple[LoadSpec, KVLoad | None]] = []
+        # The loads' strategy, built once the caches are registered: asynchronous, or layer-wise.
+        self._loads: AsyncLoads | LayerwiseLoads | None = None
         self._gathered: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         # Per request, each layer's word sums (1, groups, 2) computed where the cache lives;
         # None once a layer's could not be (the writer then does as VUAConfig says).
         self._sums: dict[str, list[torch.Tensor] | None] = {}
         self._save_starts: dict[str, int] = {}
         self._unsaveable: set[str] = set()  # requests whose KV a layer no longer held when a group was due
-        self._load_errors: set[int] = set()
         self.health = StoreHealth(settings.root, cooldown=settings.unhealthy_seconds)
         self._bounded = BoundedCalls(self.health, name="vua-worker-lookup")
-        self._async: AsyncLoads | None = None  # built once the caches are registered
         self._saves = SaveQueue(settings.save_queue_bytes)
         self._lock = threading.Lock()
         self._reported = self.vua.stats()  # the store's counters at the last stats report
-        self._own = dict.fromkeys(("load_error_blocks", "saves_dropped_at_shutdown", *LOAD_COUNTERS), 0)
-        self._seen = dict.fromkeys(HEALTH_COUNTERS, 0)  # those counters at the last stats report
+        self._own = dict.fromkeys(("saves_dropped_at_shutdown", *LOAD_COUNTERS), 0)
+        self._seen = dict.fromkeys(CUMULATIVE, 0)  # those counters at the last stats report
 
     def _step(self) -> VUAConnectorMetadata:
         meta = self._metadata()
@@ -79,13 +83,17 @@ class WorkerSide:
         missing = [n for n in self.settings.layer_names if n not in self._layers]
         if missing:
             raise InvalidInputError(f"VUAConnector: no KV cache registered for layers {missing[:3]}...")
-        if self.settings.load_mode == "async":
-            names = self.settings.layer_names
-            self._async = AsyncLoads(
+        names = self.settings.layer_names
+        layers, groups = [self._layers[name] for name in names], [self._group_of[name] for name in names]
+        split = self.settings.split_factor
+        if self.settings.load_mode == "layerwise":
+            self._loads = LayerwiseLoads(self.vua, layers, groups, self.settings.groups, split)
+        else:
+            self._loads = AsyncLoads(
                 self.vua,
-                [self._layers[name] for name in names],
-                [self._group_of[name] for name in names],
-                self.settings.split_factor,
+                layers,
+                groups,
+                split,
                 timeout=self.settings.load_timeout,
                 timeout_per_gib=self.settings.load_timeout_per_gib,
                 health=self.health,
@@ -104,66 +112,17 @@ class WorkerSide:
     # -- loads ------------------------------------------------------------------------------
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
-        if self._async is not None:
-            for spec in self._step().loads:
-                self._async.start(spec)
-            return
-        device = next(iter(self._layers.values())).kv.device
-        split = self.settings.split_factor
+        assert self._loads is not None, "register_kv_caches comes first"
         for spec in self._step().loads:
-            tokens = torch.tensor(spec.token_ids[: spec.end], dtype=torch.long)
-            # Only from the group holding the first token vLLM lacks: its prefix cache holds
-            # the rest, and reading it from disk to throw it away would cost the same again.
-            offset = spec.start // split * split
-            names = self.settings.layer_names
-            block_ids = [spec.block_ids[self._group_of[name]] for name in names]
-            blocks = RequestBlocks([self._layers[name] for name in names], block_ids, spec, offset, split)
-            load = self.vua.load(tokens, device, layerwise=True, offset=offset, into=blocks)
-            if load is None:
-                self._fail_blocks(spec, spec.start)
-            self._loads.append((spec, load))
+            self._loads.start(spec)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        # The loads land in the request's blocks as they are verified; this only waits (on
-        # CUDA, makes the forward's stream wait) for the layer. Groups that fail a check
-        # later are reported as not loaded once the last layer is in (_finish_loads).
-        if not self._loads:
-            return
-        index = self._layer_index(layer_name)
-        for _, load in self._loads:
-            if load is not None:
-                load.wait_layer_groups(index)
-        if index == len(self.settings.layer_names) - 1:
-            self._finish_loads()
-
-    def _fail_blocks(self, spec: LoadSpec, first_bad: int) -> None:
-        """Reports the blocks of positions [first_bad, end) of a load, in every KV cache group, as not loaded."""
-        first = max(first_bad, spec.start)
-        if first >= spec.end:
-            return
-        blocks = set()
-        for group, block_ids in zip(self.settings.groups, spec.block_ids):
-            size = group.block_size
-            blocks.update(block_ids[first // size : (spec.end - 1) // size + 1])
-        blocks.discard(NULL_BLOCK)
-        with self._lock:
-            self._load_errors.update(blocks)
-            self._own["load_error_blocks"] += len(blocks)
-
-    def _finish_loads(self) -> None:
-        for spec, load in self._loads:
-            if load is not None:
-                verified = load.offset + load.wait() * self.settings.split_factor
-                if verified < spec.end:
-                    self._fail_blocks(spec, verified)
-        self._loads = []
+        if isinstance(self._loads, LayerwiseLoads):  # asynchronous loads are not the step's
+            self._loads.wait_layer(self._layer_index(layer_name))
 
     def get_block_ids_with_load_errors(self) -> set[int]:
-        if self._loads:
-            self._finish_loads()
-        with self._lock:
-            errors, self._load_errors = self._load_errors, set()
-        return errors
+        # An asynchronous load that failed is reported whole (transfer_results), never as blocks.
+        return self._loads.errors() if isinstance(self._loads, LayerwiseLoads) else set()
 
     # -- saves ------------------------------------------------------------------------------
 
@@ -230,8 +189,8 @@ class WorkerSide:
         return start
 
     def wait_for_save(self) -> None:
-        if self._loads:
-            self._finish_loads()
+        if isinstance(self._loads, LayerwiseLoads):
+            self._loads.finish()
         if not self._gathered:
             self._save_starts = {}
             return
@@ -251,7 +210,7 @@ class WorkerSide:
             all_sums = torch.cat(sums, dim=2) if sums and len(sums) == layers else None
             start = self._save_start(spec)
             nbytes = sum(k.nbytes + v.nbytes for k, v in gathered)
-            self._saves.submit(lambda t=tokens, g=gathered, o=start, w=all_sums: self._write(t, g, o, w), nbytes)
+            self._saves.submit(functools.partial(self._write, tokens, gathered, start, all_sums), nbytes)
         self._gathered = {}
         self._sums = {}
         self._save_starts = {}
@@ -275,9 +234,9 @@ class WorkerSide:
         recomputed by vLLM from the start (its request is admitted again).
         """
         self._unsaveable -= finished_req_ids
-        if self._async is None:  # layer-wise loads finish within their step
+        if not isinstance(self._loads, AsyncLoads):  # layer-wise loads finish within their step
             return set(), set()
-        result = self._async.poll(finished_req_ids)
+        result = self._loads.poll(finished_req_ids)
         if result.timed_out or result.failed:
             with self._lock:
                 self._own["loads_timed_out"] += result.timed_out
@@ -293,12 +252,9 @@ class WorkerSide:
         with self._lock:
             delta.update(self._own)
             self._own = dict.fromkeys(self._own, 0)
-        seen = dict(
-            zip(
-                HEALTH_COUNTERS,
-                (self.health.periods, self.health.skipped, self._bounded.timed_out, self._saves.dropped),
-            )
-        )
+        layerwise = self._loads.error_blocks if isinstance(self._loads, LayerwiseLoads) else 0
+        totals = (self.health.periods, self.health.skipped, self._bounded.timed_out, self._saves.dropped, layerwise)
+        seen = dict(zip(CUMULATIVE, totals))
         for name, value in seen.items():
             delta[name] = value - self._seen[name]
         self._seen = seen
@@ -306,8 +262,8 @@ class WorkerSide:
 
     def flush(self) -> None:
         """Waits for background writes and load threads (tests: one inside a hung file system waits with it)."""
-        if self._async is not None:
-            self._async.wait()
+        if isinstance(self._loads, AsyncLoads):
+            self._loads.wait()
         self._saves.wait()
 
     def shutdown(self) -> None:
@@ -318,8 +274,8 @@ class WorkerSide:
         leaves the groups it finished, and a later engine loads the whole prompt or a
         shorter prefix, never a partial group or an error.
         """
-        if self._async is not None:
-            self._async.shutdown()
+        if isinstance(self._loads, AsyncLoads):
+            self._loads.shutdown()
         self._bounded.shutdown()
         finished = self._saves.wait(timeout=self.settings.shutdown_timeout)
         unfinished = self._saves.close()
