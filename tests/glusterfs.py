@@ -13,6 +13,7 @@ Debian's glusterfs-server and glusterfs-client (installed here with apt-get when
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -20,8 +21,10 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import unittest
+from collections.abc import Iterator
 
 from tests.installs import apt_install
 
@@ -140,6 +143,29 @@ class GlusterVolume:
             except ProcessLookupError:
                 pass
         self._frozen = []
+
+    @contextlib.contextmanager
+    def slowed(self, *, stopped: float = 0.4, running: float = 0.1) -> Iterator[None]:
+        """The brick servers answer only ``running`` seconds of every ``stopped + running``
+        (SIGSTOP, SIGCONT, in turn), as servers under heavy load or a congested network do:
+        every call on the mounts takes up to ``stopped`` seconds more."""
+        done = threading.Event()
+
+        def cycle() -> None:
+            while not done.is_set():
+                self.freeze()
+                done.wait(stopped)
+                self.thaw()
+                done.wait(running)
+
+        thread = threading.Thread(target=cycle, name="gluster-slowed", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()
+            self.thaw()
 
     def destroy(self) -> None:
         self.thaw()  # a stopped brick would hold the SIGTERM of "volume stop" pending

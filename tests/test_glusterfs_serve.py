@@ -12,8 +12,8 @@ end a wait, as on a hard NFS mount. Phases, in order, on one server:
    load deadline and computed, with the same tokens as the hit), none waits for the mount;
    vLLM's metrics count none of the failed load's tokens as loaded;
 3. the servers continue (SIGCONT): past unhealthy_seconds the document is a hit again;
-4. every brick operation delayed 200 ms (GlusterFS's delay-gen): the hit costs at most its
-   deadline beyond computing, and a request without a stored prefix is not slowed by it;
+4. the brick servers answering 0.05 s of every second (stopped the rest): the hit costs at
+   most its deadline beyond computing, and a request without a stored prefix is not slowed by it;
 5. the store's directory removed mid-run: requests still complete.
 
 The times go to stderr for the notes; the assertions bound them only far beyond what any
@@ -244,21 +244,13 @@ class FrozenStoreServeTest(unittest.TestCase):
         self.assertGreaterEqual(later["vllm:vua_hit_tokens_total"] - during["vllm:vua_hit_tokens_total"], DOCUMENT)
         print(f"glusterfs serve, servers back: a hit in {seconds:.2f} s", file=sys.stderr)
 
-        # 4. Every brick read delayed 200 ms (delay-gen above the bricks' storage), the
-        # fragments out of this machine's page cache so that the reads reach the bricks.
-        for cache in ("io-cache", "read-ahead", "quick-read"):  # the client's own caches of file contents
-            self.volume.set(f"performance.{cache}", "off")
-        self.volume.set("debug.delay-gen", "posix")
-        self.volume.set("delay-gen.delay-percentage", "100")
-        self.volume.set("delay-gen.delay-duration", "200000")
-        self.volume.set("delay-gen.enable", "open,readv,lookup,stat,fstat,opendir,readdirp")
-        try:
-            drop_page_cache()
-            time.sleep(UNHEALTHY + 0.5)
+        # 4. The brick servers answer 0.05 s of every second (stopped the rest), as overloaded
+        # servers do: every call on the mount waits up to 0.95 s.
+        drop_page_cache()  # the fragments are read from the bricks, not this machine's cache
+        time.sleep(UNHEALTHY + 0.5)
+        with self.volume.slowed(stopped=0.95, running=0.05):
             slow = self.at_once({"stored document": doc, "short prompt": prompts["short prompt"]})
-        finally:
-            self.volume.set("debug.delay-gen", "off")
-        self.report("200 ms per brick read", slow)
+        self.report("servers answering 5% of the time", slow)
         self.assertEqual(slow["stored document"][0], computed)
         for name, (_, seconds) in slow.items():
             self.assertLess(seconds, NO_STALL, name)

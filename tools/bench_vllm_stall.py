@@ -15,9 +15,10 @@ store buys). Configurations, one server each:
   connector, computing each document; no connector with vLLM's own prefix cache holding
   every document (the best a store can do: the KV already in the engine's memory);
 - a warm store on local disk: ``load_mode`` "layerwise" (within the step) and "async";
-- the store on the project's GlusterFS volume (tests/glusterfs.py), every brick read delayed
-  ``--delay-ms`` by GlusterFS's delay-gen: this code's asynchronous loads, and the code of
-  ``--before`` (a commit before asynchronous loads: layer-wise loads with no deadline);
+- the store on the project's GlusterFS volume (tests/glusterfs.py), its brick servers
+  answering ``--running`` seconds of every second (stopped the rest: overloaded servers): this code's
+  asynchronous loads, and the code of ``--before`` (a commit before asynchronous loads:
+  layer-wise loads with no deadline);
 - that volume's brick servers stopped (SIGSTOP) for the whole run: asynchronous loads (the
   code before stalled every request for GlusterFS's 42 s ping timeout: issue 31).
 
@@ -169,6 +170,13 @@ def summary(results: dict, before: dict, after: dict) -> dict:
     }
 
 
+def drop_page_cache() -> None:
+    """Empties this machine's page cache (root): what the FUSE client cached is read from the bricks again."""
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("1")
+
+
 def old_code(commit: str, work: str) -> str:
     """A directory holding the ``vua`` package of ``commit`` (for --vua-path)."""
     target = os.path.join(work, f"vua-{commit}")
@@ -186,7 +194,9 @@ def main() -> None:
     parser.add_argument("--gap", type=float, default=1.5, help="seconds between document requests (default 1.5)")
     parser.add_argument("--document", type=int, default=4096, help="tokens per stored document (default 4096)")
     parser.add_argument("--documents", type=int, default=3, help="distinct documents (default 3)")
-    parser.add_argument("--delay-ms", type=int, default=200, help="delay-gen's delay per brick read (default 200)")
+    parser.add_argument(
+        "--running", type=float, default=0.05, help="seconds of each second the slow bricks answer (default 0.05)"
+    )
     parser.add_argument("--before", default="b51dc93", help="the commit whose synchronous loads are compared")
     parser.add_argument("--out", default="bench_out")
     args = parser.parse_args()
@@ -236,24 +246,17 @@ def main() -> None:
         finally:
             serve.stop_server(proc)
         if not args.quick:
-            for cache in ("io-cache", "read-ahead", "quick-read"):  # the client's own caches of file contents
-                volume.set(f"performance.{cache}", "off")
-            volume.set("debug.delay-gen", "posix")
-            volume.set("delay-gen.delay-percentage", "100")
-            volume.set("delay-gen.delay-duration", str(args.delay_ms * 1000))
-            volume.set("delay-gen.enable", "open,readv,lookup,stat,fstat,opendir,readdirp")
-            slow = f"GlusterFS +{args.delay_ms} ms"
+            slow = f"GlusterFS slow ({args.running:.0%} answering)"  # of each second
+            pause = 1.0 - args.running  # of every second
             for label, path in (
                 (f"{slow}, async", None),
                 (f"{slow}, before ({args.before})", old_code(args.before, work)),
             ):
                 serve.VUA_PATH = path  # the servers import this copy of vua (None: this checkout's)
-                os.sync()
-                with open("/proc/sys/vm/drop_caches", "w") as f:
-                    f.write("1")  # the fragments are read from the bricks, not this machine's cache
-                run(label, shared, {})
+                drop_page_cache()  # the fragments are read from the bricks, not this machine's cache
+                with volume.slowed(stopped=pause, running=args.running):
+                    run(label, shared, {})
             serve.VUA_PATH = None
-            volume.set("debug.delay-gen", "off")
         proc, port = start(python, model, shared, {}, work, "GlusterFS hung, async", args.document)
         try:
             stream(port, model, list(range(3, 303)), 2)
