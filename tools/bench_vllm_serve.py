@@ -245,8 +245,15 @@ def start_server(
         }
         argv += ["--kv-transfer-config", json.dumps(transfer)]
     out = open(logfile, "w")
+    # Not from the checkout: `python -c` puts the working directory first on sys.path, where
+    # this checkout's vua would shadow --vua-path's.
     proc = subprocess.Popen(
-        argv, stdout=out, stderr=subprocess.STDOUT, env=engine_env(), cwd=REPO, start_new_session=True
+        argv,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        env=engine_env(),
+        cwd=os.path.dirname(os.path.abspath(logfile)),
+        start_new_session=True,
     )
     out.close()
     deadline = time.monotonic() + 600

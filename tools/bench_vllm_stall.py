@@ -1,12 +1,13 @@
 """Does loading a stored prefix stall a vLLM server? Decoding streams beside long loads, healthy, slow and hung storage.
 
-    python3 tools/bench_vllm_stall.py            # 7 servers, about 10 minutes on 2 cores
-    python3 tools/bench_vllm_stall.py --quick    # 4 servers (local roots and a hung GlusterFS)
+    python3 tools/bench_vllm_stall.py            # 9 servers, about 12 minutes on 2 cores
+    python3 tools/bench_vllm_stall.py --quick    # 7 servers: no slow GlusterFS
 
 Serves the random Llama of tools/bench_vllm_serve.py (6 layers, hidden 512, fp32) with
 ``vllm serve`` from the engine environment, vLLM's own prefix cache off (every hit is VUA's).
-In each configuration, ``--streams`` requests decode side by side (short prompts, 96 tokens
-each, streamed: their inter-token latency is what other users feel), and meanwhile
+In each configuration, ``--streams`` requests decode side by side (short prompts, 800
+tokens each by default, streamed, decoding until after the last load: their inter-token
+latency is what other users feel), and meanwhile
 ``--loads`` requests arrive, one every ``--gap`` seconds, each a stored document of
 ``--document`` tokens plus a question of its own (their time to first token is what the
 store buys). Configurations, one server each:
@@ -91,7 +92,7 @@ def workload(port: int, model: str, args: argparse.Namespace, documents: list[li
 
     def decoder(i: int) -> None:
         try:
-            _, gaps = stream(port, model, [rng.randrange(3, 32000) for _ in range(48)], 96)
+            _, gaps = stream(port, model, [rng.randrange(3, 32000) for _ in range(48)], args.decode_tokens)
             results["itl"].extend(gaps)
         except Exception as exc:  # reported, and the run is marked
             results["errors"].append(repr(exc))
@@ -190,6 +191,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="local roots and the hung volume only")
     parser.add_argument("--streams", type=int, default=4, help="decoding requests side by side (default 4)")
+    parser.add_argument(
+        "--decode-tokens", type=int, default=800, help="tokens each decoder generates: past the last load (default 800)"
+    )
     parser.add_argument("--loads", type=int, default=6, help="document requests per configuration (default 6)")
     parser.add_argument("--gap", type=float, default=1.5, help="seconds between document requests (default 1.5)")
     parser.add_argument("--document", type=int, default=4096, help="tokens per stored document (default 4096)")
