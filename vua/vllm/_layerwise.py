@@ -13,11 +13,29 @@ import threading
 
 import torch
 
-from vua.core import VUA, KVLoad
-from vua.vllm._loads import RequestBlocks
+from vua.core import VUA, KVDestination, KVLoad
 from vua.vllm._metadata import LoadSpec
 from vua.vllm._paged import NULL_BLOCK, PagedLayer
 from vua.vllm._settings import CacheGroup
+
+
+class RequestBlocks(KVDestination):
+    """Where one request's load lands: its paged blocks in every layer, from the load's offset on.
+
+    Positions before ``spec.start`` are vLLM's already (its prefix cache, maybe shared with
+    running requests): their bytes go to scratch, never into those blocks.
+    """
+
+    def __init__(self, layers: list[PagedLayer], block_ids: list[list[int]], spec: LoadSpec, offset: int, split: int):
+        self._layers = layers  # in the store's layer order
+        self._block_ids = block_ids  # each layer's block table (its KV cache group's)
+        self._offset = offset
+        self._keep_before = spec.start
+        self._split = split
+
+    def chunks(self, group: int, layer: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        first = self._offset + group * self._split
+        return self._layers[layer].views(self._block_ids[layer], first, first + self._split, self._keep_before)
 
 
 class LayerwiseLoads:

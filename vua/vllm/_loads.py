@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vua.core import VUA, KVDestination
+from vua.core import VUA
 from vua.integration import StoreHealth
 from vua.vllm._metadata import LoadSpec
 from vua.vllm._paged import PagedLayer
@@ -39,25 +39,6 @@ logger = logging.getLogger(__name__)
 # Groups read per VUA.load: a load lands chunk by chunk, so the memory of its own stays
 # bounded and the groups of chunks that landed before a deadline are not read again.
 CHUNK_BYTES = 64 << 20
-
-
-class RequestBlocks(KVDestination):
-    """Where one request's load lands: its paged blocks in every layer, from the load's offset on.
-
-    Positions before ``spec.start`` are vLLM's already (its prefix cache, maybe shared with
-    running requests): their bytes go to scratch, never into those blocks.
-    """
-
-    def __init__(self, layers: list[PagedLayer], block_ids: list[list[int]], spec: LoadSpec, offset: int, split: int):
-        self._layers = layers  # in the store's layer order
-        self._block_ids = block_ids  # each layer's block table (its KV cache group's)
-        self._offset = offset
-        self._keep_before = spec.start
-        self._split = split
-
-    def chunks(self, group: int, layer: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        first = self._offset + group * self._split
-        return self._layers[layer].views(self._block_ids[layer], first, first + self._split, self._keep_before)
 
 
 @dataclass
@@ -156,11 +137,10 @@ class AsyncLoads:
                 groups = 0 if kv is None else kv.wait()
                 if kv is None or kv.outputs is None or not groups:
                     break
-                blocks = RequestBlocks(self._layers, block_ids, spec, first, self._split)
                 with load.lock:
                     if load.cancelled:
                         break
-                    self._land(blocks, kv.outputs, groups)
+                    self._land(spec, block_ids, first, kv.outputs, groups)
                     load.landed_upto = first + groups * self._split
                 if load.landed_upto < end:
                     break  # a group failed a check: the prefix ends there
@@ -178,21 +158,22 @@ class AsyncLoads:
                 self._busy -= 1
                 self._idle.notify_all()
 
-    def _land(self, blocks: RequestBlocks, outputs: list[tuple[torch.Tensor, torch.Tensor]], groups: int) -> None:
-        """Copies ``groups`` verified groups from the load's own outputs into the request's blocks."""
+    def _land(
+        self,
+        spec: LoadSpec,
+        block_ids: list[list[int]],
+        first: int,
+        outputs: list[tuple[torch.Tensor, torch.Tensor]],
+        groups: int,
+    ) -> None:
+        """Copies ``groups`` verified groups (positions from ``first`` on) from the load's own outputs into the request's blocks."""
         stream = self._stream
         if stream is not None:
             stream.wait_stream(torch.cuda.current_stream(self._device))  # after the load's own copies and checks
+        n = groups * self._split
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            s = self._split
-            for layer, (k_out, v_out) in enumerate(outputs):
-                for group in range(groups):
-                    position = group * s
-                    for k_view, v_view in blocks.chunks(group, layer):  # each (heads, n, width)
-                        n = k_view.shape[1]
-                        k_view.copy_(k_out[0, :, position : position + n], non_blocking=True)
-                        v_view.copy_(v_out[0, :, position : position + n], non_blocking=True)
-                        position += n
+            for layer, (k_out, v_out) in enumerate(outputs):  # each (1, heads, tokens, width)
+                self._layers[layer].scatter(block_ids[layer], first, k_out[0, :, :n], v_out[0, :, :n], spec.start)
         if stream is not None:
             stream.synchronize()  # in the blocks before the lock is released: a cancel sees all or none
 

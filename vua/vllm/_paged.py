@@ -11,6 +11,14 @@ from vua.errors import InvalidInputError
 NULL_BLOCK = 0
 
 
+_INTS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def as_int(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s bits as integers of its width (indexed copies then work for every dtype, fp8 too)."""
+    return t.view(_INTS[t.element_size()])
+
+
 class NullBlockError(Exception):
     """Positions to read lie in vLLM's null block: that layer no longer holds their KV."""
 
@@ -71,6 +79,36 @@ class PagedLayer:
             content = self.kv[blocks, offsets][:, None]  # (n, 1, latent)
             k, v = content[..., : self.key_width], content[..., self.key_width :]
         return k.transpose(0, 1)[None], v.transpose(0, 1)[None]
+
+    def scatter(self, block_ids: list[int], first: int, k: torch.Tensor, v: torch.Tensor, keep_before: int) -> None:
+        """Writes (K, V) of positions [first, first + n), each ``(heads, n, width)``, into their blocks.
+
+        One indexed copy per tensor instead of one per block (an asynchronous load lands a
+        prompt's layers this way, off the engine's thread: a copy per block held the GIL
+        thousands of times per prompt). Positions before ``keep_before`` and in vLLM's null
+        block are left as they are, as :meth:`views` leaves them. The copy is of the bits
+        (any dtype, fp8 included).
+        """
+        n = k.shape[1]
+        positions = torch.arange(first, first + n)
+        blocks = torch.tensor(block_ids, dtype=torch.long)[positions // self.block_size]
+        keep = (positions >= keep_before) & (blocks != NULL_BLOCK)
+        if not bool(keep.any()):
+            return
+        device = self.kv.device
+        blocks, offsets = blocks[keep].to(device), (positions % self.block_size)[keep].to(device)
+        keep = keep.to(device)
+        bits = as_int(self.kv)
+        k_rows, v_rows = (as_int(t).transpose(0, 1)[keep] for t in (k, v))  # (m, heads, width)
+        if self.kind == "split":
+            bits[0][blocks, offsets] = k_rows
+            bits[1][blocks, offsets] = v_rows
+        elif self.kind == "bhnc":
+            bits[blocks, :, offsets, : self.key_width] = k_rows
+            bits[blocks, :, offsets, self.key_width :] = v_rows
+        else:
+            bits[blocks, offsets, : self.key_width] = k_rows[:, 0]
+            bits[blocks, offsets, self.key_width :] = v_rows[:, 0]
 
     def views(
         self, block_ids: list[int], first: int, last: int, keep_before: int
