@@ -21,7 +21,7 @@ store buys). Configurations, one server each:
   asynchronous loads, and the code of ``--before`` (a commit before asynchronous loads:
   layer-wise loads with no deadline);
 - that volume's brick servers stopped (SIGSTOP) for the whole run: asynchronous loads (the
-  code before stalled every request for GlusterFS's 42 s ping timeout: issue 31).
+  code before stalled every request for GlusterFS's 42 s ping timeout).
 
 The store is filled once per root by a pass that computes every document. Reported per
 configuration: the loads' p50/p99 time to first token, the decoders' p50/p99 inter-token
