@@ -421,6 +421,18 @@ def fragment_reads() -> Iterator[list[int]]:
         yield counts
 
 
+def wait_until(condition: Callable[[], bool], seconds: float = 60.0) -> bool:
+    """Polls ``condition`` until it holds (True) or ``seconds`` have passed (False)."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
 @contextlib.contextmanager
 def frozen_file_system(root: str, *, every_open: bool = False, probes: bool = False) -> Iterator[threading.Event]:
     """A file system that stops answering, as a frozen network server does: while active, every

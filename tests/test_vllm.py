@@ -259,7 +259,9 @@ class ConnectorHarness:
         return torch.stack([cache[block_ids[p // BLOCK], :, p % BLOCK] for p in range(start, end)])
 
 
-class VLLMConnectorTest(unittest.TestCase):
+class ConnectorTestCase(unittest.TestCase):
+    """A tiny Llama's config saved once per class, a fresh root per test, and harnesses on it."""
+
     @classmethod
     def setUpClass(cls):
         cls.model_dir = tempfile.mkdtemp(prefix="vua-tiny-llama-")
@@ -278,6 +280,8 @@ class VLLMConnectorTest(unittest.TestCase):
         self.addCleanup(h.worker.shutdown)
         return h
 
+
+class VLLMConnectorTest(ConnectorTestCase):
     def test_factory_loads_the_class_from_the_documented_config(self):
         h = self.harness()
         self.assertIsInstance(h.worker, VUAConnector)

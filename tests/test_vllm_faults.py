@@ -20,49 +20,24 @@ from unittest import mock
 
 import torch
 
-from tests.helpers import TINY_DECODER, frozen_file_system
+from tests.helpers import frozen_file_system, wait_until
 
 try:
-    from transformers import LlamaConfig
     from vllm import SamplingParams
     from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request, RequestStatus
 
-    from tests.test_vllm import LAYERS, NUM_BLOCKS, ConnectorHarness
+    from tests.test_vllm import LAYERS, NUM_BLOCKS, ConnectorHarness, ConnectorTestCase
 except ImportError as exc:  # vllm installs on Linux with Python >= 3.11 only
     raise unittest.SkipTest(f"vllm is not installed here: {exc}") from None
 
 PROMPT = list(range(100, 200))  # 100 tokens: three groups of 32 stored
 
 
-def wait_until(condition, seconds: float = 60.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
-
-
-class HungStoreTest(unittest.TestCase):
-    @classmethod
-    def setUpClass(cls):
-        cls.model_dir = tempfile.mkdtemp(prefix="vua-tiny-llama-")
-        LlamaConfig(**TINY_DECODER).save_pretrained(cls.model_dir)
-
-    @classmethod
-    def tearDownClass(cls):
-        shutil.rmtree(cls.model_dir, ignore_errors=True)
-
-    def setUp(self):
-        self.root = tempfile.mkdtemp(prefix="vua-vllm-faults-")
-        self.addCleanup(shutil.rmtree, self.root, ignore_errors=True)
-
+class HungStoreTest(ConnectorTestCase):
     def harness(self, **extra) -> ConnectorHarness:
         settings = {"load_timeout": 0.3, "load_timeout_per_gib": 0, "unhealthy_seconds": 60}
-        h = ConnectorHarness(self.root, self.model_dir, extra_config={**settings, **extra})
-        self.addCleanup(h.worker.shutdown)
-        return h
+        return super().harness(extra_config={**settings, **extra})
 
     def stored(self, h: ConnectorHarness) -> None:
         h.request("a", PROMPT)

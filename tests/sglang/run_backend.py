@@ -41,7 +41,7 @@ logging.disable(logging.INFO)  # SGLang's chatter; VUA's warnings still show on 
 import torch  # noqa: E402
 from sglang.srt.mem_cache.storage.backend_factory import StorageBackendFactory  # noqa: E402
 
-from tests.helpers import frozen_file_system  # noqa: E402
+from tests.helpers import frozen_file_system, wait_until  # noqa: E402
 from tests.sglang.probe import PAGE, mha_pools, mla_pools, storage_config  # noqa: E402
 from vua.sglang._pages import PageViews, page_tokens  # noqa: E402
 
@@ -121,15 +121,6 @@ def _inner_store(backend):
     return getattr(backend, "_backend", backend)._store  # SGLang's fault injector wraps it
 
 
-def _wait_for(condition, seconds: float = 60.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
-
-
 def frozen_get(args: dict, backend, pages: PageViews, keys, indices, starts) -> dict:
     """batch_get_v1 while the store's file opens hang; the pages are looked at again after the late read."""
     before = [page_digest(pages, s) for s in starts]
@@ -139,7 +130,7 @@ def frozen_get(args: dict, backend, pages: PageViews, keys, indices, starts) -> 
         got = list(backend.batch_get_v1(keys, indices))
         seconds = time.monotonic() - started
         answer.set()  # the file system answers again: the late read goes on, into staging alone
-        late_read = _wait_for(lambda: store.stats().groups_loaded >= len(keys))
+        late_read = wait_until(lambda: store.stats().groups_loaded >= len(keys))
     untouched = [page_digest(pages, s) for s in starts] == before
     return {"got": got, "seconds": seconds, "late_read_done": late_read, "pages_untouched": untouched}
 
@@ -154,7 +145,7 @@ def frozen_put(args: dict, backend, raw, pages: PageViews, keys, indices, starts
         seconds = time.monotonic() - started
         raw.copy_(torch.randint(-(2**15), 2**15, raw.shape, dtype=torch.int16))  # other pages' bytes now
         answer.set()  # the late write goes on, from its own copy
-        late_write = _wait_for(lambda: store.stats().groups_saved >= len(keys))
+        late_write = wait_until(lambda: store.stats().groups_saved >= len(keys))
     return {"stored": stored, "seconds": seconds, "late_write_done": late_write, "pages": at_call}
 
 
