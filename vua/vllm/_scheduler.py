@@ -101,7 +101,7 @@ class SchedulerSide:
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         req_id = request.request_id
-        stored, computed = self._answers.pop(req_id, (0, 0))
+        _, computed = self._answers.pop(req_id, (0, 0))  # vLLM's own tokens when it asked
         if num_external_tokens <= 0:
             return
         if self.settings.load_mode != "async":
