@@ -109,7 +109,7 @@ class HungStoreTest(ConnectorTestCase):
         # own index lacks the groups, so its lookup checks the tree, and those checks hang.
         index_b = tempfile.mkdtemp(prefix="vua-index-b-")
         self.addCleanup(shutil.rmtree, index_b, ignore_errors=True)
-        other = self.harness(index_path=index_b)
+        other = self.harness(index_path=index_b, network_fs=True)  # the lookup is bounded on shared roots
         self.stored(self.harness())
         connector = other.scheduler.get_kv_connector()
         with self.assertLogs("vua", level="WARNING") as logs, frozen_file_system(self.root, probes=True):

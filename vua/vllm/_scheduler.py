@@ -1,10 +1,10 @@
 """The scheduler side: how much of a prompt is stored, and each step's loads and saves for the workers.
 
-The scheduler never waits on the store: a lookup runs as a bounded call (on a shared root it
+The scheduler never waits on a shared store: there a lookup runs as a bounded call (it
 probes the tree, which a hung file system would freeze) and, while it runs, vLLM is told
 "not known yet" (``None``) and asks again next step, the other requests being scheduled
 meanwhile; past ``lookup_timeout`` the answer is a miss and the store is unhealthy (skipped
-for ``unhealthy_seconds``). With asynchronous loads (the default) a hit is reported as
+for ``unhealthy_seconds``); on a local root it reads the local index and disk in place. With asynchronous loads (the default) a hit is reported as
 ``(tokens, True)``: vLLM keeps the request out of the batch until the workers report its
 load over.
 """
@@ -48,6 +48,7 @@ class SchedulerSide:
         self._requests: dict[str, RequestState] = {}
         self.health = StoreHealth(settings.root, cooldown=settings.unhealthy_seconds)
         self._bounded = BoundedCalls(self.health, name="vua-lookup")
+        self._shared = any(store.network_fs for store in self.rank_stores)  # lookups may hang there
         self._lookups: dict[str, tuple[Future[int], float]] = {}  # request -> its lookup running, and its deadline
         self._answers: dict[str, tuple[int, int]] = {}  # request -> (tokens stored, vLLM's computed) until admitted
         self._async_new: list[LoadSpec] = []  # asynchronous loads for the next step's metadata
@@ -81,13 +82,19 @@ class SchedulerSide:
         return new, new > 0 and self.settings.load_mode == "async"
 
     def _stored_tokens(self, req_id: str, prompt: list[int]) -> int | None:
-        """The request's stored prefix (every rank's), from a bounded lookup; None while it runs."""
+        """The request's stored prefix (every rank's), from a bounded lookup on a shared root; None while it runs.
+
+        On a local root the lookup reads the local index and disk, and runs here: a thread
+        hop would only make vLLM ask again when the machine is busy.
+        """
         if req_id in self._answers:
             return self._answers[req_id][0]
+        tokens = torch.tensor(prompt, dtype=torch.long)
+        if not self._shared:
+            return self._lookup(tokens) if self.health.usable() else 0
         running = self._lookups.get(req_id)
         if running is None:
-            tokens = torch.tensor(prompt, dtype=torch.long)
-            future = self._bounded.submit(lambda: min(store.prefix_length(tokens) for store in self.rank_stores))
+            future = self._bounded.submit(lambda: self._lookup(tokens))
             if future is None:  # the store is unhealthy: a miss, at once
                 return 0
             running = self._lookups[req_id] = (future, time.monotonic() + self.settings.lookup_timeout)
@@ -98,6 +105,9 @@ class SchedulerSide:
         del self._lookups[req_id]
         # Past the deadline this answers 0 at once and marks the store unhealthy.
         return self._bounded.result(future, timeout=0, default=0, what="the scheduler's lookup")
+
+    def _lookup(self, tokens: torch.Tensor) -> int:
+        return min(store.prefix_length(tokens) for store in self.rank_stores)
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         req_id = request.request_id

@@ -47,6 +47,7 @@ class ConnectorSettings:
     lookup_timeout: float = 0.5  # seconds the scheduler's lookup gets (it is asked again meanwhile)
     unhealthy_seconds: float = 30.0  # a store past a deadline is skipped this long, then tried again
     save_queue_bytes: int = 2 << 30  # host copies of saves waiting to be written, at most
+    network_fs: bool | None = None  # VUAConfig.network_fs: None detects it from the root's file system type
 
     @classmethod
     def from_vllm(cls, vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> ConnectorSettings:
@@ -94,6 +95,7 @@ class ConnectorSettings:
             load_timeout_per_gib=_seconds_setting(extra, "load_timeout_per_gib", 2.0),
             lookup_timeout=_seconds_setting(extra, "lookup_timeout", 0.5),
             unhealthy_seconds=_seconds_setting(extra, "unhealthy_seconds", 30.0),
+            network_fs=_optional_bool_setting(extra, "network_fs"),
             save_queue_bytes=parse_size(
                 extra.get("save_queue_bytes", 2 << 30), "VUAConnector: kv_connector_extra_config.save_queue_bytes"
             ),
@@ -113,6 +115,7 @@ class ConnectorSettings:
             max_bytes=self.max_bytes,
             auth_key=self.auth_key,
             gpu_checksums=self.gpu_checksums,
+            network_fs=self.network_fs,
         )
         return VUA(config, self.root)
 
@@ -214,6 +217,7 @@ KEYS = (
     "lookup_timeout",
     "unhealthy_seconds",
     "save_queue_bytes",
+    "network_fs",
 )
 # Keys vLLM itself writes into the dict, which are not the user's to get wrong: vLLM 0.33 adds
 # only "cpu_bytes_to_use" (VllmConfig._post_init_kv_transfer_config, for --kv-offloading-size).
