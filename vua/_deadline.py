@@ -80,11 +80,6 @@ class StoreHealth:
         if was_unhealthy:
             logger.info("VUA store %s answers again: loads and lookups resume", self.name)
 
-    @property
-    def healthy(self) -> bool:
-        with self._lock:
-            return self._unhealthy_until is None
-
 
 class BoundedCalls:
     """Runs store calls on threads of their own and waits for each at most its deadline.

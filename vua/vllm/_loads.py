@@ -108,9 +108,6 @@ class AsyncLoads:
         self._busy = 0  # load threads inside a load (reported or not), under _idle
         self._idle = threading.Condition()
 
-    def __len__(self) -> int:
-        return len(self._loads)
-
     def start(self, spec: LoadSpec) -> None:
         """Starts loading ``spec``'s positions into its blocks; a later :meth:`poll` reports it."""
         offset = spec.start // self._split * self._split  # the group holding the first position vLLM lacks

@@ -84,11 +84,6 @@ class SaveQueue:
                     self._running = False
                     self._cond.notify_all()
 
-    def pending(self) -> int:
-        """Saves queued or being written."""
-        with self._cond:
-            return len(self._queue) + int(self._running)
-
     def wait(self, timeout: float | None = None) -> bool:
         """Waits until every queued save is written (at most ``timeout`` seconds); True when none is left."""
         deadline = None if timeout is None else time.monotonic() + timeout
